@@ -1,0 +1,59 @@
+"""The user's CNN: a LeNet-5 variant with dropout.
+
+conv 3->6 5x5, max-pool 2, conv 6->16 5x5, max-pool 2, fc ->120->84->n_classes.
+Input normalization lives inside the model so that every caller (training,
+evaluation, FGSM) hands it images on the [0, 1] pixel scale; the attack's
+epsilon then means the same thing whatever normalization the net uses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# The user's course code used Normalize(mean=0.5, std=0.5): inputs in [-1, 1].
+INPUT_MEAN = (0.5, 0.5, 0.5)
+INPUT_STD = (0.5, 0.5, 0.5)
+
+
+def flat_features(image_size: int) -> int:
+    """Features after the two conv/pool stages: 400 for 32x32 inputs."""
+    side = ((image_size - 4) // 2 - 4) // 2
+    if side < 1:
+        raise ValueError(f"image size {image_size} is too small for the seed CNN (needs at least 16)")
+    return 16 * side * side
+
+
+class SeedCNN(nn.Module):
+    def __init__(self, n_classes: int = 3, dropout: float = 0.1, image_size: int = 32):
+        super().__init__()
+        if n_classes < 2:
+            raise ValueError(f"n_classes must be at least 2, got {n_classes}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.register_buffer("mean", torch.tensor(INPUT_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(INPUT_STD).view(1, 3, 1, 1))
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(flat_features(image_size), 120), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(120, 84), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(84, n_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, 3, H, W) floats in [0, 1]."""
+        return self.classifier(self.features((x - self.mean) / self.std))
+
+
+def model_flops_per_image(image_size: int = 32, n_classes: int = 3) -> int:
+    """Multiply-adds x2 of one forward pass; convs and linears only (pool/ReLU are noise)."""
+    s1 = image_size - 4
+    p1 = s1 // 2
+    s2 = p1 - 4
+    macs = 6 * s1 * s1 * 3 * 25 + 16 * s2 * s2 * 6 * 25
+    macs += flat_features(image_size) * 120 + 120 * 84 + 84 * n_classes
+    return 2 * macs

@@ -1,0 +1,212 @@
+"""Readers for the three ways images arrive: an image-folder tree, a .npz, a legacy pickle.
+
+Every reader returns a `LabeledImages`: uint8 HWC images, int64 labels in the
+configured class order, and a string id per image (a path relative to the
+source, or `file.npz#index`) so that audits and corrections can name images.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import DataError, UntrustedPickleError
+
+DEFAULT_CLASSES = ("car", "truck", "cat")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+TRUST_PICKLE_HINT = (
+    "unpickling can run arbitrary code, so pickles load only when you trust the file: "
+    "pass --trust-pickle (make: TRUST_PICKLE=1), or convert it to .npz once"
+)
+
+
+@dataclass
+class LabeledImages:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    labels: np.ndarray  # (N,) int64, index into the class order
+    ids: np.ndarray  # (N,) str
+
+    def __post_init__(self):
+        if not (len(self.images) == len(self.labels) == len(self.ids)):
+            raise DataError(f"images ({len(self.images)}), labels ({len(self.labels)}) and ids ({len(self.ids)}) differ in length")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def counts(self, n_classes: int) -> np.ndarray:
+        return np.bincount(self.labels, minlength=n_classes)
+
+    def subset(self, index) -> "LabeledImages":
+        return LabeledImages(self.images[index], self.labels[index], self.ids[index])
+
+
+def parse_classes(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """'car,truck,cat' -> ('car', 'truck', 'cat'); order defines the labels."""
+    if text is None or text == "":
+        return DEFAULT_CLASSES
+    names = [c.strip() for c in (text.split(",") if isinstance(text, str) else text)]
+    if any(not c for c in names) or len(set(names)) != len(names) or len(names) < 2:
+        raise DataError(f"class list {text!r} must name at least two distinct, non-empty classes")
+    return tuple(names)
+
+
+# --- image-folder trees ---------------------------------------------------
+
+def list_class_folders(split_dir: Path, classes: Sequence[str]) -> dict[str, list[Path]]:
+    """Image files per class, sorted by name; every folder must be a known, non-empty class."""
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir}: folder not found (expected one sub-folder per class: {', '.join(classes)})")
+    folders = sorted(p for p in split_dir.iterdir() if p.is_dir())
+    unknown = [p.name for p in folders if p.name not in classes]
+    if unknown:
+        raise DataError(f"{split_dir}: class folder(s) {', '.join(unknown)} not in the configured class order "
+                        f"({','.join(classes)}); add them with --classes or remove the folders")
+    files = {}
+    for name in classes:
+        folder = split_dir / name
+        if not folder.is_dir():
+            raise DataError(f"{folder}: class folder missing (configured classes: {','.join(classes)})")
+        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise DataError(f"{folder}: class folder holds no .jpg/.jpeg/.png images")
+        files[name] = found
+    return files
+
+
+def read_image(path: Path, image_size: int = 32) -> np.ndarray:
+    """One RGB image as (H, W, 3) uint8; corrupt, truncated or wrong-size files name themselves."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.size != (image_size, image_size):
+                raise DataError(f"{path}: image is {image.size[0]}x{image.size[1]}, expected {image_size}x{image_size}")
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path}: cannot decode image ({error})") from None
+
+
+def read_images(paths: Sequence[Path], labels: Sequence[int], root: Path, image_size: int = 32) -> LabeledImages:
+    images = np.stack([read_image(p, image_size) for p in paths]) if paths else np.zeros((0, image_size, image_size, 3), np.uint8)
+    ids = np.array([p.relative_to(root).as_posix() for p in paths], dtype=str)
+    return LabeledImages(images, np.asarray(labels, dtype=np.int64), ids)
+
+
+def read_image_folder(split_dir: Path, classes: Sequence[str], image_size: int = 32) -> LabeledImages:
+    """Every image of a class-per-folder tree (torchvision's ImageFolder layout)."""
+    files = list_class_folders(Path(split_dir), classes)
+    paths = [p for c in classes for p in files[c]]
+    labels = [i for i, c in enumerate(classes) for _ in files[c]]
+    return read_images(paths, labels, Path(split_dir).parent, image_size)
+
+
+# --- arrays ---------------------------------------------------------------
+
+def _check_arrays(images: np.ndarray, labels: np.ndarray, classes: Sequence[str], where: str) -> None:
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise DataError(f"{where}: images have shape {images.shape}, expected (N, H, W, 3)")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{where}: labels have shape {labels.shape}, expected ({len(images)},)")
+    bad = np.flatnonzero((labels < 0) | (labels >= len(classes)))
+    if len(bad):
+        raise DataError(f"{where}: label {int(labels[bad[0]])} at index {int(bad[0])} is out of range "
+                        f"for {len(classes)} classes ({','.join(classes)})")
+
+
+def read_npz(path: Path, classes: Sequence[str]) -> LabeledImages:
+    """A .npz with `images` (N, H, W, 3) uint8 and integer `labels`; pickled objects refused."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = {"images", "labels"} - set(archive.files)
+            if missing:
+                raise DataError(f"{path}: missing array(s) {', '.join(sorted(missing))}; found {', '.join(archive.files)}")
+            images, labels = archive["images"], archive["labels"]
+            ids = archive["ids"] if "ids" in archive.files else None
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError) as error:
+        raise DataError(f"{path}: not a readable .npz ({error})") from None
+    if images.dtype != np.uint8:
+        raise DataError(f"{path}: images are {images.dtype}, expected uint8 pixels 0..255")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: labels are {labels.dtype}, expected integers")
+    labels = labels.astype(np.int64)
+    _check_arrays(images, labels, classes, str(path))
+    if ids is None:
+        ids = np.array([f"{path.name}#{i}" for i in range(len(labels))], dtype=str)
+    return LabeledImages(images, labels, ids.astype(str))
+
+
+def _to_uint8_hwc(image, where: str) -> np.ndarray:
+    """Legacy images: CHW floats in [-1, 1] (Normalize(0.5, 0.5) tensors) or HWC uint8 arrays."""
+    array = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    if array.dtype == np.uint8:
+        if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:
+            array = array.transpose(1, 2, 0)
+        return array
+    if array.ndim == 3 and array.shape[0] == 3:
+        array = array.transpose(1, 2, 0)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise DataError(f"{where}: image of shape {array.shape}, expected CHW or HWC with 3 channels")
+    if array.min() < -1.001 or array.max() > 1.001:
+        raise DataError(f"{where}: float image outside [-1, 1] (min {array.min():.3f}, max {array.max():.3f})")
+    return np.clip(np.round((array + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def read_pickle(path: Path, classes: Sequence[str], trust: bool = False) -> LabeledImages:
+    """The user's legacy pickle: a list of (image, label) pairs, or a dict with data/labels."""
+    path = Path(path)
+    if not trust:
+        raise UntrustedPickleError(f"{path}: refusing to unpickle: {TRUST_PICKLE_HINT}")
+    try:
+        with open(path, "rb") as handle:
+            content = pickle.load(handle)  # noqa: S301 - only with explicit trust
+    except Exception as error:  # a pickle can raise anything
+        raise DataError(f"{path}: cannot unpickle ({type(error).__name__}: {error})") from None
+    if isinstance(content, dict):
+        keys = {k.decode() if isinstance(k, bytes) else k: v for k, v in content.items()}
+        if "data" not in keys or "labels" not in keys:
+            raise DataError(f"{path}: dict pickle needs 'data' and 'labels' keys, found {sorted(map(str, keys))}")
+        data = np.asarray(keys["data"])
+        if data.ndim == 2 and data.shape[1] % 3 == 0:  # CIFAR's flat rows: R plane, G plane, B plane
+            side = int(round((data.shape[1] // 3) ** 0.5))
+            data = data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1)
+        images = np.stack([_to_uint8_hwc(x, f"{path}[{i}]") for i, x in enumerate(data)]) if len(data) else data
+        labels = np.asarray(keys["labels"], dtype=np.int64)
+    elif isinstance(content, (list, tuple)):
+        try:
+            images = np.stack([_to_uint8_hwc(pair[0], f"{path}[{i}]") for i, pair in enumerate(content)])
+            labels = np.asarray([int(pair[1]) for pair in content], dtype=np.int64)
+        except (TypeError, IndexError) as error:
+            raise DataError(f"{path}: expected a list of (image, label) pairs ({error})") from None
+    else:
+        raise DataError(f"{path}: unpickled a {type(content).__name__}; expected a list of (image, label) pairs or a dict")
+    _check_arrays(images, labels, classes, str(path))
+    ids = np.array([f"{path.name}#{i}" for i in range(len(labels))], dtype=str)
+    return LabeledImages(images, labels, ids)
+
+
+def read_array_file(path: Path, classes: Sequence[str], trust_pickle: bool = False) -> LabeledImages:
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npz":
+        return read_npz(path, classes)
+    if suffix in (".pickle", ".pkl"):
+        return read_pickle(path, classes, trust_pickle)
+    raise DataError(f"{path}: unknown data file type {suffix!r} (expected .npz, .pickle or .pkl)")
+
+
+def file_fingerprint(paths: Sequence[Path]) -> list[tuple[str, int, int]]:
+    """(name, size, mtime) per file: cheap, and changes whenever a file is replaced."""
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append((str(p), st.st_size, st.st_mtime_ns))
+    return out
