@@ -1,0 +1,88 @@
+# Every target sets up .venv from pyproject.toml when needed, then runs `python -m study <command>`.
+# Variables are exported to the environment and read by Python there: values with
+# spaces, quotes or ';' stay data and are never pasted into a shell command line.
+
+DATA     ?= $(if $(wildcard ../shared/data/cifar10-cars-trucks-cats),../shared/data/cifar10-cars-trucks-cats,data)
+RESULTS  ?= results
+DEVICE   ?= auto
+SPACE    ?= search_spaces/default.yaml
+STUDY    ?=
+STORAGE  ?= sqlite:///$(RESULTS)/optuna.db
+TRIALS   ?=
+TIMEOUT  ?=
+WORKERS  ?= 1
+FUSE     ?= 1
+PORT     ?= 8080
+HOST     ?= 127.0.0.1
+TRIAL    ?=
+SEEDS    ?= 3
+EPSILONS ?=
+ATTACK   ?= fgsm
+CSV      ?=
+CHECKPOINT ?=
+SPLIT    ?= dev
+TRUST_PICKLE ?=
+CORRECTIONS  ?=
+PYTEST_ARGS  ?=
+
+export DATA RESULTS DEVICE SPACE STUDY STORAGE TRIALS TIMEOUT WORKERS FUSE PORT HOST TRIAL SEEDS \
+       EPSILONS ATTACK CSV CHECKPOINT SPLIT TRUST_PICKLE CORRECTIONS PYTEST_ARGS
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: help setup search data train evaluate dashboard export plots final bench audit test test-deps clean
+
+help:
+	@echo "make search | make test | data train evaluate dashboard export plots final bench audit"
+	@echo "see README.md for the variables (DATA, RESULTS, DEVICE, SPACE, STUDY, STORAGE, ...)"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,png]'
+	touch $(STAMP)
+
+search: $(STAMP)
+	$(PY) -m study search
+
+data: $(STAMP)
+	$(PY) -m study data
+
+train: $(STAMP)
+	$(PY) -m study train
+
+evaluate: $(STAMP)
+	$(PY) -m study evaluate
+
+dashboard: $(STAMP)
+	$(PY) -m study dashboard
+
+export: $(STAMP)
+	$(PY) -m study export
+
+plots: $(STAMP)
+	$(PY) -m study plots
+
+final: $(STAMP)
+	$(PY) -m study final
+
+bench: $(STAMP)
+	$(PY) -m study bench
+
+audit: $(STAMP)
+	$(PY) -m study audit
+
+# PostgreSQL (for the shared-storage tests) and Chromium (for the report test), from Debian.
+test-deps:
+	@./.ci/system-deps
+
+test: $(STAMP) test-deps
+	$(PY) -m pytest -q $$PYTEST_ARGS
+
+clean:
+	rm -rf $(VENV) *.egg-info

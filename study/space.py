@@ -1,0 +1,248 @@
+"""Search-space files: hyperparameter ranges, sampler, pruner and objective as data.
+
+A space is a YAML file someone who never saw the code can read (see
+search_spaces/default.yaml). Every mistake in it is reported before any
+training starts, with the file and the key. A space whose params are all
+fixed values is simply a training config (`make train`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from cnnlib.errors import CnnlibError
+from cnnlib.training import TrainConfig
+
+PARAM_TYPES = ("float", "int", "categorical", "fixed")
+OBJECTIVES = ("dev_macro_accuracy", "robust_macro_accuracy")
+TOP_KEYS = {"description", "objective", "robust", "sampler", "pruner", "budget", "params"}
+PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "value", "when"}
+CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
+
+
+class SpaceError(CnnlibError, ValueError):
+    """A search-space file is invalid; the message names the file and the key."""
+
+
+@dataclass
+class Param:
+    name: str
+    type: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: list | None = None
+    value: Any = None
+    when: dict = field(default_factory=dict)
+
+    def suggest(self, trial: optuna.Trial):
+        if self.type == "fixed":
+            return self.value
+        if self.type == "categorical":
+            return trial.suggest_categorical(self.name, self.choices)
+        if self.type == "int":
+            return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1, log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+
+@dataclass
+class SearchSpace:
+    path: Path
+    params: dict[str, Param]
+    objectives: list[str]
+    sampler: dict
+    pruner: dict | None
+    robust: dict = field(default_factory=dict)
+    budget: dict = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def directions(self) -> list[str]:
+        return ["maximize"] * len(self.objectives)
+
+    @property
+    def is_fixed(self) -> bool:
+        return all(p.type == "fixed" for p in self.params.values())
+
+    @property
+    def searched(self) -> list[str]:
+        return [n for n, p in self.params.items() if p.type != "fixed"]
+
+    def active(self, name: str, values: dict) -> bool:
+        """A conditional param is active only when the params it depends on have the given values."""
+        return all(values.get(k) in (v if isinstance(v, list) else [v]) for k, v in self.params[name].when.items())
+
+    def suggest(self, trial: optuna.Trial) -> TrainConfig:
+        """Ask the trial for every active param; fixed ones are constants, inactive ones keep defaults."""
+        values: dict = {}
+        for name, param in self.params.items():  # file order: a condition's parent comes first
+            if self.active(name, values):
+                values[name] = param.suggest(trial)
+        return TrainConfig.from_dict(values)
+
+    def config_from_params(self, params: dict) -> TrainConfig:
+        """A trial's sampled params plus this space's fixed values."""
+        values = {n: p.value for n, p in self.params.items() if p.type == "fixed"}
+        values.update({k: v for k, v in params.items() if k in CONFIG_KEYS})
+        return TrainConfig.from_dict(values)
+
+    def fixed_config(self) -> TrainConfig:
+        if not self.is_fixed:
+            raise SpaceError(f"{self.path}: params {', '.join(self.searched)} are ranges; "
+                             "a training run needs a file whose values are all fixed (e.g. search_spaces/seed_final.yaml)")
+        return self.config_from_params({})
+
+    def make_sampler(self) -> optuna.samplers.BaseSampler:
+        spec = dict(self.sampler)
+        name = spec.pop("name")
+        cls = getattr(optuna.samplers, name)
+        if name == "GridSampler":
+            spec["search_space"] = {n: p.choices for n, p in self.params.items() if p.type == "categorical"}
+        try:
+            return cls(**spec)
+        except TypeError as error:
+            raise SpaceError(f"{self.path}: sampler: {error}") from None
+
+    def make_pruner(self) -> optuna.pruners.BasePruner:
+        if not self.pruner or len(self.objectives) > 1:  # Optuna cannot prune multi-objective trials
+            return optuna.pruners.NopPruner()
+        spec = dict(self.pruner)
+        name = spec.pop("name")
+        try:
+            return getattr(optuna.pruners, name)(**spec)
+        except TypeError as error:
+            raise SpaceError(f"{self.path}: pruner: {error}") from None
+
+    def grid_size(self) -> int | None:
+        if self.sampler.get("name") != "GridSampler":
+            return None
+        return math.prod(len(p.choices) for p in self.params.values() if p.type == "categorical")
+
+
+def _fail(path, key, message) -> SpaceError:
+    return SpaceError(f"{path}: {key}: {message}")
+
+
+def _number(path, key, value, integer=False):
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok:
+        raise _fail(path, key, f"expected {'an integer' if integer else 'a number'}, got {value!r}")
+    return value
+
+
+def _parse_param(path: Path, name: str, spec) -> Param:
+    key = f"params.{name}"
+    if name not in CONFIG_KEYS:
+        raise _fail(path, key, f"unknown hyperparameter; known: {', '.join(sorted(CONFIG_KEYS))}")
+    if not isinstance(spec, dict):
+        return Param(name, "fixed", value=spec)
+    unknown = set(spec) - PARAM_KEYS
+    if unknown:
+        raise _fail(path, f"{key}.{sorted(unknown)[0]}", f"unknown key; allowed: {', '.join(sorted(PARAM_KEYS))}")
+    kind = spec.get("type")
+    if kind not in PARAM_TYPES:
+        raise _fail(path, f"{key}.type", f"unknown type {kind!r}; expected one of {', '.join(PARAM_TYPES)}")
+    when = spec.get("when") or {}
+    if not isinstance(when, dict):
+        raise _fail(path, f"{key}.when", f"expected a mapping like {{optimizer: sgd}}, got {when!r}")
+    if kind == "fixed":
+        if "value" not in spec:
+            raise _fail(path, f"{key}.value", "a fixed param needs a value")
+        return Param(name, kind, value=spec["value"], when=when)
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise _fail(path, f"{key}.choices", f"expected a non-empty list, got {choices!r}")
+        return Param(name, kind, choices=choices, when=when)
+    for bound in ("low", "high"):
+        if bound not in spec:
+            raise _fail(path, f"{key}.{bound}", f"a {kind} range needs low and high")
+        _number(path, f"{key}.{bound}", spec[bound], integer=(kind == "int"))
+    low, high, log = spec["low"], spec["high"], spec.get("log", False)
+    if not isinstance(log, bool):
+        raise _fail(path, f"{key}.log", f"expected true or false, got {log!r}")
+    if low > high:
+        raise _fail(path, key, f"low ({low}) > high ({high})")
+    if log and low <= 0:
+        raise _fail(path, f"{key}.low", f"log scale needs low > 0, got {low}")
+    step = spec.get("step")
+    if step is not None:
+        _number(path, f"{key}.step", step, integer=(kind == "int"))
+        if log:
+            raise _fail(path, f"{key}.step", "step cannot be combined with log")
+    return Param(name, kind, low=low, high=high, log=log, step=step, when=when)
+
+
+def _parse_component(path, key, spec, module, default):
+    if spec is None:
+        return default
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise _fail(path, key, f"expected {{name: ..., <args>}}, got {spec!r}")
+    if not hasattr(module, spec["name"]):
+        raise _fail(path, f"{key}.name", f"{spec['name']!r} is not in {module.__name__}")
+    return dict(spec)
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a space file; raises SpaceError naming the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpaceError(f"{path}: search-space file not found (see search_spaces/)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpaceError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{path}: expected a mapping at the top level with a 'params' key")
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise _fail(path, sorted(unknown)[0], f"unknown key; allowed: {', '.join(sorted(TOP_KEYS))}")
+    if not isinstance(raw.get("params"), dict) or not raw["params"]:
+        raise _fail(path, "params", "missing or empty; list the hyperparameters")
+    params = {name: _parse_param(path, name, spec) for name, spec in raw["params"].items()}
+    names = list(params)
+    for name, param in params.items():
+        for parent in param.when:
+            if parent not in params or names.index(parent) > names.index(name):
+                raise _fail(path, f"params.{name}.when", f"depends on {parent!r}, which must be a param listed before it")
+    objectives = raw.get("objective", "dev_macro_accuracy")
+    objectives = objectives if isinstance(objectives, list) else [objectives]
+    for objective in objectives:
+        if objective not in OBJECTIVES:
+            raise _fail(path, "objective", f"unknown objective {objective!r}; expected {', '.join(OBJECTIVES)}")
+    robust = raw.get("robust") or {}
+    if "robust_macro_accuracy" in objectives and not isinstance(robust.get("epsilon"), (int, float)):
+        raise _fail(path, "robust.epsilon", "the robust objective needs robust: {attack: fgsm, epsilon: 0.03}")
+    budget = raw.get("budget") or {}
+    for key, value in budget.items():
+        if key not in ("trials", "timeout"):
+            raise _fail(path, f"budget.{key}", "unknown key; allowed: trials, timeout")
+        if value is not None:
+            _number(path, f"budget.{key}", value, integer=True)
+    sampler = _parse_component(path, "sampler", raw.get("sampler"), optuna.samplers, {"name": "TPESampler"})
+    pruner = _parse_component(path, "pruner", raw.get("pruner"), optuna.pruners, None)
+    space = SearchSpace(path, params, objectives, sampler, pruner, robust, budget, str(raw.get("description", "")))
+    if sampler["name"] == "GridSampler":
+        bad = [n for n, p in params.items() if p.type not in ("categorical", "fixed")]
+        if bad:
+            raise _fail(path, f"params.{bad[0]}", "a GridSampler space lists values as categorical choices")
+    try:  # a fixed value or range endpoint that TrainConfig rejects fails now, not mid-study
+        fixed = {n: p.value for n, p in params.items() if p.type == "fixed"}
+        TrainConfig.from_dict(fixed)
+        space.make_sampler(), space.make_pruner()
+    except ValueError as error:
+        raise SpaceError(f"{path}: params: {error}") from None
+    return space
