@@ -1,0 +1,173 @@
+"""One Optuna trial = one cnnlib training run, with per-epoch reports and pruning.
+
+cnnlib knows nothing of Optuna: this module turns its epoch callback into
+`trial.report` / `should_prune` and its results into user attributes, so that
+export, plots, dashboard and `make final` read every trial the same way.
+
+The value is dev macro accuracy after the *last* epoch: epochs is itself a
+hyperparameter, and taking the best epoch would select on dev noise that a
+retrain of the same config (`make final`) cannot reproduce.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from dataclasses import dataclass, field
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from cnnlib.errors import DivergedError
+from cnnlib.training import DeviceData, EpochStats, TrainConfig, TrainResult, evaluate, train
+
+from .space import SearchSpace
+
+
+class Heartbeat:
+    """Tells the storage a trial's worker is alive, so a killed worker's trial is noticed and retried."""
+
+    def __init__(self, storage, trial_id: int):
+        interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self.stop = threading.Event()
+        self.thread = None
+
+    def __enter__(self):
+        if self.interval:
+            self.storage.record_heartbeat(self.trial_id)
+            self.thread = threading.Thread(target=self._beat, daemon=True)
+            self.thread.start()
+        return self
+
+    def _beat(self):
+        while not self.stop.wait(self.interval):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception:  # a storage hiccup must not kill training; staleness will tell
+                pass
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread:
+            self.thread.join()
+
+
+@dataclass
+class EpochReporter:
+    """The `on_epoch` callback of one trial: reports, keeps the curves, decides pruning."""
+
+    trial: optuna.Trial
+    can_prune: bool
+    curves: dict = field(default_factory=lambda: {"train_loss": [], "dev_loss": [], "dev_macro_accuracy": []})
+    pruned_at: int | None = None
+
+    def __call__(self, stats: EpochStats) -> bool:
+        self.curves["train_loss"].append(stats.train_loss)
+        self.curves["dev_loss"].append(stats.dev_loss)
+        self.curves["dev_macro_accuracy"].append(stats.dev_macro_accuracy)
+        if not self.can_prune:
+            return False
+        self.trial.report(stats.dev_macro_accuracy, stats.epoch)
+        if self.trial.should_prune():
+            self.pruned_at = stats.epoch
+            return True
+        return False
+
+
+def record_curves(trial: optuna.Trial, curves: dict) -> None:
+    for name, values in curves.items():
+        trial.set_user_attr(f"curve_{name}", [float(v) for v in values])
+    trial.set_user_attr("epochs_run", len(curves["train_loss"]))
+
+
+def record_result(trial: optuna.Trial, result: TrainResult, data: DeviceData) -> dict:
+    """Everything a report needs about a finished run, as JSON-able user attributes."""
+    dev = result.dev
+    train_eval = evaluate(result.model, data.train, data.classes)
+    attrs = {
+        "dev_macro_accuracy": dev.macro_accuracy,
+        "dev_per_class": dev.per_class,
+        "dev_confusion_matrix": dev.confusion.tolist(),
+        "train_macro_accuracy": train_eval.macro_accuracy,
+        "train_per_class": train_eval.per_class,
+        "train_seconds": result.seconds,
+        "seconds_per_epoch": result.seconds / max(1, len(result.history)),
+        "device": result.device,
+    }
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+    return attrs
+
+
+def objective_values(space: SearchSpace, result: TrainResult, data: DeviceData, trial: optuna.Trial) -> list[float]:
+    values = []
+    for objective in space.objectives:
+        if objective == "dev_macro_accuracy":
+            values.append(result.dev.macro_accuracy)
+        elif objective == "robust_macro_accuracy":
+            from cnnlib.attacks import robust_macro_accuracy  # noqa: PLC0415 - only robust spaces need it
+            value = robust_macro_accuracy(result.model, data.dev, data.classes,
+                                          space.robust.get("attack", "fgsm"), float(space.robust["epsilon"]))
+            trial.set_user_attr("robust_macro_accuracy", value)
+            trial.set_user_attr("robust_attack", f"{space.robust.get('attack', 'fgsm')}@{space.robust['epsilon']}")
+            values.append(value)
+    return values
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
+
+
+def start_trial(trial: optuna.Trial, space: SearchSpace, data: DeviceData) -> TrainConfig:
+    config = space.suggest(trial)
+    trial.set_user_attr("config", config.to_dict())
+    trial.set_user_attr("classes", list(data.classes))
+    trial.set_user_attr("device", str(data.device))
+    return config
+
+
+def finish_trial(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, data: DeviceData,
+                 reporter: EpochReporter, result: TrainResult | None, error: BaseException | None):
+    """Record and `tell` one trial's outcome; returns the FrozenTrial. Never raises for trial errors."""
+    record_curves(trial, reporter.curves)
+    try:
+        if error is None:
+            record_result(trial, result, data)
+            if reporter.pruned_at is not None:
+                trial.set_user_attr("pruned_reason", f"pruned by {type(study.pruner).__name__} at epoch {reporter.pruned_at}")
+                return study.tell(trial, state=TrialState.PRUNED)
+            return study.tell(trial, objective_values(space, result, data, trial))
+    except Exception as late:  # e.g. the robust objective failed
+        error = late
+    reason = f"{type(error).__name__}: {error}"
+    if isinstance(error, DivergedError) and len(space.objectives) == 1:
+        # A diverging config is a real (bad) result of the search: pruned, so TPE learns to avoid it.
+        trial.set_user_attr("pruned_reason", str(error))
+        return study.tell(trial, state=TrialState.PRUNED)
+    if is_out_of_memory(error):
+        reason = f"out of memory: {error}"
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    trial.set_user_attr("fail_reason", reason)
+    if not isinstance(error, (DivergedError, KeyboardInterrupt)) and not is_out_of_memory(error):
+        trial.set_user_attr("traceback", "".join(traceback.format_exception(error))[-4000:])
+    return study.tell(trial, state=TrialState.FAIL)
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, data: DeviceData):
+    """Train one asked trial and tell its result. KeyboardInterrupt is recorded, then re-raised."""
+    reporter = EpochReporter(trial, can_prune=len(space.objectives) == 1)
+    result, error = None, None
+    with Heartbeat(study._storage, trial._trial_id):
+        try:
+            config = start_trial(trial, space, data)
+            result = train(config, data, data.device, on_epoch=reporter)
+        except KeyboardInterrupt as interrupt:
+            trial.set_user_attr("fail_reason", "interrupted (SIGINT) during training")
+            study.tell(trial, state=TrialState.FAIL)
+            raise interrupt
+        except Exception as caught:  # recorded on the trial; the study goes on
+            error = caught
+        return finish_trial(study, trial, space, data, reporter, result, error)

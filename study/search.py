@@ -1,0 +1,257 @@
+"""Run or continue an Optuna study over the seed CNN (`make search`).
+
+Running it again continues the same study. TRIALS counts the trials this run
+adds; WORKERS processes share the storage and together finish exactly that many
+(COMPLETE or PRUNED): a file lock around "count, then ask" makes the quota exact
+for workers on this machine, and heartbeats plus Optuna's retry callback
+re-run the trial of a worker that died.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import warnings
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from cnnlib.device import resolve_device
+from cnnlib.metrics import Evaluation
+from cnnlib.training import DeviceData
+
+from .cli import UserError
+from .objective import run_trial
+from .options import add_common_options, add_data_options, add_study_options, load_splits
+from .space import SearchSpace, load_space
+from .storage import lock_path, open_storage, redact
+
+# We drive heartbeats ourselves around ask/tell (objective.Heartbeat) and print our own trial lines.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+DEFAULT_TIMEOUT = 780  # seconds: with the trial in flight, a default run ends within ~15 min on 2 cores
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+POLL_SECONDS = 2.0
+MAX_RESPAWNS_PER_WORKER = 3
+
+
+def _int_env(name):
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else None
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--space", default=os.environ.get("SPACE") or "search_spaces/default.yaml", help="search-space YAML")
+    add_study_options(parser)
+    parser.add_argument("--trials", type=int, default=_int_env("TRIALS"), help="finished trials to add in this run")
+    parser.add_argument("--timeout", type=int, default=_int_env("TIMEOUT"),
+                        help=f"seconds after which no new trial starts (default: the space's budget, else {DEFAULT_TIMEOUT})")
+    parser.add_argument("--workers", type=int, default=_int_env("WORKERS") or 1, help="worker processes sharing the study")
+    parser.add_argument("--fuse", type=int, default=_int_env("FUSE") or 1, help="train up to K trials at once as one fused model")
+    add_data_options(parser)
+    add_common_options(parser)
+
+
+# --- quota and locking ----------------------------------------------------
+
+@contextmanager
+def file_lock(path: Path):
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def count_states(study: optuna.Study) -> tuple[int, int]:
+    """(finished, running) trials of the study."""
+    states = [t.state for t in study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,))]
+    running = sum(s == TrialState.RUNNING for s in states)
+    return len(states) - running, running
+
+
+def create_study(args, space: SearchSpace, storage) -> optuna.Study:
+    name = args.study or space.name
+    study = optuna.create_study(study_name=name, storage=storage, sampler=space.make_sampler(),
+                                pruner=space.make_pruner(), directions=space.directions, load_if_exists=True)
+    if len(study.directions) != len(space.directions):
+        raise UserError(f"study {name!r} has {len(study.directions)} objective(s) but {space.path} defines "
+                        f"{len(space.directions)}; use another STUDY name")
+    text = space.path.read_text()
+    previous = study.user_attrs.get("space_text")
+    if previous is None:
+        study.set_user_attr("space_file", str(space.path))
+        study.set_user_attr("space_text", text)
+        study.set_user_attr("objectives", space.objectives)
+    elif previous != text:
+        print(f"note: {space.path} changed since study {name!r} began; new trials use the new ranges", file=sys.stderr)
+    return study
+
+
+# --- progress ---------------------------------------------------------------
+
+def _bar(done: int, total: int | None, width: int = 24) -> str:
+    if not total:
+        return f"{done} finished"
+    filled = min(width, round(width * done / total))
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+
+
+def format_trial_line(frozen, run_done: int, run_total: int | None, started: float, worker: str) -> str:
+    params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in frozen.params.items())
+    value = "" if frozen.values is None else " value=" + ",".join(f"{v:.4f}" for v in frozen.values)
+    per = frozen.user_attrs.get("dev_per_class")
+    per_text = f" ({' '.join(f'{c} {a:.2f}' for c, a in per.items())})" if per else ""
+    reason = frozen.user_attrs.get("pruned_reason") or frozen.user_attrs.get("fail_reason") or ""
+    seconds = frozen.user_attrs.get("train_seconds")
+    elapsed = time.time() - started
+    return (f"{worker}trial {frozen.number:>4} {frozen.state.name:<8}{value}{per_text}"
+            f"{f' {seconds:.1f}s' if seconds else ''}  {params}{f'  [{reason}]' if reason else ''}\n"
+            f"      {_bar(run_done, run_total)} this run, {elapsed / 60:.1f} min elapsed")
+
+
+# --- the worker loop ------------------------------------------------------
+
+def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker: str = "") -> int:
+    """Ask, train and tell trials until the study holds `target` finished trials or time is up."""
+    storage = open_storage(args.storage)
+    study = create_study(args, space, storage)
+    data = DeviceData(load_splits(args), resolve_device(args.device))
+    lock = lock_path(args.storage, study.study_name, Path(args.results))
+    baseline, _ = count_states(study)
+    started, failures = time.time(), 0
+    run_total = None if target == float("inf") else int(target - args._finished_at_start)
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        with file_lock(lock):
+            finished, running = count_states(study)
+            room = target - finished - running
+            trial = study.ask() if room >= 1 and time.time() < deadline else None
+        if trial is None:
+            if finished >= target or time.time() >= deadline:
+                return 0
+            time.sleep(POLL_SECONDS)  # others' trials are in flight; one may still die and need a retry
+            continue
+        frozen = run_trial(study, trial, space, data)
+        failures = failures + 1 if frozen.state == TrialState.FAIL else 0
+        done = count_states(study)[0] - args._finished_at_start
+        print(format_trial_line(frozen, done, run_total, started, worker), flush=True)
+        if failures >= args._max_failures:
+            print(f"{worker}stopping: {failures} trials failed in a row; last reason: {frozen.user_attrs.get('fail_reason')}",
+                  file=sys.stderr, flush=True)
+            return 3
+
+
+def _worker_process(args, index: int, target: float, deadline: float) -> None:
+    """Entry point of one worker process; threads split the cores so workers do not oversubscribe them."""
+    torch.set_num_threads(args._threads)
+    space = load_space(args.space)
+    try:
+        sys.exit(worker_loop(args, space, target, deadline, worker=f"[w{index}] "))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def run_workers(args, space: SearchSpace, target: float, deadline: float) -> int:
+    """N processes on the shared storage; a worker that dies is replaced while the quota is unmet."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = {}
+    respawns = 0
+    for i in range(args.workers):
+        procs[i] = ctx.Process(target=_worker_process, args=(args, i, target, deadline), daemon=False)
+        procs[i].start()
+    storage = open_storage(args.storage, heartbeat=False)
+    name = args.study or space.name
+    try:
+        while procs:
+            time.sleep(POLL_SECONDS)
+            for i, proc in list(procs.items()):
+                if proc.is_alive():
+                    continue
+                del procs[i]
+                if proc.exitcode and proc.exitcode < 0 and respawns < MAX_RESPAWNS_PER_WORKER * args.workers:
+                    finished, _ = count_states(optuna.load_study(study_name=name, storage=storage))
+                    if finished < target and time.time() < deadline:
+                        print(f"worker {i} died (signal {-proc.exitcode}); starting a replacement", file=sys.stderr)
+                        respawns += 1
+                        procs[i] = ctx.Process(target=_worker_process, args=(args, i, target, deadline))
+                        procs[i].start()
+    except KeyboardInterrupt:
+        for proc in procs.values():
+            proc.join(timeout=30)
+        raise
+    return 0
+
+
+# --- the command ------------------------------------------------------------
+
+def print_best(study: optuna.Study) -> None:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        print("no complete trial yet")
+        return
+    best_trials = study.best_trials if len(study.directions) > 1 else [study.best_trial]
+    for best in best_trials:
+        values = ", ".join(f"{v:.4f}" for v in best.values)
+        print(f"\nbest trial #{best.number}: value {values}")
+        for key, value in best.params.items():
+            print(f"  {key:<14} {value}")
+        attrs = best.user_attrs
+        if "dev_confusion_matrix" in attrs:
+            evaluation = Evaluation(tuple(attrs["classes"]), __import__("numpy").asarray(attrs["dev_confusion_matrix"]))
+            print(evaluation.format("dev (last epoch):"))
+
+
+def run(args) -> int:
+    space = load_space(args.space)  # fails here, before any training, on a bad file
+    if args.workers < 1 or args.fuse < 1:
+        raise UserError(f"WORKERS ({args.workers}) and FUSE ({args.fuse}) must be at least 1")
+    if args.fuse > 1:
+        from .fused_search import run_fused  # noqa: PLC0415
+        return run_fused(args, space)
+    load_splits(args)  # build the cached split once, before workers race for it
+    storage = open_storage(args.storage)
+    study = create_study(args, space, storage)
+    finished, running = count_states(study)
+    trials = args.trials if args.trials is not None else space.budget.get("trials")
+    grid = space.grid_size()
+    if grid is not None:
+        remaining = max(0, grid - finished)
+        trials = remaining if trials is None else min(trials, remaining)
+        if remaining == 0:
+            print(f"grid study {study.study_name!r} is complete ({finished} trials)")
+            print_best(study)
+            return 0
+    timeout = args.timeout if args.timeout is not None else space.budget.get("timeout")
+    if timeout is None:
+        timeout = None if trials is not None else DEFAULT_TIMEOUT
+    target = finished + trials if trials is not None else float("inf")
+    deadline = time.time() + timeout if timeout else float("inf")
+    args._finished_at_start = finished
+    args._max_failures = max(3, 2 * (trials or 5))
+    args._threads = max(1, (os.cpu_count() or 1) // args.workers) if resolve_device(args.device).type == "cpu" else 1
+    budget = " and ".join(filter(None, [f"{trials} trials" if trials is not None else "",
+                                        f"{timeout} s" if timeout else ""]))
+    print(f"study {study.study_name!r} in {redact(args.storage)}: {finished} finished trials so far; "
+          f"this run adds up to {budget} with {args.workers} worker(s) on {resolve_device(args.device)}", flush=True)
+    if args.workers == 1:
+        code = worker_loop(args, space, target, deadline)
+    else:
+        code = run_workers(args, space, target, deadline)
+    study = optuna.load_study(study_name=study.study_name, storage=open_storage(args.storage, heartbeat=False))
+    total, _ = count_states(study)
+    print(f"\nstudy {study.study_name!r}: {total} finished trials ({total - finished} added by this run)")
+    print_best(study)
+    print(f"\ncontinue this study:  make search SPACE={args.space} STUDY={study.study_name} STORAGE={args.storage}")
+    print("browse it:            make dashboard   |   export CSVs: make export   |   retrain the best: make final")
+    return code
