@@ -54,11 +54,17 @@ def load_checkpoint(path: Path, device="cpu") -> tuple[SeedCNN, TrainConfig, tup
         raise CheckpointError(f"{path}: not a loadable checkpoint ({first})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} checkpoint")
-    config = TrainConfig.from_dict(payload["config"])
-    classes = tuple(payload["classes"])
-    model = SeedCNN(len(classes), config.dropout, payload["image_size"]).to(device)
     try:
-        model.load_state_dict(payload["state_dict"])
+        config = TrainConfig.from_dict(payload["config"])
+        classes = tuple(payload["classes"])
+        model = SeedCNN(len(classes), config.dropout, int(payload["image_size"])).to(device)
+        state = payload["state_dict"]
+    except KeyError as error:
+        raise CheckpointError(f"{path}: checkpoint lacks its {error.args[0]!r} entry") from None
+    except (TypeError, ValueError) as error:  # settings this version does not know, or impossible values
+        raise CheckpointError(f"{path}: checkpoint settings do not fit this code ({error})") from None
+    try:
+        model.load_state_dict(state)
     except RuntimeError as error:
         detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
         raise CheckpointError(f"{path}: weights do not fit the seed CNN for {len(classes)} classes ({detail})") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -132,7 +133,7 @@ def read_npz(path: Path, classes: Sequence[str]) -> LabeledImages:
             ids = archive["ids"] if "ids" in archive.files else None
     except DataError:
         raise
-    except (OSError, ValueError, EOFError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # a truncated .npz is a BadZipFile
         raise DataError(f"{path}: not a readable .npz ({error})") from None
     if images.dtype != np.uint8:
         raise DataError(f"{path}: images are {images.dtype}, expected uint8 pixels 0..255")
@@ -161,6 +162,14 @@ def _to_uint8_hwc(image, where: str) -> np.ndarray:
     return np.clip(np.round((array + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def _stack(images: list[np.ndarray], path: Path) -> np.ndarray:
+    """One array from per-image arrays; the first image whose shape differs is named."""
+    odd = next((i for i, x in enumerate(images) if x.shape != images[0].shape), None)
+    if odd is not None:
+        raise DataError(f"{path}[{odd}]: image of shape {images[odd].shape}, but image 0 is {images[0].shape}")
+    return np.stack(images)
+
+
 def read_pickle(path: Path, classes: Sequence[str], trust: bool = False) -> LabeledImages:
     """The user's legacy pickle: a list of (image, label) pairs, or a dict with data/labels."""
     path = Path(path)
@@ -179,11 +188,11 @@ def read_pickle(path: Path, classes: Sequence[str], trust: bool = False) -> Labe
         if data.ndim == 2 and data.shape[1] % 3 == 0:  # CIFAR's flat rows: R plane, G plane, B plane
             side = int(round((data.shape[1] // 3) ** 0.5))
             data = data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1)
-        images = np.stack([_to_uint8_hwc(x, f"{path}[{i}]") for i, x in enumerate(data)]) if len(data) else data
+        images = _stack([_to_uint8_hwc(x, f"{path}[{i}]") for i, x in enumerate(data)], path) if len(data) else data
         labels = np.asarray(keys["labels"], dtype=np.int64)
     elif isinstance(content, (list, tuple)):
         try:
-            images = np.stack([_to_uint8_hwc(pair[0], f"{path}[{i}]") for i, pair in enumerate(content)])
+            images = _stack([_to_uint8_hwc(pair[0], f"{path}[{i}]") for i, pair in enumerate(content)], path)
             labels = np.asarray([int(pair[1]) for pair in content], dtype=np.int64)
         except (TypeError, IndexError) as error:
             raise DataError(f"{path}: expected a list of (image, label) pairs ({error})") from None

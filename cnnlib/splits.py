@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -210,8 +211,8 @@ def prepare_splits(config: DataConfig, cache_dir: Path | None) -> Splits:
     if cache_path and cache_path.is_file():
         try:
             return _load_cache(cache_path)
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache is rebuilt, never trusted
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # a damaged (e.g. truncated) cache is rebuilt, never trusted
     splits = _build_from_tree(config) if _is_image_tree(source) else _build_from_files(config)
     if config.corrections:
         from .corrections import apply_corrections  # noqa: PLC0415 - optional step

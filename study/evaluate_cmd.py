@@ -1,0 +1,93 @@
+"""Evaluate a checkpoint on one split: macro accuracy, per-class accuracy and the confusion matrix.
+
+This is the user's "evaluate a given model" step. It also shows the
+majority-class predictor (`--no-baseline` hides it): the ~33% macro accuracy
+that an "always car" model scores on the imbalanced dev set while its plain
+accuracy looks like 80%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from cnnlib.checkpoint import load_checkpoint
+from cnnlib.device import resolve_device
+from cnnlib.errors import CheckpointError
+from cnnlib.metrics import majority_baseline
+from cnnlib.model import flat_features
+from cnnlib.training import DeviceSplit, evaluate, make_criterion
+
+from .cli import UserError
+from .options import add_common_options, add_data_options, load_splits
+from .train_cmd import write_json
+
+SPLITS = ("train", "dev", "test")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", default=os.environ.get("CHECKPOINT") or None,
+                        help="model.pt written by `make train` or `make final` (env CHECKPOINT)")
+    parser.add_argument("--split", default=os.environ.get("SPLIT") or "dev", choices=SPLITS,
+                        help="which split to evaluate on (env SPLIT)")
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also show the majority-class baseline (on by default, so `make evaluate` shows it)")
+    parser.add_argument("--json", default=None, help="also write the evaluation to this JSON file")
+    add_data_options(parser)
+    add_common_options(parser)
+    # The class order comes from the checkpoint unless given: labels must mean what they meant in training.
+    parser.set_defaults(classes=None)
+
+
+def _newest_checkpoint(results: Path) -> Path | None:
+    found = sorted((results / "runs").glob("*/model.pt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def _fits(model, image_size: int) -> bool:
+    try:
+        return flat_features(image_size) == model.classifier[1].in_features
+    except ValueError:
+        return False
+
+
+def run(args) -> int:
+    if not args.checkpoint:
+        newest = _newest_checkpoint(Path(args.results))
+        hint = f" (newest here: CHECKPOINT={newest})" if newest else " (train one with `make train`)"
+        raise UserError(f"no checkpoint given: pass --checkpoint PATH or CHECKPOINT=PATH{hint}")
+    device = resolve_device(args.device)
+    model, config, classes, extra = load_checkpoint(Path(args.checkpoint), device)
+    if args.classes is None:
+        args.classes = ",".join(classes)
+    splits = load_splits(args)
+    if tuple(splits.classes) != tuple(classes):
+        raise CheckpointError(f"{args.checkpoint}: trained for classes {','.join(classes)}, "
+                              f"but the data was read as {','.join(splits.classes)} (check --classes)")
+    split = getattr(splits, args.split)
+    if split is None:
+        raise UserError(f"{splits.source}: has no {args.split} split (an array folder needs {args.split}.npz)")
+    size = split.images.shape[1]
+    if not _fits(model, size):
+        raise CheckpointError(f"{args.checkpoint}: model was trained on other image sizes; "
+                              f"the {args.split} images are {size}x{size}")
+    # The loss uses the training criterion (class-weighted when the run was), so it matches the run's dev loss.
+    criterion = make_criterion(config, DeviceSplit(splits.train, device).y, len(classes))
+    evaluation = evaluate(model, DeviceSplit(split, device), classes, criterion)
+
+    print(f"checkpoint: {args.checkpoint}  (config {config.to_dict()})")
+    print(f"data:       {splits.source}, {args.split} split, {len(split)} images")
+    print(evaluation.format(f"{args.split}:"))
+    report = {"checkpoint": str(args.checkpoint), "split": args.split, "classes": list(classes),
+              "config": config.to_dict(), "checkpoint_extra": extra, "evaluation": evaluation.to_dict()}
+    if args.baseline:
+        majority = majority_baseline(splits.train.labels, split.labels, len(classes), classes)
+        name = classes[int(majority.confusion.sum(axis=0).argmax())] if len(split) else "?"
+        print(majority.format(f"majority-class baseline (always '{name}', the most frequent train class):"))
+        print(f"  plain accuracy of that baseline: {majority.accuracy:.1%}; "
+              f"macro accuracy: {majority.macro_accuracy:.1%}")
+        report["majority_baseline"] = majority.to_dict()
+    if args.json:
+        print(f"wrote: {write_json(Path(args.json), report)}")
+    return 0

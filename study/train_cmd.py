@@ -1,0 +1,197 @@
+"""Train one config (a search-space file whose values are all fixed) and keep everything it produced.
+
+`make train SPACE=search_spaces/seed_final.yaml` reruns the user's final recipe.
+Each run gets its own folder `RESULTS/runs/<name>/` with `metrics.json` (dev,
+test and train blocks), `history.csv` (one row per epoch) and `model.pt`, so
+runs never overwrite each other unless asked to (`--name X --overwrite`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from cnnlib.checkpoint import save_checkpoint
+from cnnlib.metrics import majority_baseline
+from cnnlib.training import DeviceData, EpochStats, TrainConfig, evaluate, make_criterion, train
+
+from .cli import UserError
+from .options import add_common_options, add_data_options, load_splits
+from .space import load_space
+
+RUN_FILES = ("metrics.json", "history.csv", "model.pt")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--space", default=os.environ.get("SPACE") or "search_spaces/seed_final.yaml",
+                        help="search-space file whose params are all fixed values (env SPACE)")
+    parser.add_argument("--name", default=None,
+                        help="run folder under RESULTS/runs (default: <space name>-<YYYYmmdd-HHMMSS>)")
+    parser.add_argument("--overwrite", action="store_true", help="reuse the folder given by --name if it exists")
+    parser.add_argument("--epochs", type=int, default=None, help="override the file's epochs (quick tries)")
+    add_data_options(parser)
+    add_common_options(parser)
+
+
+# --- files ----------------------------------------------------------------
+
+def _json_safe(value):
+    """NaN/inf become null: json.dumps would write the non-standard `NaN` token otherwise."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write then rename: a reader (or a crash) never sees half a file under the real name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_json(path: Path, data: dict) -> Path:
+    return write_text_atomic(path, json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
+
+
+def history_csv(history: list[EpochStats], classes) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["epoch", "train_loss", "dev_loss", "dev_macro_accuracy", *(f"dev_{c}" for c in classes), "seconds"])
+    for s in history:
+        writer.writerow([s.epoch, f"{s.train_loss:.6g}", f"{s.dev_loss:.6g}", f"{s.dev_macro_accuracy:.6g}",
+                         *(f"{a:.6g}" for a in s.dev.per_class.values()), f"{s.seconds:.4f}"])
+    return out.getvalue()
+
+
+def reserve_run_dir(runs: Path, name: str | None, default_stem: str, overwrite: bool) -> tuple[Path, bool]:
+    """The run's folder, created now so that two runs never share one; (path, created)."""
+    runs.mkdir(parents=True, exist_ok=True)
+    if name is not None:
+        if not NAME_PATTERN.fullmatch(name):
+            raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only (it becomes a folder name)")
+        path = runs / name
+        try:
+            path.mkdir()
+            return path, True
+        except FileExistsError:
+            if not overwrite:
+                raise UserError(f"{path}: run folder exists; choose another --name or add --overwrite") from None
+            for stale in RUN_FILES:  # a failed rerun must not leave the old run's files looking new
+                (path / stale).unlink(missing_ok=True)
+            return path, False
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1, 1000):
+        path = runs / (f"{default_stem}-{stamp}" + (f"-{attempt}" if attempt > 1 else ""))
+        try:
+            path.mkdir()
+            return path, True
+        except FileExistsError:
+            continue  # another run started in the same second
+    raise UserError(f"{runs}: could not find a free run folder name for {default_stem}-{stamp}")
+
+
+# --- the run --------------------------------------------------------------
+
+def _progress(total_epochs: int):
+    width = len(str(total_epochs))
+
+    def on_epoch(stats: EpochStats) -> None:
+        per = " ".join(f"{c} {a:5.1%}" for c, a in stats.dev.per_class.items())
+        print(f"epoch {stats.epoch:>{width}}/{total_epochs}  train loss {stats.train_loss:.4f}  "
+              f"dev loss {stats.dev_loss:.4f}  dev macro {stats.dev_macro_accuracy:6.1%}  ({per})  "
+              f"{stats.seconds:.2f}s", flush=True)
+
+    return on_epoch
+
+
+def run(args) -> int:
+    space = load_space(args.space)
+    config = space.fixed_config()
+    if args.epochs is not None:
+        try:
+            config = TrainConfig.from_dict({**config.to_dict(), "epochs": args.epochs})
+        except ValueError as error:
+            raise UserError(f"--epochs {args.epochs}: {error}") from None
+    run_dir, created = reserve_run_dir(Path(args.results) / "runs", args.name, space.name, args.overwrite)
+    try:
+        return _train_and_write(args, space, config, load_splits(args), run_dir)
+    except BaseException:
+        if created and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a run that produced nothing leaves no empty folder behind
+        raise
+
+
+def _train_and_write(args, space, config: TrainConfig, splits, run_dir: Path) -> int:
+    data = DeviceData(splits, args.device)
+    classes = data.classes
+    print(f"space:  {space.path}  ({space.description})" if space.description else f"space:  {space.path}")
+    print(f"config: {json.dumps(config.to_dict())}")
+    counts = splits.summary()["splits"]
+    print("data:   " + "; ".join(f"{n} " + "/".join(str(v) for v in c.values()) for n, c in counts.items())
+          + f"  ({'/'.join(classes)})")
+    print(f"device: {data.device}\nrun:    {run_dir}", flush=True)
+
+    result = train(config, data, data.device, on_epoch=_progress(config.epochs))
+    criterion = make_criterion(config, data.train.y, data.n_classes)
+    evaluations = {"dev": result.dev}
+    if data.test is not None:
+        evaluations["test"] = evaluate(result.model, data.test, classes, criterion)
+    evaluations["train"] = evaluate(result.model, data.train, classes, criterion)
+    baselines = {name: majority_baseline(splits.train.labels, split.labels, len(classes), classes)
+                 for name, split in (("dev", splits.dev), ("test", splits.test)) if split is not None}
+    # The median: the first epoch carries one-off warm-up, and other work on a shared machine adds spikes.
+    seconds_per_epoch = statistics.median(s.seconds for s in result.history)
+
+    for name, evaluation in evaluations.items():
+        print(evaluation.format(f"{name}:"))
+    for name, evaluation in baselines.items():
+        print(f"majority-class baseline ({name}): macro accuracy {evaluation.macro_accuracy:.1%}")
+    print(f"{len(result.history)} epochs in {result.seconds:.1f}s (median {seconds_per_epoch:.2f}s per epoch on {data.device})")
+
+    metrics = {
+        "name": run_dir.name,
+        "space": str(space.path),
+        "config": config.to_dict(),
+        "classes": list(classes),
+        "data": {**splits.summary(), "cache": str(splits.cache_path) if splits.cache_path else None,
+                 "split_seed": args.split_seed},
+        "device": str(data.device),
+        "epochs_run": len(result.history),
+        "stopped_early": result.stopped_early,
+        "seconds": result.seconds,
+        "seconds_per_epoch": seconds_per_epoch,
+        "dev": evaluations["dev"].to_dict(),
+        "test": evaluations["test"].to_dict() if "test" in evaluations else None,
+        "train": evaluations["train"].to_dict(),
+        "majority_baseline": {name: evaluation.to_dict() for name, evaluation in baselines.items()},
+        "checkpoint": "model.pt",
+    }
+    save_checkpoint(run_dir / "model.pt", result.model, config, classes, data.image_size,
+                    extra={"run": run_dir.name, "space": str(space.path), "data_source": splits.source,
+                           "split_seed": int(args.split_seed),
+                           "dev_macro_accuracy": float(evaluations["dev"].macro_accuracy)})
+    write_text_atomic(run_dir / "history.csv", history_csv(result.history, classes))
+    write_json(run_dir / "metrics.json", metrics)
+    print(f"wrote:  {run_dir / 'metrics.json'}, history.csv, model.pt")
+    return 0

@@ -1,0 +1,118 @@
+"""Checkpoints: a round trip predicts the same, and anything that is not our checkpoint is refused by name."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from cnnlib.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from cnnlib.errors import CheckpointError
+from cnnlib.model import SeedCNN
+from cnnlib.splits import DataConfig, prepare_splits
+from cnnlib.training import DeviceData, TrainConfig, predict_logits, train
+
+from conftest import build_image_tree
+
+CLASSES = ("car", "truck", "cat")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A model trained for one epoch on a tiny tree: weights that differ from any fresh init."""
+    root = build_image_tree(tmp_path_factory.mktemp("tree"), {c: 12 for c in CLASSES}, {c: 8 for c in CLASSES})
+    splits = prepare_splits(DataConfig(root, train_counts=(12, 8, 6), dev_counts=(4, 4, 4), test_counts=(4, 4, 4)), None)
+    config = TrainConfig(epochs=1, batch_size=8, dropout=0.3, seed=3)
+    return train(config, splits, "cpu"), splits
+
+
+def test_round_trip_gives_the_same_predictions_config_and_classes(trained, tmp_path, device):
+    result, splits = trained
+    path = save_checkpoint(tmp_path / "model.pt", result.model, result.config, CLASSES, 32, extra={"run": "x", "dev": 0.5})
+    model, config, classes, extra = load_checkpoint(path, device)
+    x = DeviceData(splits, "cpu").test.x
+    assert not model.training  # ready to evaluate: dropout off
+    torch.testing.assert_close(predict_logits(model, x.to(device)).cpu(), predict_logits(result.model, x), rtol=1e-4, atol=1e-5)
+    assert config == result.config and classes == CLASSES and extra == {"run": "x", "dev": 0.5}
+
+
+def test_saving_leaves_no_temporary_files(trained, tmp_path):
+    result, _ = trained
+    save_checkpoint(tmp_path / "model.pt", result.model, result.config, CLASSES)
+    save_checkpoint(tmp_path / "model.pt", result.model, result.config, CLASSES)  # replacing is fine too
+    assert sorted(os.listdir(tmp_path)) == ["model.pt"]
+
+
+def test_checkpoint_of_another_shape_is_refused_by_name(tmp_path):
+    other = SeedCNN(n_classes=5)  # five outputs, but the file claims three classes
+    path = tmp_path / "five.pt"
+    torch.save({"format": FORMAT, "state_dict": other.state_dict(), "config": TrainConfig().to_dict(),
+                "classes": list(CLASSES), "image_size": 32, "extra": {}}, path)
+    with pytest.raises(CheckpointError, match=r"five\.pt: weights do not fit the seed CNN for 3 classes"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_for_another_image_size_is_refused(trained, tmp_path):
+    result, _ = trained
+    path = save_checkpoint(tmp_path / "model.pt", result.model, result.config, CLASSES, image_size=48)
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        load_checkpoint(path)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_bytes(b"just some bytes")
+    with pytest.raises(CheckpointError, match=r"notes\.pt: not a loadable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_someone_elses_torch_file_is_refused(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(SeedCNN().state_dict(), path)  # plain weights, no config or classes
+    with pytest.raises(CheckpointError, match=f"not a {FORMAT} checkpoint"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("damage", [{"drop": "classes"}, {"drop": "state_dict"}, {"config": {"learning_rate": 1}}])
+def test_a_checkpoint_with_missing_or_foreign_entries_is_refused_by_name(trained, tmp_path, damage):
+    result, _ = trained
+    path = save_checkpoint(tmp_path / "model.pt", result.model, result.config, CLASSES)
+    payload = torch.load(path, weights_only=True)
+    payload.pop(damage.get("drop", ""), None)
+    payload.update({k: v for k, v in damage.items() if k != "drop"})
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"model\.pt: checkpoint (lacks|settings do not fit)"):
+        load_checkpoint(path)
+
+
+class _Marker:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "payload": _Marker(marker)}, path)
+    with pytest.raises(CheckpointError, match=r"evil\.pt: not a loadable checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match=r"absent\.pt: checkpoint not found"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_predictions_depend_on_the_loaded_weights_not_a_fresh_init(trained, tmp_path):
+    result, splits = trained
+    path = save_checkpoint(tmp_path / "model.pt", result.model, result.config, CLASSES)
+    model, *_ = load_checkpoint(path)
+    fresh = SeedCNN(3, result.config.dropout).eval()
+    x = torch.from_numpy(np.ascontiguousarray(splits.test.images)).permute(0, 3, 1, 2).float() / 255
+    assert not torch.allclose(predict_logits(model, x), predict_logits(fresh, x))

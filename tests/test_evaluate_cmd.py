@@ -1,0 +1,66 @@
+"""`python -m study evaluate`: a checkpoint on a split, with the majority-class baseline on request."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+
+def evaluate_cli(tiny_inputs, *more):
+    base, _, options = tiny_inputs
+    return run_cli("evaluate", "--results", base / "results", "--device", "cpu", *options, *more)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", ["dev", "test", "train"])
+def test_evaluate_reproduces_the_training_runs_figures(tiny_inputs, tiny_run, tmp_path, split):
+    run_dir, _ = tiny_run
+    out_json = tmp_path / "eval.json"
+    code, out, err = evaluate_cli(tiny_inputs, "--checkpoint", run_dir / "model.pt", "--split", split, "--json", out_json)
+    assert code == 0, err
+    report = json.loads(out_json.read_text())
+    trained = json.loads((run_dir / "metrics.json").read_text())[split]
+    assert report["evaluation"]["confusion_matrix"] == trained["confusion_matrix"]
+    assert report["evaluation"]["loss"] == pytest.approx(trained["loss"], rel=1e-5)
+    assert f"{trained['macro_accuracy']:6.1%}".strip() in out and "confusion (rows true, columns predicted)" in out
+
+
+@pytest.mark.slow
+def test_the_baseline_shows_the_one_third_floor_by_default(tiny_inputs, tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    out_json = tmp_path / "eval.json"
+    code, out, err = evaluate_cli(tiny_inputs, "--checkpoint", run_dir / "model.pt", "--json", out_json)
+    assert code == 0, err
+    assert "majority-class baseline (always 'car'" in out and "macro accuracy: 33.3%" in out
+    baseline = json.loads(out_json.read_text())["majority_baseline"]
+    assert baseline["per_class"] == {"car": 1.0, "truck": 0.0, "cat": 0.0}
+    assert baseline["confusion_matrix"] == [[4, 0, 0], [3, 0, 0], [2, 0, 0]]
+
+
+def test_evaluate_without_a_checkpoint_says_how_to_give_one(tiny_inputs, tmp_path):
+    _, _, options = tiny_inputs
+    code, _, err = run_cli("evaluate", "--results", tmp_path, *options)
+    assert code == 2 and "no checkpoint given" in err and "CHECKPOINT=" in err
+
+
+def test_evaluate_with_a_missing_checkpoint_names_it(tiny_inputs, tmp_path):
+    code, _, err = evaluate_cli(tiny_inputs, "--checkpoint", tmp_path / "nope.pt")
+    assert code == 2 and "nope.pt: checkpoint not found" in err
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_data_read_in_another_class_order(tiny_inputs, tiny_run):
+    run_dir, _ = tiny_run
+    code, _, err = evaluate_cli(tiny_inputs, "--checkpoint", run_dir / "model.pt", "--classes", "cat,truck,car")
+    assert code == 2 and "trained for classes car,truck,cat" in err
+
+
+@pytest.mark.slow
+def test_no_baseline_hides_it(tiny_inputs, tiny_run):
+    run_dir, _ = tiny_run
+    code, out, err = evaluate_cli(tiny_inputs, "--checkpoint", run_dir / "model.pt", "--no-baseline")
+    assert code == 0, err
+    assert "majority-class baseline" not in out

@@ -1,0 +1,123 @@
+"""Training: class weighting works, the same seed gives the same model, divergence is an error."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cnnlib.errors import DivergedError
+from cnnlib.splits import DataConfig, prepare_splits
+from cnnlib.training import DeviceData, TrainConfig, class_weights, epoch_order, evaluate, train
+
+# Quick settings: a few epochs on a few hundred images, enough to see each behaviour.
+QUICK = dict(optimizer="adam", lr=3e-3, weight_decay=0.0, batch_size=32, epochs=3)
+
+
+@pytest.fixture(scope="module")
+def imbalanced(real_data, tmp_path_factory):
+    """400 car / 60 truck / 40 cat for training (the user's 80/12/8 %), a balanced 100 per class to judge."""
+    config = DataConfig(real_data, train_counts=(400, 60, 40), dev_counts=(100, 100, 100), test_counts=(0, 0, 0))
+    return prepare_splits(config, tmp_path_factory.mktemp("cache"))
+
+
+def _minority_accuracy(result) -> float:
+    per_class = result.dev.per_class
+    return (per_class["truck"] + per_class["cat"]) / 2
+
+
+def test_weighted_loss_raises_minority_class_accuracy_over_no_weighting(imbalanced, device):
+    data = DeviceData(imbalanced, device)
+    gains = []
+    for seed in (0, 1):
+        plain = train(TrainConfig(**QUICK, imbalance="none", seed=seed), data)
+        weighted = train(TrainConfig(**QUICK, imbalance="weighted_loss", seed=seed), data)
+        gains.append(_minority_accuracy(weighted) - _minority_accuracy(plain))
+    # Measured on CPU: unweighted models predict (almost) only "car" (minority accuracy ~0),
+    # weighted ones reach ~0.4-0.6 on truck and cat. 0.2 leaves room for other devices' numerics.
+    assert np.mean(gains) > 0.2, gains
+
+
+def test_same_seed_same_device_gives_identical_history_and_weights(imbalanced, device):
+    config = TrainConfig(**{**QUICK, "epochs": 2}, imbalance="weighted_sampler", flip=True, jitter=0.2, seed=7)
+    data = DeviceData(imbalanced, device)
+    first, second = train(config, data), train(config, data)
+    assert [(h.train_loss, h.dev_loss) for h in first.history] == [(h.train_loss, h.dev_loss) for h in second.history]
+    assert [h.dev.confusion.tolist() for h in first.history] == [h.dev.confusion.tolist() for h in second.history]
+    for (name, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_different_seed_gives_a_different_model(imbalanced, device):
+    data = DeviceData(imbalanced, device)
+    a = train(TrainConfig(**{**QUICK, "epochs": 1}, seed=0), data)
+    b = train(TrainConfig(**{**QUICK, "epochs": 1}, seed=1), data)
+    assert not torch.equal(a.model.classifier[-1].weight, b.model.classifier[-1].weight)
+
+
+def test_huge_learning_rate_raises_diverged_instead_of_returning_a_model(imbalanced, device):
+    with pytest.raises(DivergedError, match="diverged: training loss became (nan|inf) in epoch 1") as caught:
+        train(TrainConfig(optimizer="sgd", lr=1e6, momentum=0.9, batch_size=64, epochs=3), imbalanced, device)
+    assert caught.value.epoch == 1 and not math.isfinite(caught.value.loss)
+
+
+def test_on_epoch_sees_every_epoch_and_can_stop_training(imbalanced, device):
+    seen = []
+
+    def on_epoch(stats):
+        seen.append((stats.epoch, stats.dev_macro_accuracy, set(stats.dev.per_class)))
+        return stats.epoch == 2  # a pruner saying stop
+
+    result = train(TrainConfig(**{**QUICK, "epochs": 5}), imbalanced, device, on_epoch=on_epoch)
+    assert [epoch for epoch, _, _ in seen] == [1, 2]
+    assert result.stopped_early and len(result.history) == 2
+    assert all(0 <= macro <= 1 and classes == {"car", "truck", "cat"} for _, macro, classes in seen)
+
+
+def test_history_reports_finite_losses_and_the_dev_evaluation(imbalanced, device):
+    result = train(TrainConfig(**{**QUICK, "epochs": 2}), imbalanced, device)
+    last = result.history[-1]
+    assert math.isfinite(last.train_loss) and math.isfinite(last.dev_loss) and last.seconds > 0
+    assert last.dev.confusion.sum() == 300
+    again = evaluate(result.model, DeviceData(imbalanced, device).dev, imbalanced.classes)
+    assert again.confusion.tolist() == last.dev.confusion.tolist()  # evaluation is deterministic (dropout off)
+
+
+def test_class_weights_are_inverse_frequency():
+    labels = torch.repeat_interleave(torch.arange(3), torch.tensor([4000, 600, 400]))
+    expected = [5000 / (3 * 4000), 5000 / (3 * 600), 5000 / (3 * 400)]
+    assert class_weights(labels, 3).tolist() == pytest.approx(expected)
+
+
+def test_weighted_sampler_draws_classes_about_equally():
+    labels = torch.repeat_interleave(torch.arange(3), torch.tensor([4000, 600, 400]))
+    order = epoch_order(len(labels), labels, 3, "weighted_sampler", torch.Generator().manual_seed(0))
+    shares = torch.bincount(labels[order], minlength=3).float() / len(order)
+    assert shares.tolist() == pytest.approx([1 / 3] * 3, abs=0.03)
+
+
+def test_plain_epoch_order_is_a_permutation():
+    labels = torch.repeat_interleave(torch.arange(3), torch.tensor([5, 3, 2]))
+    order = epoch_order(10, labels, 3, "none", torch.Generator().manual_seed(0))
+    assert sorted(order.tolist()) == list(range(10))
+
+
+def test_device_data_holds_images_in_unit_range_on_the_device(imbalanced, device):
+    data = DeviceData(imbalanced, device)
+    assert data.train.x.device.type == device.type and data.train.x.shape == (500, 3, 32, 32)
+    assert 0.0 <= float(data.train.x.min()) and float(data.train.x.max()) <= 1.0
+    assert torch.bincount(data.train.y).tolist() == [400, 60, 40]
+
+
+@pytest.mark.parametrize("bad", [{"optimizer": "rmsprop"}, {"imbalance": "oversample"}, {"lr": 0}, {"epochs": 0}])
+def test_train_config_rejects_bad_values_by_name(bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        TrainConfig(**bad)
+
+
+def test_train_config_rejects_unknown_settings():
+    with pytest.raises(ValueError, match="unknown training setting.*learning_rate"):
+        TrainConfig.from_dict({"learning_rate": 0.1})
