@@ -5,7 +5,7 @@
 DATA     ?= $(if $(wildcard ../shared/data/cifar10-cars-trucks-cats),../shared/data/cifar10-cars-trucks-cats,data)
 RESULTS  ?= results
 DEVICE   ?= auto
-SPACE    ?= search_spaces/default.yaml
+SPACE    ?=# search: search_spaces/default.yaml, train: search_spaces/seed_final.yaml
 STUDY    ?=
 STORAGE  ?= sqlite:///$(RESULTS)/optuna.db
 TRIALS   ?=
