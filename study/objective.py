@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from cnnlib.errors import DivergedError
 from cnnlib.training import DeviceData, EpochStats, TrainConfig, TrainResult, evaluate, train
 
+from .artifacts import attach_trial_artifacts
 from .space import SearchSpace
 
 
@@ -116,6 +117,23 @@ def objective_values(space: SearchSpace, result: TrainResult, data: DeviceData, 
     return values
 
 
+def tell(study: optuna.Study, trial: optuna.Trial, values=None, state: TrialState | None = None):
+    """`study.tell`, for our ask/tell loop: returns the stored FrozenTrial.
+
+    GridSampler's after_trial calls `study.stop()` once the grid is used up,
+    which raises outside `Study.optimize`; Optuna has already stored the
+    trial's outcome by then (tell stores it in a `finally`), so that error
+    must neither crash the worker nor be recorded as a second outcome.
+    Stopping a grid study is the worker loop's job (it counts the grid).
+    """
+    try:
+        return study.tell(trial, values, state=state)
+    except RuntimeError as error:
+        if "Study.stop" not in str(error):
+            raise
+        return study._storage.get_trial(trial._trial_id)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
 
@@ -135,17 +153,18 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, d
     try:
         if error is None:
             record_result(trial, result, data)
+            attach_trial_artifacts(study, trial)  # before tell: a finished trial takes no artifacts; only warns
             if reporter.pruned_at is not None:
                 trial.set_user_attr("pruned_reason", f"pruned by {type(study.pruner).__name__} at epoch {reporter.pruned_at}")
-                return study.tell(trial, state=TrialState.PRUNED)
-            return study.tell(trial, objective_values(space, result, data, trial))
+                return tell(study, trial, state=TrialState.PRUNED)
+            return tell(study, trial, objective_values(space, result, data, trial))
     except Exception as late:  # e.g. the robust objective failed
         error = late
     reason = f"{type(error).__name__}: {error}"
     if isinstance(error, DivergedError) and len(space.objectives) == 1:
         # A diverging config is a real (bad) result of the search: pruned, so TPE learns to avoid it.
         trial.set_user_attr("pruned_reason", str(error))
-        return study.tell(trial, state=TrialState.PRUNED)
+        return tell(study, trial, state=TrialState.PRUNED)
     if is_out_of_memory(error):
         reason = f"out of memory: {error}"
         if torch.cuda.is_available():
@@ -153,7 +172,7 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, d
     trial.set_user_attr("fail_reason", reason)
     if not isinstance(error, (DivergedError, KeyboardInterrupt)) and not is_out_of_memory(error):
         trial.set_user_attr("traceback", "".join(traceback.format_exception(error))[-4000:])
-    return study.tell(trial, state=TrialState.FAIL)
+    return tell(study, trial, state=TrialState.FAIL)
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, data: DeviceData):
@@ -166,7 +185,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, data
             result = train(config, data, data.device, on_epoch=reporter)
         except KeyboardInterrupt as interrupt:
             trial.set_user_attr("fail_reason", "interrupted (SIGINT) during training")
-            study.tell(trial, state=TrialState.FAIL)
+            tell(study, trial, state=TrialState.FAIL)
             raise interrupt
         except Exception as caught:  # recorded on the trial; the study goes on
             error = caught

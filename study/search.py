@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import multiprocessing
 import os
+import shlex
 import sys
 import time
 from contextlib import contextmanager
@@ -80,9 +81,9 @@ def count_states(study: optuna.Study) -> tuple[int, int]:
     return len(states) - running, running
 
 
-def create_study(args, space: SearchSpace, storage) -> optuna.Study:
+def create_study(args, space: SearchSpace, storage, stream: tuple[int, ...] = ()) -> optuna.Study:
     name = args.study or space.name
-    study = optuna.create_study(study_name=name, storage=storage, sampler=space.make_sampler(),
+    study = optuna.create_study(study_name=name, storage=storage, sampler=space.make_sampler(stream),
                                 pruner=space.make_pruner(), directions=space.directions, load_if_exists=True)
     if len(study.directions) != len(space.directions):
         raise UserError(f"study {name!r} has {len(study.directions)} objective(s) but {space.path} defines "
@@ -122,18 +123,24 @@ def format_trial_line(frozen, run_done: int, run_total: int | None, started: flo
 
 # --- the worker loop ------------------------------------------------------
 
-def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker: str = "") -> int:
-    """Ask, train and tell trials until the study holds `target` finished trials or time is up."""
+def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker: str = "", number: int = 0) -> int:
+    """Ask, train and tell trials until the study holds `target` finished trials or time is up.
+
+    `number` (0, 1, ... for each worker process this run starts) and the study's
+    trial count at the start of the run pick the sampler's seed stream, so
+    neither parallel workers nor a resumed run re-propose existing trials.
+    """
     storage = open_storage(args.storage)
-    study = create_study(args, space, storage)
+    study = create_study(args, space, storage, stream=(args._trials_at_start, number))
     data = DeviceData(load_splits(args), resolve_device(args.device))
     lock = lock_path(args.storage, study.study_name, Path(args.results))
     baseline, _ = count_states(study)
     started, failures = time.time(), 0
     run_total = None if target == float("inf") else int(target - args._finished_at_start)
     while True:
-        optuna.storages.fail_stale_trials(study)
         with file_lock(lock):
+            # Under the lock: two local workers never both fail, and both re-queue, one dead worker's trial.
+            optuna.storages.fail_stale_trials(study)
             finished, running = count_states(study)
             room = target - finished - running
             trial = study.ask() if room >= 1 and time.time() < deadline else None
@@ -152,24 +159,30 @@ def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker
             return 3
 
 
-def _worker_process(args, index: int, target: float, deadline: float) -> None:
+def _worker_process(args, index: int, number: int, target: float, deadline: float) -> None:
     """Entry point of one worker process; threads split the cores so workers do not oversubscribe them."""
     torch.set_num_threads(args._threads)
     space = load_space(args.space)
     try:
-        sys.exit(worker_loop(args, space, target, deadline, worker=f"[w{index}] "))
+        sys.exit(worker_loop(args, space, target, deadline, worker=f"[w{index}] ", number=number))
     except KeyboardInterrupt:
         sys.exit(130)
 
 
 def run_workers(args, space: SearchSpace, target: float, deadline: float) -> int:
-    """N processes on the shared storage; a worker that dies is replaced while the quota is unmet."""
+    """N processes on the shared storage; a worker that dies is replaced while the quota is unmet.
+
+    Returns the first error exit code of a worker (3: too many failed trials,
+    1: it crashed, 128+signal: killed too often), so a run whose workers broke
+    does not report success.
+    """
     ctx = multiprocessing.get_context("spawn")
     procs = {}
-    respawns = 0
+    respawns, started, code = 0, 0, 0
     for i in range(args.workers):
-        procs[i] = ctx.Process(target=_worker_process, args=(args, i, target, deadline), daemon=False)
+        procs[i] = ctx.Process(target=_worker_process, args=(args, i, started, target, deadline), daemon=False)
         procs[i].start()
+        started += 1
     storage = open_storage(args.storage, heartbeat=False)
     name = args.study or space.name
     try:
@@ -179,18 +192,27 @@ def run_workers(args, space: SearchSpace, target: float, deadline: float) -> int
                 if proc.is_alive():
                     continue
                 del procs[i]
-                if proc.exitcode and proc.exitcode < 0 and respawns < MAX_RESPAWNS_PER_WORKER * args.workers:
+                if proc.exitcode and proc.exitcode < 0:  # killed by a signal
                     finished, _ = count_states(optuna.load_study(study_name=name, storage=storage))
-                    if finished < target and time.time() < deadline:
+                    if finished >= target or time.time() >= deadline:
+                        continue  # its work is done anyway
+                    if respawns < MAX_RESPAWNS_PER_WORKER * args.workers:
                         print(f"worker {i} died (signal {-proc.exitcode}); starting a replacement", file=sys.stderr)
                         respawns += 1
-                        procs[i] = ctx.Process(target=_worker_process, args=(args, i, target, deadline))
+                        procs[i] = ctx.Process(target=_worker_process, args=(args, i, started, target, deadline))
                         procs[i].start()
+                        started += 1
+                        continue
+                    print(f"worker {i} died (signal {-proc.exitcode}); {respawns} replacements already, giving up on it",
+                          file=sys.stderr)
+                    code = code or 128 - proc.exitcode
+                elif proc.exitcode and not code:  # 3: it gave up on failing trials; 1: it crashed
+                    code = proc.exitcode
     except KeyboardInterrupt:
         for proc in procs.values():
             proc.join(timeout=30)
         raise
-    return 0
+    return code
 
 
 # --- the command ------------------------------------------------------------
@@ -216,6 +238,8 @@ def run(args) -> int:
     space = load_space(args.space)  # fails here, before any training, on a bad file
     if args.workers < 1 or args.fuse < 1:
         raise UserError(f"WORKERS ({args.workers}) and FUSE ({args.fuse}) must be at least 1")
+    if (args.trials is not None and args.trials < 0) or (args.timeout is not None and args.timeout < 0):
+        raise UserError(f"TRIALS ({args.trials}) and TIMEOUT ({args.timeout}) cannot be negative")
     if args.fuse > 1:
         from .fused_search import run_fused  # noqa: PLC0415
         return run_fused(args, space)
@@ -238,6 +262,7 @@ def run(args) -> int:
     target = finished + trials if trials is not None else float("inf")
     deadline = time.time() + timeout if timeout else float("inf")
     args._finished_at_start = finished
+    args._trials_at_start = len(study.get_trials(deepcopy=False))
     args._max_failures = max(3, 2 * (trials or 5))
     args._threads = max(1, (os.cpu_count() or 1) // args.workers) if resolve_device(args.device).type == "cpu" else 1
     budget = " and ".join(filter(None, [f"{trials} trials" if trials is not None else "",
@@ -252,6 +277,8 @@ def run(args) -> int:
     total, _ = count_states(study)
     print(f"\nstudy {study.study_name!r}: {total} finished trials ({total - finished} added by this run)")
     print_best(study)
-    print(f"\ncontinue this study:  make search SPACE={args.space} STUDY={study.study_name} STORAGE={args.storage}")
+    again = " ".join(shlex.quote(f"{k}={v}") for k, v in
+                     (("SPACE", args.space), ("STUDY", study.study_name), ("STORAGE", redact(args.storage))))
+    print(f"\ncontinue this study:  make search {again}")  # redacted: a password never lands in a terminal log
     print("browse it:            make dashboard   |   export CSVs: make export   |   retrain the best: make final")
     return code

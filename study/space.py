@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import yaml
 
@@ -24,6 +25,7 @@ OBJECTIVES = ("dev_macro_accuracy", "robust_macro_accuracy")
 TOP_KEYS = {"description", "objective", "robust", "sampler", "pruner", "budget", "params"}
 PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "value", "when"}
 CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
+SHARED_SEED_SAMPLERS = {"GridSampler", "QMCSampler", "BruteForceSampler"}  # see SearchSpace.make_sampler
 
 
 class SpaceError(CnnlibError, ValueError):
@@ -103,10 +105,21 @@ class SearchSpace:
                              "a training run needs a file whose values are all fixed (e.g. search_spaces/seed_final.yaml)")
         return self.config_from_params({})
 
-    def make_sampler(self) -> optuna.samplers.BaseSampler:
+    def make_sampler(self, stream: tuple[int, ...] = ()) -> optuna.samplers.BaseSampler:
+        """The file's sampler; a non-zero `stream` derives a distinct seed from the file's seed.
+
+        Every process that opens the study builds its own sampler, and samplers
+        with equal seeds propose equal params (TPE's random start-up trials,
+        for one): two workers, or a resumed run, would repeat trials that
+        already exist. Streams keep each process reproducible yet different.
+        Grid and QMC samplers are the exception: their seed fixes one shuffled
+        order that a trial's number indexes, which every process must share.
+        """
         spec = dict(self.sampler)
         name = spec.pop("name")
         cls = getattr(optuna.samplers, name)
+        if any(stream) and spec.get("seed") is not None and name not in SHARED_SEED_SAMPLERS:
+            spec["seed"] = int(np.random.SeedSequence([int(spec["seed"]), *stream]).generate_state(1)[0])
         if name == "GridSampler":
             spec["search_space"] = {n: p.choices for n, p in self.params.items() if p.type == "categorical"}
         try:
@@ -137,8 +150,46 @@ def _fail(path, key, message) -> SpaceError:
 def _number(path, key, value, integer=False):
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok:
-        raise _fail(path, key, f"expected {'an integer' if integer else 'a number'}, got {value!r}")
+        hint = ""
+        if isinstance(value, str) and _looks_numeric(value):
+            hint = " (YAML reads 1e-3 as text; write 1.0e-3)"
+        raise _fail(path, key, f"expected {'an integer' if integer else 'a number'}, got {value!r}{hint}")
     return value
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _check_values(path: Path, params: dict[str, Param]) -> None:
+    """Every value a param can take (fixed value, range ends, choices) must be one TrainConfig accepts.
+
+    Otherwise `lr: {low: 0, ...}` or `optimizer: {choices: [sgd, rmsprop]}`
+    would load, then fail trial after trial in the middle of a study.
+    """
+    for name, param in params.items():
+        if param.type == "fixed":
+            values = [param.value]
+        elif param.type == "categorical":
+            values = param.choices
+        else:
+            values = [param.low, param.high]
+        for value in values:
+            try:
+                TrainConfig.from_dict({name: value})
+            except (ValueError, TypeError) as error:
+                raise _fail(path, f"params.{name}", f"value {value!r} is not usable: {error}") from None
+        for parent, wanted in param.when.items():
+            possible = params[parent].choices if params[parent].type == "categorical" else (
+                [params[parent].value] if params[parent].type == "fixed" else None)
+            for value in (wanted if isinstance(wanted, list) else [wanted]):
+                if possible is not None and value not in possible:
+                    raise _fail(path, f"params.{name}.when",
+                                f"{parent} is never {value!r} (its values: {', '.join(map(str, possible))})")
 
 
 def _parse_param(path: Path, name: str, spec) -> Param:
@@ -204,7 +255,10 @@ def load_space(path: str | Path) -> SearchSpace:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise SpaceError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise SpaceError(f"{path}: {where}not valid YAML ({problem})") from None
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: expected a mapping at the top level with a 'params' key")
     unknown = set(raw) - TOP_KEYS
@@ -216,7 +270,9 @@ def load_space(path: str | Path) -> SearchSpace:
     names = list(params)
     for name, param in params.items():
         for parent in param.when:
-            if parent not in params or names.index(parent) > names.index(name):
+            if parent not in params:
+                raise _fail(path, f"params.{name}.when", f"depends on {parent!r}, which is not a param of this file")
+            if names.index(parent) > names.index(name):
                 raise _fail(path, f"params.{name}.when", f"depends on {parent!r}, which must be a param listed before it")
     objectives = raw.get("objective", "dev_macro_accuracy")
     objectives = objectives if isinstance(objectives, list) else [objectives]
@@ -239,10 +295,12 @@ def load_space(path: str | Path) -> SearchSpace:
         bad = [n for n, p in params.items() if p.type not in ("categorical", "fixed")]
         if bad:
             raise _fail(path, f"params.{bad[0]}", "a GridSampler space lists values as categorical choices")
-    try:  # a fixed value or range endpoint that TrainConfig rejects fails now, not mid-study
-        fixed = {n: p.value for n, p in params.items() if p.type == "fixed"}
-        TrainConfig.from_dict(fixed)
-        space.make_sampler(), space.make_pruner()
-    except ValueError as error:
-        raise SpaceError(f"{path}: params: {error}") from None
+    _check_values(path, params)  # a value TrainConfig rejects fails now, not mid-study
+    for key, make in (("sampler", space.make_sampler), ("pruner", space.make_pruner)):
+        try:
+            make()
+        except SpaceError:
+            raise
+        except ValueError as error:
+            raise _fail(path, key, str(error)) from None
     return space
