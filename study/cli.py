@@ -30,22 +30,25 @@ class UserError(Exception):
     """Raised by commands for problems the user can fix; printed as one line."""
 
 
+def _load(name: str):
+    return importlib.import_module(COMMANDS[name][0])
+
+
 def main(argv=None) -> int:
+    """Imports only the chosen command's module: torch, plotly or cleanlab load only when needed."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m study", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    modules = {}
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            continue  # command not built yet
-        modules[name] = module
-        module.add_arguments(sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip()))
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            module = _load(name)
+            command.description = (module.__doc__ or help_text).strip()
+            module.add_arguments(command)
     args = parser.parse_args(argv)
     try:
-        return int(modules[args.command].run(args) or 0)
+        return int(_load(args.command).run(args) or 0)
     except (CnnlibError, UserError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
