@@ -1,0 +1,608 @@
+"""Retrain a study's chosen trial with several seeds, judge it on the held-out test split, and attack it.
+
+Writes RESULTS/final/<study>/: model.pt (the median seed), metrics.json,
+fgsm.csv (one row per split, attack and epsilon), figures as self-contained
+HTML (and PNG when headless Chromium is there for kaleido) and report.md.
+
+One search result is one seed; a retrain with seeds 0..k-1 shows how much of
+the trial's score was luck. The checkpoint kept is the median seed by dev
+macro accuracy (the lower middle one when k is even), chosen on dev so that
+the test split is never used to select anything.
+
+Outputs are made in .next/ and renamed into place only when all are done,
+so an interrupted run leaves the last run's files whole, and a rerun replaces
+them one whole file at a time. Finished seeds are kept under .partial/ until
+the run completes: an interrupted run picks up where it stopped.
+Epsilons are on the [0, 1] pixel scale (see cnnlib/attacks.py): the user's
+[-1, 1]-scale eps 0.1 is 0.05 here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from cnnlib.attacks import ATTACKS, DEFAULT_EPSILONS, PGD_STEPS, attack_sweep, check_epsilon, perturb
+from cnnlib.checkpoint import load_checkpoint, save_checkpoint
+from cnnlib.device import resolve_device
+from cnnlib.metrics import Evaluation, majority_baseline
+from cnnlib.training import DeviceData, TrainConfig, evaluate, make_criterion, predict_logits, train
+
+from .cli import UserError
+from .options import add_common_options, add_data_options, add_study_options, load_splits
+from .storage import load_existing_study, redact
+
+FIGURES = ("accuracy_vs_epsilon", "examples_grid", "flip_example")
+GRID_IMAGES = 5
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
+# --- options --------------------------------------------------------------
+
+def _epsilons(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(check_epsilon(v) for v in re.split(r"[,\s]+", text.strip()) if v)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"EPSILONS {text!r}: {error}; expected numbers like 0,0.03,0.1") from None
+    if not values:
+        raise argparse.ArgumentTypeError("EPSILONS is empty; expected numbers like 0,0.03,0.1")
+    return tuple(sorted(set(values)))
+
+
+def _attacks(text: str) -> tuple[str, ...]:
+    text = text.strip().lower()
+    if text == "both":
+        return ATTACKS
+    if text not in ATTACKS:
+        raise argparse.ArgumentTypeError(f"ATTACK {text!r}: expected fgsm, pgd or both")
+    return (text,)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _trial_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"TRIAL must be a trial number (0, 1, ...), got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_study_options(parser)
+    env = os.environ
+    parser.add_argument("--trial", type=_trial_number, default=env.get("TRIAL") or None,
+                        help="trial number to retrain instead of the best one (env TRIAL)")
+    parser.add_argument("--seeds", type=_positive, default=env.get("SEEDS") or "3",
+                        help="retrain with seeds 0..k-1 and report mean and spread (env SEEDS)")
+    parser.add_argument("--epsilons", type=_epsilons, default=env.get("EPSILONS") or ",".join(map(str, DEFAULT_EPSILONS)),
+                        help="attack strengths on the [0, 1] pixel scale, comma-separated (env EPSILONS)")
+    parser.add_argument("--attack", type=_attacks, default=env.get("ATTACK") or "fgsm",
+                        help="fgsm, pgd or both (env ATTACK)")
+    parser.add_argument("--pgd-steps", type=_positive, default=str(PGD_STEPS), help="PGD iterations per epsilon")
+    parser.add_argument("--no-png", action="store_true", help="skip PNG export (HTML figures are always written)")
+    add_data_options(parser)
+    add_common_options(parser)
+
+
+# --- choosing the trial ---------------------------------------------------
+
+def dev_objective_index(study: optuna.Study) -> int:
+    names = study.metric_names or study.user_attrs.get("objectives") or []  # `make search` stores the latter
+    return names.index("dev_macro_accuracy") if "dev_macro_accuracy" in names else 0
+
+
+def choose_trial(study: optuna.Study, number: int | None = None) -> tuple[FrozenTrial, str]:
+    """(trial, why it was chosen): TRIAL=n, else the best; in a multi-objective study, the best dev on the front."""
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state == TrialState.COMPLETE]
+    if number is not None:
+        match = [t for t in trials if t.number == number]
+        if not match:
+            numbers = f"0..{trials[-1].number}" if trials else "none"
+            raise UserError(f"study {study.study_name!r} has no trial {number} (trials: {numbers})")
+        if match[0].state != TrialState.COMPLETE:
+            raise UserError(f"trial {number} of study {study.study_name!r} is {match[0].state.name}, not COMPLETE; "
+                            f"choose a finished trial (finished: {', '.join(str(t.number) for t in finished) or 'none'})")
+        return match[0], f"trial {number}, chosen with TRIAL={number}"
+    if not finished:
+        raise UserError(f"study {study.study_name!r} has no finished trial yet ({len(trials)} trials in other states); "
+                        "run `make search` first")
+    if len(study.directions) == 1:
+        best = study.best_trial
+        return best, f"best dev macro accuracy of {len(finished)} finished trials"
+    index = dev_objective_index(study)
+    front = study.best_trials
+    best = max(front, key=lambda t: (t.values[index], -t.number))
+    return best, (f"multi-objective study: of the {len(front)} Pareto-optimal trial{'s' if len(front) != 1 else ''}, the one with the best "
+                  f"dev macro accuracy (objective {index})")
+
+
+def trial_config(trial: FrozenTrial) -> tuple[TrainConfig, str]:
+    """The trial's full config from user attr "config"; else its params over TrainConfig defaults."""
+    try:
+        if isinstance(trial.user_attrs.get("config"), dict):
+            return TrainConfig.from_dict(trial.user_attrs["config"]), "user attribute 'config'"
+        known = set(TrainConfig().to_dict())
+        params = {k: v for k, v in trial.params.items() if k in known}
+        return TrainConfig.from_dict(params), "trial params over TrainConfig defaults (no 'config' attribute)"
+    except ValueError as error:
+        raise UserError(f"trial {trial.number}: its config cannot be rebuilt ({error})") from None
+
+
+# --- files ----------------------------------------------------------------
+
+def write_atomic(path: Path, content: str | bytes) -> Path:
+    """Write to a temporary file beside `path`, then rename: readers see the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content.encode() if isinstance(content, str) else content)
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; outputs are for sharing
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _clean(value):
+    """JSON-safe: NaN (a class absent from a split) becomes null, numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if not math.isfinite(value) else float(value)
+    return value
+
+
+def write_json(path: Path, data) -> Path:
+    return write_atomic(path, json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "study"
+
+
+# --- retraining -----------------------------------------------------------
+
+@dataclass
+class SeedRun:
+    seed: int
+    evaluations: dict[str, Evaluation]  # split name -> evaluation
+    seconds: float
+    epochs: int
+    checkpoint: Path
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, "seconds": self.seconds, "epochs": self.epochs,
+                **{name: e.to_dict() for name, e in self.evaluations.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict, classes, checkpoint: Path) -> "SeedRun":
+        evaluations = {name: Evaluation.from_dict(classes, data[name]) for name in ("dev", "test") if name in data}
+        return cls(data["seed"], evaluations, data["seconds"], data["epochs"], checkpoint)
+
+
+def eval_splits(data: DeviceData) -> dict:
+    return {name: split for name, split in (("dev", data.dev), ("test", data.test)) if split is not None}
+
+
+def run_seeds(config: TrainConfig, data: DeviceData, seeds: int, partial: Path, fingerprint: dict) -> list[SeedRun]:
+    """Train seeds 0..k-1, reusing those an interrupted run of the same trial and data already finished."""
+    marker = partial / "fingerprint.json"
+    if partial.exists() and (not marker.is_file() or json.loads(marker.read_text()) != _clean(fingerprint)):
+        shutil.rmtree(partial)  # left by another trial, config or data: nothing in it is ours
+    write_json(marker, fingerprint)
+    criterion = make_criterion(config, data.train.y, data.n_classes)
+    runs = []
+    for seed in range(seeds):
+        checkpoint, record = partial / f"seed-{seed}.pt", partial / f"seed-{seed}.json"
+        if record.is_file() and checkpoint.is_file():
+            run = SeedRun.from_dict(json.loads(record.read_text()), data.classes, checkpoint)
+            print(f"seed {seed}: reused from an interrupted run ({_scores(run)})", flush=True)
+            runs.append(run)
+            continue
+        seeded = TrainConfig.from_dict({**config.to_dict(), "seed": seed})
+        result = train(seeded, data, data.device)
+        evaluations = {name: evaluate(result.model, split, data.classes, criterion)
+                       for name, split in eval_splits(data).items()}
+        run = SeedRun(seed, evaluations, result.seconds, len(result.history), checkpoint)
+        save_checkpoint(checkpoint, result.model, seeded, data.classes, data.image_size)
+        write_json(record, run.to_dict())  # after the weights: a record always has its checkpoint
+        print(f"seed {seed}: {_scores(run)}  ({result.seconds:.1f} s, {len(result.history)} epochs)", flush=True)
+        runs.append(run)
+    return runs
+
+
+def _scores(run: SeedRun) -> str:
+    return "  ".join(f"{name} macro {e.macro_accuracy:.3f}" for name, e in run.evaluations.items())
+
+
+def sweep_rows(model, data: DeviceData, epsilons, attacks, pgd_steps: int) -> list[dict]:
+    """fgsm.csv's rows: for each attack, each evaluated split, each epsilon."""
+    rows = []
+    for attack in attacks:
+        options = {"steps": pgd_steps} if attack == "pgd" else {}
+        for name, split in eval_splits(data).items():
+            rows += [r.row() for r in attack_sweep(model, split, data.classes, epsilons, attack, name, **options)]
+    return rows
+
+
+def median_run(runs: list[SeedRun]) -> SeedRun:
+    ranked = sorted(runs, key=lambda r: (r.evaluations["dev"].macro_accuracy, r.seed))
+    return ranked[(len(ranked) - 1) // 2]
+
+
+def spread(values: list[float]) -> dict:
+    values = [float(v) for v in values]
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+# --- figures --------------------------------------------------------------
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """NCHW floats in [0, 1] -> NHWC uint8 for plotly's Image trace."""
+    return (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _label(true: str, predicted: str) -> str:
+    colour = "#1a7f37" if true == predicted else "#cf222e"
+    return f"{true} → <span style='color:{colour}'><b>{predicted}</b></span>"
+
+
+def accuracy_figure(rows: list[dict], classes, baseline: dict[str, float]):
+    import plotly.graph_objects as go  # noqa: PLC0415 - plotting only here
+    from plotly.subplots import make_subplots  # noqa: PLC0415
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("macro accuracy (dotted: per class)", "attack success rate"))
+    dash = {"fgsm": "solid", "pgd": "dash"}
+    palette = {"dev": "#1f77b4", "test": "#d62728"}
+    for split in sorted({r["split"] for r in rows}):
+        for attack in sorted({r["attack"] for r in rows}):
+            part = [r for r in rows if r["split"] == split and r["attack"] == attack]
+            if not part:
+                continue
+            x = [r["epsilon"] for r in part]
+            name = f"{split} {attack}"
+            line = dict(color=palette.get(split), dash=dash.get(attack))
+            fig.add_trace(go.Scatter(x=x, y=[r["macro_accuracy"] for r in part], name=name, mode="lines+markers",
+                                     line=line, legendgroup=name), 1, 1)
+            fig.add_trace(go.Scatter(x=x, y=[r["attack_success_rate"] for r in part], name=name, mode="lines+markers",
+                                     line=line, legendgroup=name, showlegend=False), 1, 2)
+            for c in classes:
+                fig.add_trace(go.Scatter(x=x, y=[r[f"accuracy_{c}"] for r in part], name=f"{name} {c}",
+                                         mode="lines", line=dict(color=palette.get(split), dash="dot", width=1),
+                                         legendgroup=name, visible="legendonly"), 1, 1)
+    for value in sorted(set(round(v, 6) for v in baseline.values())):  # macro of a constant guess is 1/K on every split
+        fig.add_hline(y=value, line=dict(color="grey", dash="dot"), row=1, col=1,
+                      annotation_text="majority-class baseline", annotation_position="bottom right")
+    fig.update_xaxes(title_text="epsilon ([0, 1] pixel scale)")
+    fig.update_yaxes(range=[0, 1.02])
+    fig.update_layout(title="Accuracy under attack", height=480, width=1100, template="plotly_white")
+    return fig
+
+
+def grid_indices(y: torch.Tensor, correct: torch.Tensor, n_classes: int, count: int = GRID_IMAGES) -> list[int]:
+    """`count` correctly classified images, classes taken in turn, earliest first: the same images every rerun."""
+    pools = [torch.nonzero((y == c) & correct).flatten().tolist() for c in range(n_classes)]
+    if not any(pools):
+        pools = [torch.nonzero(y == c).flatten().tolist() for c in range(n_classes)]
+    chosen = []
+    while len(chosen) < count and any(pools):
+        for pool in pools:
+            if pool and len(chosen) < count:
+                chosen.append(pool.pop(0))
+    return chosen
+
+
+def grid_figure(model, split, split_name: str, classes, epsilons, attack: str, options: dict):
+    import plotly.graph_objects as go  # noqa: PLC0415
+    from plotly.subplots import make_subplots  # noqa: PLC0415
+
+    clean = predict_logits(model, split.x).argmax(1)
+    index = grid_indices(split.y, clean == split.y, len(classes))
+    x, y = split.x[index], split.y[index]
+    cells, titles = [], []
+    for epsilon in epsilons:
+        x_adv = perturb(model, x, y, attack, epsilon, **options)
+        predicted = predict_logits(model, x_adv).argmax(1).tolist()
+        cells.append(to_uint8(x_adv))
+        titles += [f"ε={epsilon:g}: {_label(classes[t], classes[p])}" for t, p in zip(y.tolist(), predicted)]
+    fig = make_subplots(rows=len(epsilons), cols=len(index), subplot_titles=titles,
+                        horizontal_spacing=0.02, vertical_spacing=0.3 / len(epsilons))
+    for row, images in enumerate(cells, start=1):
+        for col, image in enumerate(images, start=1):
+            fig.add_trace(go.Image(z=image, hoverinfo="skip"), row, col)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_annotations(font_size=11)
+    fig.update_layout(title=f"{attack.upper()} on {split_name} images: true → predicted, per epsilon",
+                      height=150 * len(epsilons) + 80, width=170 * len(index) + 40,
+                      margin=dict(l=10, r=10, t=80, b=10), template="plotly_white")
+    return fig
+
+
+def find_flip(model, split, classes, epsilons, attack: str, options: dict):
+    """(index, epsilon, x_adv) of the smallest-epsilon flip, preferring car -> truck; None when nothing flips."""
+    prefer = (classes.index("car"), classes.index("truck")) if {"car", "truck"} <= set(classes) else None
+    clean = predict_logits(model, split.x).argmax(1)
+    correct = clean == split.y
+    fallback = None
+    for epsilon in [e for e in epsilons if e > 0]:
+        x_adv = perturb(model, split.x, split.y, attack, epsilon, **options)
+        predicted = predict_logits(model, x_adv).argmax(1)
+        flipped = correct & (predicted != split.y)
+        if prefer is not None:
+            wanted = torch.nonzero(flipped & (split.y == prefer[0]) & (predicted == prefer[1])).flatten()
+            if wanted.numel():
+                i = int(wanted[0])
+                return i, epsilon, x_adv[i:i + 1]
+        if fallback is None and flipped.any():
+            i = int(torch.nonzero(flipped).flatten()[0])
+            fallback = (i, epsilon, x_adv[i:i + 1])
+    return fallback
+
+
+def flip_figure(model, split, split_name: str, classes, epsilons, attack: str, options: dict):
+    import plotly.graph_objects as go  # noqa: PLC0415
+    from plotly.subplots import make_subplots  # noqa: PLC0415
+
+    found = find_flip(model, split, classes, epsilons, attack, options)
+    if found is None:  # a model that predicts one class whatever the input: nothing to flip
+        index, epsilon = 0, max(epsilons)
+        x_adv = perturb(model, split.x[:1], split.y[:1], attack, epsilon, **options)
+        note = f"no correctly classified {split_name} image flips at any epsilon; showing {split_name} image 0"
+    else:
+        index, epsilon, x_adv = found
+        note = f"the smallest ε that flips a correctly classified {split_name} image (car → truck preferred)"
+    x = split.x[index:index + 1]
+    probs = torch.softmax(predict_logits(model, torch.cat([x, x_adv])), 1).cpu()
+    before, after = probs.argmax(1).tolist()
+    scale = max(epsilon, 1e-12)
+    noise = ((x_adv - x) / (2 * scale) + 0.5).clamp(0, 1)  # -eps..+eps stretched to black..white
+    true = classes[int(split.y[index])]
+    titles = (f"original: pred {classes[before]} ({probs[0, before]:.0%})",
+              f"noise ×{0.5 / scale:.0f} (ε={epsilon:g})",
+              f"perturbed: pred {classes[after]} ({probs[1, after]:.0%})")
+    fig = make_subplots(rows=1, cols=3, subplot_titles=titles, horizontal_spacing=0.03)
+    for col, image in enumerate((x, noise, x_adv), start=1):
+        fig.add_trace(go.Image(z=to_uint8(image)[0], hoverinfo="skip"), 1, col)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(title=dict(text=f"{attack.upper()} at ε={epsilon:g} on a true {true}<br><sup>{note}</sup>"),
+                      height=420, width=1000, template="plotly_white")
+    return fig, {"index": index, "id": None, "true": true, "before": classes[before], "after": classes[after],
+                 "epsilon": epsilon, "attack": attack, "flipped": found is not None}
+
+
+def write_figures(figures: dict, out: Path, png: bool) -> tuple[list[str], str]:
+    """HTML always (plotly.js inside, no CDN: the report opens offline); PNG when kaleido can start Chromium."""
+    for name, fig in figures.items():
+        write_atomic(out / f"{name}.html", fig.to_html(include_plotlyjs=True, full_html=True))
+    if not png:
+        return [], "skipped (--no-png)"
+    try:
+        import kaleido  # noqa: PLC0415 - optional extra
+
+        # One browser session for all figures: Chromium's start (~5 s) dominates.
+        kaleido.write_fig_from_object_sync(
+            [{"fig": fig, "path": out / f"{name}.png", "opts": {"format": "png", "scale": 2}}
+             for name, fig in figures.items()],
+            kopts={"timeout": 120})
+    except Exception as error:  # no Chromium, no kaleido, a browser crash: PNGs are optional
+        for name in figures:
+            (out / f"{name}.png").unlink(missing_ok=True)
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return [], f"unavailable ({type(error).__name__}: {first[:200]})"
+    written = [name for name in figures if (out / f"{name}.png").is_file()]
+    for name in written:
+        os.chmod(out / f"{name}.png", FILE_MODE)
+    return written, "written" if written else "kaleido wrote nothing"
+
+
+OUTPUTS = {"model.pt", "metrics.json", "fgsm.csv", "report.md", *(f"{n}.{e}" for n in FIGURES for e in ("html", "png"))}
+
+
+def publish(stage: Path, out: Path) -> None:
+    """Move a finished run's files into place one rename each, report.md last.
+
+    Outputs of the last run that this one did not make (a PNG it could not
+    redraw) are removed, so no file describes another model than model.pt.
+    """
+    made = {p.name for p in stage.iterdir()}
+    for name in OUTPUTS - made:
+        (out / name).unlink(missing_ok=True)
+    for name in sorted(made, key=lambda n: n == "report.md"):
+        os.replace(stage / name, out / name)
+    stage.rmdir()
+
+
+# --- report ---------------------------------------------------------------
+
+def _pct(value) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1%}"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def format_report(metrics: dict, rows: list[dict], figures: dict) -> str:
+    classes = metrics["classes"]
+    trial = metrics["trial"]
+    config = metrics["config"]
+    splits = [s for s in ("dev", "test") if s in metrics]
+    out = [f"# Final model: study `{metrics['study']}`, trial {trial['number']}", "",
+           f"Chosen: {trial['selection']}. Search value(s): {', '.join(f'{v:.4f}' for v in trial['values'] or [])}.",
+           f"Config from {trial['config_source']}; retrained on train with seeds "
+           f"{', '.join(str(r['seed']) for r in metrics['seeds'])} on {metrics['device']}. "
+           f"The checkpoint [model.pt](model.pt) is seed {metrics['median_seed']}, the median by dev macro accuracy.", "",
+           _table(["setting", "value"], [[k, f"`{v}`"] for k, v in config.items() if k != "seed"]), "",
+           "## Accuracy", "",
+           "Median-seed model; mean ± std (sample std) over the seeds; the majority-class baseline predicts the most "
+           "frequent training class for everything.", ""]
+    header = ["split", "macro accuracy", f"mean ± std ({len(metrics['seeds'])} seeds)", *classes, "majority baseline"]
+    body = []
+    for s in splits:
+        m, agg = metrics[s], metrics["summary"][s]["macro_accuracy"]
+        body.append([s, _pct(m["macro_accuracy"]), f"{agg['mean']:.1%} ± {agg['std']:.1%}",
+                     *[_pct(m["per_class"][c]) for c in classes], _pct(m["majority_baseline"]["macro_accuracy"])])
+    out += [_table(header, body), "", "Per seed:", "",
+            _table(["seed", *[f"{s} macro" for s in splits], "epochs", "seconds"],
+                   [[r["seed"], *[_pct(r[s]["macro_accuracy"]) for s in splits], r["epochs"], f"{r['seconds']:.1f}"]
+                    for r in metrics["seeds"]]), ""]
+    for s in splits:
+        out += ["```", Evaluation.from_dict(classes, metrics[s]).format(f"{s} (median seed)"), "```", ""]
+    attack = metrics["attack"]
+    out += ["## Adversarial robustness", "",
+            f"Attacks: {', '.join(a.upper() for a in attack['attacks'])} (PGD: {attack['pgd_steps']} steps). "
+            "Epsilon is on the [0, 1] pixel scale; on the user's [-1, 1] inputs the same perturbation is 2 × epsilon "
+            "(their eps 0.1 = 0.05 here). Success rate = share of correctly classified images the attack flips. "
+            f"Sweep time: {attack['seconds']:.1f} s on {metrics['device']}.", "",
+            "Full rows (per-class accuracy, counts): [fgsm.csv](fgsm.csv); everything above as data: "
+            "[metrics.json](metrics.json).", ""]
+    out.append(_table(["split", "attack", "epsilon", "macro accuracy", *classes, "success rate"],
+                      [[r["split"], r["attack"], f"{r['epsilon']:g}", _pct(r["macro_accuracy"]),
+                        *[_pct(r[f"accuracy_{c}"]) for c in classes], _pct(r["attack_success_rate"])] for r in rows]))
+    flip = metrics["flip_example"]
+    out += ["", "## Figures", ""]
+    descriptions = {"accuracy_vs_epsilon": "Accuracy and attack success rate against epsilon",
+                    "examples_grid": f"{GRID_IMAGES} {metrics['figure_split']} images per epsilon, true → predicted",
+                    "flip_example": f"A true {flip['true']} predicted {flip['before']}, turned into {flip['after']} "
+                                    f"at ε={flip['epsilon']:g} ({flip['attack'].upper()}): original, noise, perturbed"}
+    for name in FIGURES:
+        png = f" · [PNG]({name}.png)" if name in figures["png"] else ""
+        out.append(f"- {descriptions[name]}: [{name}.html]({name}.html){png}")
+    out += ["", f"PNG export: {figures['png_status']}.", ""]
+    return "\n".join(out)
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    return write_atomic(path, buffer.getvalue())
+
+
+# --- the command ----------------------------------------------------------
+
+def run(args) -> int:
+    study = load_existing_study(args.study, args.storage)
+    trial, selection = choose_trial(study, args.trial)
+    config, config_source = trial_config(trial)
+    splits = load_splits(args)
+    if trial.user_attrs.get("classes") and list(trial.user_attrs["classes"]) != list(splits.classes):
+        raise UserError(f"trial {trial.number} was trained on classes {trial.user_attrs['classes']}, "
+                        f"but the data options give {list(splits.classes)}; pass the same --classes/DATA as the search")
+    device = resolve_device(args.device)
+    data = DeviceData(splits, device)
+    out = Path(args.results) / "final" / safe_name(study.study_name)
+    print(f"study {study.study_name!r}: trial {trial.number} ({selection})", flush=True)
+    print(f"config: {json.dumps({k: v for k, v in config.to_dict().items() if k != 'seed'})}", flush=True)
+
+    fingerprint = {"study": study.study_name, "trial": trial.number, "config": {**config.to_dict(), "seed": None},
+                   "data": splits.cache_path.name if splits.cache_path else splits.source, "classes": list(data.classes)}
+    runs = run_seeds(config, data, args.seeds, out / ".partial", fingerprint)
+    chosen = median_run(runs)
+    # Everything is made in .next/ and moved into place at the end: until then the last run's files stay whole.
+    stage = out / ".next"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    model, seeded_config, _, _ = load_checkpoint(chosen.checkpoint, device)
+    save_checkpoint(stage / "model.pt", model, seeded_config, data.classes, data.image_size,
+                    extra={"study": study.study_name, "trial": trial.number, "seed": chosen.seed,
+                           "selection": "median seed by dev macro accuracy"})
+    os.chmod(stage / "model.pt", FILE_MODE)
+
+    started = time.perf_counter()
+    rows = sweep_rows(model, data, args.epsilons, args.attack, args.pgd_steps)
+    sweep_seconds = time.perf_counter() - started
+    print(f"attack sweep: {len(rows)} rows in {sweep_seconds:.1f} s", flush=True)
+    write_csv(stage / "fgsm.csv", rows)
+
+    baseline = {name: majority_baseline(splits.train.labels, getattr(splits, name).labels, data.n_classes, data.classes)
+                for name in eval_splits(data)}
+    # The pictures show the held-out test images (dev when the data has no test split) under the first attack asked for.
+    figure_name = "test" if data.test is not None else "dev"
+    figure_split, attack = eval_splits(data)[figure_name], args.attack[0]
+    attack_options = {"steps": args.pgd_steps} if attack == "pgd" else {}
+    figures = {"accuracy_vs_epsilon": accuracy_figure(rows, data.classes, {k: v.macro_accuracy for k, v in baseline.items()}),
+               "examples_grid": grid_figure(model, figure_split, figure_name, data.classes, args.epsilons, attack,
+                                            attack_options)}
+    figures["flip_example"], flip = flip_figure(model, figure_split, figure_name, data.classes, args.epsilons, attack,
+                                                attack_options)
+    flip["id"] = str(getattr(splits, figure_name).ids[flip["index"]])
+    png, png_status = write_figures(figures, stage, png=not args.no_png)
+    print(f"figures: HTML written; PNG {png_status}", flush=True)
+
+    metrics = {
+        "study": study.study_name, "storage": redact(args.storage), "classes": list(data.classes),
+        "trial": {"number": trial.number, "selection": selection, "params": trial.params,
+                  "values": trial.values, "config_source": config_source},
+        "config": config.to_dict(), "device": str(device), "data": splits.summary(),
+        "seeds": [r.to_dict() for r in runs], "median_seed": chosen.seed,
+        "summary": {name: {"macro_accuracy": spread([r.evaluations[name].macro_accuracy for r in runs]),
+                           "per_class": {c: spread([r.evaluations[name].per_class[c] for r in runs]) for c in data.classes}}
+                    for name in eval_splits(data)},
+        "attack": {"attacks": list(args.attack), "epsilons": list(args.epsilons), "pgd_steps": args.pgd_steps,
+                   "epsilon_scale": "[0, 1] pixels; on [-1, 1] inputs the same perturbation is 2 x epsilon",
+                   "seconds": sweep_seconds},
+        "figure_split": figure_name, "flip_example": flip,
+    }
+    for name in eval_splits(data):
+        metrics[name] = {**chosen.evaluations[name].to_dict(), "majority_baseline": baseline[name].to_dict()}
+    write_json(stage / "metrics.json", metrics)
+    write_atomic(stage / "report.md", format_report(metrics, rows, {"png": png, "png_status": png_status}))
+    publish(stage, out)
+    shutil.rmtree(out / ".partial", ignore_errors=True)  # done: a later run retrains from scratch
+    for name in eval_splits(data):
+        summary = metrics["summary"][name]["macro_accuracy"]
+        print(f"{name}: macro accuracy {metrics[name]['macro_accuracy']:.3f} (median seed), "
+              f"{summary['mean']:.3f} ± {summary['std']:.3f} over {summary['n']} seed{'s' if summary['n'] != 1 else ''}; "
+              f"majority baseline {baseline[name].macro_accuracy:.3f}")
+    print(f"wrote {out}/ (report.md, metrics.json, fgsm.csv, model.pt, figures)")
+    return 0

@@ -1,0 +1,274 @@
+"""`make final`: which trial it retrains, what it writes, and that an interrupted run finishes on rerun.
+
+The smoke study is made here with Optuna directly (SQLite in tmp_path), its
+trials carrying the user attributes the search writes ("config", "classes"),
+so these tests depend on the storage contract, not on the search code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from cnnlib.checkpoint import load_checkpoint
+from cnnlib.metrics import Evaluation
+from cnnlib.training import DeviceData, evaluate
+from study import cli, final
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["car", "truck", "cat"]
+# The user's 80/12/8 imbalance, scaled down: seconds per seed on a CPU.
+DATA_ARGS = ["--train-counts", "320,48,32", "--dev-counts", "60,20,20", "--test-counts", "40,40,40"]
+FILES = ["model.pt", "metrics.json", "fgsm.csv", "report.md",
+         "accuracy_vs_epsilon.html", "examples_grid.html", "flip_example.html"]
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def smoke_config(**overrides) -> dict:
+    config = dict(optimizer="adam", lr=3e-3, momentum=0.9, weight_decay=1e-4, batch_size=64, epochs=3,
+                  imbalance="weighted_loss", dropout=0.1, flip=False, jitter=0.0, seed=0)
+    return {**config, **overrides}
+
+
+def add_trial(study, value, config, state=TrialState.COMPLETE, with_config=True, values=None):
+    params = {"lr": config["lr"], "optimizer": config["optimizer"]}
+    distributions = {"lr": FloatDistribution(1e-4, 1e-1, log=True), "optimizer": CategoricalDistribution(["sgd", "adam"])}
+    attrs = {"classes": CLASSES, **({"config": config} if with_config else {})}
+    if state != TrialState.COMPLETE:
+        value, values = None, None
+    study.add_trial(create_trial(state=state, value=value, values=values, params=params,
+                                 distributions=distributions, user_attrs=attrs))
+
+
+@pytest.fixture
+def smoke_study(tmp_path):
+    """sqlite storage holding study 'smoke': trial 0 (0.55), trial 1 (0.62, the best), trial 2 failed."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="smoke", storage=storage, direction="maximize")
+    add_trial(study, 0.55, smoke_config(lr=1e-3))
+    add_trial(study, 0.62, smoke_config(lr=3e-3))
+    add_trial(study, None, smoke_config(lr=5e-2), state=TrialState.FAIL)
+    return storage
+
+
+def final_args(storage, results, real_data, device, *extra) -> list[str]:
+    return ["final", "--study", "smoke", "--storage", storage, "--results", str(results), "--data", str(real_data),
+            "--device", str(device), *DATA_ARGS, *extra]
+
+
+def cli_namespace(real_data, results) -> argparse.Namespace:
+    """The data options `make final` would parse, to rebuild the same split in a test."""
+    parser = argparse.ArgumentParser()
+    final.add_arguments(parser)
+    return parser.parse_args(["--data", str(real_data), "--results", str(results), *DATA_ARGS])
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# --- end to end -----------------------------------------------------------
+
+@pytest.mark.slow
+def test_final_on_a_smoke_study_writes_every_file(smoke_study, tmp_path, real_data, device):
+    results = tmp_path / "results"
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "STUDY": "smoke", "STORAGE": smoke_study, "RESULTS": str(results), "DATA": str(real_data),
+           "DEVICE": str(device), "SEEDS": "2", "EPSILONS": "0,0.03,0.1", "ATTACK": "both", "TRIAL": ""}
+    done = subprocess.run([sys.executable, "-m", "study", "final", *DATA_ARGS], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = results / "final" / "smoke"
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == sorted(FILES)
+    assert not list(out.glob(".*")), "no temporary file or .partial folder is left behind"
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["trial"]["number"] == 1 and metrics["trial"]["params"]["lr"] == 3e-3
+    assert [s["seed"] for s in metrics["seeds"]] == [0, 1]
+    for split in ("dev", "test"):
+        block = metrics[split]
+        assert {"macro_accuracy", "per_class", "confusion_matrix", "majority_baseline"} <= set(block)
+        assert block["majority_baseline"]["macro_accuracy"] == pytest.approx(1 / 3)
+        summary = metrics["summary"][split]["macro_accuracy"]
+        per_seed = [s[split]["macro_accuracy"] for s in metrics["seeds"]]
+        assert summary["mean"] == pytest.approx(sum(per_seed) / 2)
+        assert block["macro_accuracy"] in per_seed
+
+    rows = read_rows(out / "fgsm.csv")
+    assert [(r["split"], r["attack"], float(r["epsilon"])) for r in rows] == [
+        (s, a, e) for a in ("fgsm", "pgd") for s in ("dev", "test") for e in (0.0, 0.03, 0.1)]
+    assert {f"accuracy_{c}" for c in CLASSES} | {"macro_accuracy", "attack_success_rate"} <= set(rows[0])
+    for r in rows:
+        if float(r["epsilon"]) == 0:
+            assert float(r["macro_accuracy"]) == pytest.approx(metrics[r["split"]]["macro_accuracy"])
+    fgsm_rows = [r for r in rows if r["attack"] == "fgsm"]
+    pgd_rows = [r for r in rows if r["attack"] == "pgd"]
+    for f, p in zip(fgsm_rows, pgd_rows):
+        assert float(p["macro_accuracy"]) <= float(f["macro_accuracy"])
+
+    model, config, classes, extra = load_checkpoint(out / "model.pt", device)
+    assert extra["seed"] == metrics["median_seed"] and list(classes) == CLASSES
+    data = DeviceData(final.load_splits(cli_namespace(real_data, results)), device)
+    for split in ("dev", "test"):  # the kept checkpoint is the model the numbers describe
+        assert evaluate(model, getattr(data, split), classes).confusion.tolist() == metrics[split]["confusion_matrix"]
+    html = (out / "accuracy_vs_epsilon.html").read_text()
+    assert not re.search(r"<script[^>]*\bsrc=", html), "plotly.js is embedded, not fetched from a CDN"
+    assert "Plotly.newPlot" in html and len(html) > 1_000_000
+    report = (out / "report.md").read_text()
+    for name in FILES:
+        assert name == "report.md" or f"({name})" in report, f"report.md links {name}"
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == sorted(f"{f}.png" for f in final.FIGURES) or "PNG export: unavailable" in report
+
+
+@pytest.mark.slow
+def test_interrupted_run_keeps_old_outputs_and_a_rerun_finishes_without_redoing_seeds(
+        smoke_study, tmp_path, real_data, device, monkeypatch):
+    results = tmp_path / "results"
+    out = results / "final" / "smoke"
+    quick = ["--seeds", "2", "--no-png"]
+    assert cli.main(final_args(smoke_study, results, real_data, device, *quick, "--epsilons", "0,0.1")) == 0
+    first = json.loads((out / "metrics.json").read_text())
+
+    real_train, calls = final.train, []
+
+    def train_then_interrupt(*args, **kwargs):
+        calls.append(args[0].seed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(final, "train", train_then_interrupt)
+    assert cli.main(final_args(smoke_study, results, real_data, device, *quick, "--epsilons", "0,0.05")) == 130
+    assert json.loads((out / "metrics.json").read_text()) == first, "an interrupted run leaves the last outputs whole"
+    assert (out / ".partial" / "seed-0.json").is_file()
+
+    calls.clear()
+    monkeypatch.setattr(final, "train", lambda *a, **k: calls.append(a[0].seed) or real_train(*a, **k))
+    assert cli.main(final_args(smoke_study, results, real_data, device, *quick, "--epsilons", "0,0.05")) == 0
+    assert calls == [1], "seed 0 finished before the interruption and is reused"
+    assert [float(r["epsilon"]) for r in read_rows(out / "fgsm.csv")] == [0.0, 0.05, 0.0, 0.05]
+    assert not (out / ".partial").exists()
+
+
+# --- choosing the trial and its config -------------------------------------
+
+def test_unknown_study_is_a_one_line_error_listing_the_studies(smoke_study, tmp_path, real_data, capsys):
+    args = final_args(smoke_study, tmp_path / "results", real_data, "cpu")
+    args[args.index("smoke")] = "nope"
+    assert cli.main(args) == 2
+    error = capsys.readouterr().err
+    assert "no study 'nope'" in error and "smoke" in error and error.count("\n") == 1
+
+
+def test_best_trial_is_chosen_by_default(smoke_study):
+    trial, why = final.choose_trial(optuna.load_study(study_name="smoke", storage=smoke_study))
+    assert trial.number == 1 and "best" in why
+
+
+def test_trial_number_overrides_the_best(smoke_study):
+    trial, why = final.choose_trial(optuna.load_study(study_name="smoke", storage=smoke_study), 0)
+    assert trial.number == 0 and "TRIAL=0" in why
+
+
+def test_a_failed_or_missing_trial_number_is_refused_with_its_state(smoke_study):
+    study = optuna.load_study(study_name="smoke", storage=smoke_study)
+    with pytest.raises(cli.UserError, match="trial 2 of study 'smoke' is FAIL, not COMPLETE"):
+        final.choose_trial(study, 2)
+    with pytest.raises(cli.UserError, match="has no trial 9"):
+        final.choose_trial(study, 9)
+
+
+@pytest.mark.parametrize("names, where, dev_index", [
+    (["dev_macro_accuracy", "robust_macro_accuracy"], "metric_names", 0),
+    (["robust_macro_accuracy", "dev_macro_accuracy"], "metric_names", 1),
+    (["robust_macro_accuracy", "dev_macro_accuracy"], "user_attrs", 1),  # how `make search` records them
+])
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_multi_objective_study_picks_the_pareto_trial_with_the_best_dev_accuracy(names, where, dev_index):
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    if where == "metric_names":
+        study.set_metric_names(names)
+    else:
+        study.set_user_attr("objectives", names)
+    # (dev, robust): trial 0 has the best dev; trial 3 is dominated by trial 2 and has the best robust.
+    for dev, robust in ((0.70, 0.20), (0.60, 0.50), (0.65, 0.30), (0.50, 0.10)):
+        values = [dev, robust] if dev_index == 0 else [robust, dev]
+        add_trial(study, None, smoke_config(), values=values)
+    trial, why = final.choose_trial(study)
+    assert trial.number == 0
+    assert "Pareto" in why and "3 Pareto-optimal" in why
+
+
+def test_config_comes_from_the_config_attribute():
+    study = optuna.create_study(direction="maximize")
+    add_trial(study, 0.5, smoke_config(batch_size=128, dropout=0.3))
+    config, source = final.trial_config(study.trials[0])
+    assert (config.batch_size, config.dropout) == (128, 0.3) and "config" in source
+
+
+def test_config_falls_back_to_params_over_defaults_without_the_attribute():
+    study = optuna.create_study(direction="maximize")
+    add_trial(study, 0.5, smoke_config(lr=2e-3, optimizer="sgd", batch_size=128), with_config=False)
+    config, source = final.trial_config(study.trials[0])
+    assert (config.lr, config.optimizer) == (2e-3, "sgd")
+    assert config.batch_size == final.TrainConfig().batch_size, "unsearched settings keep TrainConfig defaults"
+    assert "params" in source
+
+
+def test_median_seed_is_chosen_on_dev_and_is_the_lower_middle_for_even_counts():
+    def run(seed, dev, test):
+        evaluations = {"dev": Evaluation(tuple(CLASSES), _matrix(dev)), "test": Evaluation(tuple(CLASSES), _matrix(test))}
+        return final.SeedRun(seed, evaluations, 1.0, 3, Path("x"))
+    runs = [run(0, 0.5, 0.9), run(1, 0.7, 0.1), run(2, 0.6, 0.5)]
+    assert final.median_run(runs).seed == 2
+    assert final.median_run(runs[:2]).seed == 0
+
+
+def _matrix(accuracy: float):
+    """A 3-class confusion matrix whose every class has the given accuracy (100 images each)."""
+    right = round(accuracy * 100)
+    return [[right if i == j else (100 - right if j == (i + 1) % 3 else 0) for j in range(3)] for i in range(3)]
+
+
+def test_publish_moves_every_output_into_place_and_drops_files_this_run_did_not_make(tmp_path):
+    out, stage = tmp_path / "final", tmp_path / "final" / ".next"
+    stage.mkdir(parents=True)
+    for name in ("report.md", "fgsm.csv", "examples_grid.png"):
+        (out / name).write_text("old")
+    (out / "notes.txt").write_text("the user's own file")
+    for name in ("report.md", "fgsm.csv"):
+        (stage / name).write_text("new")
+    final.publish(stage, out)
+    assert (out / "report.md").read_text() == "new" and (out / "fgsm.csv").read_text() == "new"
+    assert not (out / "examples_grid.png").exists(), "a PNG of the previous model must not outlive it"
+    assert (out / "notes.txt").exists() and not stage.exists()
+
+
+def test_figures_are_written_as_html_even_when_no_browser_can_draw_png(tmp_path, monkeypatch):
+    import plotly.graph_objects as go
+
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-chromium-here"))  # where kaleido looks for Chromium
+    png, status = final.write_figures({"accuracy_vs_epsilon": go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))}, tmp_path, True)
+    assert png == [] and status.startswith("unavailable")
+    assert (tmp_path / "accuracy_vs_epsilon.html").is_file() and not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("flag, value, message", [("--epsilons", "0,abc", "EPSILONS"), ("--epsilons", "0,2", "pixel scale"),
+                                                  ("--attack", "cw", "fgsm, pgd or both"), ("--seeds", "0", ">= 1")])
+def test_bad_option_values_name_themselves(flag, value, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["final", flag, value])
+    assert message in capsys.readouterr().err
