@@ -13,7 +13,9 @@ TIMEOUT  ?=
 WORKERS  ?= 1
 FUSE     ?= 1
 PORT     ?= 8080
-HOST     ?= 127.0.0.1
+# HOST uses '=', not '?=': a HOST the shell exports (containers often set 0.0.0.0) must not
+# open the dashboard to the network; only `make dashboard HOST=...` does.
+HOST      = 127.0.0.1
 TRIAL    ?=
 SEEDS    ?= 3
 EPSILONS ?=
@@ -23,10 +25,11 @@ CHECKPOINT ?=
 SPLIT    ?= dev
 TRUST_PICKLE ?=
 CORRECTIONS  ?=
+FLIP_COUNT   ?=
 PYTEST_ARGS  ?=
 
 export DATA RESULTS DEVICE SPACE STUDY STORAGE TRIALS TIMEOUT WORKERS FUSE PORT HOST TRIAL SEEDS \
-       EPSILONS ATTACK CSV CHECKPOINT SPLIT TRUST_PICKLE CORRECTIONS PYTEST_ARGS
+       EPSILONS ATTACK CSV CHECKPOINT SPLIT TRUST_PICKLE CORRECTIONS FLIP_COUNT PYTEST_ARGS
 
 PYTHON ?= python3
 VENV   := .venv
