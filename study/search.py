@@ -4,7 +4,10 @@ Running it again continues the same study. TRIALS counts the trials this run
 adds; WORKERS processes share the storage and together finish exactly that many
 (COMPLETE or PRUNED): a file lock around "count, then ask" makes the quota exact
 for workers on this machine, and heartbeats plus Optuna's retry callback
-re-run the trial of a worker that died.
+re-run the trial of a worker that died (journal storage has no heartbeat and is
+for one machine: there a dead worker is recognised by its pid, study/storage.py).
+Ctrl-C marks the running trial FAIL with its reason and stops; a storage that
+fails mid-run ends it with one line; the next run continues either way.
 """
 
 from __future__ import annotations
@@ -25,14 +28,16 @@ import torch
 from optuna.trial import TrialState
 
 from cnnlib.device import resolve_device
+from cnnlib.errors import CnnlibError
 from cnnlib.metrics import Evaluation
 from cnnlib.training import DeviceData
 
 from .cli import UserError
+from .fused_search import run_trials_fused
 from .objective import run_trial
 from .options import add_common_options, add_data_options, add_study_options, load_splits
 from .space import SearchSpace, load_space
-from .storage import lock_path, open_storage, redact
+from .storage import claim_trial, fail_dead_local_trials, lock_path, open_storage, redact, storage_failures
 
 # We drive heartbeats ourselves around ask/tell (objective.Heartbeat) and print our own trial lines.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -134,25 +139,32 @@ def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker
     study = create_study(args, space, storage, stream=(args._trials_at_start, number))
     data = DeviceData(load_splits(args), resolve_device(args.device))
     lock = lock_path(args.storage, study.study_name, Path(args.results))
-    baseline, _ = count_states(study)
     started, failures = time.time(), 0
     run_total = None if target == float("inf") else int(target - args._finished_at_start)
     while True:
         with file_lock(lock):
             # Under the lock: two local workers never both fail, and both re-queue, one dead worker's trial.
             optuna.storages.fail_stale_trials(study)
+            fail_dead_local_trials(study)  # journal storage: no heartbeat, so check this machine's pids
             finished, running = count_states(study)
             room = target - finished - running
-            trial = study.ask() if room >= 1 and time.time() < deadline else None
-        if trial is None:
+            count = int(min(args.fuse, room)) if room >= 1 and time.time() < deadline else 0
+            trials = [study.ask() for _ in range(count)]
+            for trial in trials:
+                claim_trial(study, trial)
+        if not trials:
             if finished >= target or time.time() >= deadline:
                 return 0
             time.sleep(POLL_SECONDS)  # others' trials are in flight; one may still die and need a retry
             continue
-        frozen = run_trial(study, trial, space, data)
-        failures = failures + 1 if frozen.state == TrialState.FAIL else 0
-        done = count_states(study)[0] - args._finished_at_start
-        print(format_trial_line(frozen, done, run_total, started, worker), flush=True)
+        if args.fuse > 1:
+            results = run_trials_fused(study, trials, space, data)
+        else:
+            results = [run_trial(study, trials[0], space, data)]
+        for frozen in results:
+            failures = failures + 1 if frozen.state == TrialState.FAIL else 0
+            done = count_states(study)[0] - args._finished_at_start
+            print(format_trial_line(frozen, done, run_total, started, worker), flush=True)
         if failures >= args._max_failures:
             print(f"{worker}stopping: {failures} trials failed in a row; last reason: {frozen.user_attrs.get('fail_reason')}",
                   file=sys.stderr, flush=True)
@@ -164,9 +176,13 @@ def _worker_process(args, index: int, number: int, target: float, deadline: floa
     torch.set_num_threads(args._threads)
     space = load_space(args.space)
     try:
-        sys.exit(worker_loop(args, space, target, deadline, worker=f"[w{index}] ", number=number))
+        with storage_failures(args.storage):
+            sys.exit(worker_loop(args, space, target, deadline, worker=f"[w{index}] ", number=number))
     except KeyboardInterrupt:
         sys.exit(130)
+    except (UserError, CnnlibError) as error:
+        print(f"[w{index}] error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def run_workers(args, space: SearchSpace, target: float, deadline: float) -> int:
@@ -240,9 +256,6 @@ def run(args) -> int:
         raise UserError(f"WORKERS ({args.workers}) and FUSE ({args.fuse}) must be at least 1")
     if (args.trials is not None and args.trials < 0) or (args.timeout is not None and args.timeout < 0):
         raise UserError(f"TRIALS ({args.trials}) and TIMEOUT ({args.timeout}) cannot be negative")
-    if args.fuse > 1:
-        from .fused_search import run_fused  # noqa: PLC0415
-        return run_fused(args, space)
     load_splits(args)  # build the cached split once, before workers race for it
     storage = open_storage(args.storage)
     study = create_study(args, space, storage)
@@ -269,12 +282,13 @@ def run(args) -> int:
                                         f"{timeout} s" if timeout else ""]))
     print(f"study {study.study_name!r} in {redact(args.storage)}: {finished} finished trials so far; "
           f"this run adds up to {budget} with {args.workers} worker(s) on {resolve_device(args.device)}", flush=True)
-    if args.workers == 1:
-        code = worker_loop(args, space, target, deadline)
-    else:
-        code = run_workers(args, space, target, deadline)
-    study = optuna.load_study(study_name=study.study_name, storage=open_storage(args.storage, heartbeat=False))
-    total, _ = count_states(study)
+    with storage_failures(args.storage):
+        if args.workers == 1:
+            code = worker_loop(args, space, target, deadline)
+        else:
+            code = run_workers(args, space, target, deadline)
+        study = optuna.load_study(study_name=study.study_name, storage=open_storage(args.storage, heartbeat=False))
+        total, _ = count_states(study)
     print(f"\nstudy {study.study_name!r}: {total} finished trials ({total - finished} added by this run)")
     print_best(study)
     again = " ".join(shlex.quote(f"{k}={v}") for k, v in

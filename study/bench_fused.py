@@ -1,0 +1,287 @@
+"""Trial-epochs per second: K horizontally fused trials against one trial at a time (issue 7).
+
+For each K the same K configs (both optimizers, spread learning rates and
+weight decays, dropout 0.1, seeds 0..K-1: what a search asks for) are trained
+as one fused group (`cnnlib.fused`) next to one of them trained alone in the
+project's unfused loop (`cnnlib.training.train_epochs`) and, optionally, in
+the naive DataLoader loop (`study.naive_loop`). The runs take turns epoch by
+epoch (the leader alternating each round) so that a neighbour's load falls on
+all of them alike. Per epoch, dev evaluation included, the bench records wall
+seconds and process CPU seconds; figures are medians over the epochs after
+warm-up. trial-epochs per second = K / fused seconds per epoch (1 / seconds
+for a lone trial). On a shared, oversubscribed CPU the wall clock mostly
+measures the neighbours (one unfused epoch took 2 to 12 s here within
+minutes); CPU seconds measure the work, and with one thread they are what a
+dedicated core would take.
+
+Memory per member: parameters, gradients and optimizer state (exact); and
+the peak during the fused run's first epoch, divided by K: on CUDA
+max_memory_allocated above what was allocated before (the resident data); on
+the CPU the growth of the process's RSS (a lower bound: the allocator reuses
+memory that earlier runs freed).
+
+Standalone: `python -m study.bench_fused --ks 1,4,16 --naive` (writes
+RESULTS/bench/fused-<time>.json); `make bench` calls `measure_fused`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from cnnlib.fused import train_fused_epochs
+from cnnlib.model import SeedCNN
+from cnnlib.splits import Splits
+from cnnlib.training import DeviceData, TrainConfig, train_epochs
+
+FUSED_KS = (1, 4, 16, 64)
+# One warm-up epoch (oneDNN/cuDNN pick their kernels in the first steps), then two timed.
+EPOCHS, WARMUP = 2, 1
+BATCH_SIZE = 32  # the user's
+
+
+def member_configs(k: int, epochs: int, batch_size: int = BATCH_SIZE) -> list[TrainConfig]:
+    """K configs as a search would draw them: Adam and SGD alternating, lr and weight decay spread."""
+    configs = []
+    for i in range(k):
+        spread = 2.0 ** ((i % 5 - 2) / 2)  # 0.5x .. 2x
+        adam = i % 2 == 0
+        configs.append(TrainConfig(optimizer="adam" if adam else "sgd", lr=(1e-3 if adam else 1e-2) * spread,
+                                   momentum=0.9, weight_decay=1e-2 * spread if i % 3 else 0.0, dropout=0.1,
+                                   batch_size=batch_size, epochs=epochs, seed=i))
+    return configs
+
+
+# --- memory --------------------------------------------------------------------------------
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory of the code run inside: CUDA allocator peak, or sampled RSS on the CPU."""
+
+    def __init__(self, device: torch.device, interval: float = 0.005):
+        self.device, self.interval = device, interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        elif Path("/proc/self/statm").exists():
+            self.base = self.peak = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        else:
+            self.base = None
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.base is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def growth(self) -> int | None:
+        return None if self.base is None else self.peak - self.base
+
+
+def state_bytes_per_member(configs: list[TrainConfig], n_params: int) -> float:
+    """Parameters + gradients + optimizer state (SGD: momentum; Adam: two moments), float32."""
+    per = [n_params * 4 * (2 + (1 if c.optimizer == "sgd" else 2)) for c in configs]
+    return sum(per) / len(per)
+
+
+# --- timing ----------------------------------------------------------------------------------
+
+def interleave_epochs(runs: dict[str, Iterator], device: torch.device,
+                      probe: str | None = None) -> tuple[dict[str, dict[str, list[float]]], int | None]:
+    """Step the runs one epoch each in turn (the leader alternating by round) until all are done.
+
+    Returns each run's wall and CPU (process) seconds per epoch, and the
+    memory growth during the `probe` run's first epoch (PeakMemory).
+    """
+    times = {name: {"wall": [], "cpu": []} for name in runs}
+    growth = None
+    live, round_ = list(runs), 0
+    while live:
+        for name in list(live if round_ % 2 == 0 else live[::-1]):
+            first_probe = name == probe and not times[name]["wall"]
+            memory = PeakMemory(device) if first_probe else None
+            wall, cpu = time.perf_counter(), time.process_time()
+            try:
+                if memory is not None:
+                    with memory:
+                        next(runs[name])
+                    growth = memory.growth
+                else:
+                    next(runs[name])
+            except StopIteration:
+                live.remove(name)
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name]["wall"].append(time.perf_counter() - wall)
+            times[name]["cpu"].append(time.process_time() - cpu)
+        round_ += 1
+    return times, growth
+
+
+def _summary(times: dict[str, list[float]], warmup: int, trials: int) -> dict:
+    out = {}
+    for clock, seconds in times.items():
+        timed = seconds[warmup:] or seconds
+        median = statistics.median(timed)
+        out[clock] = {"seconds_per_epoch": median, "trial_epochs_per_second": trials / median, "epoch_seconds": seconds}
+    return out
+
+
+def measure_fused(data: DeviceData, device=None, ks=FUSED_KS, epochs: int = EPOCHS, warmup: int = WARMUP,
+                  batch_size: int = BATCH_SIZE, splits: Splits | None = None, naive: bool | None = None,
+                  progress: Callable[[str], None] | None = print) -> list[dict]:
+    """One row per K: fused vs one trial at a time in the unfused project loop (and the naive loop:
+    by default when `splits` is given), stepped epoch by epoch in turn."""
+    naive = splits is not None if naive is None else naive
+    if naive and splits is None:
+        raise ValueError("timing the naive loop needs the splits")
+    if device is not None and torch.device(device) != data.device:
+        if splits is None:
+            raise ValueError(f"data lives on {data.device}, not on {device}; pass splits to move it")
+        data = DeviceData(splits, device)
+    device = data.device
+    rows = []
+    for k in ks:
+        configs = member_configs(k, warmup + epochs, batch_size)
+        runs = {"fused": train_fused_epochs(configs, data), "unfused": train_epochs(configs[0], data)}
+        if naive:
+            from .naive_loop import naive_train_epochs
+
+            runs["naive"] = naive_train_epochs(configs[0], splits, device)
+        times, growth = interleave_epochs(runs, device, probe="fused")
+        row = {"k": k, "device": str(device), "threads": torch.get_num_threads(), "batch_size": batch_size,
+               "warmup_epochs": warmup, "timed_epochs": epochs, "train_images": len(data.train)}
+        for name in runs:
+            row[name] = _summary(times[name], warmup, k if name == "fused" else 1)
+        for clock in ("wall", "cpu"):
+            fused_rate = row["fused"][clock]["trial_epochs_per_second"]
+            row[f"speedup_vs_unfused_{clock}"] = fused_rate / row["unfused"][clock]["trial_epochs_per_second"]
+            if naive:
+                row[f"speedup_vs_naive_{clock}"] = fused_rate / row["naive"][clock]["trial_epochs_per_second"]
+        n_params = sum(math.prod(p.shape) for p in SeedCNN(data.n_classes, 0.0, data.image_size).parameters())
+        row["memory_per_member"] = {
+            "state_bytes": state_bytes_per_member(configs, n_params),
+            "peak_growth_bytes": None if growth is None else growth / k,
+            "peak_growth_kind": "cuda max_memory_allocated above what was allocated before (the resident data)"
+                                if device.type == "cuda" else
+                                "peak RSS growth in the first fused epoch, sampled every 5 ms (a lower bound: "
+                                "the allocator reuses what earlier runs freed)",
+        }
+        rows.append(row)
+        if progress is not None:
+            progress(format_row(row))
+    return rows
+
+
+# --- report ------------------------------------------------------------------------------------
+
+def _mib(value) -> str:
+    return "-" if value is None else f"{value / 2 ** 20:.2f}"
+
+
+HEADER = (f"{'K':>4} {'fused s/ep':>10} {'fused tr-ep/s':>13} {'unfused':>8} {'naive':>8} "
+          f"{'vs unfused':>10} {'vs naive':>9} {'(cpu time)':>16} {'state':>6} {'peak':>6}")
+
+
+def format_row(row: dict) -> str:
+    def rate(name):
+        return f"{row[name]['wall']['trial_epochs_per_second']:.3f}" if name in row else "-"
+
+    def speedup(key):
+        return f"{row[key]:.2f}x" if key in row else "-"
+
+    memory = row["memory_per_member"]
+    return (f"{row['k']:>4} {row['fused']['wall']['seconds_per_epoch']:>10.2f} {rate('fused'):>13} "
+            f"{rate('unfused'):>8} {rate('naive'):>8} {speedup('speedup_vs_unfused_wall'):>10} "
+            f"{speedup('speedup_vs_naive_wall'):>9} {speedup('speedup_vs_unfused_cpu'):>8} "
+            f"{speedup('speedup_vs_naive_cpu'):>8} {_mib(memory['state_bytes']):>6} "
+            f"{_mib(memory['peak_growth_bytes']):>6}")
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "no fused measurements"
+    first = rows[0]
+    lines = [f"fused trials on {first['device']}, {first['threads']} threads, batch {first['batch_size']}, "
+             f"{first['train_images']} train images; median of {first['timed_epochs']} epochs after "
+             f"{first['warmup_epochs']} warm-up, runs stepped epoch by epoch in turn",
+             "tr-ep/s = trial-epochs per second (wall clock); speedups = fused trial-epochs/s over one trial's, "
+             "by wall clock, then by process CPU time; memory in MiB per member (parameters + gradients + "
+             "optimizer state; peak growth)", HEADER]
+    lines += [format_row(row) for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .options import add_common_options, add_data_options, load_splits
+
+    parser = argparse.ArgumentParser(prog="python -m study.bench_fused", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ks", default=",".join(map(str, FUSED_KS)), help="comma-separated group sizes K")
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="timed epochs per run")
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="untimed warm-up epochs per run")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--naive", action="store_true", help="also time the naive DataLoader loop (study.naive_loop)")
+    add_data_options(parser)
+    add_common_options(parser)
+    args = parser.parse_args(argv)
+    try:
+        ks = tuple(int(k) for k in args.ks.split(","))
+    except ValueError:
+        parser.error(f"--ks must be comma-separated integers, got {args.ks!r}")
+    if any(k < 1 for k in ks) or args.epochs < 1 or args.warmup < 0:
+        parser.error(f"need K >= 1, --epochs >= 1, --warmup >= 0; got {ks}, {args.epochs}, {args.warmup}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    splits = load_splits(args)
+    data = DeviceData(splits, args.device)
+    print(HEADER, flush=True)
+    rows = measure_fused(data, ks=ks, epochs=args.epochs, warmup=args.warmup, batch_size=args.batch_size,
+                         splits=splits, naive=args.naive, progress=lambda line: print(line, flush=True))
+    folder = Path(args.results) / "bench"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"fused-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    path, n = folder / f"{stem}.json", 1
+    while path.exists():  # never overwrite an earlier run
+        path, n = folder / f"{stem}-{n}.json", n + 1
+    path.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    print()
+    print(format_table(rows))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Fused training: K configs trained as one network give, member by member, the runs `train` gives.
+
+The equivalence tests run on the CPU in float32: a fused group against K
+separate `train` runs fed the same batch order (`order_seed`, the first
+member's seed) and the same seeds. Fused and separate runs use different
+kernels (one grouped convolution and batched matmuls instead of K small
+ones), so values agree to rounding, not bit for bit, and training amplifies
+rounding: the unfused loop itself, rerun with 2 threads instead of 1 (or in
+another process: MKL's results depend on buffer alignment), moves by as much
+as fused and unfused differ. Measured on this CPU, 3 epochs on 500 images:
+- without dropout: losses within 5e-7, weights within 2e-6 (relative norm
+  per tensor), dev confusion matrices identical;
+- with dropout (each member replays its unfused run's masks bit for bit):
+  losses within 2e-4, weights within 2e-3, confusion matrices identical; the
+  unfused loop at 2 threads vs 1 differed from itself by the same 2e-4 / 2e-3.
+Tolerances: losses 1e-4 (1e-3 with dropout), weights 1e-3 (1e-2 with
+dropout), at most one dev image predicted differently (a near-tie may flip).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cnnlib import fused
+from cnnlib.errors import DivergedError
+from cnnlib.fused import (MemberDropout, MemberResult, StackedOptimizer, check_group, group_configs, group_key,
+                          member_losses, train_fused)
+from cnnlib.model import SeedCNN
+from cnnlib.splits import DataConfig, prepare_splits
+from cnnlib.training import DeviceData, EpochStats, TrainConfig, class_weights, evaluate, make_criterion, train
+
+LOSS_TOLERANCE, WEIGHT_TOLERANCE = 1e-4, 1e-3
+DROPOUT_LOSS_TOLERANCE, DROPOUT_WEIGHT_TOLERANCE = 1e-3, 1e-2
+MAX_DEV_IMAGES_MOVED = 1
+
+CPU = torch.device("cpu")
+SHARED = dict(batch_size=32, epochs=3, imbalance="weighted_loss")
+# One of each kind a search produces: both optimizers, momentum and weight decay on
+# and off, different learning rates and seeds.
+MIXED = [
+    dict(optimizer="adam", lr=3e-3, weight_decay=0.0, seed=11),
+    dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-3, seed=12),
+    dict(optimizer="adam", lr=1e-3, weight_decay=1e-2, seed=13),
+    dict(optimizer="sgd", lr=0.02, momentum=0.0, weight_decay=0.0, seed=14),
+]
+
+
+@pytest.fixture(scope="module")
+def small_splits(real_data, tmp_path_factory):
+    """500 training images in the user's 80/12/8 % proportions, 300 balanced dev images."""
+    config = DataConfig(real_data, train_counts=(400, 60, 40), dev_counts=(100, 100, 100), test_counts=(0, 0, 0))
+    return prepare_splits(config, tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def cpu_data(small_splits):
+    return DeviceData(small_splits, CPU)
+
+
+@pytest.fixture
+def pass_widths(monkeypatch):
+    """The number of members of every stacked forward pass, in order."""
+    widths = []
+    forward = fused.StackedSeedCNN.forward
+
+    def counting_forward(self, x, masks=None):
+        widths.append(self.k)
+        return forward(self, x, masks)
+
+    monkeypatch.setattr(fused.StackedSeedCNN, "forward", counting_forward)
+    return widths
+
+
+def configs_of(members, **shared):
+    return [TrainConfig(**{**SHARED, **shared, **member}) for member in members]
+
+
+def separate_runs(configs, data):
+    """What the unfused loop gives each member, fed the group's batch order."""
+    return [train(config, data, order_seed=configs[0].seed) for config in configs]
+
+
+def assert_same_run(fused_result, separate, loss_tolerance=LOSS_TOLERANCE, weight_tolerance=WEIGHT_TOLERANCE):
+    assert len(fused_result.history) == len(separate.history)
+    for a, b in zip(fused_result.history, separate.history):
+        assert a.epoch == b.epoch
+        assert a.train_loss == pytest.approx(b.train_loss, abs=loss_tolerance), a.epoch
+        assert a.dev_loss == pytest.approx(b.dev_loss, abs=loss_tolerance), a.epoch
+        moved = np.abs(a.dev.confusion - b.dev.confusion).sum() // 2
+        assert moved <= MAX_DEV_IMAGES_MOVED, (a.epoch, a.dev.confusion, b.dev.confusion)
+    for (name, p), q in zip(fused_result.model.named_parameters(), separate.model.parameters()):
+        relative = ((p - q).norm() / q.norm()).item()
+        assert relative <= weight_tolerance, (name, relative)
+
+
+# --- the test that matters: fused == separate, member by member ---------------
+
+def test_fused_group_matches_separate_runs_member_by_member(cpu_data):
+    configs = configs_of(MIXED, dropout=0.0)
+    results = train_fused(configs, cpu_data)
+    for result, separate in zip(results, separate_runs(configs, cpu_data)):
+        assert result.config == separate.config
+        assert_same_run(result, separate)
+
+
+def test_dropout_masks_are_the_unfused_runs_own_on_cpu(cpu_data):
+    # Each member draws its masks from its own seed's stream, exactly as the
+    # unfused run's nn.Dropout does: same losses even with different rates.
+    members = [{**m, "dropout": rate} for m, rate in zip(MIXED, (0.1, 0.5, 0.0, 0.3))]
+    configs = configs_of(members)
+    for result, separate in zip(train_fused(configs, cpu_data), separate_runs(configs, cpu_data)):
+        assert_same_run(result, separate, DROPOUT_LOSS_TOLERANCE, DROPOUT_WEIGHT_TOLERANCE)
+
+
+def test_weighted_sampler_flip_and_jitter_follow_the_first_members_seed(cpu_data):
+    configs = configs_of(MIXED[:3], epochs=2, imbalance="weighted_sampler", flip=True, jitter=0.2, dropout=0.0)
+    for result, separate in zip(train_fused(configs, cpu_data), separate_runs(configs, cpu_data)):
+        assert_same_run(result, separate)
+
+
+def test_fused_training_runs_on_the_test_device(small_splits, device):
+    # On CUDA, cuDNN's TF32 convolutions and batched kernels round differently
+    # from the unfused ones: the same run, looser tolerance. On the CPU this is
+    # the equivalence test again with K=2.
+    data = DeviceData(small_splits, device)
+    configs = configs_of(MIXED[:2], epochs=2, dropout=0.0)
+    tolerance = 1e-2 if device.type == "cuda" else LOSS_TOLERANCE
+    for result, separate in zip(train_fused(configs, data), separate_runs(configs, data)):
+        assert result.device == str(device)
+        assert_same_run(result, separate, loss_tolerance=tolerance, weight_tolerance=10 * tolerance)
+
+
+# --- results look exactly like train's ------------------------------------------
+
+def test_each_result_is_a_train_result_with_a_real_seed_cnn_holding_its_weights(cpu_data):
+    configs = configs_of(MIXED[:2], epochs=2)
+    results = train_fused(configs, cpu_data)
+    for config, result in zip(configs, results):
+        assert isinstance(result, MemberResult) and result.error is None and not result.failed
+        assert result.config is config and not result.stopped_early and result.seconds > 0
+        assert isinstance(result.model, SeedCNN) and result.model.training
+        assert result.model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert [h.epoch for h in result.history] == [1, 2]
+        assert all(isinstance(h, EpochStats) and h.dev.classes == cpu_data.classes for h in result.history)
+        # The model is the member's own: evaluating it reproduces its last dev evaluation.
+        again = evaluate(result.model, cpu_data.dev, cpu_data.classes,
+                         make_criterion(config, cpu_data.train.y, cpu_data.n_classes))
+        assert np.abs(again.confusion - result.dev.confusion).sum() // 2 <= MAX_DEV_IMAGES_MOVED
+        assert again.loss == pytest.approx(result.dev.loss, abs=LOSS_TOLERANCE)
+    assert results[0].dev.loss != results[1].dev.loss
+
+
+# --- stopping and divergence are per member -------------------------------------------
+
+def test_a_stopped_member_leaves_the_stacked_network_and_the_others_go_on(cpu_data, pass_widths):
+    configs = configs_of(MIXED[:3], dropout=0.0)
+    calls = []
+
+    def on_epoch(member, stats):
+        calls.append((member, stats.epoch))
+        return member == 1 and stats.epoch == 1  # prune member 1 after its first epoch
+
+    results = train_fused(configs, cpu_data, on_epoch)
+    assert calls == [(0, 1), (1, 1), (2, 1), (0, 2), (2, 2), (0, 3), (2, 3)]
+    assert results[1].stopped_early and len(results[1].history) == 1 and results[1].model is not None
+    assert not results[0].stopped_early and len(results[0].history) == 3
+    # Epoch 1 trains and evaluates 3 members, epochs 2 and 3 only 2: the pruned one costs nothing more.
+    steps = math.ceil(len(cpu_data.train) / SHARED["batch_size"])
+    assert pass_widths == [3] * (steps + 1) + [2] * (steps + 1) * 2
+    separate = separate_runs(configs, cpu_data)
+    for i in (0, 2):
+        assert_same_run(results[i], separate[i])
+    assert results[1].history[0].train_loss == pytest.approx(separate[1].history[0].train_loss, abs=LOSS_TOLERANCE)
+
+
+def test_a_member_with_fewer_epochs_finishes_first_as_its_unfused_run_would(cpu_data, pass_widths):
+    configs = [TrainConfig(**{**SHARED, **member, "dropout": 0.0, "epochs": epochs})
+               for member, epochs in zip(MIXED[:3], (3, 1, 2))]
+    results = train_fused(configs, cpu_data)
+    assert [len(r.history) for r in results] == [3, 1, 2]
+    assert not any(r.stopped_early for r in results) and all(r.model is not None for r in results)
+    steps = math.ceil(len(cpu_data.train) / SHARED["batch_size"])
+    assert pass_widths == [3] * (steps + 1) + [2] * (steps + 1) + [1] * (steps + 1)
+    for result, separate in zip(results, separate_runs(configs, cpu_data)):
+        assert_same_run(result, separate)
+
+
+def test_members_split_over_several_passes_share_batches_and_still_match_separate_runs(cpu_data, pass_widths):
+    configs = configs_of(MIXED, epochs=2, dropout=0.0)
+    results = train_fused(configs, cpu_data, lambda member, stats: member == 1, members_per_pass=2)
+    # Passes {0, 1} and {2, 3} take every batch in turn; after epoch 1 the first pass has member 0 alone.
+    steps = math.ceil(len(cpu_data.train) / SHARED["batch_size"])
+    assert pass_widths == [2, 2] * (steps + 1) + [1, 2] * (steps + 1)
+    assert len(results[1].history) == 1 and results[1].stopped_early
+    separate = separate_runs(configs, cpu_data)
+    for i in (0, 2, 3):
+        assert_same_run(results[i], separate[i])
+
+
+def test_a_diverging_member_is_reported_alone_and_the_others_are_untouched(cpu_data):
+    blow_up = dict(optimizer="sgd", lr=1e6, momentum=0.9, weight_decay=0.0, seed=5)
+    configs = configs_of([MIXED[0], blow_up, MIXED[2]], epochs=2, dropout=0.0)
+    with pytest.raises(DivergedError):  # what the unfused loop does with it
+        train(configs[1], cpu_data, order_seed=configs[0].seed)
+    called = []
+    results = train_fused(configs, cpu_data, lambda member, stats: called.append(member))
+    failed = results[1]
+    assert isinstance(failed.error, DivergedError) and failed.error.epoch == 1 and failed.failed
+    assert failed.model is None and failed.history == [] and 1 not in called
+    separate = separate_runs([configs[0], configs[2]], cpu_data)
+    for result, reference in zip((results[0], results[2]), separate):
+        assert result.error is None
+        assert_same_run(result, reference)
+
+
+# --- groups ----------------------------------------------------------------------------------------
+
+def test_members_that_cannot_share_a_batch_are_refused_with_the_setting_named():
+    configs = [TrainConfig(batch_size=32, seed=0), TrainConfig(batch_size=64, seed=1)]
+    with pytest.raises(ValueError, match="batch_size=64"):
+        check_group(configs)
+    with pytest.raises(ValueError, match="flip"):
+        train_fused([TrainConfig(), TrainConfig(flip=True)], data=None)
+    with pytest.raises(ValueError, match="at least one"):
+        check_group([])
+
+
+def test_group_configs_splits_by_shared_settings_and_caps_the_size():
+    configs = [TrainConfig(batch_size=32, lr=0.1), TrainConfig(batch_size=64), TrainConfig(batch_size=32, lr=0.2),
+               TrainConfig(batch_size=32, optimizer="sgd", dropout=0.5, epochs=3),
+               TrainConfig(batch_size=32, imbalance="none"), TrainConfig(batch_size=64, epochs=7, seed=4)]
+    assert group_configs(configs) == [[0, 2, 3], [1, 5], [4]]
+    assert group_configs(configs, max_size=2) == [[0, 2], [3], [1, 5], [4]]
+    assert group_key(configs[0]) == group_key(configs[3]) != group_key(configs[1])
+
+
+# --- the pieces: optimizer math, loss, dropout ---------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_stacked_optimizer_matches_torch_optim_row_by_row(kind):
+    torch.manual_seed(0)
+    rows = [dict(lr=0.1, momentum=0.9, weight_decay=0.01), dict(lr=0.003, momentum=0.0, weight_decay=0.0),
+            dict(lr=0.5, momentum=0.5, weight_decay=0.1)]
+    configs = [TrainConfig(optimizer=kind, **row) for row in rows]
+    start = torch.randn(len(rows), 50)
+    stacked = start.clone()
+    references = [nn.Parameter(start[i].clone()) for i in range(len(rows))]
+    optimizers = [torch.optim.SGD([p], lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, foreach=True)
+                  if kind == "sgd" else torch.optim.Adam([p], lr=c.lr, weight_decay=c.weight_decay, foreach=True)
+                  for p, c in zip(references, configs)]
+    ours = StackedOptimizer(configs, 50, CPU)
+    for _ in range(20):
+        grads = torch.randn(len(rows), 50)
+        ours.step(stacked, grads)
+        for p, optimizer, g in zip(references, optimizers, grads):
+            p.grad = g.clone()
+            optimizer.step()
+    expected = torch.stack([p.detach() for p in references])
+    assert torch.allclose(stacked, expected, atol=1e-6, rtol=1e-6), (stacked - expected).abs().max()
+
+
+def test_member_losses_are_each_members_weighted_cross_entropy():
+    torch.manual_seed(0)
+    logits, y = torch.randn(3, 40, 3), torch.randint(0, 3, (40,))
+    weights = torch.stack([class_weights(torch.tensor([0, 0, 0, 1, 2]), 3), torch.ones(3), torch.tensor([1., 2., 9.])])
+    expected = torch.stack([nn.CrossEntropyLoss(weight=w)(member, y) for member, w in zip(logits, weights)])
+    assert torch.allclose(member_losses(logits, y, weights), expected, atol=1e-6)
+
+
+def test_batched_dropout_masks_keep_each_members_rate_independently():
+    # The CUDA path (one draw for the group), checked on the CPU: 120 x 4096
+    # draws per member put the kept share within 0.005 of 1 - p (> 10 sigma).
+    rates = [0.0, 0.1, 0.5, 0.5]
+    dropout = MemberDropout(rates, [], group_seed=3, device=CPU, exact=False)
+    mask, = dropout.masks(4096, [120])
+    assert mask.shape == (4, 4096, 120)
+    assert torch.equal(mask[0], torch.ones_like(mask[0]))
+    for row, p in enumerate(rates):
+        kept = mask[row] > 0
+        assert kept.float().mean().item() == pytest.approx(1 - p, abs=0.005)
+        assert torch.allclose(mask[row][kept], torch.full_like(mask[row][kept], 1 / (1 - p)))
+    assert not torch.equal(mask[2], mask[3])  # same rate, independent masks
+    agreement = ((mask[2] > 0) == (mask[3] > 0)).float().mean().item()
+    assert agreement == pytest.approx(0.5, abs=0.005)
+
+
+# --- the benchmark section ----------------------------------------------------------------------------
+
+def test_bench_reports_trial_epochs_per_second_and_memory_per_member(small_splits, cpu_data):
+    from study.bench_fused import format_table, measure_fused
+
+    rows = measure_fused(cpu_data, ks=(1, 2), epochs=1, warmup=0, splits=small_splits, progress=None)
+    assert [row["k"] for row in rows] == [1, 2]
+    for row in rows:
+        for clock in ("wall", "cpu"):
+            fused = row["fused"][clock]
+            rate = row["k"] / fused["seconds_per_epoch"]
+            assert fused["trial_epochs_per_second"] == pytest.approx(rate) and len(fused["epoch_seconds"]) == 1
+            assert row[f"speedup_vs_unfused_{clock}"] == pytest.approx(rate * row["unfused"][clock]["seconds_per_epoch"])
+            assert row[f"speedup_vs_naive_{clock}"] == pytest.approx(rate * row["naive"][clock]["seconds_per_epoch"])
+        # SeedCNN has 61,411 parameters (3 classes): parameters + gradients + 1 (SGD) or 2 (Adam) state tensors.
+        assert 61_411 * 4 * 3 <= row["memory_per_member"]["state_bytes"] <= 61_411 * 4 * 4
+    assert "vs naive" in format_table(rows)
