@@ -124,6 +124,9 @@ def _check_arrays(images: np.ndarray, labels: np.ndarray, classes: Sequence[str]
 def read_npz(path: Path, classes: Sequence[str]) -> LabeledImages:
     """A .npz with `images` (N, H, W, 3) uint8 and integer `labels`; pickled objects refused."""
     path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path):  # np.load would try it as .npy or as a pickle
+        raise DataError(f"{path}: not a readable .npz (not the zip archive numpy.savez writes: truncated, "
+                        "or another format renamed)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = {"images", "labels"} - set(archive.files)

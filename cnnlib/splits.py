@@ -140,7 +140,20 @@ def _build_from_files(config: DataConfig) -> Splits:
             raise DataError(f"{config.source}: no {split}.npz / {split}.pickle found "
                             "(a data folder is either an image tree with train/ and test/, or holds train.* and dev.* files)")
         parts[split] = read_array_file(path, config.classes, config.trust_pickle) if path else None
+        _check_image_shape(parts[split], path, parts["train"], _array_file(config.source, "train"))
     return Splits(config.classes, parts["train"], parts["dev"], parts["test"], str(config.source))
+
+
+def _check_image_shape(part: LabeledImages | None, path: Path, train: LabeledImages, train_path: Path) -> None:
+    """One model sees every split: the images must be square and the same size in all of them."""
+    if part is None or not len(part):
+        return
+    height, width = part.images.shape[1:3]
+    if height != width:
+        raise DataError(f"{path}: images are {width}x{height}; the seed CNN needs square images")
+    if len(train) and part.images.shape[1:3] != train.images.shape[1:3]:
+        raise DataError(f"{path}: images are {width}x{height}, but {train_path} has "
+                        f"{train.images.shape[2]}x{train.images.shape[1]}; every split needs one size")
 
 
 def _cache_key(config: DataConfig, listing) -> str:

@@ -25,7 +25,7 @@ import optuna
 
 from .artifacts import artifact_dir, default_results_dir, recorded_artifact_dirs
 from .cli import UserError
-from .storage import open_storage, redact, sqlite_path
+from .storage import open_storage, redact, storage_file
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -95,7 +95,7 @@ def run(args) -> int:
     from optuna.artifacts import FileSystemArtifactStore  # noqa: PLC0415
     from optuna_dashboard import run_server  # noqa: PLC0415
 
-    path = sqlite_path(args.storage)
+    path = storage_file(args.storage)
     if path is not None and not path.is_file():
         raise UserError(f"no storage file at {path}; run `make search` first, or set STORAGE=... to the one it wrote")
     storage = open_storage(args.storage, heartbeat=False)

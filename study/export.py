@@ -35,7 +35,7 @@ import optuna
 import pandas as pd
 
 from .cli import UserError
-from .storage import load_existing_study, open_storage, redact, sqlite_path
+from .storage import load_existing_study, open_storage, redact, storage_file
 
 BASE_COLUMNS = ["number", "state", "value", "datetime_start", "datetime_complete", "duration"]
 CURVES = ("train_loss", "dev_loss", "dev_macro_accuracy")
@@ -223,7 +223,7 @@ def export_study(study: optuna.Study, results: Path) -> dict[str, Path]:
 
 def run(args) -> int:
     results = Path(args.results)
-    path = sqlite_path(args.storage)
+    path = storage_file(args.storage)
     if path is not None and not path.is_file():
         raise UserError(f"no storage file at {path}; run `make search` first, or set STORAGE=... to the one it wrote")
     if args.study:

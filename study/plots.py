@@ -19,6 +19,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,9 @@ DISCRETE_MAX = 8  # a parameter with at most this many distinct values is plotte
 DEBIAN_CHROMIUM = "/usr/bin/chromium"
 OPTIMIZER_COLOURS = {"sgd": "#d95f02", "adam": "#1b9e77"}
 
+ID_COLUMNS = ("number", "trial", "epoch")  # whole numbers, never empty
+NUMERIC_COLUMNS = (*ID_COLUMNS, "value", "duration", "train_loss", "dev_loss", "dev_macro_accuracy", "count")
+TRIAL_STATES = tuple(state.name for state in optuna.trial.TrialState)
 REQUIRED_COLUMNS = {
     "trials.csv": ("number", "state"),
     "epochs.csv": ("trial", "state", "epoch", "train_loss", "dev_loss", "dev_macro_accuracy"),
@@ -78,14 +82,44 @@ def read_csv(path: Path, required: tuple[str, ...] | None = None) -> pd.DataFram
     if not path.is_file():
         raise UserError(f"{path}: file not found (write it with `make export`)")
     try:
-        frame = pd.read_csv(path)
+        with warnings.catch_warnings():
+            # index_col=False: a row with extra fields is an error, not silently shifted into an index.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(path, index_col=False)
+    except pd.errors.ParserWarning:
+        raise UserError(f"{path}: not a readable CSV (a row has more fields than the header)") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as error:
         raise UserError(f"{path}: not a readable CSV ({str(error).strip().splitlines()[0]})") from None
     for column in required:
         if column not in frame.columns:
             raise UserError(f"{path}: missing column {column!r} (columns found: {', '.join(map(str, frame.columns[:8]))}"
                             f"{', ...' if len(frame.columns) > 8 else ''}); expected a file written by `make export`")
+    check_cells(frame, path)
     return frame
+
+
+def check_cells(frame: pd.DataFrame, path: Path) -> None:
+    """Numbers where numbers belong, known trial states: a hand-edited CSV fails here, naming the cell."""
+    def fail(column: str, row, what: str):
+        raise UserError(f"{path}: row {row + 2}, column {column!r}: {what}")  # +2: the header is line 1
+    for column in frame.columns:
+        cells = frame[column]
+        if column in NUMERIC_COLUMNS or str(column).startswith("values_"):
+            numbers = pd.to_numeric(cells, errors="coerce")
+            bad = cells.notna() & numbers.isna()
+            if bad.any():
+                row = bad.idxmax()
+                fail(column, row, f"{cells[row]!r} is not a number")
+            if column in ID_COLUMNS and cells.isna().any():
+                fail(column, cells.isna().idxmax(), "empty; expected a whole number")
+            if column in ID_COLUMNS and (numbers % 1 != 0).any():
+                row = (numbers % 1 != 0).idxmax()
+                fail(column, row, f"{cells[row]!r} is not a whole number")
+        elif column == "state":
+            bad = ~cells.isin(TRIAL_STATES)
+            if bad.any():
+                row = bad.idxmax()
+                fail(column, row, f"{cells[row]!r} is not a trial state ({', '.join(TRIAL_STATES)})")
 
 
 def value_columns(trials: pd.DataFrame, path: Path) -> list[str]:

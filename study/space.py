@@ -221,6 +221,9 @@ def _parse_param(path: Path, name: str, spec) -> Param:
             raise _fail(path, f"{key}.{bound}", f"a {kind} range needs low and high")
         _number(path, f"{key}.{bound}", spec[bound], integer=(kind == "int"))
     low, high, log = spec["low"], spec["high"], spec.get("log", False)
+    for bound in ("low", "high"):
+        if not math.isfinite(spec[bound]):
+            raise _fail(path, f"{key}.{bound}", f"expected a finite number, got {spec[bound]}")
     if not isinstance(log, bool):
         raise _fail(path, f"{key}.log", f"expected true or false, got {log!r}")
     if low > high:
@@ -229,7 +232,8 @@ def _parse_param(path: Path, name: str, spec) -> Param:
         raise _fail(path, f"{key}.low", f"log scale needs low > 0, got {low}")
     step = spec.get("step")
     if step is not None:
-        _number(path, f"{key}.step", step, integer=(kind == "int"))
+        if _number(path, f"{key}.step", step, integer=(kind == "int")) <= 0:
+            raise _fail(path, f"{key}.step", f"must be > 0, got {step}")
         if log:
             raise _fail(path, f"{key}.step", "step cannot be combined with log")
     return Param(name, kind, low=low, high=high, log=log, step=step, when=when)
@@ -259,6 +263,8 @@ def load_space(path: str | Path) -> SearchSpace:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise SpaceError(f"{path}: {where}not valid YAML ({problem})") from None
+    except UnicodeDecodeError as error:
+        raise SpaceError(f"{path}: not a UTF-8 text file (byte {error.start}); expected a YAML search space") from None
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: expected a mapping at the top level with a 'params' key")
     unknown = set(raw) - TOP_KEYS
@@ -286,8 +292,8 @@ def load_space(path: str | Path) -> SearchSpace:
     for key, value in budget.items():
         if key not in ("trials", "timeout"):
             raise _fail(path, f"budget.{key}", "unknown key; allowed: trials, timeout")
-        if value is not None:
-            _number(path, f"budget.{key}", value, integer=True)
+        if value is not None and _number(path, f"budget.{key}", value, integer=True) < 0:
+            raise _fail(path, f"budget.{key}", f"cannot be negative, got {value}")
     sampler = _parse_component(path, "sampler", raw.get("sampler"), optuna.samplers, {"name": "TPESampler"})
     pruner = _parse_component(path, "pruner", raw.get("pruner"), optuna.pruners, None)
     space = SearchSpace(path, params, objectives, sampler, pruner, robust, budget, str(raw.get("description", "")))

@@ -3,24 +3,34 @@
 Heartbeats let a worker that dies mid-trial (SIGKILL, power loss) be noticed:
 its trial turns FAIL after the grace period and Optuna's retry callback queues
 the same params again, so a study never silently loses a trial.
+
+Journal storage (`journal:PATH`) has no heartbeat and is for one machine: each
+trial records which process runs it (host, pid, the pid's start time), and a
+worker fails and retries a RUNNING trial whose process on this machine is gone.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 import sqlalchemy.exc
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 
 from .cli import UserError
 
 HEARTBEAT_INTERVAL = int(os.environ.get("HEARTBEAT_INTERVAL", 10))  # seconds between "still alive" writes
 GRACE_PERIOD = int(os.environ.get("HEARTBEAT_GRACE", 30))  # silence after which a running trial is declared dead
 MAX_RETRY = 3  # a trial whose worker died is re-run with the same params at most this often
+OWNER_ATTR = "worker_process"  # trial system attribute: {"host", "pid", "start"} of the process running it
 SQLITE_BUSY_TIMEOUT = 60  # seconds a writer waits for SQLite's lock instead of failing "database is locked"
 
 
@@ -28,18 +38,31 @@ def sqlite_path(url: str) -> Path | None:
     return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
 
 
+def storage_file(url: str) -> Path | None:
+    """The file behind a SQLite or journal URL; None for a server (or in-memory) storage."""
+    if url.startswith("journal:"):
+        return Path(url[len("journal:"):].removeprefix("//"))
+    path = sqlite_path(url)
+    return None if path is None or str(path) in ("", ":memory:") else path
+
+
 def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorage:
     """RDB (SQLite, PostgreSQL, MySQL...) or `journal:PATH` storage; errors say what was wrong with the URL."""
     if not url:
         raise UserError("empty storage URL; use e.g. sqlite:///results/optuna.db")
+    path = storage_file(url)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot create the folder of storage {url!r}: {path.parent}: {error.strerror}") from None
     if url.startswith("journal:"):
-        path = Path(url[len("journal:"):].removeprefix("//"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        try:
+            return JournalStorage(JournalFileBackend(str(path)))
+        except (OSError, ValueError) as error:  # unreadable, or not a journal (its lines are JSON)
+            raise UserError(f"cannot open journal storage {path}: {error}") from None
     engine_kwargs = {}
-    path = sqlite_path(url)
-    if path is not None and str(path) != ":memory:":
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if path is not None:
         engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}
     if url.startswith("postgresql"):
         engine_kwargs = {"pool_pre_ping": True}  # reconnect after a server restart instead of failing
@@ -50,14 +73,35 @@ def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorag
     try:
         return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError) as error:
-        raise UserError(f"storage URL {url!r} not understood ({error}); "
+        raise UserError(f"storage URL {redact(url)!r} not understood ({error}); "
                         "expected sqlite:///PATH, postgresql+psycopg2://user:pw@host/db or journal:PATH") from None
-    except sqlalchemy.exc.OperationalError as error:
+    except ImportError as error:  # e.g. mysql:// without a MySQL driver installed
+        raise UserError(f"storage URL {redact(url)!r} needs a database driver that is not installed ({error}); "
+                        "postgresql+psycopg2:// and sqlite:/// work out of the box") from None
+    except sqlalchemy.exc.DBAPIError as error:  # server unreachable, bad password, a file that is no database
         raise UserError(f"cannot open storage {redact(url)}: {str(error.orig).strip().splitlines()[0]}") from None
+
+
+@contextmanager
+def storage_failures(url: str):
+    """A storage that fails mid-run (server gone, disk full) ends the command with one line, not a traceback.
+
+    Every trial told before the failure is already committed; a trial in flight
+    stays RUNNING and is failed and retried by the next run (heartbeat or pid).
+    """
+    try:
+        yield
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
+        cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) and error.__cause__ else error
+        lines = str(getattr(cause, "orig", None) or cause).strip().splitlines()
+        raise UserError(f"storage {redact(url)} failed ({lines[0] if lines else type(cause).__name__}); trials told "
+                        "before this are kept there: run the same command again to continue") from None
 
 
 def redact(url: str) -> str:
     """The URL without its password, for messages."""
+    if url.startswith(("sqlite:", "journal:")):  # a file path, whose '@' is no password separator
+        return url
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         creds, host = rest.rsplit("@", 1)
@@ -75,6 +119,9 @@ def lock_path(url: str, study_name: str, results: Path) -> Path:
 
 def load_existing_study(name: str | None, url: str) -> optuna.Study:
     """An existing study; an unknown name lists the studies the storage does hold."""
+    path = storage_file(url)
+    if path is not None and not path.is_file():  # reading must not leave an empty storage behind a typo
+        raise UserError(f"no storage file at {path}; run `make search` first, or set STORAGE=... to the one it wrote")
     storage = open_storage(url, heartbeat=False)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     if not names:
@@ -86,3 +133,69 @@ def load_existing_study(name: str | None, url: str) -> optuna.Study:
     if name not in names:
         raise UserError(f"no study {name!r} in {redact(url)}; it holds: {', '.join(names)}")
     return optuna.load_study(study_name=name, storage=storage)
+
+
+# --- trials whose worker died -------------------------------------------------
+
+def _process_start(pid: int) -> str | None:
+    """When `pid` started (Linux: clock ticks since boot): a later process that reuses the pid differs.
+    None when there is no such live process (a zombie counts as dead)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _is_alive(owner: dict) -> bool:
+    if Path("/proc/self/stat").exists():
+        return owner.get("start") is not None and _process_start(owner["pid"]) == owner["start"]
+    try:  # no /proc (macOS): the pid alone
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_trial(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Mark a just-asked trial as this process's, before it can die with it.
+
+    With heartbeats, the first beat is written now: Optuna never declares stale
+    a RUNNING trial that has no heartbeat at all, so a worker killed between
+    `ask` and its heartbeat thread would hold that trial (and a quota slot) forever.
+    """
+    storage = study._storage
+    if is_heartbeat_enabled(storage):
+        storage.record_heartbeat(trial._trial_id)
+    else:
+        pid = os.getpid()
+        storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR,
+                                      {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)})
+
+
+def fail_dead_local_trials(study: optuna.Study) -> list[int]:
+    """Storages without heartbeat: fail RUNNING trials whose process on this machine is gone, and queue
+    their params again (as the heartbeat's retry callback does). Returns the failed trial numbers.
+    Trials of other machines are left alone: only heartbeats can tell whether those are alive."""
+    storage = study._storage
+    if is_heartbeat_enabled(storage):
+        return []
+    host, failed = socket.gethostname(), []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.system_attrs.get(OWNER_ATTR)
+        if not owner or owner.get("host") != host or _is_alive(owner):
+            continue
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason",
+                                        f"worker process {owner['pid']} on {host} died during the trial")
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # it finished (or another worker failed it) meanwhile
+        dead = copy.deepcopy(storage.get_trial(trial._trial_id))  # the retry starts without the dead one's marks
+        dead.system_attrs.pop(OWNER_ATTR, None)
+        dead.user_attrs.pop("fail_reason", None)
+        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, dead)
+        failed.append(trial.number)
+    return failed

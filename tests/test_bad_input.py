@@ -1,0 +1,299 @@
+"""Every bad input a user can hand the pipeline ends in one line, `error: <culprit>: <what was wrong>`, exit code 2.
+
+The readers' own messages are specified in test_sources.py, test_space.py,
+test_checkpoint.py and test_plots.py; here each mistake goes through the
+command a user actually types (`python -m study <command>`), so a message that
+a reader raises but a command lets escape as a traceback is caught too.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cnnlib.checkpoint import FORMAT, save_checkpoint
+from cnnlib.model import SeedCNN
+from cnnlib.training import TrainConfig
+from conftest import build_image_tree, class_image, run_cli, write_image
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("car", "truck", "cat")
+# Counts that use every image of a 6-per-class tree, so every file is read.
+TREE_COUNTS = ["--train-counts", "6,6,6", "--dev-counts", "3,3,3", "--test-counts", "3,3,3"]
+STUDY_ENV = ("DATA", "RESULTS", "DEVICE", "SPACE", "STUDY", "STORAGE", "TRIALS", "TIMEOUT", "WORKERS", "FUSE",
+             "TRUST_PICKLE", "CORRECTIONS", "CSV", "HOST", "PORT", "CHECKPOINT", "SPLIT", "TRIAL", "SEEDS")
+
+
+@pytest.fixture(autouse=True)
+def no_study_env(monkeypatch):
+    for name in STUDY_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def assert_one_line_error(result, *culprits: str) -> str:
+    """Exit code 2 and exactly one stderr line, `error: ...`, that names every culprit."""
+    code, _, err = result
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for culprit in culprits:
+        assert culprit in lines[0], lines[0]
+    return lines[0]
+
+
+def tree(tmp_path: Path) -> Path:
+    return build_image_tree(tmp_path / "data", {c: 6 for c in CLASSES}, {c: 6 for c in CLASSES})
+
+
+def data_cli(tmp_path: Path, data: Path, *more):
+    return run_cli("data", "--data", data, "--results", tmp_path / "results", *more)
+
+
+# --- the image tree ---------------------------------------------------------------------
+
+def corrupt(path: Path) -> None:
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:120])
+
+
+def not_an_image(path: Path) -> None:
+    path.write_text("these are notes someone saved with an image name\n")
+
+
+def wrong_size(path: Path) -> None:
+    write_image(path, np.zeros((40, 36, 3), np.uint8))
+
+
+@pytest.mark.parametrize("damage, detail", [(corrupt, "cannot decode image"), (truncate, "cannot decode image"),
+                                            (not_an_image, "cannot decode image"),
+                                            (wrong_size, "image is 36x40, expected 32x32")],
+                         ids=["corrupt", "truncated", "not-an-image", "wrong-size"])
+def test_a_bad_file_in_the_image_tree_is_named(tmp_path, damage, detail):
+    root = tree(tmp_path)
+    bad = root / "test" / "truck" / "0004.png"
+    damage(bad)
+
+    message = assert_one_line_error(data_cli(tmp_path, root, *TREE_COUNTS), str(bad), detail)
+
+    assert message.startswith(f"error: {bad}: ")
+    assert not (tmp_path / "results" / "data").exists() or not list((tmp_path / "results" / "data").glob("split-*"))
+
+
+def test_an_empty_class_folder_is_named(tmp_path):
+    root = tree(tmp_path)
+    for path in (root / "train" / "cat").iterdir():
+        path.unlink()
+
+    assert_one_line_error(data_cli(tmp_path, root, *TREE_COUNTS), f"{root / 'train' / 'cat'}: class folder holds no")
+
+
+def test_a_class_folder_outside_the_configured_order_is_named(tmp_path):
+    root = tree(tmp_path)
+    write_image(root / "test" / "dog" / "0000.png", class_image("dog", 0))
+
+    assert_one_line_error(data_cli(tmp_path, root, *TREE_COUNTS), "dog", "not in the configured class order (car,truck,cat)")
+
+
+def test_a_configured_class_without_its_folder_is_named(tmp_path):
+    root = tree(tmp_path)
+
+    assert_one_line_error(data_cli(tmp_path, root, *TREE_COUNTS, "--classes", "car,truck,cat,ship",
+                                   "--train-counts", "6,6,6,1", "--dev-counts", "3,3,3,1", "--test-counts", "3,3,3,1"),
+                          f"{root / 'train' / 'ship'}: class folder missing")
+
+
+def test_an_image_tree_read_by_the_real_python_m_study_prints_no_traceback(tmp_path):
+    """The real entry point (`python -m study`, as `make data` runs it), not the in-process CLI."""
+    root = tree(tmp_path)
+    bad = root / "train" / "car" / "0001.png"
+    truncate(bad)
+
+    done = subprocess.run([sys.executable, "-m", "study", "data", "--data", str(root), "--results", str(tmp_path / "r"),
+                           *TREE_COUNTS], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+    assert_one_line_error((done.returncode, done.stdout, done.stderr), str(bad), "cannot decode image")
+
+
+# --- .npz folders ----------------------------------------------------------------------------
+
+def npz_folder(tmp_path: Path, train_labels=(0, 1, 2, 0, 1, 2), train_size: int = 32) -> Path:
+    folder = tmp_path / "arrays"
+    folder.mkdir(exist_ok=True)
+    labels = np.asarray(train_labels)
+    np.savez(folder / "train.npz", images=np.zeros((len(labels), train_size, train_size, 3), np.uint8), labels=labels)
+    np.savez(folder / "dev.npz", images=np.zeros((3, 32, 32, 3), np.uint8), labels=np.array([0, 1, 2]))
+    return folder
+
+
+def test_an_npz_label_out_of_range_names_the_file_the_label_and_its_index(tmp_path):
+    folder = npz_folder(tmp_path, train_labels=(0, 1, 2, 3, 1, 2))
+
+    assert_one_line_error(data_cli(tmp_path, folder),
+                          f"{folder / 'train.npz'}: label 3 at index 3 is out of range for 3 classes")
+
+
+def test_npz_splits_of_different_image_sizes_are_named_before_training(tmp_path):
+    """Otherwise training starts on 28x28 train images and crashes on the 32x32 dev set."""
+    folder = npz_folder(tmp_path, train_size=28)
+
+    assert_one_line_error(data_cli(tmp_path, folder), f"{folder / 'dev.npz'}: images are 32x32",
+                          "train.npz has 28x28")
+
+
+@pytest.mark.parametrize("content", [b"this is not an npz", np.zeros(3).tobytes()], ids=["text", "raw-bytes"])
+def test_a_file_that_is_not_an_npz_is_named(tmp_path, content):
+    folder = npz_folder(tmp_path)
+    (folder / "train.npz").write_bytes(content)
+
+    assert_one_line_error(data_cli(tmp_path, folder), f"{folder / 'train.npz'}: not a readable .npz")
+
+
+def test_an_npy_array_renamed_to_npz_is_named(tmp_path):
+    """np.load returns a bare array for it; the reader must not treat that as an archive."""
+    folder = npz_folder(tmp_path)
+    np.save(folder / "train.npy", np.zeros((6, 32, 32, 3), np.uint8))
+    (folder / "train.npy").replace(folder / "train.npz")
+
+    assert_one_line_error(data_cli(tmp_path, folder), f"{folder / 'train.npz'}: not a readable .npz")
+
+
+# --- search-space files ----------------------------------------------------------------------
+
+BAD_SPACES = {
+    "wrong type: text for an int": ("params:\n  epochs: {type: int, low: two, high: 4}\n",
+                                    "params.epochs.low: expected an integer, got 'two'"),
+    "wrong type: choices as text": ("params:\n  optimizer: {type: categorical, choices: sgd}\n",
+                                    "params.optimizer.choices: expected a non-empty list"),
+    "wrong type: params as a list": ("params:\n  - lr\n  - epochs\n", "params: missing or empty"),
+    "wrong type: log as text": ("params:\n  lr: {type: float, low: 1.0e-3, high: 1.0e-1, log: maybe}\n",
+                                "params.lr.log: expected true or false"),
+    "wrong type: budget as text": ("budget: {trials: many}\nparams:\n  lr: 0.01\n",
+                                   "budget.trials: expected an integer"),
+    "missing key: low": ("params:\n  lr: {type: float, high: 0.1}\n", "params.lr.low: a float range needs low and high"),
+    "missing key: type": ("params:\n  lr: {low: 0.001, high: 0.1}\n", "params.lr.type: unknown type None"),
+    "missing key: sampler name": ("sampler: {seed: 1}\nparams:\n  lr: 0.01\n", "sampler: expected {name: ..., <args>}"),
+    "impossible: epochs 0": ("params:\n  epochs: {type: int, low: 0, high: 3}\n", "params.epochs: value 0 is not usable"),
+    "impossible: momentum above 1": ("params:\n  momentum: {type: float, low: 0.5, high: 1.5}\n",
+                                     "params.momentum: value 1.5 is not usable"),
+    "impossible: step 0": ("params:\n  epochs: {type: int, low: 2, high: 4, step: 0}\n",
+                           "params.epochs.step: must be > 0"),
+    "impossible: infinite bound": ("params:\n  lr: {type: float, low: 1.0e-3, high: .inf, log: true}\n",
+                                   "params.lr.high: expected a finite number"),
+    "impossible: negative budget": ("budget: {trials: -3}\nparams:\n  lr: 0.01\n", "budget.trials: cannot be negative"),
+    "not text": (b"\xff\xfe\x00\x01 binary", "not a UTF-8 text file"),
+}
+
+
+@pytest.mark.parametrize("content, detail", BAD_SPACES.values(), ids=BAD_SPACES.keys())
+def test_a_bad_space_file_stops_search_before_data_or_storage_with_its_key(tmp_path, content, detail):
+    space = tmp_path / "bad.yaml"
+    space.write_bytes(content if isinstance(content, bytes) else content.encode())
+
+    result = run_cli("search", "--space", space, "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
+                     "--data", tmp_path / "no-data", "--results", tmp_path / "results", "--trials", "1")
+
+    assert_one_line_error(result, f"error: {space}: {detail}")
+    assert not (tmp_path / "optuna.db").exists()
+
+
+# --- storages and studies --------------------------------------------------------------------
+
+BAD_STORAGES = {
+    "not a URL": ("nonsense", "storage URL 'nonsense' not understood"),
+    "unknown scheme": ("redis://127.0.0.1:1", "not understood"),
+    "driver not installed": ("mysql://me:secret@127.0.0.1:1/db", "needs a database driver that is not installed"),
+    "server not there": ("postgresql+psycopg2://me:secret@127.0.0.1:1/db", "cannot open storage postgresql+psycopg2://me:***@"),
+    "a file that is no database": ("sqlite:///{tmp}/notes.db", "file is not a database"),
+    "a journal that is not there": ("journal:{tmp}/missing/journal.log", "no storage file at"),
+}
+
+
+@pytest.mark.parametrize("command", ["export", "final", "dashboard"])
+@pytest.mark.parametrize("url, detail", BAD_STORAGES.values(), ids=BAD_STORAGES.keys())
+def test_a_bad_storage_url_is_one_line_and_never_shows_the_password(tmp_path, command, url, detail):
+    (tmp_path / "notes.db").write_text("not a database\n" * 200)
+    url = url.format(tmp=tmp_path)
+    more = {"export": ["--results", tmp_path], "final": ["--results", tmp_path, "--data", tmp_path],
+            "dashboard": ["--port", "1"]}[command]
+
+    message = assert_one_line_error(run_cli(command, "--storage", url, *more), detail)
+
+    assert "secret" not in message
+    assert not (tmp_path / "missing").exists()  # reading never creates a storage behind a typo
+
+
+# --- CSVs for `make plots` ------------------------------------------------------------------
+
+BAD_CSVS = {
+    "text in the value column": ("number,state,value\n0,COMPLETE,0.61\n1,COMPLETE,abc\n",
+                                 "row 3, column 'value': 'abc' is not a number"),
+    "a row with extra fields": ("number,state,value\n0,COMPLETE,0.5,7,8\n1,COMPLETE,0.4\n",
+                                "a row has more fields than the header"),
+    "a trial number that is text": ("number,state,value\n0,COMPLETE,0.5\nx,COMPLETE,0.3\n",
+                                    "row 3, column 'number': 'x' is not a number"),
+    "an empty trial number": ("number,state,value\n,COMPLETE,0.5\n", "row 2, column 'number': empty"),
+    "an unknown state": ("number,state,value\n0,DONE,0.5\n", "row 2, column 'state': 'DONE' is not a trial state"),
+    "an empty file": ("", "not a readable CSV"),
+}
+
+
+@pytest.mark.parametrize("text, detail", BAD_CSVS.values(), ids=BAD_CSVS.keys())
+def test_a_malformed_trials_csv_is_named_with_its_row_and_column(tmp_path, text, detail):
+    csv = tmp_path / "trials.csv"
+    csv.write_text(text)
+
+    assert_one_line_error(run_cli("plots", "--csv", csv, "--no-png"), f"error: {csv}: ", detail)
+    assert not (tmp_path / "plots").exists()
+
+
+def test_a_malformed_epochs_csv_beside_a_good_trials_csv_is_named(tmp_path):
+    (tmp_path / "trials.csv").write_text("number,state,value\n0,COMPLETE,0.5\n")
+    (tmp_path / "epochs.csv").write_text(textwrap.dedent("""\
+        trial,state,epoch,train_loss,dev_loss,dev_macro_accuracy
+        0,COMPLETE,1,0.9,1.0,0.4
+        0,COMPLETE,two,0.8,0.9,0.5
+        """))
+
+    assert_one_line_error(run_cli("plots", "--csv", tmp_path / "trials.csv", "--no-png"),
+                          f"{tmp_path / 'epochs.csv'}: row 3, column 'epoch': 'two' is not a number")
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+def write_foreign_checkpoint(path: Path, model: torch.nn.Module, classes=CLASSES, image_size: int = 32) -> Path:
+    torch.save({"format": FORMAT, "state_dict": model.state_dict(), "config": TrainConfig().to_dict(),
+                "classes": list(classes), "image_size": image_size, "extra": {}}, path)
+    return path
+
+
+@pytest.mark.parametrize("make", [
+    lambda path: write_foreign_checkpoint(path, SeedCNN(n_classes=5)),
+    lambda path: write_foreign_checkpoint(path, torch.nn.Sequential(torch.nn.Linear(3, 3))),
+], ids=["five-class-weights", "another-network"])
+def test_evaluate_refuses_a_checkpoint_of_another_model_shape_by_name(tmp_path, make):
+    root = tree(tmp_path)
+    checkpoint = make(tmp_path / "other.pt")
+
+    assert_one_line_error(run_cli("evaluate", "--checkpoint", checkpoint, "--data", root, "--results", tmp_path,
+                                  "--device", "cpu", *TREE_COUNTS),
+                          f"{checkpoint}: weights do not fit the seed CNN for 3 classes")
+
+
+def test_evaluate_refuses_a_model_trained_on_another_image_size(tmp_path):
+    root = tree(tmp_path)
+    checkpoint = save_checkpoint(tmp_path / "big.pt", SeedCNN(3, 0.1, image_size=64), TrainConfig(), CLASSES,
+                                 image_size=64)
+
+    assert_one_line_error(run_cli("evaluate", "--checkpoint", checkpoint, "--data", root, "--results", tmp_path,
+                                  "--device", "cpu", *TREE_COUNTS),
+                          f"{checkpoint}: model was trained on other image sizes; the dev images are 32x32")

@@ -1,0 +1,551 @@
+"""A study is hours of compute: kills, Ctrl-C, crashed trials and storage hiccups must not lose a finished trial.
+
+Each fault is made real, not mocked where it matters: a worker process kills
+itself with SIGKILL in the middle of a trial (an injected `sitecustomize.py`
+wraps cnnlib's training loop in every Python process of the test, spawned
+workers included), SIGINT goes to the whole process group as Ctrl-C does,
+and the PostgreSQL server is really stopped and started. Heartbeats are set
+to 1 s with a 3 s grace period (HEARTBEAT_INTERVAL, HEARTBEAT_GRACE), so a
+dead worker's trial is noticed within seconds instead of the default 30.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from cnnlib.checkpoint import load_checkpoint
+from conftest import class_image
+from postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
+from study import cli
+from study import final as final_module
+from study import objective as objective_module
+from study import search as search_module
+from study import storage as storage_module
+from test_search import FINISHED, SMOKE, STUDY_ENV, small_data, sqlite_url, subprocess_env, trials_of  # noqa: F401
+
+FAST_HEARTBEAT = {"HEARTBEAT_INTERVAL": "1", "HEARTBEAT_GRACE": "3"}
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(autouse=True)
+def no_study_env(monkeypatch):
+    for name in STUDY_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+# --- helpers ------------------------------------------------------------------------
+
+KILL_ONE_TRIAL = """\
+# Every Python process of this test loads this: the first trial anywhere to finish
+# its first epoch SIGKILLs its own process (no cleanup, no `finally`, no last words).
+import os, signal
+import cnnlib.training
+
+_real_train = cnnlib.training.train
+CLAIM = {claim!r}
+
+
+def train(config, data, device, on_epoch=None):
+    def on_epoch_then_die(stats):
+        stop = on_epoch(stats) if on_epoch else False
+        try:
+            fd = os.open(CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return stop
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _real_train(config, data, device, on_epoch=on_epoch_then_die)
+
+
+cnnlib.training.train = train
+"""
+
+HANG_IN_TRAINING = """\
+# Every Python process of this test loads this: after its first epoch, a trial
+# announces itself in a file and then trains "forever" (60 s) until interrupted.
+import os, time
+import cnnlib.training
+
+_real_train = cnnlib.training.train
+FLAG = {flag!r}
+
+
+def train(config, data, device, on_epoch=None):
+    def on_epoch_then_hang(stats):
+        stop = on_epoch(stats) if on_epoch else False
+        with open(FLAG, "a") as handle:
+            handle.write(f"{{os.getpid()}}\\n")
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            time.sleep(0.05)
+        return stop
+    return _real_train(config, data, device, on_epoch=on_epoch_then_hang)
+
+
+cnnlib.training.train = train
+"""
+
+
+def inject(folder: Path, code: str) -> dict:
+    """Environment variables that make every Python process started with them load `code` first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(textwrap.dedent(code))
+    return {"PYTHONPATH": str(folder)}
+
+
+def search_command(data: Path, results: Path, storage: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "study", "search", "--space", str(SMOKE), "--storage", storage,
+            "--data", str(data), "--results", str(results), *extra]
+
+
+def finished_params(trials) -> list[tuple]:
+    return [tuple(sorted(t.params.items())) for t in trials if t.state in FINISHED]
+
+
+def assert_quota_with_retries(trials, requested: int) -> None:
+    """Exactly `requested` finished trials, numbers 0..n-1 once each, nothing left running or waiting,
+    and no finished config twice (a retry re-runs a *failed* trial's params, never a finished one's)."""
+    states = [t.state for t in trials]
+    assert sum(s in FINISHED for s in states) == requested, states
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states, states
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    params = finished_params(trials)
+    assert len(set(params)) == len(params), f"the same params finished twice: {params}"
+
+
+def assert_killed_trial_was_retried(trials, output: str) -> None:
+    """The SIGKILLed trial is FAIL (its heartbeat stopped) and a later trial re-ran exactly its params."""
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1, [(t.number, t.state) for t in trials]
+    killed = failed[0]
+    assert killed.intermediate_values, "the worker was meant to die mid-trial, after its first epoch"
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retries) == 1, output
+    retry = retries[0]
+    assert retry.number > killed.number and retry.state in FINISHED
+    assert retry.params == killed.params
+    assert retry.system_attrs["retry_history"] == [killed.number]
+
+
+# --- a worker SIGKILLed mid-trial, with 4 workers on one storage ----------------------------
+
+def run_four_workers_with_a_kill(data: Path, results: Path, storage: str, study: str) -> SimpleNamespace:
+    """`search --trials 6 --workers 4`; the first trial to finish an epoch kills its worker with SIGKILL."""
+    claim = results / "killed.pid"
+    env = subprocess_env(**FAST_HEARTBEAT, **inject(results / "inject", KILL_ONE_TRIAL.format(claim=str(claim))))
+    started = time.monotonic()
+    done = subprocess.run(search_command(data, results, storage, "--study", study, "--trials", "6", "--workers", "4"),
+                          capture_output=True, text=True, timeout=600, env=env, cwd=results)
+    seconds = time.monotonic() - started
+    return SimpleNamespace(done=done, output=done.stdout + done.stderr, seconds=seconds,
+                           killed_pid=claim.read_text() if claim.exists() else None,
+                           trials=optuna.load_study(study_name=study, storage=storage).get_trials())
+
+
+@pytest.fixture(scope="module")
+def sqlite_kill_run(small_data, tmp_path_factory):
+    results = tmp_path_factory.mktemp("sqlite-kill")
+    return run_four_workers_with_a_kill(small_data, results, sqlite_url(results), "four_workers")
+
+
+@pytest.fixture(scope="module")
+def postgres_kill_run(small_data, tmp_path_factory, postgres_server):  # noqa: F811
+    results = tmp_path_factory.mktemp("postgres-kill")
+    url = postgres_server.create_database("reliability_kill")
+    return run_four_workers_with_a_kill(small_data, results, url, "four_workers")
+
+
+@pytest.mark.slow
+def test_four_sqlite_workers_finish_exactly_the_requested_trials_despite_a_killed_worker(sqlite_kill_run):
+    run = sqlite_kill_run
+    assert run.done.returncode == 0, run.output[-4000:]
+    assert run.killed_pid, "no worker was killed: the fault was not injected"
+    assert "died (signal 9); starting a replacement" in run.done.stderr
+    assert_quota_with_retries(run.trials, 6)
+    assert "study 'four_workers': 6 finished trials (6 added by this run)" in run.done.stdout
+
+
+@pytest.mark.slow
+def test_a_sqlite_workers_killed_trial_fails_by_heartbeat_and_is_retried_with_its_params(sqlite_kill_run):
+    assert_killed_trial_was_retried(sqlite_kill_run.trials, sqlite_kill_run.output)
+
+
+@pytest.mark.slow
+def test_four_workers_on_one_sqlite_file_never_hit_database_is_locked(sqlite_kill_run):
+    assert "database is locked" not in sqlite_kill_run.output.lower()
+    assert "Traceback" not in sqlite_kill_run.output, sqlite_kill_run.output[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_four_postgresql_workers_finish_exactly_the_requested_trials_despite_a_killed_worker(postgres_kill_run):
+    run = postgres_kill_run
+    assert run.done.returncode == 0, run.output[-4000:]
+    assert run.killed_pid, "no worker was killed: the fault was not injected"
+    assert "died (signal 9); starting a replacement" in run.done.stderr
+    assert "Traceback" not in run.output, run.output[-4000:]
+    assert_quota_with_retries(run.trials, 6)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_postgresql_workers_killed_trial_fails_by_heartbeat_and_is_retried_with_its_params(postgres_kill_run):
+    assert_killed_trial_was_retried(postgres_kill_run.trials, postgres_kill_run.output)
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------------
+
+def interrupt_search(data: Path, results: Path, storage: str, *extra: str, training: int = 1) -> SimpleNamespace:
+    """Start a search whose trials hang in training, wait until `training` trials are mid-epoch, then Ctrl-C it."""
+    flag = results / "training.pids"
+    env = subprocess_env(**inject(results / "inject", HANG_IN_TRAINING.format(flag=str(flag))))
+    process = subprocess.Popen(search_command(data, results, storage, "--trials", "3", *extra), env=env, cwd=results,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(flag.read_text().splitlines() if flag.exists() else []) < training:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, f"{training} trial(s) did not reach their first epoch within 240 s"
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+        interrupted = time.monotonic()
+        out, err = process.communicate(timeout=60)
+        seconds = time.monotonic() - interrupted
+        print(f"stopped {seconds:.1f} s after Ctrl-C; {interrupted - deadline + 240:.1f} s from start to Ctrl-C")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return SimpleNamespace(code=process.returncode, out=out, err=err, seconds=seconds)
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_the_running_trial_failed_exits_promptly_and_the_next_run_continues(small_data, tmp_path):
+    url = sqlite_url(tmp_path)
+
+    stopped = interrupt_search(small_data, tmp_path, url)
+
+    assert stopped.code == 130, stopped.out[-2000:] + stopped.err[-2000:]
+    assert stopped.seconds < 20, f"took {stopped.seconds:.1f} s to stop after Ctrl-C"
+    assert stopped.err.strip().splitlines()[-1] == "interrupted"
+    assert "Traceback" not in stopped.err
+    (trial,) = trials_of(url, "smoke")
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["fail_reason"] == "interrupted (SIGINT) during training"
+
+    code = cli.main(["search", "--space", str(SMOKE), "--storage", url, "--data", str(small_data),
+                     "--results", str(tmp_path), "--trials", "1"])
+
+    trials = trials_of(url, "smoke")
+    assert code == 0
+    assert [t.state for t in trials][0] == TrialState.FAIL and sum(t.state in FINISHED for t in trials) == 1
+    assert TrialState.RUNNING not in [t.state for t in trials]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_worker_process_and_leaves_no_trial_running(small_data, tmp_path):
+    url = sqlite_url(tmp_path)
+
+    stopped = interrupt_search(small_data, tmp_path, url, "--workers", "2", training=2)
+
+    assert stopped.code == 130, stopped.out[-2000:] + stopped.err[-2000:]
+    assert stopped.seconds < 40, f"took {stopped.seconds:.1f} s to stop after Ctrl-C"
+    assert "Traceback" not in stopped.err, stopped.err[-3000:]
+    trials = trials_of(url, "smoke")
+    assert trials and {t.state for t in trials} == {TrialState.FAIL}
+    assert {t.user_attrs.get("fail_reason") for t in trials} == {"interrupted (SIGINT) during training"}
+
+
+# --- a trial that runs out of memory ----------------------------------------------------------
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   MemoryError("Unable to allocate 2.00 GiB for an array")],
+                         ids=["cuda", "host"])
+def test_a_trial_that_runs_out_of_memory_is_recorded_and_the_study_goes_on(small_data, tmp_path, monkeypatch, error):
+    real_train, calls = objective_module.train, []
+
+    def out_of_memory_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise error
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(objective_module, "train", out_of_memory_once)
+
+    code = cli.main(["search", "--space", str(SMOKE), "--storage", sqlite_url(tmp_path), "--data", str(small_data),
+                     "--results", str(tmp_path), "--trials", "1"])
+
+    first, second = trials_of(sqlite_url(tmp_path), "smoke")
+    assert code == 0
+    assert first.state == TrialState.FAIL
+    assert first.user_attrs["fail_reason"] == f"out of memory: {error}"
+    assert second.state in FINISHED  # the study went on and still finished the requested trial
+
+
+# --- journal storage: no heartbeat, so dead local workers are recognised by their pid ----------------
+
+@pytest.mark.slow
+def test_a_journal_study_whose_worker_was_killed_mid_trial_retries_that_trial_on_the_next_run(small_data, tmp_path):
+    """Journal storage has no heartbeat: without the pid check the dead trial stays RUNNING and holds a slot forever."""
+    storage = f"journal:{tmp_path / 'journal.log'}"
+    claim = tmp_path / "killed.pid"
+    env = subprocess_env(**inject(tmp_path / "inject", KILL_ONE_TRIAL.format(claim=str(claim))))
+    killed = subprocess.run(search_command(small_data, tmp_path, storage, "--trials", "2"),
+                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+
+    code = cli.main(["search", "--space", str(SMOKE), "--storage", storage, "--data", str(small_data),
+                     "--results", str(tmp_path), "--trials", "2", "--timeout", "60"])
+
+    trials = optuna.load_study(study_name="smoke", storage=search_module.open_storage(storage)).get_trials()
+    assert code == 0
+    assert_quota_with_retries(trials, 2)
+    assert_killed_trial_was_retried(trials, "")
+    dead = trials[0]
+    assert dead.user_attrs["fail_reason"] == f"worker process {claim.read_text()} on {os.uname().nodename} died during the trial"
+
+
+KILL_BEFORE_FIRST_BEAT = """\
+# Every Python process of this test loads this: the first trial anywhere dies (SIGKILL) after
+# `ask` made it RUNNING and before its heartbeat thread starts.
+import os, signal
+import study.objective
+
+_real_enter = study.objective.Heartbeat.__enter__
+CLAIM = {claim!r}
+
+
+def enter_or_die(self):
+    try:
+        fd = os.open(CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return _real_enter(self)
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+study.objective.Heartbeat.__enter__ = enter_or_die
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_killed_between_ask_and_its_heartbeat_thread_does_not_hold_a_trial_forever(
+        small_data, tmp_path, monkeypatch):
+    """Optuna never calls a RUNNING trial without any heartbeat stale: the first beat is written at `ask`."""
+    url = sqlite_url(tmp_path)
+    claim = tmp_path / "killed"
+    env = subprocess_env(**FAST_HEARTBEAT, **inject(tmp_path / "inject", KILL_BEFORE_FIRST_BEAT.format(claim=str(claim))))
+    killed = subprocess.run(search_command(small_data, tmp_path, url, "--trials", "1"),
+                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    monkeypatch.setattr(storage_module, "HEARTBEAT_INTERVAL", 1)  # as FAST_HEARTBEAT, for this process
+    monkeypatch.setattr(storage_module, "GRACE_PERIOD", 3)
+
+    code = cli.main(["search", "--space", str(SMOKE), "--storage", url, "--data", str(small_data),
+                     "--results", str(tmp_path), "--trials", "1", "--timeout", "60"])
+
+    trials = trials_of(url, "smoke")
+    assert code == 0
+    assert [t.state for t in trials][0] == TrialState.FAIL
+    assert sum(t.state in FINISHED for t in trials) == 1 and TrialState.RUNNING not in [t.state for t in trials]
+
+
+# --- the PostgreSQL server restarting, or going away ---------------------------------------------
+
+def run_trial_then(action):
+    """`search.run_trial` that runs `action()` once, right after the first trial is stored."""
+    real, done = search_module.run_trial, []
+
+    def wrapped(*args, **kwargs):
+        frozen = real(*args, **kwargs)
+        if not done:
+            done.append(frozen)
+            action()
+        return frozen
+
+    return wrapped, done
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_postgresql_restart_between_trials_is_survived_and_loses_no_trial(
+        postgres_server, small_data, tmp_path, monkeypatch):  # noqa: F811
+    url = postgres_server.create_database("reliability_restart")
+    wrapped, first = run_trial_then(postgres_server.restart)
+    monkeypatch.setattr(search_module, "run_trial", wrapped)
+
+    code = cli.main(["search", "--space", str(SMOKE), "--storage", url, "--data", str(small_data),
+                     "--results", str(tmp_path), "--trials", "3"])
+
+    trials = trials_of(url, "smoke")
+    assert code == 0
+    assert first, "the restart was not injected"
+    assert sum(t.state in FINISHED for t in trials) == 3 and len(trials) == 3
+    kept = trials[0]
+    assert (kept.number, kept.state, kept.values, kept.params) == (first[0].number, first[0].state, first[0].values,
+                                                                   first[0].params)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_postgresql_server_that_goes_away_ends_the_run_with_one_line_and_keeps_finished_trials(
+        postgres_server, small_data, tmp_path, monkeypatch, capsys):  # noqa: F811
+    url = postgres_server.create_database("reliability_gone")
+    wrapped, first = run_trial_then(postgres_server.stop)
+    monkeypatch.setattr(search_module, "run_trial", wrapped)
+    try:
+        code = cli.main(["search", "--space", str(SMOKE), "--storage", url, "--data", str(small_data),
+                         "--results", str(tmp_path), "--trials", "3"])
+    finally:
+        postgres_server.start()
+
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: storage postgresql+psycopg2://optuna:***@127.0.0.1:"), err
+    assert "failed (" in err and err.rstrip().endswith("run the same command again to continue"), err
+    assert len(err.strip().splitlines()) == 1 and "pw-for-tests" not in err
+    trials = trials_of(url, "smoke")
+    assert trials[0].state == first[0].state and trials[0].values == first[0].values
+
+
+# --- `make final` killed, then run again ------------------------------------------------------------
+
+KILL_IN_SECOND_SEED = """\
+# Every Python process of this test loads this: the second seed's training dies with SIGKILL.
+import os, signal
+import cnnlib.training
+
+_real_train, _calls = cnnlib.training.train, []
+
+
+def train(*args, **kwargs):
+    _calls.append(1)
+    if len(_calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _real_train(*args, **kwargs)
+
+
+cnnlib.training.train = train
+"""
+
+KILL_MID_PUBLISH = """\
+# Every Python process of this test loads this: `make final` dies with SIGKILL after moving
+# two of its finished files into place, the rest still waiting in .next/.
+import os, signal
+import study.final
+
+_real_publish, _real_replace = study.final.publish, os.replace
+
+
+def publish(stage, out):
+    moved = []
+
+    def replace_then_die(source, target):
+        _real_replace(source, target)
+        moved.append(target)
+        if len(moved) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.replace = replace_then_die
+    _real_publish(stage, out)
+
+
+study.final.publish = publish
+"""
+
+
+@pytest.fixture(scope="module")
+def final_inputs(tmp_path_factory) -> SimpleNamespace:
+    """A storage with one finished trial (a 2-epoch config) and tiny train/dev/test .npz of tinted images."""
+    base = tmp_path_factory.mktemp("final")
+    data = base / "data"
+    data.mkdir()
+    classes = ("car", "truck", "cat")
+    for split, n in (("train", 40), ("dev", 12), ("test", 12)):
+        labels = np.arange(3 * n) % 3
+        images = np.stack([class_image(classes[label], i + 1000 * len(split)) for i, label in enumerate(labels)])
+        np.savez(data / f"{split}.npz", images=images, labels=labels)
+    url = f"sqlite:///{base / 'optuna.db'}"
+    study = optuna.create_study(study_name="smoke", storage=url, direction="maximize")
+    config = {"optimizer": "adam", "lr": 3e-3, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 32, "epochs": 2,
+              "imbalance": "weighted_loss", "dropout": 0.1, "flip": False, "jitter": 0.0, "seed": 0}
+    study.add_trial(optuna.trial.create_trial(value=0.6, params={"lr": 3e-3},
+                                              distributions={"lr": FloatDistribution(1e-4, 1e-1, log=True)},
+                                              user_attrs={"config": config, "classes": list(classes)}))
+    return SimpleNamespace(data=data, url=url)
+
+
+def final_argv(inputs, results: Path, epsilons: str) -> list[str]:
+    return ["final", "--study", "smoke", "--storage", inputs.url, "--data", str(inputs.data), "--results", str(results),
+            "--device", "cpu", "--seeds", "2", "--epsilons", epsilons, "--no-png"]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_outputs_whole(out: Path) -> None:
+    """Every visible file loads completely; temporary files exist only inside the hidden work folders."""
+    visible = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    assert visible <= final_module.OUTPUTS, visible - final_module.OUTPUTS
+    assert not [p for p in out.iterdir() if p.is_file() and p.name.startswith(".")]
+    assert json.loads((out / "metrics.json").read_text())["median_seed"] in (0, 1)
+    rows = read_rows(out / "fgsm.csv")
+    assert rows and all(None not in row.values() and None not in row for row in rows)
+    load_checkpoint(out / "model.pt")
+    assert "(metrics.json)" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", [KILL_IN_SECOND_SEED, KILL_MID_PUBLISH], ids=["mid-training", "mid-publish"])
+def test_make_final_killed_leaves_whole_files_and_a_rerun_finishes_the_job(final_inputs, tmp_path, kill, capsys):
+    results = tmp_path / "results"
+    out = results / "final" / "smoke"
+    assert cli.main(final_argv(final_inputs, results, "0,0.1")) == 0
+    before = snapshot(out)
+
+    killed = subprocess.run([sys.executable, "-m", "study", *final_argv(final_inputs, results, "0,0.05")],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env=subprocess_env(**inject(tmp_path / "inject", kill)))
+
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert_outputs_whole(out)
+    if kill is KILL_IN_SECOND_SEED:
+        assert snapshot(out) == before, "a run killed before publishing must leave the last run's files as they were"
+
+    capsys.readouterr()
+    rerun_code = cli.main(final_argv(final_inputs, results, "0,0.05"))
+
+    assert rerun_code == 0
+    reused = re.findall(r"^seed (\d): reused from an interrupted run", capsys.readouterr().out, flags=re.M)
+    assert reused == (["0"] if kill is KILL_IN_SECOND_SEED else ["0", "1"])  # finished seeds are not retrained
+    assert_outputs_whole(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["attack"]["epsilons"] == [0.0, 0.05]  # every file is from the rerun, none left from before
+    assert load_checkpoint(out / "model.pt")[3]["seed"] == metrics["median_seed"]
+    assert {float(row["epsilon"]) for row in read_rows(out / "fgsm.csv")} == {0.0, 0.05}
+    assert not (out / ".partial").exists() and not (out / ".next").exists()
