@@ -6,12 +6,11 @@ They are written as plain tensors and primitives and read with
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
 from .errors import CheckpointError
 from .model import SeedCNN
 from .training import CHANNELS_LAST, TrainConfig
@@ -31,14 +30,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, config: TrainConfig, cla
         "image_size": int(image_size),
         "extra": extra or {},
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt.tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # never a half-written checkpoint under the real name
         torch.save(payload, tmp)
-        os.replace(tmp, path)  # never a half-written checkpoint under the real name
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

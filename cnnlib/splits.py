@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from .atomic import atomic_path, write_json
 from .errors import DataError
 from .sources import (
     DEFAULT_CLASSES, LabeledImages, file_fingerprint, list_class_folders, read_array_file, read_images,
@@ -191,17 +190,8 @@ def _save_cache(splits: Splits, path: Path) -> None:
         arrays[f"{name}_ids"] = split.ids
     arrays["classes"] = np.array(splits.classes, dtype=str)
     arrays["source"] = np.array(splits.source, dtype=str)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename: a crash mid-write never leaves a cache that loads half.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # a crash never leaves a cache that loads half
+        np.savez(handle, **arrays)
 
 
 def _load_cache(path: Path) -> Splits:
@@ -238,8 +228,5 @@ def prepare_splits(config: DataConfig, cache_dir: Path | None) -> Splits:
 
 def write_summary(splits: Splits, path: Path) -> dict:
     summary = splits.summary()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, summary)
     return summary

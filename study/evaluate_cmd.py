@@ -12,6 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
+from cnnlib.atomic import write_json
 from cnnlib.checkpoint import load_checkpoint
 from cnnlib.device import resolve_device
 from cnnlib.errors import CheckpointError
@@ -21,7 +22,6 @@ from cnnlib.training import DeviceSplit, evaluate, make_criterion
 
 from .cli import UserError
 from .options import add_common_options, add_data_options, load_splits
-from .train_cmd import write_json
 
 SPLITS = ("train", "dev", "test")
 

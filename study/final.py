@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from cnnlib.atomic import FILE_MODE, json_safe, write_atomic, write_json
 from cnnlib.attacks import ATTACKS, DEFAULT_EPSILONS, PGD_STEPS, attack_sweep, check_epsilon, perturb
 from cnnlib.checkpoint import load_checkpoint, save_checkpoint
 from cnnlib.device import resolve_device
@@ -52,13 +52,6 @@ FIGURES = ("accuracy_vs_epsilon", "examples_grid", "flip_example")
 GRID_IMAGES = 5
 
 
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-FILE_MODE = _file_mode()
 
 
 # --- options --------------------------------------------------------------
@@ -166,38 +159,6 @@ def trial_config(trial: FrozenTrial) -> tuple[TrainConfig, str]:
 
 # --- files ----------------------------------------------------------------
 
-def write_atomic(path: Path, content: str | bytes) -> Path:
-    """Write to a temporary file beside `path`, then rename: readers see the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content.encode() if isinstance(content, str) else content)
-        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; outputs are for sharing
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _clean(value):
-    """JSON-safe: NaN (a class absent from a split) becomes null, numpy scalars become Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return None if not math.isfinite(value) else float(value)
-    return value
-
-
-def write_json(path: Path, data) -> Path:
-    return write_atomic(path, json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
-
-
 def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "study"
 
@@ -229,7 +190,7 @@ def eval_splits(data: DeviceData) -> dict:
 def run_seeds(config: TrainConfig, data: DeviceData, seeds: int, partial: Path, fingerprint: dict) -> list[SeedRun]:
     """Train seeds 0..k-1, reusing those an interrupted run of the same trial and data already finished."""
     marker = partial / "fingerprint.json"
-    if partial.exists() and (not marker.is_file() or json.loads(marker.read_text()) != _clean(fingerprint)):
+    if partial.exists() and (not marker.is_file() or json.loads(marker.read_text()) != json_safe(fingerprint)):
         shutil.rmtree(partial)  # left by another trial, config or data: nothing in it is ours
     write_json(marker, fingerprint)
     criterion = make_criterion(config, data.train.y, data.n_classes)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import re
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+from cnnlib.atomic import write_atomic, write_json
 from cnnlib.checkpoint import save_checkpoint
 from cnnlib.metrics import majority_baseline
 from cnnlib.training import DeviceData, EpochStats, TrainConfig, evaluate, make_criterion, train
@@ -43,36 +42,6 @@ def add_arguments(parser) -> None:
 
 
 # --- files ----------------------------------------------------------------
-
-def _json_safe(value):
-    """NaN/inf become null: json.dumps would write the non-standard `NaN` token otherwise."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write then rename: a reader (or a crash) never sees half a file under the real name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def write_json(path: Path, data: dict) -> Path:
-    return write_text_atomic(path, json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
-
 
 def history_csv(history: list[EpochStats], classes) -> str:
     out = io.StringIO()
@@ -191,7 +160,7 @@ def _train_and_write(args, space, config: TrainConfig, splits, run_dir: Path) ->
                     extra={"run": run_dir.name, "space": str(space.path), "data_source": splits.source,
                            "split_seed": int(args.split_seed),
                            "dev_macro_accuracy": float(evaluations["dev"].macro_accuracy)})
-    write_text_atomic(run_dir / "history.csv", history_csv(result.history, classes))
+    write_atomic(run_dir / "history.csv", history_csv(result.history, classes))
     write_json(run_dir / "metrics.json", metrics)
     print(f"wrote:  {run_dir / 'metrics.json'}, history.csv, model.pt")
     return 0
