@@ -1,0 +1,544 @@
+"""Time the project training loop against a naive DataLoader loop on the user's split (`make bench`).
+
+Both loops train the same SeedCNN from the same initial weights with the same
+TrainConfig (the user's recipe: Adam, lr 1e-3, weighted loss; batch sizes
+16, 32, 128), 5,000 train images and dev evaluated every epoch; the naive loop
+is `study/naive_loop.py` (per-sample torchvision transforms, DataLoader). They
+run in one process and take turns epoch by epoch (the leader alternates each
+round), so a neighbour's load on a shared machine falls on both alike; each run
+keeps its own global RNG stream, so an interleaved run draws exactly what it
+would alone. Seconds per epoch are the median over the epochs after warm-up,
+in wall time and in process CPU time (the figure to trust with one thread on
+a busy machine). Writes RESULTS/bench/bench.json and a timestamped copy.
+
+`--levers` also A/Bs the project loop against each speed lever switched off,
+`--recipe-epochs 100` times the user's full recipe (the GPU check:
+scripts/gpu_check.sh), `--fused-ks` adds issue 7's fused trials.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from cnnlib import training
+from cnnlib.atomic import write_json
+from cnnlib.model import model_flops_per_image
+from cnnlib.splits import Splits
+from cnnlib.training import DeviceData, TrainConfig, TrainResult, train_epochs
+
+from .cli import UserError
+from .naive_loop import naive_train_epochs
+from .options import add_common_options, add_data_options, load_splits
+
+# The issue's settings: the user's recipe at three batch sizes, 32 being the user's own.
+BATCH_SIZES = (16, 32, 128)
+REFERENCE_BATCH = 32
+ACCURACY_SEEDS = (0, 1, 2)
+# Three timed epochs after one warm-up: the median of three survives one epoch
+# slowed by a neighbour. All of `make bench` took 1.6 min on the 2-core CPU with
+# 1 thread while other jobs kept the load average at 2.5.
+EPOCHS, WARMUP = 3, 1
+RECIPE_EPOCHS = 100  # the user's final recipe (TrainConfig default)
+# A backward pass costs about two forward passes (input and weight gradients).
+TRAIN_FLOPS_PER_FORWARD = 3
+# FP32 (non-tensor-core) peaks from NVIDIA's datasheets, by a substring of the device name.
+GPU_FP32_PEAKS = (
+    ("H200 NVL", 60e12, "NVIDIA H200 datasheet: FP32 60 TFLOPS (H200 NVL)"),
+    ("H200", 67e12, "NVIDIA H200 datasheet: FP32 67 TFLOPS (H200 SXM)"),
+    ("H100 PCIe", 51e12, "NVIDIA H100 datasheet: FP32 51 TFLOPS (H100 PCIe)"),
+    ("H100", 67e12, "NVIDIA H100 datasheet: FP32 67 TFLOPS (H100 SXM)"),
+    ("A100", 19.5e12, "NVIDIA A100 datasheet: FP32 19.5 TFLOPS"),
+)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise UserError(f"expected at least one integer, got {text!r}")
+    return values
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"timed epochs per loop and batch size, after warm-up (default {EPOCHS})")
+    parser.add_argument("--warmup", type=int, default=None, help=f"untimed warm-up epochs (default {WARMUP})")
+    parser.add_argument("--batch-sizes", default=None,
+                        help=f"comma-separated (default {','.join(map(str, BATCH_SIZES))})")
+    parser.add_argument("--seeds", default=None,
+                        help=f"seeds of the accuracy check at batch {REFERENCE_BATCH} "
+                             f"(default {','.join(map(str, ACCURACY_SEEDS))})")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke settings: 1 warm-up + 2 timed epochs, batch 32 only, seeds 0,1")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("THREADS") or 0) or None,
+                        help="torch CPU threads (default: one per core, or 1 when the machine is already busy)")
+    parser.add_argument("--naive-workers", type=int, default=0,
+                        help="DataLoader worker processes of the naive loop (tutorials use 0 or 2)")
+    parser.add_argument("--recipe-epochs", type=int, default=0,
+                        help=f"also train the project loop for this many epochs at batch {REFERENCE_BATCH} and record "
+                             f"the time: {RECIPE_EPOCHS} is the user's recipe (the GPU check; ~3 min on 2 CPU cores)")
+    parser.add_argument("--levers", action="store_true",
+                        help="also A/B the project loop against each lever flipped (channels-last, fused optimizer, "
+                             "cudnn.benchmark on CUDA) at batch 32")
+    parser.add_argument("--fused-ks", default=os.environ.get("FUSED_KS") or None,
+                        help="also time K horizontally fused trials for each K, e.g. 1,4,16,64 (issue 7)")
+    add_data_options(parser)
+    add_common_options(parser)
+
+
+# --- device facts and peak FLOP/s ------------------------------------------
+
+def _cpuinfo() -> list[dict[str, str]]:
+    """One dict per logical CPU from /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    cpus = []
+    for block in text.strip().split("\n\n"):
+        fields = {}
+        for line in block.splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+        cpus.append(fields)
+    return cpus
+
+
+def cpu_peak() -> dict:
+    """FP32 peak of the whole CPU: cores x clock x FLOPs per cycle per core, read from /proc/cpuinfo.
+
+    FLOPs per cycle assume two FMA pipes per core (Zen 2+, Haswell+ and server
+    Skylake+): AVX-512 2 x 16 lanes x 2 = 64, AVX2+FMA 2 x 8 x 2 = 32, SSE 8.
+    The clock is the one /proc/cpuinfo reports (nominal under a hypervisor);
+    boost clocks would raise the peak.
+    """
+    cpus = _cpuinfo()
+    if not cpus:
+        return {"flops": None, "source": "no /proc/cpuinfo: peak unknown"}
+    flags = set(cpus[0].get("flags", "").split())
+    cores = len({(c.get("physical id"), c.get("core id")) for c in cpus}) if "core id" in cpus[0] else len(cpus)
+    mhz = max(float(c.get("cpu MHz", "nan")) for c in cpus)
+    if "avx512f" in flags:
+        per_cycle, isa = 64, "AVX-512 (2 FMA x 16 FP32 lanes x 2)"
+    elif "avx2" in flags and "fma" in flags:
+        per_cycle, isa = 32, "AVX2+FMA (2 FMA x 8 FP32 lanes x 2)"
+    else:
+        per_cycle, isa = 8, "SSE (4 lanes x 2 ops)"
+    flops = cores * mhz * 1e6 * per_cycle if math.isfinite(mhz) else None
+    return {"flops": flops, "cores": cores, "mhz": mhz, "flops_per_cycle_per_core": per_cycle,
+            "source": f"derived from /proc/cpuinfo: {cores} cores x {mhz:.0f} MHz x {per_cycle} FLOP/cycle "
+                      f"({isa}); an assumption, not a measurement"}
+
+
+def gpu_peak(name: str) -> dict:
+    for key, flops, source in GPU_FP32_PEAKS:
+        if key.lower() in name.lower():
+            return {"flops": flops, "source": source}
+    return {"flops": None, "source": f"no datasheet FP32 figure on file for {name!r}"}
+
+
+def device_facts(device: torch.device) -> dict:
+    facts = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+             "python": platform.python_version(), "channels_last": training.CHANNELS_LAST}
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        facts.update(device_name=name, cuda=torch.version.cuda, peak=gpu_peak(name))
+    else:
+        cpus = _cpuinfo()
+        facts.update(device_name=cpus[0].get("model name", platform.processor()) if cpus else platform.processor(),
+                     cpu_capability=torch.backends.cpu.get_cpu_capability(), peak=cpu_peak())
+    return facts
+
+
+# --- interleaved runs --------------------------------------------------------
+
+class OwnRng:
+    """The global torch RNG state of one run, swapped in around each of its epochs.
+
+    Dropout and weight init draw from the global generator; without this two
+    interleaved runs would steal each other's draws and neither would be the
+    run a user gets alone for that seed.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device if device.type == "cuda" else None
+        self.state = self.cuda_state = None
+
+    def step(self, run: Iterator[TrainResult]) -> TrainResult:
+        outside = torch.get_rng_state()
+        outside_cuda = torch.cuda.get_rng_state(self.cuda) if self.cuda else None
+        if self.state is not None:
+            torch.set_rng_state(self.state)
+            if self.cuda:
+                torch.cuda.set_rng_state(self.cuda_state, self.cuda)
+        try:
+            return next(run)
+        finally:
+            self.state = torch.get_rng_state()
+            torch.set_rng_state(outside)
+            if self.cuda:
+                self.cuda_state = torch.cuda.get_rng_state(self.cuda)
+                torch.cuda.set_rng_state(outside_cuda, self.cuda)
+
+
+@dataclass
+class Timed:
+    """One interleaved run: its result (wall seconds per epoch in its history) and the CPU seconds of each epoch.
+
+    Process CPU time counts only while this process runs, so with one thread it
+    is what a neighbour's load cannot inflate (wall time can, by 2x here); with
+    more threads it also counts threads spinning while they wait for each other.
+    """
+
+    result: TrainResult
+    cpu_seconds: list[float] = field(default_factory=list)
+
+
+def interleave(runs: dict[str, Iterator[TrainResult]], device: torch.device) -> dict[str, Timed]:
+    """Step the runs one epoch each in turn, the leader alternating by round, until all are done."""
+    rngs = {name: OwnRng(device) for name in runs}
+    timed: dict[str, Timed] = {}
+    live = list(runs)
+    round_ = 0
+    while live:
+        order = live if round_ % 2 == 0 else live[::-1]
+        for name in list(order):
+            started = time.process_time()
+            try:
+                result = rngs[name].step(runs[name])
+            except StopIteration:
+                live.remove(name)
+                continue
+            cpu = time.process_time() - started
+            timed.setdefault(name, Timed(result)).cpu_seconds.append(cpu)
+        round_ += 1
+    return timed
+
+
+def _median_after(values: list[float], warmup: int) -> float:
+    return statistics.median(values[warmup:] or values)
+
+
+def loop_summary(run: Timed, warmup: int, n_train: int, flops_per_epoch: float, peak: float | None) -> dict:
+    result = run.result
+    seconds = [h.seconds for h in result.history]
+    median = _median_after(seconds, warmup)
+    achieved = flops_per_epoch / median
+    return {
+        "seconds_per_epoch": median,
+        "epoch_seconds": seconds,
+        "timed_epochs": len(seconds[warmup:] or seconds),
+        "cpu_seconds_per_epoch": _median_after(run.cpu_seconds, warmup),
+        "epoch_cpu_seconds": run.cpu_seconds,
+        "images_per_second": n_train / median,
+        "achieved_flops": achieved,
+        "share_of_peak": achieved / peak if peak else None,
+        "final_dev_macro_accuracy": result.history[-1].dev_macro_accuracy,
+        "final_train_loss": result.history[-1].train_loss,
+    }
+
+
+def compare(config: TrainConfig, splits: Splits, data: DeviceData, device, warmup: int,
+            flops_per_epoch: float, peak: float | None, workers: int) -> dict:
+    results = interleave({"naive": naive_train_epochs(config, splits, device, workers),
+                          "project": train_epochs(config, data, device)}, device)
+    n_train = len(splits.train)
+    out = {name: loop_summary(results[name], warmup, n_train, flops_per_epoch, peak) for name in ("naive", "project")}
+    out["speedup"] = out["naive"]["seconds_per_epoch"] / out["project"]["seconds_per_epoch"]
+    out["cpu_speedup"] = out["naive"]["cpu_seconds_per_epoch"] / out["project"]["cpu_seconds_per_epoch"]
+    return out
+
+
+def accuracy_check(per_seed: dict[int, dict]) -> dict:
+    """Same seed, same final dev macro accuracy within noise; noise = the widest spread across seeds of either loop."""
+    naive = [per_seed[s]["naive"] for s in sorted(per_seed)]
+    project = [per_seed[s]["project"] for s in sorted(per_seed)]
+    noise = max(max(naive) - min(naive), max(project) - min(project)) if len(per_seed) > 1 else None
+    difference = statistics.mean(project) - statistics.mean(naive)
+    return {
+        "seeds": sorted(per_seed), "naive": naive, "project": project,
+        "mean_naive": statistics.mean(naive), "mean_project": statistics.mean(project),
+        "difference_of_means": difference,
+        "noise": noise,
+        "noise_definition": "widest max-min spread of final dev macro accuracy across seeds, either loop",
+        "within_noise": None if noise is None else abs(difference) <= noise,
+    }
+
+
+def gpu_busy_fraction(run: Iterator[TrainResult], device: torch.device) -> dict:
+    """Share of one epoch's wall time with a CUDA kernel running (profiler overhead makes it a lower bound)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
+        next(run)
+        torch.cuda.synchronize(device)
+        wall = time.perf_counter() - started
+    kernel_us = 0.0
+    for event in prof.key_averages():
+        if str(getattr(event, "device_type", "")).endswith("CUDA"):
+            kernel_us += getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+    return {"wall_seconds": wall, "kernel_seconds": kernel_us / 1e6, "busy_fraction": kernel_us / 1e6 / wall}
+
+
+def recipe_run(splits: Splits, data: DeviceData, device, epochs: int) -> dict:
+    config = TrainConfig(batch_size=REFERENCE_BATCH, epochs=epochs)
+    result = None
+    for result in train_epochs(config, data, device):
+        pass
+    seconds = [h.seconds for h in result.history]
+    return {"epochs": epochs, "batch_size": REFERENCE_BATCH, "total_seconds": result.seconds,
+            "median_epoch_seconds": statistics.median(seconds[1:] or seconds),
+            "first_epoch_seconds": seconds[0], "final_dev_macro_accuracy": result.history[-1].dev_macro_accuracy}
+
+
+# --- levers of the project loop (A/B, interleaved like the main comparison) ------
+
+def _foreach_optimizer(model, config):
+    """The optimizer before fused kernels were adopted: foreach (one launch per op for all parameters)."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay, foreach=True)
+    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+
+
+def _lever_settings(device: torch.device) -> dict[str, dict]:
+    """Each lever as the module settings it flips, relative to the project loop as shipped."""
+    flip = {"channels_last off": {"CHANNELS_LAST": not training.CHANNELS_LAST},
+            "foreach optimizer (not fused)": {"make_optimizer": _foreach_optimizer}}
+    if device.type == "cuda":
+        flip["cudnn.benchmark on"] = {"cudnn_benchmark": True}
+    return flip
+
+
+def _with_settings(run: Iterator[TrainResult], settings: dict) -> Iterator[TrainResult]:
+    """Step `run` with cnnlib.training's module settings (and cudnn.benchmark) flipped during its epochs only."""
+    while True:
+        saved = {name: getattr(training, name) for name in settings if name != "cudnn_benchmark"}
+        saved_benchmark = torch.backends.cudnn.benchmark
+        for name, value in settings.items():
+            if name == "cudnn_benchmark":
+                torch.backends.cudnn.benchmark = value
+            else:
+                setattr(training, name, value)
+        try:
+            result = next(run)
+        except StopIteration:
+            return
+        finally:
+            for name, value in saved.items():
+                setattr(training, name, value)
+            torch.backends.cudnn.benchmark = saved_benchmark
+        yield result
+
+
+def measure_levers(splits: Splits, data: DeviceData, device: torch.device, epochs: int, warmup: int) -> dict:
+    """Seconds per epoch of the shipped loop against each lever flipped, at batch 32, two runs at a time."""
+    config = TrainConfig(batch_size=REFERENCE_BATCH, epochs=warmup + epochs)
+    out = {}
+    for name, settings in _lever_settings(device).items():
+        flipped_data = data
+        if "CHANNELS_LAST" in settings:  # the resident copy's layout follows the flag too
+            saved, training.CHANNELS_LAST = training.CHANNELS_LAST, settings["CHANNELS_LAST"]
+            try:
+                flipped_data = DeviceData(splits, device)
+            finally:
+                training.CHANNELS_LAST = saved
+        results = interleave({"shipped": train_epochs(config, data, device),
+                              "flipped": _with_settings(train_epochs(config, flipped_data, device), settings)}, device)
+        wall = {k: _median_after([h.seconds for h in results[k].result.history], warmup) for k in results}
+        cpu = {k: _median_after(results[k].cpu_seconds, warmup) for k in results}
+        out[name] = {"shipped_seconds_per_epoch": wall["shipped"], "flipped_seconds_per_epoch": wall["flipped"],
+                     "shipped_speedup": wall["flipped"] / wall["shipped"],
+                     "shipped_cpu_seconds_per_epoch": cpu["shipped"], "flipped_cpu_seconds_per_epoch": cpu["flipped"],
+                     "shipped_cpu_speedup": cpu["flipped"] / cpu["shipped"]}
+        shipped, flipped = wall["shipped"], wall["flipped"]
+        print(f"  lever {name}: shipped {shipped:.3f} s/epoch, flipped {flipped:.3f} ({flipped / shipped:.2f}x); "
+              f"CPU {cpu['shipped']:.3f} vs {cpu['flipped']:.3f} ({out[name]['shipped_cpu_speedup']:.2f}x)", flush=True)
+    return out
+
+
+# --- horizontally fused trials (issue 7: cnnlib/fused.py, study/bench_fused.py) ---
+
+def fused_section(ks: tuple[int, ...], splits: Splits, data: DeviceData, device, epochs: int, warmup: int) -> dict:
+    """Whatever study.bench_fused measures for K fused trials; a failure there is recorded, never fatal."""
+    try:
+        from .bench_fused import measure_fused
+    except ImportError as error:
+        return {"skipped": f"study.bench_fused is not importable ({error})"}
+    try:
+        return measure_fused(splits=splits, data=data, device=device, ks=ks, epochs=epochs, warmup=warmup,
+                             batch_size=REFERENCE_BATCH)
+    except Exception as error:  # noqa: BLE001 - another issue's code must not cost this report
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+# --- report --------------------------------------------------------------------
+
+def format_table(report: dict) -> str:
+    facts = report["device"]
+    peak = facts["peak"]
+    lines = [f"device {facts['device']} ({facts['device_name']}), torch {facts['torch']}, {facts['threads']} threads "
+             f"({report['settings'].get('threads_reason', '')})",
+             f"peak {peak['flops'] / 1e9:.1f} GFLOP/s: {peak['source']}" if peak["flops"] else f"peak: {peak['source']}",
+             f"model: {report['flops_per_image']:,} FLOP per image forward, x{TRAIN_FLOPS_PER_FORWARD} for a "
+             f"training step; {report['settings']['timed_epochs']} timed epochs after "
+             f"{report['settings']['warmup_epochs']} warm-up, median",
+             "",
+             f"{'batch':>5} {'naive s/ep':>11} {'project s/ep':>13} {'speedup':>8} {'naive img/s':>12} "
+             f"{'project img/s':>14} {'GFLOP/s':>8} {'% peak':>7} {'CPU s/ep naive':>15} {'project':>8} {'speedup':>8}"]
+    for batch, row in report["batch_sizes"].items():
+        naive, project = row["naive"], row["project"]
+        share = f"{100 * project['share_of_peak']:.2f}" if project["share_of_peak"] is not None else "-"
+        lines.append(f"{batch:>5} {naive['seconds_per_epoch']:>11.3f} {project['seconds_per_epoch']:>13.3f} "
+                     f"{row['speedup']:>7.2f}x {naive['images_per_second']:>12.0f} {project['images_per_second']:>14.0f} "
+                     f"{project['achieved_flops'] / 1e9:>8.2f} {share:>7} {naive['cpu_seconds_per_epoch']:>15.3f} "
+                     f"{project['cpu_seconds_per_epoch']:>8.3f} {row['cpu_speedup']:>7.2f}x")
+    acc = report.get("accuracy")
+    if acc:
+        noise = f"{acc['noise']:.3f}" if acc["noise"] is not None else "n/a (one seed)"
+        lines += ["", f"final dev macro accuracy at batch {REFERENCE_BATCH}, seeds {acc['seeds']}:",
+                  f"  naive   {' '.join(f'{a:.3f}' for a in acc['naive'])}  mean {acc['mean_naive']:.3f}",
+                  f"  project {' '.join(f'{a:.3f}' for a in acc['project'])}  mean {acc['mean_project']:.3f}",
+                  f"  difference of means {acc['difference_of_means']:+.3f}; noise (widest spread across seeds) "
+                  f"{noise}; within noise: {acc['within_noise']}"]
+    if "recipe" in report:
+        r = report["recipe"]
+        lines += ["", f"recipe ({r['epochs']} epochs, batch {r['batch_size']}, project loop): {r['total_seconds']:.1f} s "
+                      f"total, {r['median_epoch_seconds']:.3f} s/epoch median, dev macro {r['final_dev_macro_accuracy']:.3f}"]
+    for name, lever in report.get("levers", {}).items():
+        lines.append(f"lever {name}: {lever['flipped_seconds_per_epoch']:.3f} s/epoch vs shipped "
+                     f"{lever['shipped_seconds_per_epoch']:.3f} (shipped {lever['shipped_speedup']:.2f}x as fast; "
+                     f"CPU time {lever['shipped_cpu_speedup']:.2f}x)")
+    if "gpu_busy" in report:
+        g = report["gpu_busy"]
+        lines.append(f"GPU busy {100 * g['busy_fraction']:.0f}% of one epoch at batch {REFERENCE_BATCH} (profiled)")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, folder: Path, copy: Path | None = None) -> tuple[Path, Path]:
+    """bench.json (the latest) and a timestamped copy that later runs never overwrite."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if copy is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        copy, n = folder / f"bench-{stamp}.json", 1
+        while copy.exists():
+            copy, n = folder / f"bench-{stamp}-{n}.json", n + 1
+    write_json(copy, report)
+    return write_json(folder / "bench.json", report), copy
+
+
+def settings_from(args) -> dict:
+    quick = args.quick
+    epochs = args.epochs if args.epochs is not None else (2 if quick else EPOCHS)
+    warmup = args.warmup if args.warmup is not None else WARMUP
+    batch_sizes = _ints(args.batch_sizes) if args.batch_sizes else ((REFERENCE_BATCH,) if quick else BATCH_SIZES)
+    seeds = _ints(args.seeds) if args.seeds else ((0, 1) if quick else ACCURACY_SEEDS)
+    if epochs < 1 or warmup < 0:
+        raise UserError(f"--epochs must be >= 1 and --warmup >= 0, got {epochs} and {warmup}")
+    if any(b < 1 for b in batch_sizes):
+        raise UserError(f"--batch-sizes must be positive, got {batch_sizes}")
+    return {"timed_epochs": epochs, "warmup_epochs": warmup, "batch_sizes": list(batch_sizes),
+            "accuracy_seeds": list(seeds), "naive_workers": args.naive_workers}
+
+
+def choose_threads(requested: int | None) -> tuple[int, str]:
+    """One thread per core on a quiet machine; one thread when others already keep the cores busy.
+
+    Measured on the 2-core CPU with five neighbours running (load ~7): the
+    project loop took 20.5 s/epoch at batch 32 with 2 threads and 3.9 s with 1,
+    because an op's OpenMP threads wait for each other and one of them is
+    usually descheduled. On a quiet machine 2 threads gave 1.0 s vs 1.6 s.
+    """
+    if requested:
+        return requested, "--threads"
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if cores > 1 and load >= cores - 0.5:
+        return 1, f"load average {load:.1f} on {cores} cores: other processes keep the cores busy"
+    return torch.get_num_threads(), "torch default (one per core)"
+
+
+def run(args) -> int:
+    settings = settings_from(args)
+    threads, why = choose_threads(args.threads)
+    torch.set_num_threads(threads)
+    settings["threads_reason"] = why
+    splits = load_splits(args)
+    data = DeviceData(splits, args.device)
+    device = data.device
+    facts = device_facts(device)
+    peak = facts["peak"]["flops"]
+    n_train, n_dev = len(splits.train), len(splits.dev)
+    flops = model_flops_per_image(data.image_size, data.n_classes)
+    flops_per_epoch = float(n_train * TRAIN_FLOPS_PER_FORWARD * flops + n_dev * flops)
+    epochs = settings["warmup_epochs"] + settings["timed_epochs"]
+    base = TrainConfig(epochs=epochs)  # the user's recipe, shortened
+    report = {
+        "device": facts, "settings": settings, "config": base.to_dict(),
+        "split": {"train": n_train, "dev": n_dev},
+        "flops_per_image": flops, "flops_per_epoch": flops_per_epoch,
+        "flops_note": f"forward FLOPs (2 x multiply-adds of convs and linears) x{TRAIN_FLOPS_PER_FORWARD} per "
+                      "train image plus one forward per dev image; share_of_peak = that / seconds_per_epoch / peak",
+        "images_per_second_note": "train images per second of epoch wall time, dev evaluation included",
+        "batch_sizes": {},
+    }
+    print(f"bench on {device}: {settings['warmup_epochs']} warm-up + {settings['timed_epochs']} timed epochs, "
+          f"batch sizes {settings['batch_sizes']}, accuracy seeds {settings['accuracy_seeds']}", flush=True)
+    accuracies = {}
+    for batch in settings["batch_sizes"]:
+        config = TrainConfig.from_dict({**base.to_dict(), "batch_size": batch, "seed": settings["accuracy_seeds"][0]})
+        row = compare(config, splits, data, device, settings["warmup_epochs"], flops_per_epoch, peak,
+                      args.naive_workers)
+        report["batch_sizes"][str(batch)] = row
+        print(f"  batch {batch}: naive {row['naive']['seconds_per_epoch']:.3f} s/epoch, "
+              f"project {row['project']['seconds_per_epoch']:.3f} s/epoch, {row['speedup']:.2f}x", flush=True)
+        if batch == REFERENCE_BATCH:
+            accuracies[config.seed] = {k: row[k]["final_dev_macro_accuracy"] for k in ("naive", "project")}
+    for seed in settings["accuracy_seeds"]:
+        if seed in accuracies:
+            continue
+        config = TrainConfig.from_dict({**base.to_dict(), "batch_size": REFERENCE_BATCH, "seed": seed})
+        row = compare(config, splits, data, device, settings["warmup_epochs"], flops_per_epoch, peak,
+                      args.naive_workers)
+        accuracies[seed] = {k: row[k]["final_dev_macro_accuracy"] for k in ("naive", "project")}
+        print(f"  accuracy seed {seed}: naive {accuracies[seed]['naive']:.3f}, "
+              f"project {accuracies[seed]['project']:.3f}", flush=True)
+    report["accuracy"] = accuracy_check(accuracies)
+    report["accuracy"]["epochs"] = epochs
+    if device.type == "cuda":
+        config = TrainConfig(batch_size=REFERENCE_BATCH, epochs=2)
+        run_ = train_epochs(config, data, device)
+        next(run_)  # warm-up epoch
+        try:
+            report["gpu_busy"] = gpu_busy_fraction(run_, device)
+        except Exception as error:  # noqa: BLE001 - the profiler (CUPTI) is optional; the timings are not
+            report["gpu_busy_error"] = f"{type(error).__name__}: {error}"
+    if args.levers:
+        report["levers"] = measure_levers(splits, data, device, settings["timed_epochs"], settings["warmup_epochs"])
+    if args.recipe_epochs > 0:
+        report["recipe"] = recipe_run(splits, data, device, args.recipe_epochs)
+    folder = Path(args.results) / "bench"
+    path, copy = write_report(report, folder)
+    print()
+    print(format_table(report))
+    print(f"\nwrote {path} (and {copy.name})", flush=True)
+    if args.fused_ks:
+        report["fused"] = fused_section(_ints(args.fused_ks), splits, data, device,
+                                        settings["timed_epochs"], settings["warmup_epochs"])
+        write_report(report, folder, copy)
+        print(f"fused trials: {report['fused'] if isinstance(report['fused'], dict) else 'see above'}; updated {path}")
+    return 0
