@@ -13,8 +13,13 @@ as fused and unfused differ. Measured on this CPU, 3 epochs on 500 images:
 - with dropout (each member replays its unfused run's masks bit for bit):
   losses within 2e-4, weights within 2e-3, confusion matrices identical; the
   unfused loop at 2 threads vs 1 differed from itself by the same 2e-4 / 2e-3.
-Tolerances: losses 1e-4 (1e-3 with dropout), weights 1e-3 (1e-2 with
-dropout), at most one dev image predicted differently (a near-tie may flip).
+On another machine (the H200 host's 16-core CPU with torch 2.11) the same
+runs agreed in epoch 1 but differed by up to 2.5e-3 in epoch 2's dev loss:
+other kernels, same amplification.
+Tolerances: epoch 1's losses 1e-4, which a fusion bug (a member's lr,
+weights or loss mixed up) misses by orders of magnitude; later epochs' losses
+1e-2 (2e-2 with dropout), weights 5e-2 (1e-1 with dropout), at most six of
+the 300 dev images predicted differently (near-ties flip).
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ from cnnlib.model import SeedCNN
 from cnnlib.splits import DataConfig, prepare_splits
 from cnnlib.training import DeviceData, EpochStats, TrainConfig, class_weights, evaluate, make_criterion, train
 
-LOSS_TOLERANCE, WEIGHT_TOLERANCE = 1e-4, 1e-3
-DROPOUT_LOSS_TOLERANCE, DROPOUT_WEIGHT_TOLERANCE = 1e-3, 1e-2
-MAX_DEV_IMAGES_MOVED = 1
+FIRST_EPOCH_TOLERANCE = 1e-4
+LOSS_TOLERANCE, WEIGHT_TOLERANCE = 1e-2, 5e-2
+DROPOUT_LOSS_TOLERANCE, DROPOUT_WEIGHT_TOLERANCE = 2e-2, 1e-1
+MAX_DEV_IMAGES_MOVED = 6
 
 CPU = torch.device("cpu")
 SHARED = dict(batch_size=32, epochs=3, imbalance="weighted_loss")
@@ -86,11 +92,19 @@ def separate_runs(configs, data):
 
 
 def assert_same_run(fused_result, separate, loss_tolerance=LOSS_TOLERANCE, weight_tolerance=WEIGHT_TOLERANCE):
+    """Epoch 1 must agree to FIRST_EPOCH_TOLERANCE; later epochs to the looser tolerances.
+
+    Training amplifies rounding differences (another CPU's kernels, another torch
+    build, TF32 on a GPU) from ~1e-7 to ~1e-3 over a few epochs, while a real
+    fusion bug (a member's lr, weights or loss mixed up) is off by >= 1e-2 from
+    the first epoch on: the first epoch is where the check is sharp.
+    """
     assert len(fused_result.history) == len(separate.history)
     for a, b in zip(fused_result.history, separate.history):
         assert a.epoch == b.epoch
-        assert a.train_loss == pytest.approx(b.train_loss, abs=loss_tolerance), a.epoch
-        assert a.dev_loss == pytest.approx(b.dev_loss, abs=loss_tolerance), a.epoch
+        tolerance = min(loss_tolerance, FIRST_EPOCH_TOLERANCE) if a.epoch == 1 else loss_tolerance
+        assert a.train_loss == pytest.approx(b.train_loss, abs=tolerance), a.epoch
+        assert a.dev_loss == pytest.approx(b.dev_loss, abs=tolerance), a.epoch
         moved = np.abs(a.dev.confusion - b.dev.confusion).sum() // 2
         assert moved <= MAX_DEV_IMAGES_MOVED, (a.epoch, a.dev.confusion, b.dev.confusion)
     for (name, p), q in zip(fused_result.model.named_parameters(), separate.model.parameters()):
@@ -123,16 +137,23 @@ def test_weighted_sampler_flip_and_jitter_follow_the_first_members_seed(cpu_data
         assert_same_run(result, separate)
 
 
-def test_fused_training_runs_on_the_test_device(small_splits, device):
-    # On CUDA, cuDNN's TF32 convolutions and batched kernels round differently
-    # from the unfused ones: the same run, looser tolerance. On the CPU this is
-    # the equivalence test again with K=2.
+def test_fused_training_runs_on_the_test_device(small_splits, device, monkeypatch):
+    # On CUDA, with TF32 off so that both paths compute in float32, grouped and
+    # batched kernels still round differently from the unfused ones: the same
+    # run, looser tolerance. On the CPU this is the equivalence test again, K=2.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
     data = DeviceData(small_splits, device)
     configs = configs_of(MIXED[:2], epochs=2, dropout=0.0)
-    tolerance = 1e-2 if device.type == "cuda" else LOSS_TOLERANCE
-    for result, separate in zip(train_fused(configs, data), separate_runs(configs, data)):
+    tolerance = LOSS_TOLERANCE
+    try:
+        pairs = list(zip(train_fused(configs, data), separate_runs(configs, data)))
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    for result, separate in pairs:
         assert result.device == str(device)
-        assert_same_run(result, separate, loss_tolerance=tolerance, weight_tolerance=10 * tolerance)
+        assert_same_run(result, separate, loss_tolerance=tolerance, weight_tolerance=5 * tolerance)
 
 
 # --- results look exactly like train's ------------------------------------------
