@@ -214,12 +214,20 @@ def test_a_postgresql_workers_killed_trial_fails_by_heartbeat_and_is_retried_wit
 
 # --- Ctrl-C ---------------------------------------------------------------------------------
 
+def _as_in_a_terminal() -> None:
+    """Ctrl-C reaches a foreground program in a terminal: undo an ignored or blocked SIGINT inherited
+    from the test process (Python starts a child with SIGINT ignored if its parent ignores it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def interrupt_search(data: Path, results: Path, storage: str, *extra: str, training: int = 1) -> SimpleNamespace:
     """Start a search whose trials hang in training, wait until `training` trials are mid-epoch, then Ctrl-C it."""
     flag = results / "training.pids"
     env = subprocess_env(**inject(results / "inject", HANG_IN_TRAINING.format(flag=str(flag))))
     process = subprocess.Popen(search_command(data, results, storage, "--trials", "3", *extra), env=env, cwd=results,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 240
         while len(flag.read_text().splitlines() if flag.exists() else []) < training:
@@ -228,7 +236,11 @@ def interrupt_search(data: Path, results: Path, storage: str, *extra: str, train
             time.sleep(0.1)
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
         interrupted = time.monotonic()
-        out, err = process.communicate(timeout=60)
+        try:
+            out, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no exit 60 s after SIGINT; the test process's SIGINT handler is "
+                                 f"{signal.getsignal(signal.SIGINT)!r}, blocked: {signal.pthread_sigmask(signal.SIG_BLOCK, [])}")
         seconds = time.monotonic() - interrupted
         print(f"stopped {seconds:.1f} s after Ctrl-C; {interrupted - deadline + 240:.1f} s from start to Ctrl-C")
     finally:
