@@ -34,6 +34,8 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from cnnlib.atomic import atomic_path
+
 from .cli import UserError
 from .storage import load_existing_study, open_storage, redact, storage_file
 
@@ -198,10 +200,8 @@ def data_table(study: optuna.Study, results: Path) -> tuple[pd.DataFrame, str]:
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
     """Write then rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 def export_study(study: optuna.Study, results: Path) -> dict[str, Path]:

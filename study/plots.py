@@ -31,6 +31,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
+from cnnlib.atomic import write_atomic
+
 from .cli import UserError
 from .export import study_folder
 
@@ -591,9 +593,7 @@ def make_report(csv_path: Path, out: Path | None = None, png: bool = True) -> tu
     out = Path(out) if out else folder / "plots"
     out.mkdir(parents=True, exist_ok=True)
     index = out / "index.html"
-    tmp = index.with_suffix(".html.tmp")
-    tmp.write_text(render_html(figures, trials, csv_path, folder.name), encoding="utf-8")
-    os.replace(tmp, index)
+    write_atomic(index, render_html(figures, trials, csv_path, folder.name))
     png_note = write_pngs(figures, out) if png else "PNG export skipped (--no-png)"
     return index, figures, png_note
 
