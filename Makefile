@@ -37,7 +37,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup search data train evaluate dashboard export plots final bench audit test test-deps clean
+COMMANDS := search data train evaluate dashboard export plots final bench audit
+
+.PHONY: help setup $(COMMANDS) test test-deps clean
 
 help:
 	@echo "make search | make test | data train evaluate dashboard export plots final bench audit"
@@ -51,35 +53,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,png]'
 	touch $(STAMP)
 
-search: $(STAMP)
-	$(PY) -m study search
-
-data: $(STAMP)
-	$(PY) -m study data
-
-train: $(STAMP)
-	$(PY) -m study train
-
-evaluate: $(STAMP)
-	$(PY) -m study evaluate
-
-dashboard: $(STAMP)
-	$(PY) -m study dashboard
-
-export: $(STAMP)
-	$(PY) -m study export
-
-plots: $(STAMP)
-	$(PY) -m study plots
-
-final: $(STAMP)
-	$(PY) -m study final
-
-bench: $(STAMP)
-	$(PY) -m study bench
-
-audit: $(STAMP)
-	$(PY) -m study audit
+# Each command target is the study command of the same name (python -m study <target> --help).
+$(COMMANDS): $(STAMP)
+	$(PY) -m study $@
 
 # PostgreSQL (for the shared-storage tests) and Chromium (for the report test), from Debian.
 test-deps:
