@@ -141,3 +141,18 @@ def tiny_run(tiny_inputs):
     code, out, err = run_cli("train", "--space", space, "--results", results, "--device", "cpu", "--name", "first", *options)
     assert code == 0, err
     return results / "runs" / "first", out
+
+
+# --- environment ----------------------------------------------------------------
+
+# Variables the Makefile exports and the commands read as defaults: under `make test`
+# they would leak into the studies and commands the tests run.
+STUDY_ENV = ("DATA", "RESULTS", "DEVICE", "SPACE", "STUDY", "STORAGE", "TRIALS", "TIMEOUT", "WORKERS", "FUSE",
+             "TRUST_PICKLE", "CORRECTIONS", "CSV", "HOST", "PORT", "CHECKPOINT", "SPLIT", "TRIAL", "SEEDS")
+
+
+@pytest.fixture
+def no_study_env(monkeypatch):
+    """Modules that run commands use it (pytestmark) so only their own arguments count."""
+    for name in STUDY_ENV:
+        monkeypatch.delenv(name, raising=False)

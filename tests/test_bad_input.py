@@ -26,14 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("car", "truck", "cat")
 # Counts that use every image of a 6-per-class tree, so every file is read.
 TREE_COUNTS = ["--train-counts", "6,6,6", "--dev-counts", "3,3,3", "--test-counts", "3,3,3"]
-STUDY_ENV = ("DATA", "RESULTS", "DEVICE", "SPACE", "STUDY", "STORAGE", "TRIALS", "TIMEOUT", "WORKERS", "FUSE",
-             "TRUST_PICKLE", "CORRECTIONS", "CSV", "HOST", "PORT", "CHECKPOINT", "SPLIT", "TRIAL", "SEEDS")
 
 
-@pytest.fixture(autouse=True)
-def no_study_env(monkeypatch):
-    for name in STUDY_ENV:
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_study_env")  # conftest: no Makefile variable leaks in
 
 
 def assert_one_line_error(result, *culprits: str) -> str:

@@ -28,7 +28,8 @@ from study.artifacts import attach_trial_artifacts, report_svg, trial_report_dat
 from study.dashboard import DEFAULT_HOST, add_arguments
 from study.storage import open_storage
 
-from test_export import STUDY_ENV, smoke_study  # noqa: F401 - fixture shared with test_export
+from test_export import smoke_study  # noqa: F401 - fixture shared with test_export
+from conftest import STUDY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["car", "truck", "cat"]
@@ -49,10 +50,7 @@ def get_json(url: str):
     return json.loads(get(url)[1])
 
 
-@pytest.fixture(autouse=True)
-def no_study_env(monkeypatch):
-    for name in STUDY_ENV:
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_study_env")  # conftest: no Makefile variable leaks in
 
 
 # --- the report attached to each trial ------------------------------------------------

@@ -18,15 +18,13 @@ from optuna.trial import TrialState
 from study import cli
 from study.export import export_study, study_folder, trials_table
 from study.storage import open_storage
+from conftest import STUDY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
 CLASSES = ("car", "truck", "cat")
 TRAIN_COUNTS, DEV_COUNTS, TEST_COUNTS = (200, 60, 40), (50, 20, 20), (20, 20, 20)
 SMOKE_TRIALS = 4
-# Variables `make` exports that would otherwise leak into the commands these tests run.
-STUDY_ENV = ("DATA", "RESULTS", "DEVICE", "SPACE", "STUDY", "STORAGE", "TRIALS", "TIMEOUT", "WORKERS", "FUSE",
-             "TRUST_PICKLE", "CORRECTIONS", "CSV", "HOST", "PORT")
 ISSUE_COLUMNS = ["number", "state", "value", "datetime_start", "datetime_complete", "duration",
                  "params_optimizer", "params_lr", "params_batch_size", "params_epochs", "params_weight_decay",
                  *(f"user_attrs_dev_acc_{c}" for c in CLASSES), "user_attrs_train_macro_accuracy",
@@ -73,10 +71,7 @@ def smoke_export(smoke_study) -> SimpleNamespace:
                            epochs=pd.read_csv(folder / "epochs.csv"), data=pd.read_csv(folder / "data.csv"))
 
 
-@pytest.fixture(autouse=True)
-def no_study_env(monkeypatch):
-    for name in STUDY_ENV:
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_study_env")  # conftest: no Makefile variable leaks in
 
 
 # --- trials.csv -------------------------------------------------------------------

@@ -38,17 +38,14 @@ from study import final as final_module
 from study import objective as objective_module
 from study import search as search_module
 from study import storage as storage_module
-from test_search import FINISHED, SMOKE, STUDY_ENV, small_data, sqlite_url, subprocess_env, trials_of  # noqa: F401
+from test_search import FINISHED, SMOKE, small_data, sqlite_url, subprocess_env, trials_of  # noqa: F401
 
 FAST_HEARTBEAT = {"HEARTBEAT_INTERVAL": "1", "HEARTBEAT_GRACE": "3"}
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@pytest.fixture(autouse=True)
-def no_study_env(monkeypatch):
-    for name in STUDY_ENV:
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_study_env")  # conftest: no Makefile variable leaks in
 
 
 # --- helpers ------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import postgres
 from postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
 from study import cli
 from study import objective as objective_module
+from conftest import STUDY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
@@ -35,9 +36,6 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CONTRACT_ATTRS = {"config", "classes", "dev_per_class", "dev_confusion_matrix", "train_macro_accuracy",
                   "train_per_class", "curve_train_loss", "curve_dev_loss", "curve_dev_macro_accuracy",
                   "train_seconds", "device", "epochs_run"}
-# Variables `make` exports that would otherwise leak into the studies these tests run.
-STUDY_ENV = ("DATA", "RESULTS", "DEVICE", "SPACE", "STUDY", "STORAGE", "TRIALS", "TIMEOUT", "WORKERS", "FUSE",
-             "TRUST_PICKLE", "CORRECTIONS")
 DEV_SIZE = 50 + 20 + 20
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -56,10 +54,7 @@ def small_data(real_data, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(autouse=True)
-def no_study_env(monkeypatch):
-    for name in STUDY_ENV:
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_study_env")  # conftest: no Makefile variable leaks in
 
 
 def search(data: Path, results: Path, storage: str, *extra: str, space: Path = SMOKE) -> int:

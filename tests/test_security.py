@@ -25,19 +25,14 @@ import torch
 
 from cnnlib.checkpoint import FORMAT
 from cnnlib.training import TrainConfig
-from conftest import build_image_tree, class_image, run_cli
+from conftest import STUDY_ENV, build_image_tree, class_image, run_cli
 from study.storage import open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("car", "truck", "cat")
-STUDY_ENV = ("DATA", "RESULTS", "DEVICE", "SPACE", "STUDY", "STORAGE", "TRIALS", "TIMEOUT", "WORKERS", "FUSE",
-             "TRUST_PICKLE", "CORRECTIONS", "CSV", "HOST", "PORT", "CHECKPOINT", "SPLIT", "TRIAL", "SEEDS")
 
 
-@pytest.fixture(autouse=True)
-def no_study_env(monkeypatch):
-    for name in STUDY_ENV:
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_study_env")  # conftest: no Makefile variable leaks in
 
 
 def clean_env(**extra: str) -> dict:
