@@ -1,7 +1,7 @@
 """FUSE=K: the trials asked together are trained as fused groups (cnnlib.fused).
 
 Members of a group must share one batch per step, so they are grouped by
-batch size, imbalance method and augmentation (cnnlib.fused.group_configs).
+batch size, augmentation and weighted sampling (cnnlib.training.group_configs).
 Epochs need not match: a shorter member leaves the group after its own last
 epoch, exactly as if it had been trained alone. Each member reports and is pruned alone, and is recorded by the
 same `finish_trial` as an unfused trial, so export, plots, dashboard and
@@ -14,8 +14,7 @@ from contextlib import ExitStack
 import optuna
 from optuna.trial import TrialState
 
-from cnnlib.fused import group_configs, train_fused
-from cnnlib.training import DeviceData
+from cnnlib.training import DeviceData, group_configs, train_fused
 
 from .objective import EpochReporter, Heartbeat, finish_trial, start_trial, tell
 from .space import SearchSpace
