@@ -385,6 +385,16 @@ def train(config: TrainConfig, data: DeviceData | Splits, device="auto",
     return result
 
 
+def train_group(configs: Sequence[TrainConfig], data: DeviceData | Splits,
+                on_epoch: Callable[[int, EpochStats], bool | None] | None = None, fused: bool | None = None,
+                members_per_pass: int | None = None) -> list[MemberResult]:
+    """train_members to the end: result i belongs to configs[i]; one config trains alone, several fused."""
+    results = []
+    for results in train_members(configs, data, on_epoch, fused=fused, members_per_pass=members_per_pass):
+        pass
+    return results
+
+
 def train_fused_epochs(configs: Sequence[TrainConfig], data: DeviceData | Splits,
                        on_epoch: Callable[[int, EpochStats], bool | None] | None = None,
                        members_per_pass: int | None = None) -> Iterator[list[MemberResult]]:
@@ -395,8 +405,5 @@ def train_fused_epochs(configs: Sequence[TrainConfig], data: DeviceData | Splits
 def train_fused(configs: Sequence[TrainConfig], data: DeviceData | Splits,
                 on_epoch: Callable[[int, EpochStats], bool | None] | None = None,
                 members_per_pass: int | None = None) -> list[MemberResult]:
-    """Train all configs as one fused group; result i belongs to configs[i] (see train_members)."""
-    results = []
-    for results in train_fused_epochs(configs, data, on_epoch, members_per_pass):
-        pass
-    return results
+    """Train all configs as one fused group, even one config; result i belongs to configs[i] (see train_members)."""
+    return train_group(configs, data, on_epoch, fused=True, members_per_pass=members_per_pass)

@@ -33,8 +33,7 @@ from cnnlib.metrics import Evaluation
 from cnnlib.training import DeviceData
 
 from .cli import UserError
-from .fused_search import run_trials_fused
-from .objective import run_trial
+from .objective import run_trials
 from .options import add_common_options, add_data_options, add_study_options, load_splits
 from .space import SearchSpace, load_space
 from .storage import claim_trial, fail_dead_local_trials, lock_path, open_storage, redact, storage_failures
@@ -157,10 +156,7 @@ def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker
                 return 0
             time.sleep(POLL_SECONDS)  # others' trials are in flight; one may still die and need a retry
             continue
-        if args.fuse > 1:
-            results = run_trials_fused(study, trials, space, data)
-        else:
-            results = [run_trial(study, trials[0], space, data)]
+        results = run_trials(study, trials, space, data)
         for frozen in results:
             failures = failures + 1 if frozen.state == TrialState.FAIL else 0
             done = count_states(study)[0] - args._finished_at_start
