@@ -332,7 +332,9 @@ def add_arguments(parser) -> None:
     group.add_argument("--fold-model", choices=tuple(FOLD_RECIPES), default=DEFAULT_FOLD_MODEL,
                        help="architecture and recipe of the fold models (FOLD_RECIPES in study/audit.py)")
     group.add_argument("--epochs", type=int, default=None, help="epochs per fold model (default: the fold model's recipe)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the folds, the fold models and the flips")
+    group.add_argument("--seed", type=int, default=int(os.environ.get("SEED") or 0),
+                       help="seed of the folds, the fold models and the flips (env SEED: `make audit FLIP_COUNT=100 SEED=1` "
+                            "is another flip draw)")
     group.add_argument("--filter-by", choices=FILTER_METHODS, default="prune_by_noise_rate",
                        help="cleanlab's rule for which images are label issues")
     group.add_argument("--rank-by", choices=RANK_METHODS, default="self_confidence",

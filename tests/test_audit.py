@@ -21,6 +21,8 @@ from study.cli import UserError
 
 from conftest import build_image_tree, run_cli
 
+pytestmark = pytest.mark.usefixtures("no_study_env")  # conftest: no Makefile variable leaks in
+
 CLASSES = ("car", "truck", "cat")
 # 600 real train images in the user's imbalance (car-heavy), 30 of them (5 %) flipped.
 SUBSET_COUNTS = (400, 100, 100)
@@ -148,9 +150,10 @@ def audited(tmp_path_factory):
     root = build_image_tree(base / "data", {"car": 24, "truck": 12, "cat": 12}, {c: 8 for c in CLASSES})
     counts = [",".join(map(str, TINY_COUNTS[k])) for k in ("train_counts", "dev_counts", "test_counts")]
     options = ["--data", root, "--train-counts", counts[0], "--dev-counts", counts[1], "--test-counts", counts[2],
-               "--results", base / "results", "--device", "cpu", "--folds", "3", "--epochs", "30", "--top", "5"]
+               "--results", base / "results", "--device", "cpu", "--folds", "3", "--epochs", "30", "--top", "5",
+               "--seed", "0", "--threads", "1"]  # explicit: module-scoped, so no_study_env cannot clear SEED etc.
     first = run_cli("audit", *options, "--run", "check", "--flip-count", "4")
-    second = run_cli("audit", *options, "--run", "check")
+    second = run_cli("audit", *options, "--run", "check", "--flip-count", "0")
     return base / "results" / "audit", first, second
 
 
