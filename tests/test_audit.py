@@ -257,7 +257,8 @@ def test_a_bad_corrections_file_stops_the_audit_with_a_one_line_error(image_tree
     corrections.write_text("id,new_label\ntrain/car/0000.png,lorry\n")
 
     code, out, err = run_cli("audit", "--data", root, "--train-counts", "6,6,6", "--dev-counts", "3,3,3",
-                             "--test-counts", "3,3,3", "--results", tmp_path / "results", "--corrections", corrections)
+                             "--test-counts", "3,3,3", "--results", tmp_path / "results", "--corrections", corrections,
+                             "--threads", "1")
 
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines() == [f"error: {corrections}: line 2: new_label 'lorry' for 'train/car/0000.png' "
@@ -281,7 +282,7 @@ def test_fold_models_at_chance_warn_and_mark_the_output(tmp_path):
     code, out, err = run_cli("audit", "--data", root, "--classes", "a,b,c", "--train-counts", "9,9,9",
                              "--dev-counts", "3,3,3", "--test-counts", "3,3,3", "--results", tmp_path / "results",
                              "--device", "cpu", "--folds", "3", "--fold-model", "seed_cnn", "--epochs", "2",
-                             "--run", "chance")
+                             "--threads", "1", "--run", "chance")
 
     assert code == 0, err
     folder = tmp_path / "results" / "audit" / "chance"
