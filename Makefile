@@ -11,13 +11,13 @@ STORAGE  ?= sqlite:///$(RESULTS)/optuna.db
 TRIALS   ?=
 TIMEOUT  ?=
 WORKERS  ?= 1
-FUSE     ?= 1
+FUSE     ?=# default: as wide as pays on the device (cpu 16, cuda 64); 1: one trial at a time
 PORT     ?= 8080
 # HOST uses '=', not '?=': a HOST the shell exports (containers often set 0.0.0.0) must not
 # open the dashboard to the network; only `make dashboard HOST=...` does.
 HOST      = 127.0.0.1
 TRIAL    ?=
-SEEDS    ?= 3
+SEEDS    ?=# final: 3 (seeds 0..2); train: 1
 EPSILONS ?=
 ATTACK   ?= fgsm
 CSV      ?=

@@ -30,6 +30,7 @@ from optuna.trial import TrialState
 from cnnlib.device import resolve_device
 from cnnlib.errors import CnnlibError
 from cnnlib.metrics import Evaluation
+from cnnlib.fused import GROUP_SIZE
 from cnnlib.training import DeviceData
 
 from .cli import UserError
@@ -61,7 +62,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--timeout", type=int, default=_int_env("TIMEOUT"),
                         help=f"seconds after which no new trial starts (default: the space's budget, else {DEFAULT_TIMEOUT})")
     parser.add_argument("--workers", type=int, default=_int_env("WORKERS") or 1, help="worker processes sharing the study")
-    parser.add_argument("--fuse", type=int, default=_int_env("FUSE") or 1, help="train up to K trials at once as one fused model")
+    parser.add_argument("--fuse", type=int, default=_int_env("FUSE"),
+                        help="train up to K trials at once as one fused model (default: as wide as pays on the "
+                             "device: " + ", ".join(f"{k} {v}" for k, v in GROUP_SIZE.items()) + "; 1: one at a time)")
     add_data_options(parser)
     add_common_options(parser)
 
@@ -98,6 +101,8 @@ def create_study(args, space: SearchSpace, storage, stream: tuple[int, ...] = ()
         study.set_user_attr("space_file", str(space.path))
         study.set_user_attr("space_text", text)
         study.set_user_attr("objectives", space.objectives)
+        for point in space.enqueue:  # warm start: the known points are the first trials of a new study
+            study.enqueue_trial(point, skip_if_exists=True)
     elif previous != text:
         print(f"note: {space.path} changed since study {name!r} began; new trials use the new ranges", file=sys.stderr)
     return study
@@ -127,6 +132,33 @@ def format_trial_line(frozen, run_done: int, run_total: int | None, started: flo
 
 # --- the worker loop ------------------------------------------------------
 
+def ask_trials(study: optuna.Study, space: SearchSpace, count: int) -> list[optuna.Trial]:
+    """Ask `count` trials that can train as one fused group.
+
+    The first trial (a waiting warm-start point, or the sampler's pick) leads;
+    the others are asked with the leader's batch settings fixed
+    (SearchSpace.shared_params, through Optuna's PartialFixedSampler), so
+    they share its batches and fill its group instead of scattering over
+    batch size x augmentation. A waiting enqueued point is always taken as
+    it is, whatever the leader's settings.
+    """
+    leader = study.ask()
+    trials = [leader]
+    if count > 1:
+        try:
+            space.suggest(leader)  # define-by-run: the leader's params exist once suggested (run_trials reads them back)
+        except Exception:  # noqa: BLE001 - an impossible config; run_trials records why
+            return trials + [study.ask() for _ in range(count - 1)]
+        fixed, sampler = space.shared_params(leader.params), study.sampler
+        if fixed:
+            study.sampler = optuna.samplers.PartialFixedSampler(fixed, sampler)
+        try:
+            trials += [study.ask() for _ in range(count - 1)]
+        finally:
+            study.sampler = sampler
+    return trials
+
+
 def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker: str = "", number: int = 0) -> int:
     """Ask, train and tell trials until the study holds `target` finished trials or time is up.
 
@@ -148,7 +180,7 @@ def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker
             finished, running = count_states(study)
             room = target - finished - running
             count = int(min(args.fuse, room)) if room >= 1 and time.time() < deadline else 0
-            trials = [study.ask() for _ in range(count)]
+            trials = ask_trials(study, space, count) if count else []
             for trial in trials:
                 claim_trial(study, trial)
         if not trials:
@@ -248,6 +280,8 @@ def print_best(study: optuna.Study) -> None:
 
 def run(args) -> int:
     space = load_space(args.space)  # fails here, before any training, on a bad file
+    if args.fuse is None:
+        args.fuse = GROUP_SIZE.get(resolve_device(args.device).type, 1)
     if args.workers < 1 or args.fuse < 1:
         raise UserError(f"WORKERS ({args.workers}) and FUSE ({args.fuse}) must be at least 1")
     if (args.trials is not None and args.trials < 0) or (args.timeout is not None and args.timeout < 0):
