@@ -152,7 +152,7 @@ def _train_and_write(args, space, config: TrainConfig, splits, run_dir: Path) ->
         per_seed.append(evaluations)
     # The median seed by dev macro accuracy is the run's model (as in `make final`).
     median = sorted(range(len(results)), key=lambda i: per_seed[i]["dev"].macro_accuracy)[(len(results) - 1) // 2]
-    result, config, evaluations = results[median], configs[median], per_seed[median]
+    result, config, evaluations = results[median], configs[median], dict(per_seed[median])
     evaluations["train"] = evaluate(result.model, data.train, classes, criterion)
     baselines = {name: majority_baseline(splits.train.labels, split.labels, len(classes), classes)
                  for name, split in (("dev", splits.dev), ("test", splits.test)) if split is not None}

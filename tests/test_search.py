@@ -230,7 +230,7 @@ def test_a_trial_that_raises_is_recorded_as_failed_and_the_study_goes_on(small_d
 
     monkeypatch.setattr(objective_module, "train_group", crash_once)
 
-    code = search(small_data, tmp_path, sqlite_url(tmp_path), "--trials", "2")
+    code = search(small_data, tmp_path, sqlite_url(tmp_path), "--trials", "2", "--fuse", "1")
 
     trials = trials_of(sqlite_url(tmp_path), "smoke")
     assert code == 0
