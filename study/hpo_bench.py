@@ -11,10 +11,10 @@ Each search is `make search` with TIMEOUT = BUDGET seconds (no new trial
 starts after it; the group in flight finishes, as for a user), in its own
 SQLite storage, for SEARCH_SEEDS search seeds; the two searches of a seed run
 back to back, the leader alternating by seed, so a neighbour's load falls on
-both alike. TPE's start-up trials are random draws from the same seed as the
-random method's, so the two share their first random trials (common random
-numbers): they differ by the warm-start points and by TPE's model after
-its start-up trials. At checkpoints of the
+both alike. TPE draws its start-up trials with a RandomSampler of the same
+seed as the random method's, so their early random trials often coincide
+(common random numbers): the methods differ by the warm-start points and by
+TPE's model after its start-up trials. At checkpoints of the
 budget (1/3, 2/3, all of it) and at the search's end (the group in flight at
 the deadline included), the best trial so far
 (by dev macro accuracy, from trial completion times) is retrained with seeds
