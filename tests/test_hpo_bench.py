@@ -9,7 +9,6 @@ thread. The tests below read what it wrote; the others check one piece alone.
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
