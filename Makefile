@@ -28,21 +28,24 @@ CORRECTIONS  ?=
 FLIP_COUNT   ?=
 PYTEST_ARGS  ?=
 THREADS      ?=
+BUDGET       ?=# hpo-bench: seconds per search (cpu 300, cuda 900)
+SEARCH_SEEDS ?=# hpo-bench: search seeds per method (3)
 
 export DATA RESULTS DEVICE SPACE STUDY STORAGE TRIALS TIMEOUT WORKERS FUSE PORT HOST TRIAL SEEDS \
-       EPSILONS ATTACK CSV CHECKPOINT SPLIT TRUST_PICKLE CORRECTIONS FLIP_COUNT THREADS PYTEST_ARGS
+       EPSILONS ATTACK CSV CHECKPOINT SPLIT TRUST_PICKLE CORRECTIONS FLIP_COUNT THREADS PYTEST_ARGS \
+       BUDGET SEARCH_SEEDS
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-COMMANDS := search data train evaluate dashboard export plots final bench audit
+COMMANDS := search data train evaluate dashboard export plots final bench audit hpo-bench
 
 .PHONY: help setup $(COMMANDS) test test-deps clean
 
 help:
-	@echo "make search | make test | data train evaluate dashboard export plots final bench audit"
+	@echo "make search | make test | data train evaluate dashboard export plots final bench audit hpo-bench"
 	@echo "see README.md for the variables (DATA, RESULTS, DEVICE, SPACE, STUDY, STORAGE, ...)"
 
 setup: $(STAMP)

@@ -23,6 +23,7 @@ COMMANDS = {
     "final": ("study.final", "retrain the best trial with several seeds, evaluate, FGSM sweep"),
     "bench": ("study.bench", "time the project training loop against a naive DataLoader loop"),
     "audit": ("study.audit", "find probably mislabeled images with cross-validated confident learning"),
+    "hpo-bench": ("study.hpo_bench", "default search vs random search vs the user's recipe at an equal budget, on test"),
 }
 
 
