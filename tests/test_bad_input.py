@@ -164,6 +164,12 @@ def test_an_npy_array_renamed_to_npz_is_named(tmp_path):
 
 # --- search-space files ----------------------------------------------------------------------
 
+# 9 levels of 9 aliases in the description: ~500 bytes that a plain YAML loader turns into 9**9
+# strings once the description is printed (the outside probe measured 118 s and 15.6 GB).
+ALIAS_BOMB = ("description: [&a [x, x, x, x, x, x, x, x, x], "
+              + ", ".join(f"&{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8))
+              + "]\nparams:\n  lr: 0.01\n")
+
 BAD_SPACES = {
     "wrong type: text for an int": ("params:\n  epochs: {type: int, low: two, high: 4}\n",
                                     "params.epochs.low: expected an integer, got 'two'"),
@@ -186,6 +192,30 @@ BAD_SPACES = {
                                    "params.lr.high: expected a finite number"),
     "impossible: negative budget": ("budget: {trials: -3}\nparams:\n  lr: 0.01\n", "budget.trials: cannot be negative"),
     "not text": (b"\xff\xfe\x00\x01 binary", "not a UTF-8 text file"),
+    # issue 16: YAML that loads but means something other than what the file says
+    "an alias": ("params:\n  lr: &rate 1.0e-3\n  weight_decay: *rate\n",
+                 "line 3, column 17: alias *rate refused"),
+    "an alias bomb": (ALIAS_BOMB, "line 1, column 51: alias *a refused"),
+    "a duplicate key": ("params:\n  lr: {type: float, low: 1.0e-3, high: 1.0e-1}\n  lr: 5\n",
+                        "line 3, column 3: duplicate key 'lr' (first on line 2)"),
+    "a duplicate top-level key": ("params:\n  lr: 0.01\nparams:\n  lr: 0.1\n",
+                                  "line 3, column 1: duplicate key 'params' (first on line 1)"),
+    "a boolean batch size": ("params:\n  batch_size: true\n", "params.batch_size: expected an integer, got True"),
+    "a boolean epochs (yes)": ("params:\n  epochs: yes\n", "params.epochs: expected an integer, got True"),
+    "a boolean among choices": ("params:\n  batch_size: {type: categorical, choices: [32, on]}\n",
+                                "params.batch_size: expected an integer, got True"),
+    "a fractional batch size": ("params:\n  batch_size: 32.5\n", "params.batch_size: expected an integer, got 32.5"),
+    "infinite epochs": ("params:\n  epochs: .inf\n", "params.epochs: expected an integer, got inf"),
+    "a not-a-number lr": ("params:\n  lr: .nan\n", "params.lr: expected a finite number, got nan"),
+    "a private pruner function": ("pruner: {name: _filter_study}\nparams:\n  lr: 0.01\n",
+                                  "pruner.name: '_filter_study' is not a public pruner class of optuna.pruners"),
+    "a sampler module helper": ("sampler: {name: IntersectionSearchSpace}\nparams:\n  lr: 0.01\n",
+                                "sampler.name: 'IntersectionSearchSpace' is not a public sampler class"),
+    "a sampler that cannot propose": (
+        "sampler: {name: PartialFixedSampler, fixed_params: {}, base_sampler: TPESampler}\n"
+        "params:\n  lr: {type: float, low: 1.0e-3, high: 1.0e-1}\n",
+        "sampler: cannot propose a trial"),
+    "nesting too deep": ("params:\n  lr: " + "[" * 5000 + "]" * 5000 + "\n", "YAML nested too deeply"),
 }
 
 
@@ -199,6 +229,15 @@ def test_a_bad_space_file_stops_search_before_data_or_storage_with_its_key(tmp_p
 
     assert_one_line_error(result, f"error: {space}: {detail}")
     assert not (tmp_path / "optuna.db").exists()
+
+
+def test_a_space_that_is_a_folder_is_named_as_a_folder(tmp_path):
+    folder = tmp_path / "space.yaml"
+    folder.mkdir()
+
+    assert_one_line_error(run_cli("search", "--space", folder, "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
+                                  "--data", tmp_path / "no-data", "--results", tmp_path / "results"),
+                          f"error: {folder}: is a folder; expected a search-space YAML file")
 
 
 # --- storages and studies --------------------------------------------------------------------
