@@ -184,7 +184,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, data
             config = start_trial(trial, space, data)
             result = train(config, data, data.device, on_epoch=reporter)
         except KeyboardInterrupt as interrupt:
-            trial.set_user_attr("fail_reason", "interrupted (SIGINT) during training")
+            trial.set_user_attr("fail_reason", f"interrupted ({str(interrupt) or 'SIGINT'}) during training")
             tell(study, trial, state=TrialState.FAIL)
             raise interrupt
         except Exception as caught:  # recorded on the trial; the study goes on

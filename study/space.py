@@ -142,6 +142,18 @@ class SearchSpace:
         except TypeError as error:
             raise SpaceError(f"{self.path}: pruner: {error}") from None
 
+    def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
+        """What `suggest` asks Optuna for, per searched param."""
+        made = {}
+        for name, p in self.params.items():
+            if p.type == "categorical":
+                made[name] = optuna.distributions.CategoricalDistribution(p.choices)
+            elif p.type == "int":
+                made[name] = optuna.distributions.IntDistribution(p.low, p.high, log=p.log, step=p.step or 1)
+            elif p.type == "float":
+                made[name] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+        return made
+
     def grid_size(self) -> int | None:
         if self.sampler.get("name") != "GridSampler":
             return None

@@ -16,6 +16,7 @@ import hashlib
 import os
 import socket
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
@@ -165,14 +166,15 @@ def claim_trial(study: optuna.Study, trial: optuna.Trial) -> None:
     With heartbeats, the first beat is written now: Optuna never declares stale
     a RUNNING trial that has no heartbeat at all, so a worker killed between
     `ask` and its heartbeat thread would hold that trial (and a quota slot) forever.
+    The owner is recorded on every storage: a RUNNING trial without one was
+    never claimed (fail_unclaimed_trials).
     """
     storage = study._storage
+    pid = os.getpid()
+    storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR,
+                                  {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)})
     if is_heartbeat_enabled(storage):
         storage.record_heartbeat(trial._trial_id)
-    else:
-        pid = os.getpid()
-        storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR,
-                                      {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)})
 
 
 def fail_dead_local_trials(study: optuna.Study) -> list[int]:
@@ -187,15 +189,38 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
         owner = trial.system_attrs.get(OWNER_ATTR)
         if not owner or owner.get("host") != host or _is_alive(owner):
             continue
-        try:
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason",
-                                        f"worker process {owner['pid']} on {host} died during the trial")
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # it finished (or another worker failed it) meanwhile
-        dead = copy.deepcopy(storage.get_trial(trial._trial_id))  # the retry starts without the dead one's marks
-        dead.system_attrs.pop(OWNER_ATTR, None)
-        dead.user_attrs.pop("fail_reason", None)
-        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, dead)
-        failed.append(trial.number)
+        if _fail_and_retry(study, trial, f"worker process {owner['pid']} on {host} died during the trial"):
+            failed.append(trial.number)
     return failed
+
+
+def fail_unclaimed_trials(study: optuna.Study) -> list[int]:
+    """Fail and retry RUNNING trials that no worker ever claimed; returns their numbers.
+
+    `study.ask()` stores the new trial before the sampler runs; when the sampler
+    (or the worker) fails in between, the trial has neither owner nor heartbeat,
+    so neither a pid check nor Optuna's staleness check would ever end it, and
+    it would hold a quota slot forever. A live worker claims its trial
+    milliseconds after asking: GRACE_PERIOD is ample, even across machines.
+    """
+    old = datetime.now() - timedelta(seconds=GRACE_PERIOD)
+    return [trial.number for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if OWNER_ATTR not in trial.system_attrs and trial.datetime_start and trial.datetime_start < old
+            and _fail_and_retry(study, trial, "no worker ever claimed this trial (study.ask failed, or its worker "
+                                              "died, before it started)")]
+
+
+def _fail_and_retry(study: optuna.Study, trial, reason: str) -> bool:
+    """Mark a RUNNING trial FAIL with `reason` and queue its params again, as the heartbeat's retry callback does.
+    False when it finished (or another worker failed it) meanwhile."""
+    storage = study._storage
+    try:
+        storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    dead = copy.deepcopy(storage.get_trial(trial._trial_id))  # the retry starts without the dead one's marks
+    dead.system_attrs.pop(OWNER_ATTR, None)
+    dead.user_attrs.pop("fail_reason", None)
+    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, dead)
+    return True

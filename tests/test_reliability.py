@@ -20,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,6 +41,7 @@ from study import search as search_module
 from study import storage as storage_module
 from test_search import FINISHED, SMOKE, small_data, sqlite_url, subprocess_env, trials_of  # noqa: F401
 
+ROOT = Path(__file__).resolve().parents[1]
 FAST_HEARTBEAT = {"HEARTBEAT_INTERVAL": "1", "HEARTBEAT_GRACE": "3"}
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -106,7 +108,7 @@ def inject(folder: Path, code: str) -> dict:
     """Environment variables that make every Python process started with them load `code` first."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(textwrap.dedent(code))
-    return {"PYTHONPATH": str(folder)}
+    return {"PYTHONPATH": os.pathsep.join([str(folder), str(ROOT)])}  # ROOT: this checkout, whatever is installed
 
 
 def search_command(data: Path, results: Path, storage: str, *extra: str) -> list[str]:
@@ -558,3 +560,108 @@ def test_make_final_killed_leaves_whole_files_and_a_rerun_finishes_the_job(final
     assert load_checkpoint(out / "model.pt")[3]["seed"] == metrics["median_seed"]
     assert {float(row["epsilon"]) for row in read_rows(out / "fgsm.csv")} == {0.0, 0.05}
     assert not (out / ".partial").exists() and not (out / ".next").exists()
+
+
+# --- issue 16: a trial left RUNNING that no worker owns, and SIGTERM ------------------------------
+
+def add_unowned_running_trial(url: str, started_seconds_ago: float) -> int:
+    """A RUNNING trial as `study.ask()` leaves it when it raises after storing the trial: no heartbeat, no owner."""
+    study = optuna.create_study(study_name="smoke", storage=url, direction="maximize", load_if_exists=True)
+    template = optuna.trial.create_trial(state=TrialState.RUNNING)
+    template.datetime_start = template.datetime_start - timedelta(seconds=started_seconds_ago)
+    return study._storage.create_new_trial(study._study_id, template_trial=template)
+
+
+def test_a_running_trial_that_no_worker_owns_is_failed_and_retried_instead_of_blocking_the_study(small_data, tmp_path):
+    url = sqlite_url(tmp_path)
+    add_unowned_running_trial(url, started_seconds_ago=3600)
+
+    started = time.monotonic()
+    code = cli.main(["search", "--space", str(SMOKE), "--storage", url, "--data", str(small_data),
+                     "--results", str(tmp_path), "--trials", "1", "--timeout", "20"])
+
+    trials = trials_of(url, "smoke")
+    assert code == 0
+    assert trials[0].state == TrialState.FAIL
+    assert trials[0].user_attrs["fail_reason"].startswith("no worker ever claimed this trial")
+    assert sum(t.state in FINISHED for t in trials) == 1, [t.state for t in trials]
+    assert TrialState.RUNNING not in [t.state for t in trials]
+    assert time.monotonic() - started < 20  # it did not wait out the timeout first
+
+
+def test_a_just_asked_trial_is_not_taken_for_an_orphan(small_data, tmp_path):
+    """Within the grace period a RUNNING trial without an owner may be one another machine is about to claim."""
+    url = sqlite_url(tmp_path)
+    add_unowned_running_trial(url, started_seconds_ago=0)
+    study = optuna.load_study(study_name="smoke", storage=storage_module.open_storage(url))
+
+    assert storage_module.fail_unclaimed_trials(study) == []
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
+
+
+def worker_pids(flag: Path) -> set[int]:
+    return {int(line) for line in flag.read_text().split()} if flag.exists() else set()
+
+
+def terminate_search(command: list[str], flag: Path, results: Path, training: int) -> SimpleNamespace:
+    """Start `command` with trials that hang in training; once `training` are mid-epoch, SIGTERM its first process only
+    (as `make` passes SIGTERM on to its recipe); then see how long until every process that trained is gone."""
+    env = subprocess_env(**inject(results / "inject", HANG_IN_TRAINING.format(flag=str(flag))))
+    process = subprocess.Popen(command, env=env, cwd=results, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(worker_pids(flag)) < training:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, f"{training} trial(s) did not reach their first epoch within 240 s"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        terminated = time.monotonic()
+        out, err = process.communicate(timeout=60)
+        while any(storage_module._process_start(pid) for pid in worker_pids(flag)):
+            assert time.monotonic() - terminated < 30, "worker processes still training 30 s after SIGTERM"
+            time.sleep(0.1)
+        seconds = time.monotonic() - terminated
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the whole session: orphaned workers too
+        except ProcessLookupError:
+            pass  # every process of it is gone
+        process.wait()
+    return SimpleNamespace(code=process.returncode, out=out, err=err, seconds=seconds)
+
+
+@pytest.mark.slow
+def test_sigterm_to_make_search_stops_every_worker_and_marks_their_trials_failed(small_data, tmp_path):
+    url = sqlite_url(tmp_path)
+    command = ["make", "--no-print-directory", "-C", str(ROOT), "-o", ".venv/.installed", "search",
+               f"SPACE={SMOKE}", "TRIALS=3", "WORKERS=2", f"PY={sys.executable}", f"DATA={small_data}",
+               f"RESULTS={tmp_path}", f"STORAGE={url}"]
+
+    stopped = terminate_search(command, tmp_path / "training.pids", tmp_path, training=2)
+
+    assert stopped.code == -signal.SIGTERM, stopped.out[-2000:] + stopped.err[-2000:]  # a shell shows 143
+    assert "interrupted (SIGTERM)" in stopped.err
+    assert stopped.seconds < 30
+    assert "Traceback" not in stopped.err, stopped.err[-3000:]
+    trials = trials_of(url, "smoke")
+    assert len(trials) == 2 and {t.state for t in trials} == {TrialState.FAIL}
+    assert {t.user_attrs.get("fail_reason") for t in trials} == {"interrupted (SIGTERM) during training"}
+
+    code = cli.main(["search", "--space", str(SMOKE), "--storage", url, "--data", str(small_data),
+                     "--results", str(tmp_path), "--trials", "1"])
+
+    assert code == 0 and sum(t.state in FINISHED for t in trials_of(url, "smoke")) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_single_worker_search_marks_its_trial_failed_and_exits_143(small_data, tmp_path):
+    url = sqlite_url(tmp_path)
+
+    stopped = terminate_search(search_command(small_data, tmp_path, url, "--trials", "3"), tmp_path / "training.pids",
+                               tmp_path, training=1)
+
+    assert stopped.code == 128 + signal.SIGTERM, stopped.out[-2000:] + stopped.err[-2000:]
+    assert stopped.err.strip().splitlines()[-1] == "interrupted (SIGTERM)"
+    (trial,) = trials_of(url, "smoke")
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted (SIGTERM) during training"
