@@ -92,8 +92,9 @@ def count_states(study: optuna.Study) -> tuple[int, int]:
 
 def create_study(args, space: SearchSpace, storage, stream: tuple[int, ...] = ()) -> optuna.Study:
     name = args.study or space.name
-    study = optuna.create_study(study_name=name, storage=storage, sampler=space.make_sampler(stream),
-                                pruner=space.make_pruner(), directions=space.directions, load_if_exists=True)
+    with storage_failures(args.storage):  # e.g. a read-only file: the first write is here
+        study = optuna.create_study(study_name=name, storage=storage, sampler=space.make_sampler(stream),
+                                    pruner=space.make_pruner(), directions=space.directions, load_if_exists=True)
     if len(study.directions) != len(space.directions):
         raise UserError(f"study {name!r} has {len(study.directions)} objective(s) but {space.path} defines "
                         f"{len(space.directions)}; use another STUDY name")

@@ -15,6 +15,7 @@ import csv
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -665,3 +666,90 @@ def test_sigterm_to_a_single_worker_search_marks_its_trial_failed_and_exits_143(
     assert stopped.err.strip().splitlines()[-1] == "interrupted (SIGTERM)"
     (trial,) = trials_of(url, "smoke")
     assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted (SIGTERM) during training"
+
+
+# --- issue 16: a torn journal, a full disk, a read-only database ----------------------------------
+
+TORN = b'{"op_code": 5, "sta'  # a record cut mid-write (kill -9, a full disk)
+
+
+def test_a_journal_whose_last_record_was_torn_keeps_its_study_and_sets_the_fragment_aside(small_data, tmp_path, capsys):
+    journal = tmp_path / "journal.log"
+    storage = f"journal:{journal}"
+    command = ["search", "--space", str(SMOKE), "--storage", storage, "--data", str(small_data),
+               "--results", str(tmp_path), "--trials", "1"]
+    assert cli.main(command) == 0
+    with open(journal, "ab") as handle:
+        handle.write(TORN)
+    capsys.readouterr()
+
+    code = cli.main(command)
+
+    err = capsys.readouterr().err
+    (side,) = tmp_path.glob("journal.log.torn-*")
+    assert code == 0
+    assert side.read_bytes() == TORN
+    assert f"note: {journal} ended in a cut-off record ({len(TORN)} bytes" in err and str(side) in err
+    trials = optuna.load_study(study_name="smoke", storage=storage_module.open_storage(storage)).get_trials()
+    assert sum(t.state in FINISHED for t in trials) == 2  # readable again, both runs' trials there
+    assert cli.main(["export", "--storage", storage, "--results", str(tmp_path)]) == 0
+
+
+def test_a_journal_that_is_whole_is_left_alone(tmp_path):
+    journal = tmp_path / "journal.log"
+    optuna.create_study(study_name="s", storage=storage_module.open_storage(f"journal:{journal}"))
+    before = journal.read_bytes()
+
+    storage_module.open_storage(f"journal:{journal}")
+
+    assert journal.read_bytes() == before and not list(tmp_path.glob("*.torn-*"))
+
+
+@pytest.mark.slow
+def test_a_journal_on_a_full_disk_ends_the_run_with_one_line_and_the_next_run_goes_on(small_data, tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk: the journal write stops part-way and raises OSError (EFBIG)."""
+    journal = tmp_path / "journal.log"
+    storage = f"journal:{journal}"
+    assert cli.main(["search", "--space", str(SMOKE), "--storage", storage, "--data", str(small_data),
+                     "--results", str(tmp_path), "--trials", "1"]) == 0  # also builds the split cache
+    limit = journal.stat().st_size + 3000
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    full = subprocess.run(search_command(small_data, tmp_path, storage, "--trials", "2"), capture_output=True,
+                          text=True, timeout=300, env=subprocess_env(), cwd=tmp_path, preexec_fn=small_disk)
+
+    lines = full.stderr.strip().splitlines()
+    assert full.returncode == 2, full.stdout[-2000:] + full.stderr[-2000:]
+    assert "Traceback" not in full.stderr and lines[-1].startswith(f"error: storage {storage} failed (File too large")
+    code = cli.main(["search", "--space", str(SMOKE), "--storage", storage, "--data", str(small_data),
+                     "--results", str(tmp_path), "--trials", "1"])
+    trials = optuna.load_study(study_name="smoke", storage=storage_module.open_storage(storage)).get_trials()
+    assert code == 0 and sum(t.state in FINISHED for t in trials) >= 2
+
+
+def make_read_only(path: Path) -> None:
+    """chmod for a normal user; root ignores it, so there the file is made immutable (chattr +i)."""
+    path.chmod(0o444)
+    if os.access(path, os.W_OK):
+        subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+    if os.access(path, os.W_OK):
+        pytest.skip(f"cannot make {path} read-only here (root, and no chattr +i on this file system)")
+
+
+def test_a_read_only_sqlite_storage_is_one_line_naming_it(small_data, tmp_path):
+    database = tmp_path / "optuna.db"
+    url = f"sqlite:///{database}"
+    optuna.create_study(study_name="smoke", storage=url)
+    make_read_only(database)
+    try:
+        result = subprocess.run(search_command(small_data, tmp_path, url, "--trials", "1"), capture_output=True,
+                                text=True, timeout=300, env=subprocess_env(), cwd=tmp_path)
+    finally:
+        subprocess.run(["chattr", "-i", str(database)], capture_output=True)
+        database.chmod(0o644)
+
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f"error: storage {url} is read-only"), lines
