@@ -42,10 +42,11 @@ from cnnlib.attacks import ATTACKS, DEFAULT_EPSILONS, PGD_STEPS, attack_sweep, c
 from cnnlib.checkpoint import load_checkpoint, save_checkpoint
 from cnnlib.device import resolve_device
 from cnnlib.metrics import Evaluation, majority_baseline
+from cnnlib.splits import require_every_class
 from cnnlib.training import DeviceData, TrainConfig, evaluate, make_criterion, predict_logits, train
 
 from .cli import UserError
-from .options import add_common_options, add_data_options, add_study_options, load_splits
+from .options import add_common_options, add_data_options, add_study_options, data_config, load_splits
 from .storage import load_existing_study, redact
 
 FIGURES = ("accuracy_vs_epsilon", "examples_grid", "flip_example")
@@ -496,6 +497,8 @@ def run(args) -> int:
     trial, selection = choose_trial(study, args.trial)
     config, config_source = trial_config(trial)
     splits = load_splits(args)
+    if splits.test is not None:  # judged on every class of it: an empty or partial test split fails in the figures
+        require_every_class(splits, ("test",), data_config(args))
     if trial.user_attrs.get("classes") and list(trial.user_attrs["classes"]) != list(splits.classes):
         raise UserError(f"trial {trial.number} was trained on classes {trial.user_attrs['classes']}, "
                         f"but the data options give {list(splits.classes)}; pass the same --classes/DATA as the search")
