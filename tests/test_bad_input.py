@@ -471,3 +471,30 @@ def test_final_refuses_an_empty_test_split_before_training(tmp_path):
                                   "--test-counts", "0,0,0"),
                           "the test split has no 'car', 'truck', 'cat' image")
     assert not (tmp_path / "results" / "final").exists()
+
+
+def crafted_checkpoint(path: Path, **changes) -> Path:
+    """A checkpoint of the right format whose entries were edited by hand (or by someone else)."""
+    payload = {"format": FORMAT, "state_dict": SeedCNN().state_dict(), "config": TrainConfig().to_dict(),
+               "classes": list(CLASSES), "image_size": 32, "extra": {}}
+    for key, value in changes.items():
+        if key == "config":
+            payload["config"] = {**payload["config"], **value}
+        else:
+            payload[key] = value
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("changes, detail", [
+    ({"image_size": 10 ** 6}, "weights do not fit the seed CNN for 3 classes (image_size 1000000"),
+    ({"config": {"epochs": float("inf")}}, "checkpoint settings do not fit this code"),
+    ({"classes": [1, 2, 3]}, "class names [1, 2, 3] are not two or more distinct names"),
+    ({"classes": ["car", "car", "cat"]}, "class names ['car', 'car', 'cat'] are not two or more distinct names"),
+], ids=["huge image size", "infinite epochs", "numbers as class names", "repeated class names"])
+def test_evaluate_refuses_a_crafted_checkpoint_with_one_line(tmp_path, changes, detail):
+    root = tree(tmp_path)
+    checkpoint = crafted_checkpoint(tmp_path / "crafted.pt", **changes)
+
+    assert_one_line_error(run_cli("evaluate", "--checkpoint", checkpoint, "--data", root, "--results", tmp_path,
+                                  "--device", "cpu", *TREE_COUNTS), f"error: {checkpoint}: {detail}")
