@@ -199,8 +199,8 @@ def test_the_dashboard_listens_only_on_loopback_by_default(tmp_path):
 
 def test_make_dashboard_ignores_a_host_exported_by_the_shell(tmp_path):
     """Containers often export HOST=0.0.0.0 for other servers; only `make dashboard HOST=...` may widen the bind."""
-    fake_python = tmp_path / "python"
-    fake_python.write_text('#!/bin/sh\nprintf "%s" "$HOST"\n')
+    fake_python = tmp_path / "python"  # prints the --host it is given: the module listens on nothing else
+    fake_python.write_text('#!/bin/sh\nwhile [ "$#" -gt 0 ]; do [ "$1" = --host ] && printf "%s" "$2"; shift; done\n')
     fake_python.chmod(0o755)
 
     def host_seen(*variables: str, **env: str) -> str:
