@@ -46,6 +46,7 @@ from cnnlib.splits import require_every_class
 from cnnlib.training import DeviceData, TrainConfig, evaluate, make_criterion, predict_logits, train
 
 from .cli import UserError
+from .export import study_folder
 from .options import add_common_options, add_data_options, add_study_options, data_config, load_splits
 from .storage import load_existing_study, redact
 
@@ -160,8 +161,9 @@ def trial_config(trial: FrozenTrial) -> tuple[TrainConfig, str]:
 
 # --- files ----------------------------------------------------------------
 
-def safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "study"
+def output_folder(results: Path, study_name: str) -> Path:
+    """RESULTS/final/<study>, one folder per study name (export.study_folder)."""
+    return study_folder(Path(results) / "final", study_name)
 
 
 # --- retraining -----------------------------------------------------------
@@ -504,7 +506,7 @@ def run(args) -> int:
                         f"but the data options give {list(splits.classes)}; pass the same --classes/DATA as the search")
     device = resolve_device(args.device)
     data = DeviceData(splits, device)
-    out = Path(args.results) / "final" / safe_name(study.study_name)
+    out = output_folder(args.results, study.study_name)
     print(f"study {study.study_name!r}: trial {trial.number} ({selection})", flush=True)
     print(f"config: {json.dumps({k: v for k, v in config.to_dict().items() if k != 'seed'})}", flush=True)
 

@@ -255,4 +255,4 @@ def test_make_search_and_export_treat_hostile_names_and_paths_as_data(tiny_npz, 
     assert f"STUDY={name}" in shlex.split(hint.split(":", 1)[1])
     # The export folder is a safe name inside RESULTS, with the study's files in it.
     (folder,) = [p for p in results.iterdir() if (p / "trials.csv").is_file()]
-    assert folder.parent == results and re.fullmatch(r"[A-Za-z0-9._-]+", folder.name)
+    assert folder.parent == results and re.fullmatch(r"[A-Za-z0-9._-]+\+[0-9a-f]{10}", folder.name)  # name+hash
