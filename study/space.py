@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -289,6 +290,11 @@ def _parse_component(path, key, spec, module, base, default):
     if spec["name"] not in usable:
         raise _fail(path, f"{key}.name", f"{spec['name']!r} is not a public {key} class of {module.__name__}; "
                                          f"expected one of {', '.join(usable)}")
+    arguments = inspect.signature(getattr(module, spec["name"])).parameters
+    for name, value in spec.items():  # YAML's yes/on are booleans: `seed: yes` would quietly be seed 1
+        annotation = str(arguments[name].annotation) if name in arguments else ""
+        if isinstance(value, bool) and re.search(r"\b(int|float)\b", annotation) and "bool" not in annotation:
+            raise _fail(path, f"{key}.{name}", f"expected a number, got {value!r}")
     return dict(spec)
 
 
@@ -352,7 +358,8 @@ def load_space(path: str | Path) -> SearchSpace:
         if objective not in OBJECTIVES:
             raise _fail(path, "objective", f"unknown objective {objective!r}; expected {', '.join(OBJECTIVES)}")
     robust = raw.get("robust") or {}
-    if "robust_macro_accuracy" in objectives and not isinstance(robust.get("epsilon"), (int, float)):
+    epsilon = robust.get("epsilon")
+    if "robust_macro_accuracy" in objectives and (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float))):
         raise _fail(path, "robust.epsilon", "the robust objective needs robust: {attack: fgsm, epsilon: 0.03}")
     budget = raw.get("budget") or {}
     for key, value in budget.items():

@@ -210,6 +210,12 @@ BAD_SPACES = {
     "a boolean epochs (yes)": ("params:\n  epochs: yes\n", "params.epochs: expected an integer, got True"),
     "a boolean among choices": ("params:\n  batch_size: {type: categorical, choices: [32, on]}\n",
                                 "params.batch_size: expected an integer, got True"),
+    "a boolean sampler seed": ("sampler: {name: TPESampler, seed: yes}\nparams:\n  lr: 0.01\n",
+                               "sampler.seed: expected a number, got True"),
+    "a boolean pruner warm-up": ("pruner: {name: MedianPruner, n_warmup_steps: on}\nparams:\n  lr: 0.01\n",
+                                 "pruner.n_warmup_steps: expected a number, got True"),
+    "a boolean robust epsilon": ("objective: [dev_macro_accuracy, robust_macro_accuracy]\nrobust: {epsilon: true}\n"
+                                 "params:\n  lr: 0.01\n", "robust.epsilon"),
     "a fractional batch size": ("params:\n  batch_size: 32.5\n", "params.batch_size: expected an integer, got 32.5"),
     "infinite epochs": ("params:\n  epochs: .inf\n", "params.epochs: expected an integer, got inf"),
     "a not-a-number lr": ("params:\n  lr: .nan\n", "params.lr: expected a finite number, got nan"),
