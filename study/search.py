@@ -6,8 +6,9 @@ adds; WORKERS processes share the storage and together finish exactly that many
 for workers on this machine, and heartbeats plus Optuna's retry callback
 re-run the trial of a worker that died (journal storage has no heartbeat and is
 for one machine: there a dead worker is recognised by its pid, study/storage.py).
-Ctrl-C marks the running trial FAIL with its reason and stops; a storage that
-fails mid-run ends it with one line; the next run continues either way.
+Ctrl-C or SIGTERM marks the running trials FAIL with the reason and stops every
+worker; a storage that fails mid-run ends it with one line; the next run
+continues either way.
 """
 
 from __future__ import annotations
