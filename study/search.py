@@ -124,9 +124,10 @@ def check_space_fits_study(study: optuna.Study, space: SearchSpace) -> None:
     began = f" (begun with {study.user_attrs['space_file']})" if study.user_attrs.get("space_file") else ""
     for trial in study.get_trials(deepcopy=False):
         for name, before in trial.distributions.items():
+            if name not in wanted:
+                continue
             try:
-                if name in wanted:
-                    optuna.distributions.check_distribution_compatibility(before, wanted[name])
+                optuna.distributions.check_distribution_compatibility(before, wanted[name])
             except ValueError:
                 raise UserError(f"{space.path}: params.{name} is {wanted[name]}, but study {study.study_name!r}{began} "
                                 f"asked it as {before} in trial {trial.number}; choose another STUDY=... for this space"
@@ -256,16 +257,16 @@ def run_workers(args, space: SearchSpace, target: float, deadline: float) -> int
                 elif proc.exitcode and not code:  # 3: it gave up on failing trials; 1: it crashed
                     code = proc.exitcode
     except KeyboardInterrupt as interrupt:
-        stop_workers(list(procs.values()), got_it_too=str(interrupt) != "SIGTERM")
+        stop_workers(list(procs.values()), workers_interrupted=str(interrupt) != "SIGTERM")
         raise
     return code
 
 
-def stop_workers(procs: list, got_it_too: bool) -> None:
+def stop_workers(procs: list, workers_interrupted: bool) -> None:
     """Stop the workers after an interrupt; none outlives this process.
 
     Ctrl-C in a terminal reaches the whole process group, workers included
-    (`got_it_too`): they get a moment to tell their trials FAIL. SIGTERM (make
+    (`workers_interrupted`): they get a moment to tell their trials FAIL. SIGTERM (make
     passes it on to its recipe only) and a SIGINT sent to this process alone
     do not reach them, so they get SIGTERM. One that does not stop in time is
     killed; its trial is then failed and retried like any dead worker's.
@@ -273,7 +274,7 @@ def stop_workers(procs: list, got_it_too: bool) -> None:
     handlers = {number: signal.signal(number, signal.SIG_IGN)  # a second interrupt must not cut this short
                 for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if got_it_too:
+        if workers_interrupted:
             _join(procs, 5)
         for proc in procs:
             if proc.is_alive():

@@ -272,11 +272,15 @@ def fail_unclaimed_trials(study: optuna.Study) -> list[int]:
     it would hold a quota slot forever. A live worker claims its trial
     milliseconds after asking: GRACE_PERIOD is ample, even across machines.
     """
-    old = datetime.now() - timedelta(seconds=GRACE_PERIOD)
-    return [trial.number for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if OWNER_ATTR not in trial.system_attrs and trial.datetime_start and trial.datetime_start < old
-            and _fail_and_retry(study, trial, "no worker ever claimed this trial (study.ask failed, or its worker "
-                                              "died, before it started)")]
+    asked_before = datetime.now() - timedelta(seconds=GRACE_PERIOD)
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if OWNER_ATTR in trial.system_attrs or not trial.datetime_start or trial.datetime_start > asked_before:
+            continue
+        if _fail_and_retry(study, trial, "no worker ever claimed this trial (study.ask failed, or its worker died, "
+                                         "before it started)"):
+            failed.append(trial.number)
+    return failed
 
 
 def _fail_and_retry(study: optuna.Study, trial, reason: str) -> bool:
