@@ -326,7 +326,7 @@ def load_space(path: str | Path) -> SearchSpace:
     if not path.is_file():
         raise SpaceError(f"{path}: search-space file not found (see search_spaces/)")
     try:
-        raw = strict_yaml.load(path.read_text())
+        raw = strict_yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -38,7 +38,7 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load(text: str):
+def safe_load(text: str):
     """Like `yaml.safe_load`; raises RefusedYAML for an alias or a key given twice in one mapping."""
     loader = _StrictLoader(text)
     try:

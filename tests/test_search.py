@@ -341,7 +341,7 @@ def test_a_parallel_run_whose_workers_all_give_up_fails(small_data, tmp_path):
                "--trials", "1", "--workers", "2", "--data", str(small_data), "--results", str(tmp_path)]
 
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env=subprocess_env(PYTHONPATH=str(inject)))
+                          env=subprocess_env(PYTHONPATH=os.pathsep.join([str(inject), str(ROOT)])))  # this checkout
 
     states = [t.state for t in trials_of(sqlite_url(tmp_path), "smoke")]
     assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
