@@ -40,9 +40,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-COMMANDS := search data train evaluate dashboard export plots final bench audit hpo-bench
+COMMANDS := search data train evaluate export plots final bench audit hpo-bench
 
-.PHONY: help setup $(COMMANDS) test test-deps clean
+.PHONY: help setup $(COMMANDS) dashboard test test-deps clean
 
 help:
 	@echo "make search | make test | data train evaluate dashboard export plots final bench audit hpo-bench"
@@ -59,6 +59,11 @@ $(STAMP): pyproject.toml
 # Each command target is the study command of the same name (python -m study <target> --help).
 $(COMMANDS): $(STAMP)
 	$(PY) -m study $@
+
+# The module listens beyond 127.0.0.1 only when its command line says so. "$$HOST" stays one word
+# whatever it holds; exec keeps the dashboard the process that make signals (SIGTERM).
+dashboard: $(STAMP)
+	exec $(PY) -m study dashboard --host "$$HOST"
 
 # PostgreSQL (for the shared-storage tests) and Chromium (for the report test), from Debian.
 test-deps:

@@ -106,10 +106,15 @@ def apply_corrections(splits, path: Path):
 
     classes = tuple(splits.classes)
     corrections = read_corrections(path, classes)
-    fixed, found = {}, set()
+    fixed, found = {}, {}
     for name, split in splits.named().items():
         fixed[name], hits = _apply(split, corrections, classes)
-        found |= hits
+        for image_id in hits:
+            found.setdefault(image_id, []).append(name)
+    shared = next((c for c in corrections if len(found.get(c.image_id, ())) > 1), None)
+    if shared is not None:  # e.g. train.npz and dev.npz that number their images 0, 1, ... alike
+        raise DataError(f"{path}: line {shared.line}: id {shared.image_id!r} names an image in "
+                        f"{' and one in '.join(found[shared.image_id])}; give the splits distinct ids")
     unknown = [c for c in corrections if c.image_id not in found]
     if unknown:
         c = unknown[0]

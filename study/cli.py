@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from cnnlib.errors import CnnlibError
 
@@ -31,6 +33,16 @@ class UserError(Exception):
     """Raised by commands for problems the user can fix; printed as one line."""
 
 
+def interrupt_on_sigterm(signum=None, frame=None):
+    """SIGTERM handler: stop the way Ctrl-C does, so running trials are told FAIL and outputs stay whole.
+
+    `make` passes SIGTERM on to the command it runs (as do kill, systemd and
+    docker stop); by default Python would die on the spot and leave its worker
+    processes training. The interrupt's text says which signal it was.
+    """
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def _load(name: str):
     return importlib.import_module(COMMANDS[name][0])
 
@@ -48,11 +60,19 @@ def main(argv=None) -> int:
             command.description = (module.__doc__ or help_text).strip()
             module.add_arguments(command)
     args = parser.parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = signal.signal(signal.SIGTERM, interrupt_on_sigterm) if in_main_thread else None
     try:
         return int(_load(args.command).run(args) or 0)
     except (CnnlibError, UserError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        if str(interrupt) == "SIGTERM":
+            print("interrupted (SIGTERM)", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

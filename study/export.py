@@ -24,6 +24,7 @@ that ran the study and plotted elsewhere.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -45,6 +46,8 @@ CURVES = ("train_loss", "dev_loss", "dev_macro_accuracy")
 KNOWN_ATTRS = ("dev_macro_accuracy", "train_macro_accuracy", "robust_macro_accuracy", "robust_attack", "epochs_run",
                "train_seconds", "seconds_per_epoch", "device", "pruned_reason", "fail_reason")
 SKIPPED_ATTRS = {"traceback", "classes", "config", "dev_per_class", "train_per_class", "dev_confusion_matrix"}
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+RESULTS_FOLDERS = {"data", "runs", "final", "bench", "audit", "artifacts"}  # what other commands write in RESULTS
 
 
 def add_arguments(parser) -> None:
@@ -56,9 +59,16 @@ def add_arguments(parser) -> None:
 
 
 def study_folder(results: Path, study_name: str) -> Path:
-    """RESULTS/<study>, with characters that are unsafe in a folder name replaced."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", study_name).strip("._") or "study"
-    return Path(results) / safe
+    """RESULTS/<study>: the name itself when it is a plain folder name, else a safe form of it plus a hash.
+
+    Replacing unsafe characters alone maps `a/b` and `a_b` to one folder, where
+    one study's files replace the other's. The hash keeps names apart; the `+`
+    before it is never in a plain name, so no plain name can take that folder.
+    """
+    if PLAIN_NAME.fullmatch(study_name) and study_name not in RESULTS_FOLDERS:
+        return Path(results) / study_name
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", study_name).strip("._")[:80] or "study"
+    return Path(results) / f"{safe}+{hashlib.sha256(study_name.encode()).hexdigest()[:10]}"
 
 
 # --- trials.csv ---------------------------------------------------------------

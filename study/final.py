@@ -42,10 +42,12 @@ from cnnlib.attacks import ATTACKS, DEFAULT_EPSILONS, PGD_STEPS, attack_sweep, c
 from cnnlib.checkpoint import load_checkpoint, save_checkpoint
 from cnnlib.device import resolve_device
 from cnnlib.metrics import Evaluation, majority_baseline
+from cnnlib.splits import require_every_class
 from cnnlib.training import DeviceData, TrainConfig, evaluate, make_criterion, predict_logits, train
 
 from .cli import UserError
-from .options import add_common_options, add_data_options, add_study_options, load_splits
+from .export import study_folder
+from .options import add_common_options, add_data_options, add_study_options, data_config, load_splits
 from .storage import load_existing_study, redact
 
 FIGURES = ("accuracy_vs_epsilon", "examples_grid", "flip_example")
@@ -159,8 +161,9 @@ def trial_config(trial: FrozenTrial) -> tuple[TrainConfig, str]:
 
 # --- files ----------------------------------------------------------------
 
-def safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "study"
+def output_folder(results: Path, study_name: str) -> Path:
+    """RESULTS/final/<study>, one folder per study name (export.study_folder)."""
+    return study_folder(Path(results) / "final", study_name)
 
 
 # --- retraining -----------------------------------------------------------
@@ -496,12 +499,14 @@ def run(args) -> int:
     trial, selection = choose_trial(study, args.trial)
     config, config_source = trial_config(trial)
     splits = load_splits(args)
+    if splits.test is not None:  # judged on every class of it: an empty or partial test split fails in the figures
+        require_every_class(splits, ("test",), data_config(args))
     if trial.user_attrs.get("classes") and list(trial.user_attrs["classes"]) != list(splits.classes):
         raise UserError(f"trial {trial.number} was trained on classes {trial.user_attrs['classes']}, "
                         f"but the data options give {list(splits.classes)}; pass the same --classes/DATA as the search")
     device = resolve_device(args.device)
     data = DeviceData(splits, device)
-    out = Path(args.results) / "final" / safe_name(study.study_name)
+    out = output_folder(args.results, study.study_name)
     print(f"study {study.study_name!r}: trial {trial.number} ({selection})", flush=True)
     print(f"config: {json.dumps({k: v for k, v in config.to_dict().items() if k != 'seed'})}", flush=True)
 

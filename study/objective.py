@@ -232,10 +232,10 @@ def run_trials(study: optuna.Study, trials: list[optuna.Trial], space: SearchSpa
                 frozen.extend(_train_group(study, [trials[m] for m in members], [configs[m] for m in members],
                                            space, data))
                 told.update(members)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             for i, trial in enumerate(trials):
                 if i not in told:
-                    trial.set_user_attr("fail_reason", "interrupted (SIGINT) during training")
+                    trial.set_user_attr("fail_reason", f"interrupted ({str(interrupt) or 'SIGINT'}) during training")
                     tell(study, trial, state=TrialState.FAIL)
             raise
     return frozen

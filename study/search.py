@@ -6,8 +6,9 @@ adds; WORKERS processes share the storage and together finish exactly that many
 for workers on this machine, and heartbeats plus Optuna's retry callback
 re-run the trial of a worker that died (journal storage has no heartbeat and is
 for one machine: there a dead worker is recognised by its pid, study/storage.py).
-Ctrl-C marks the running trial FAIL with its reason and stops; a storage that
-fails mid-run ends it with one line; the next run continues either way.
+Ctrl-C or SIGTERM marks the running trials FAIL with the reason and stops every
+worker; a storage that fails mid-run ends it with one line; the next run
+continues either way.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import fcntl
 import multiprocessing
 import os
 import shlex
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -33,11 +35,13 @@ from cnnlib.metrics import Evaluation
 from cnnlib.fused import GROUP_SIZE
 from cnnlib.training import DeviceData
 
-from .cli import UserError
+from .cli import UserError, interrupt_on_sigterm
 from .objective import run_trials
 from .options import add_common_options, add_data_options, add_study_options, load_splits
 from .space import SearchSpace, load_space
-from .storage import claim_trial, fail_dead_local_trials, lock_path, open_storage, redact, storage_failures
+from .storage import (
+    claim_trial, fail_dead_local_trials, fail_unclaimed_trials, lock_path, open_storage, redact, storage_failures,
+)
 
 # We drive heartbeats ourselves around ask/tell (objective.Heartbeat) and print our own trial lines.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -48,11 +52,12 @@ DEFAULT_TIMEOUT = 780  # seconds: with the trial in flight, a default run ends w
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POLL_SECONDS = 2.0
 MAX_RESPAWNS_PER_WORKER = 3
+STOP_SECONDS = 30  # after an interrupt, how long a worker may take to tell its trial FAIL before it is killed
 
 
-def _int_env(name):
+def _int_env(name, default=None):
     value = os.environ.get(name, "").strip()
-    return int(value) if value else None
+    return int(value) if value else default
 
 
 def add_arguments(parser) -> None:
@@ -61,8 +66,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--trials", type=int, default=_int_env("TRIALS"), help="finished trials to add in this run")
     parser.add_argument("--timeout", type=int, default=_int_env("TIMEOUT"),
                         help=f"seconds after which no new trial starts (default: the space's budget, else {DEFAULT_TIMEOUT})")
-    parser.add_argument("--workers", type=int, default=_int_env("WORKERS") or 1, help="worker processes sharing the study")
-    parser.add_argument("--fuse", type=int, default=_int_env("FUSE"),
+    parser.add_argument("--workers", type=int, default=_int_env("WORKERS", 1), help="worker processes sharing the study")
+    parser.add_argument("--fuse", type=int, default=_int_env("FUSE", None),
                         help="train up to K trials at once as one fused model (default: as wide as pays on the "
                              "device: " + ", ".join(f"{k} {v}" for k, v in GROUP_SIZE.items()) + "; 1: one at a time)")
     add_data_options(parser)
@@ -90,13 +95,16 @@ def count_states(study: optuna.Study) -> tuple[int, int]:
 
 def create_study(args, space: SearchSpace, storage, stream: tuple[int, ...] = ()) -> optuna.Study:
     name = args.study or space.name
-    study = optuna.create_study(study_name=name, storage=storage, sampler=space.make_sampler(stream),
-                                pruner=space.make_pruner(), directions=space.directions, load_if_exists=True)
+    with storage_failures(args.storage):  # e.g. a read-only file: the first write is here
+        study = optuna.create_study(study_name=name, storage=storage, sampler=space.make_sampler(stream),
+                                    pruner=space.make_pruner(), directions=space.directions, load_if_exists=True)
     if len(study.directions) != len(space.directions):
         raise UserError(f"study {name!r} has {len(study.directions)} objective(s) but {space.path} defines "
                         f"{len(space.directions)}; use another STUDY name")
     text = space.path.read_text()
     previous = study.user_attrs.get("space_text")
+    if previous != text:
+        check_space_fits_study(study, space)
     if previous is None:
         study.set_user_attr("space_file", str(space.path))
         study.set_user_attr("space_text", text)
@@ -104,8 +112,30 @@ def create_study(args, space: SearchSpace, storage, stream: tuple[int, ...] = ()
         for point in space.enqueue:  # warm start: the known points are the first trials of a new study
             study.enqueue_trial(point, skip_if_exists=True)
     elif previous != text:
-        print(f"note: {space.path} changed since study {name!r} began; new trials use the new ranges", file=sys.stderr)
+        print(f"note: {space.path} differs from the space file study {name!r} began with "
+              f"({study.user_attrs.get('space_file')}); new trials use its ranges", file=sys.stderr)
     return study
+
+
+def check_space_fits_study(study: optuna.Study, space: SearchSpace) -> None:
+    """Refuse a space whose params Optuna would reject trial after trial in this study.
+
+    A param keeps its kind and, if categorical, its choices for the life of a
+    study ("CategoricalDistribution does not support dynamic value space"):
+    another space file, or an edited one, must not change them.
+    """
+    wanted = space.distributions()
+    began = f" (begun with {study.user_attrs['space_file']})" if study.user_attrs.get("space_file") else ""
+    for trial in study.get_trials(deepcopy=False):
+        for name, before in trial.distributions.items():
+            if name not in wanted:
+                continue
+            try:
+                optuna.distributions.check_distribution_compatibility(before, wanted[name])
+            except ValueError:
+                raise UserError(f"{space.path}: params.{name} is {wanted[name]}, but study {study.study_name!r}{began} "
+                                f"asked it as {before} in trial {trial.number}; choose another STUDY=... for this space"
+                                ) from None
 
 
 # --- progress ---------------------------------------------------------------
@@ -177,6 +207,7 @@ def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker
             # Under the lock: two local workers never both fail, and both re-queue, one dead worker's trial.
             optuna.storages.fail_stale_trials(study)
             fail_dead_local_trials(study)  # journal storage: no heartbeat, so check this machine's pids
+            fail_unclaimed_trials(study)  # RUNNING without an owner: study.ask() failed after storing it
             finished, running = count_states(study)
             room = target - finished - running
             count = int(min(args.fuse, room)) if room >= 1 and time.time() < deadline else 0
@@ -201,6 +232,7 @@ def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker
 
 def _worker_process(args, index: int, number: int, target: float, deadline: float) -> None:
     """Entry point of one worker process; threads split the cores so workers do not oversubscribe them."""
+    signal.signal(signal.SIGTERM, interrupt_on_sigterm)  # run_workers passes SIGTERM on: stop as on Ctrl-C
     torch.set_num_threads(args._threads)
     space = load_space(args.space)
     try:
@@ -252,11 +284,43 @@ def run_workers(args, space: SearchSpace, target: float, deadline: float) -> int
                     code = code or 128 - proc.exitcode
                 elif proc.exitcode and not code:  # 3: it gave up on failing trials; 1: it crashed
                     code = proc.exitcode
-    except KeyboardInterrupt:
-        for proc in procs.values():
-            proc.join(timeout=30)
+    except KeyboardInterrupt as interrupt:
+        stop_workers(list(procs.values()), workers_interrupted=str(interrupt) != "SIGTERM")
         raise
     return code
+
+
+def stop_workers(procs: list, workers_interrupted: bool) -> None:
+    """Stop the workers after an interrupt; none outlives this process.
+
+    Ctrl-C in a terminal reaches the whole process group, workers included
+    (`workers_interrupted`): they get a moment to tell their trials FAIL. SIGTERM (make
+    passes it on to its recipe only) and a SIGINT sent to this process alone
+    do not reach them, so they get SIGTERM. One that does not stop in time is
+    killed; its trial is then failed and retried like any dead worker's.
+    """
+    handlers = {number: signal.signal(number, signal.SIG_IGN)  # a second interrupt must not cut this short
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if workers_interrupted:
+            _join(procs, 5)
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        _join(procs, STOP_SECONDS)
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+        _join(procs, 5)
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+
+def _join(procs: list, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    for proc in procs:
+        proc.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 # --- the command ------------------------------------------------------------

@@ -8,7 +8,10 @@ fixed values is simply a training config (`make train`).
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,11 +24,14 @@ from cnnlib.errors import CnnlibError
 from cnnlib.config import SHARED
 from cnnlib.training import TrainConfig
 
+from . import strict_yaml
+
 PARAM_TYPES = ("float", "int", "categorical", "fixed")
 OBJECTIVES = ("dev_macro_accuracy", "robust_macro_accuracy")
 TOP_KEYS = {"description", "objective", "robust", "sampler", "pruner", "budget", "params", "enqueue"}
 PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "value", "when", "field"}
 CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
+CONFIG_TYPES = typing.get_type_hints(TrainConfig)  # lr: float, epochs: int, flip: bool, ...
 SHARED_SEED_SAMPLERS = {"GridSampler", "QMCSampler", "BruteForceSampler"}  # see SearchSpace.make_sampler
 
 
@@ -168,6 +174,18 @@ class SearchSpace:
         except TypeError as error:
             raise SpaceError(f"{self.path}: pruner: {error}") from None
 
+    def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
+        """What `suggest` asks Optuna for, per searched param."""
+        made = {}
+        for name, p in self.params.items():
+            if p.type == "categorical":
+                made[name] = optuna.distributions.CategoricalDistribution(p.choices)
+            elif p.type == "int":
+                made[name] = optuna.distributions.IntDistribution(p.low, p.high, log=p.log, step=p.step or 1)
+            elif p.type == "float":
+                made[name] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+        return made
+
     def grid_size(self) -> int | None:
         if self.sampler.get("name") != "GridSampler":
             return None
@@ -210,6 +228,7 @@ def _check_values(path: Path, params: dict[str, Param]) -> None:
         else:
             values = [param.low, param.high]
         for value in values:
+            _check_kind(path, f"params.{name}", param.field, value)
             try:
                 TrainConfig.from_dict({param.field: value})
             except (ValueError, TypeError) as error:
@@ -221,6 +240,21 @@ def _check_values(path: Path, params: dict[str, Param]) -> None:
                 if possible is not None and value not in possible:
                     raise _fail(path, f"params.{name}.when",
                                 f"{parent} is never {value!r} (its values: {', '.join(map(str, possible))})")
+
+
+def _check_kind(path: Path, key: str, name: str, value) -> None:
+    """Numbers must be numbers and switches booleans, before TrainConfig coerces them.
+
+    YAML reads `true`, `yes` and `on` as booleans and int(True) is 1, so
+    `batch_size: yes` would train with batch size 1; int(32.5) would quietly be 32.
+    """
+    kind = CONFIG_TYPES[name]
+    if kind is bool and not isinstance(value, bool):
+        raise _fail(path, key, f"expected true or false, got {value!r}")
+    if kind in (int, float):
+        _number(path, key, value, integer=(kind is int))
+        if not math.isfinite(value):
+            raise _fail(path, key, f"expected a finite number, got {value}")
 
 
 def _parse_param(path: Path, name: str, spec) -> Param:
@@ -308,30 +342,68 @@ def _parse_enqueue(path: Path, spec, params: dict[str, Param]) -> list[dict]:
     return points
 
 
-def _parse_component(path, key, spec, module, default):
+def _parse_component(path, key, spec, module, base, default):
+    """A sampler or pruner spec; its name must be a public class of `module` that subclasses `base`.
+
+    Any other attribute (a helper function such as optuna.pruners._filter_study)
+    would be called with the file's arguments.
+    """
     if spec is None:
         return default
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise _fail(path, key, f"expected {{name: ..., <args>}}, got {spec!r}")
-    if not hasattr(module, spec["name"]):
-        raise _fail(path, f"{key}.name", f"{spec['name']!r} is not in {module.__name__}")
+    usable = sorted(n for n, c in vars(module).items() if not n.startswith("_") and isinstance(c, type)
+                    and issubclass(c, base) and not inspect.isabstract(c))
+    if spec["name"] not in usable:
+        raise _fail(path, f"{key}.name", f"{spec['name']!r} is not a public {key} class of {module.__name__}; "
+                                         f"expected one of {', '.join(usable)}")
+    arguments = inspect.signature(getattr(module, spec["name"])).parameters
+    for name, value in spec.items():  # YAML's yes/on are booleans: `seed: yes` would quietly be seed 1
+        annotation = str(arguments[name].annotation) if name in arguments else ""
+        if isinstance(value, bool) and re.search(r"\b(int|float)\b", annotation) and "bool" not in annotation:
+            raise _fail(path, f"{key}.{name}", f"expected a number, got {value!r}")
     return dict(spec)
+
+
+def _check_sampler_proposes(space: SearchSpace) -> None:
+    """Ask one trial of a throwaway in-memory study.
+
+    A sampler can be built and still fail inside `study.ask()` (PartialFixedSampler
+    given the text `base_sampler: TPESampler`), and by then the real storage holds
+    the new trial, RUNNING, with no worker to ever finish it.
+    """
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line
+    try:
+        space.suggest(optuna.create_study(sampler=space.make_sampler(), directions=space.directions).ask())
+    except SpaceError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a sampler can raise anything
+        detail = (str(error).strip().splitlines() or [""])[0]
+        raise _fail(space.path, "sampler", f"cannot propose a trial ({type(error).__name__}: {detail})") from None
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a space file; raises SpaceError naming the file and key."""
     path = Path(path)
+    if path.is_dir():
+        raise SpaceError(f"{path}: is a folder; expected a search-space YAML file (see search_spaces/)")
     if not path.is_file():
         raise SpaceError(f"{path}: search-space file not found (see search_spaces/)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = strict_yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise SpaceError(f"{path}: {where}not valid YAML ({problem})") from None
+        what = problem if isinstance(error, strict_yaml.RefusedYAML) else f"not valid YAML ({problem})"
+        raise SpaceError(f"{path}: {where}{what}") from None
+    except RecursionError:
+        raise SpaceError(f"{path}: YAML nested too deeply to be a search space") from None
     except UnicodeDecodeError as error:
         raise SpaceError(f"{path}: not a UTF-8 text file (byte {error.start}); expected a YAML search space") from None
     if not isinstance(raw, dict):
@@ -355,7 +427,8 @@ def load_space(path: str | Path) -> SearchSpace:
         if objective not in OBJECTIVES:
             raise _fail(path, "objective", f"unknown objective {objective!r}; expected {', '.join(OBJECTIVES)}")
     robust = raw.get("robust") or {}
-    if "robust_macro_accuracy" in objectives and not isinstance(robust.get("epsilon"), (int, float)):
+    epsilon = robust.get("epsilon")
+    if "robust_macro_accuracy" in objectives and (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float))):
         raise _fail(path, "robust.epsilon", "the robust objective needs robust: {attack: fgsm, epsilon: 0.03}")
     budget = raw.get("budget") or {}
     for key, value in budget.items():
@@ -363,8 +436,9 @@ def load_space(path: str | Path) -> SearchSpace:
             raise _fail(path, f"budget.{key}", "unknown key; allowed: trials, timeout")
         if value is not None and _number(path, f"budget.{key}", value, integer=True) < 0:
             raise _fail(path, f"budget.{key}", f"cannot be negative, got {value}")
-    sampler = _parse_component(path, "sampler", raw.get("sampler"), optuna.samplers, {"name": "TPESampler"})
-    pruner = _parse_component(path, "pruner", raw.get("pruner"), optuna.pruners, None)
+    sampler = _parse_component(path, "sampler", raw.get("sampler"), optuna.samplers, optuna.samplers.BaseSampler,
+                               {"name": "TPESampler"})
+    pruner = _parse_component(path, "pruner", raw.get("pruner"), optuna.pruners, optuna.pruners.BasePruner, None)
     enqueue = _parse_enqueue(path, raw.get("enqueue"), params)
     space = SearchSpace(path, params, objectives, sampler, pruner, robust, budget, str(raw.get("description", "")),
                         enqueue)
@@ -380,4 +454,5 @@ def load_space(path: str | Path) -> SearchSpace:
             raise
         except ValueError as error:
             raise _fail(path, key, str(error)) from None
+    _check_sampler_proposes(space)
     return space

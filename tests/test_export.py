@@ -186,5 +186,24 @@ def test_a_missing_storage_file_is_an_error_and_is_not_created(tmp_path, capsys)
 
 
 def test_study_names_become_safe_folder_names(tmp_path):
-    assert study_folder(tmp_path, "../a b/c") == tmp_path / "a_b_c"
-    assert study_folder(tmp_path, "") == tmp_path / "study"
+    assert study_folder(tmp_path, "smoke") == tmp_path / "smoke"  # a plain name is its own folder
+    for name in ("../a b/c", "", "..", ".hidden", "x" * 300):
+        folder = study_folder(tmp_path, name)
+        assert folder.parent == tmp_path and not folder.name.startswith(".") and len(folder.name) <= 100, folder
+    assert study_folder(tmp_path, "../a b/c").name.startswith("a_b_c+")
+
+
+@pytest.mark.parametrize("names", [("a/b", "a_b"), ("a b", "a_b"), ("Ab", "Ab+" + "0" * 10), ("data", "runs")])
+def test_two_study_names_never_share_a_folder(tmp_path, names):
+    """`STUDY=a/b` and `STUDY=a_b` both wrote results/a_b/, and one's `make final` replaced the other's model.
+    Names of folders other commands write under RESULTS (data, runs, ...) are not a study's either."""
+    folders = [study_folder(tmp_path, name) for name in names]
+    assert len(set(folders)) == 2
+    assert not {f.name for f in folders} & {"data", "runs", "final", "bench", "audit", "artifacts"}
+
+
+def test_final_writes_each_study_to_its_own_folder(tmp_path):
+    from study.final import output_folder  # noqa: PLC0415
+
+    assert output_folder(tmp_path, "a/b") != output_folder(tmp_path, "a_b")
+    assert output_folder(tmp_path, "smoke") == tmp_path / "final" / "smoke"

@@ -205,8 +205,8 @@ def test_a_new_study_evaluates_the_enqueued_points_first(tmp_path):
 
     space = load_space(write_space(tmp_path, WARM, "warm.yaml"))
     storage = optuna.storages.InMemoryStorage()
-    study = create_study(SimpleNamespace(study=None), space, storage)
-    create_study(SimpleNamespace(study=None), space, storage)  # a second open enqueues nothing more
+    study = create_study(SimpleNamespace(study=None, storage="in-memory"), space, storage)
+    create_study(SimpleNamespace(study=None, storage="in-memory"), space, storage)  # a second open enqueues nothing more
     first, second = study.ask(), study.ask()
     assert [space.suggest(t).optimizer for t in (first, second)] == ["adamw", "sgd"]
     assert first.params["lr"] == 3e-3 and second.params["lr"] == 0.05
