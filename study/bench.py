@@ -32,6 +32,7 @@ import torch
 
 from cnnlib import training
 from cnnlib.atomic import write_json
+from cnnlib.device import cpu_threads
 from cnnlib.model import model_flops_per_image
 from cnnlib.splits import Splits
 from cnnlib.training import DeviceData, TrainConfig, TrainResult, make_optimizer, train_epochs
@@ -453,20 +454,11 @@ def settings_from(args) -> dict:
 
 
 def choose_threads(requested: int | None) -> tuple[int, str]:
-    """One thread per core on a quiet machine; one thread when others already keep the cores busy.
-
-    Measured on the 2-core CPU with five neighbours running (load ~7): the
-    project loop took 20.5 s/epoch at batch 32 with 2 threads and 3.9 s with 1,
-    because an op's OpenMP threads wait for each other and one of them is
-    usually descheduled. On a quiet machine 2 threads gave 1.0 s vs 1.6 s.
-    """
+    """One thread per core on a quiet machine; one thread when others already keep the cores busy."""
     if requested:
         return requested, "--threads"
-    cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if cores > 1 and load >= cores - 0.5:
-        return 1, f"load average {load:.1f} on {cores} cores: other processes keep the cores busy"
-    return torch.get_num_threads(), "torch default (one per core)"
+    threads, why = cpu_threads()
+    return threads, why
 
 
 def run(args) -> int:

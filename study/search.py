@@ -29,7 +29,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from cnnlib.device import resolve_device
+from cnnlib.device import cpu_threads, resolve_device
 from cnnlib.errors import CnnlibError
 from cnnlib.metrics import Evaluation
 from cnnlib.fused import GROUP_SIZE
@@ -371,11 +371,14 @@ def run(args) -> int:
     args._finished_at_start = finished
     args._trials_at_start = len(study.get_trials(deepcopy=False))
     args._max_failures = max(3, 2 * (trials or 5))
-    args._threads = max(1, (os.cpu_count() or 1) // args.workers) if resolve_device(args.device).type == "cpu" else 1
+    args._threads, why = cpu_threads(None, args.workers) if resolve_device(args.device).type == "cpu" else (1, "")
+    if args.workers == 1:
+        torch.set_num_threads(args._threads)
     budget = " and ".join(filter(None, [f"{trials} trials" if trials is not None else "",
                                         f"{timeout} s" if timeout else ""]))
     print(f"study {study.study_name!r} in {redact(args.storage)}: {finished} finished trials so far; "
-          f"this run adds up to {budget} with {args.workers} worker(s) on {resolve_device(args.device)}", flush=True)
+          f"this run adds up to {budget} with {args.workers} worker(s) on {resolve_device(args.device)}"
+          + (f", {args._threads} thread(s) each ({why})" if why else ""), flush=True)
     with storage_failures(args.storage):
         if args.workers == 1:
             code = worker_loop(args, space, target, deadline)
