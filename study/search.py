@@ -371,7 +371,8 @@ def run(args) -> int:
     args._finished_at_start = finished
     args._trials_at_start = len(study.get_trials(deepcopy=False))
     args._max_failures = max(3, 2 * (trials or 5))
-    args._threads, why = cpu_threads(None, args.workers) if resolve_device(args.device).type == "cpu" else (1, "")
+    args._threads, why = cpu_threads(_int_env("THREADS"), args.workers) if resolve_device(args.device).type == "cpu" \
+        else (1, "")
     if args.workers == 1:
         torch.set_num_threads(args._threads)
     budget = " and ".join(filter(None, [f"{trials} trials" if trials is not None else "",
