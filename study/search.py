@@ -183,7 +183,12 @@ def ask_trials(study: optuna.Study, space: SearchSpace, count: int) -> list[optu
         if fixed:
             study.sampler = optuna.samplers.PartialFixedSampler(fixed, sampler)
         try:
-            trials += [study.ask() for _ in range(count - 1)]
+            for _ in range(count - 1):
+                trials.append(study.ask())
+                try:  # now, while the fixing sampler is in place: a param is drawn when first suggested
+                    space.suggest(trials[-1])
+                except Exception:  # noqa: BLE001 - an impossible config; run_trials records why
+                    pass
         finally:
             study.sampler = sampler
     return trials
