@@ -14,6 +14,7 @@ retrain of the same config (`make final`) cannot reproduce.
 
 from __future__ import annotations
 
+import math
 import threading
 import traceback
 from contextlib import ExitStack
@@ -60,9 +61,11 @@ class Heartbeat:
 
 
 # A trial whose dev predictions are one class, or whose macro accuracy is within
-# COLLAPSE_MARGIN of chance (1/K), for COLLAPSE_EPOCHS epochs in a row has collapsed
-# (e.g. Adam with L2 decay 0.07: 91 epochs of a constant predictor in the search
-# issue's run). It is pruned at once, whatever the pruner's start-up rules.
+# COLLAPSE_MARGIN of chance (1/K), for COLLAPSE_EPOCHS epochs in a row after its lr
+# warm-up has collapsed (e.g. Adam with L2 decay 0.07: 91 epochs of a constant predictor
+# in the search issue's run). It is pruned at once, whatever the pruner's start-up
+# rules. Warm-up epochs do not count: at a near-zero lr every net still predicts one
+# class (the first default search pruned four warming-up trials in epochs 1-3).
 COLLAPSE_EPOCHS = 3
 COLLAPSE_MARGIN = 0.02
 
@@ -88,12 +91,13 @@ class EpochReporter:
     pruned_at: int | None = None
     pruned_reason: str | None = None
     collapsed_epochs: int = 0
+    warmup_epochs: int = 0  # epochs of lr warm-up, which the collapse rule does not judge
 
     def __call__(self, stats: EpochStats) -> bool:
         self.curves["train_loss"].append(stats.train_loss)
         self.curves["dev_loss"].append(stats.dev_loss)
         self.curves["dev_macro_accuracy"].append(stats.dev_macro_accuracy)
-        why = collapsed(stats)
+        why = collapsed(stats) if stats.epoch > self.warmup_epochs else None
         self.collapsed_epochs = self.collapsed_epochs + 1 if why else 0
         if self.collapsed_epochs >= COLLAPSE_EPOCHS:
             self.pruned_at = stats.epoch
@@ -243,7 +247,8 @@ def run_trials(study: optuna.Study, trials: list[optuna.Trial], space: SearchSpa
 
 def _train_group(study, trials, configs, space, data):
     can_prune = len(space.objectives) == 1
-    reporters = [EpochReporter(trial, can_prune) for trial in trials]
+    reporters = [EpochReporter(trial, can_prune, warmup_epochs=math.ceil(config.warmup * config.epochs))
+                 for trial, config in zip(trials, configs)]
     if len(trials) > 1:
         numbers = [trial.number for trial in trials]
         for trial in trials:

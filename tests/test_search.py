@@ -430,3 +430,14 @@ def test_a_second_space_file_that_fits_the_study_is_named_as_such(small_data, tm
     assert codes == [0, 0]
     assert f"note: {second} differs from the space file study 's' began with ({first})" in err
     assert [t.state for t in trials_of(url, "s")] == [TrialState.COMPLETE] * 2
+
+
+def test_warm_up_epochs_are_not_judged_as_collapse():
+    from cnnlib.metrics import Evaluation
+    from cnnlib.training import EpochStats
+
+    constant = Evaluation(("a", "b", "c"), np.array([[6, 0, 0], [6, 0, 0], [8, 0, 0]]))
+    reporter = objective_module.EpochReporter(trial=None, can_prune=False, warmup_epochs=4)
+    assert [reporter(EpochStats(epoch, 1.0, 1.0, constant, 0.1)) for epoch in range(1, 8)] == \
+        [False] * 6 + [True]  # epochs 5, 6, 7 are the three after the warm-up
+    assert "epochs 5-7" in reporter.pruned_reason
