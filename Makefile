@@ -2,7 +2,7 @@
 # Variables are exported to the environment and read by Python there: values with
 # spaces, quotes or ';' stay data and are never pasted into a shell command line.
 
-DATA     ?= $(if $(wildcard ../shared/data/cifar10-cars-trucks-cats),../shared/data/cifar10-cars-trucks-cats,data)
+DATA     ?=# empty: the shared data beside the checkout (../shared/data/cifar10-cars-trucks-cats), else ./data
 RESULTS  ?= results
 DEVICE   ?= auto
 SPACE    ?=# search: search_spaces/default.yaml, train: search_spaces/seed_final.yaml
@@ -28,9 +28,17 @@ CORRECTIONS  ?=
 FLIP_COUNT   ?=
 PYTEST_ARGS  ?=
 THREADS      ?=
+# The split: class order (empty: DATA/train's folder names, sorted; car,truck,cat for the user's data)
+# and images per class in that order (empty: the user's counts, for three classes).
+CLASSES      ?=
+TRAIN_COUNTS ?=
+DEV_COUNTS   ?=
+TEST_COUNTS  ?=
+SPLIT_SEED   ?=
 
 export DATA RESULTS DEVICE SPACE STUDY STORAGE TRIALS TIMEOUT WORKERS FUSE PORT HOST TRIAL SEEDS \
        EPSILONS ATTACK CSV CHECKPOINT SPLIT TRUST_PICKLE CORRECTIONS FLIP_COUNT THREADS PYTEST_ARGS
+export CLASSES TRAIN_COUNTS DEV_COUNTS TEST_COUNTS SPLIT_SEED
 
 PYTHON ?= python3
 VENV   := .venv

@@ -34,6 +34,7 @@ from cnnlib.sources import LabeledImages
 from cnnlib.splits import Splits
 from cnnlib.training import DeviceData, TrainConfig, predict_logits, train
 
+from . import progress
 from .cli import UserError
 from .options import add_common_options, add_data_options, load_splits
 
@@ -124,7 +125,9 @@ def out_of_fold_probabilities(images: LabeledImages, classes: Sequence[str], fol
         held_out = fold_of == k
         fold = Splits(tuple(classes), images.subset(~held_out), images.subset(held_out))
         data = DeviceData(fold, device)
-        result = train(config, data, device)
+        label = f"fold {k + 1}/{int(fold_of.max()) + 1}"
+        result = train(config, data, device,
+                       on_epoch=lambda stats: progress.epoch(label, stats.epoch, config.epochs, stats.dev_macro_accuracy))
         probs[held_out] = predict_probabilities(result.model, data.dev.x, mirror=config.flip).cpu().numpy()
         dev = result.dev
         stats.append({"fold": k, "train_images": int((~held_out).sum()), "held_out_images": int(held_out.sum()),

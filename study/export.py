@@ -37,6 +37,7 @@ import pandas as pd
 from cnnlib.atomic import atomic_path
 
 from .cli import UserError
+from .options import add_storage_option
 from .storage import load_existing_study, open_storage, redact, storage_file
 
 BASE_COLUMNS = ["number", "state", "value", "datetime_start", "datetime_complete", "duration"]
@@ -49,8 +50,7 @@ SKIPPED_ATTRS = {"traceback", "classes", "config", "dev_per_class", "train_per_c
 
 def add_arguments(parser) -> None:
     parser.add_argument("--study", default=os.environ.get("STUDY") or None, help="export only this study (default: all)")
-    parser.add_argument("--storage", default=os.environ.get("STORAGE") or "sqlite:///results/optuna.db",
-                        help="Optuna storage URL (env STORAGE)")
+    add_storage_option(parser)
     parser.add_argument("--results", default=os.environ.get("RESULTS") or "results",
                         help="output folder; files go to RESULTS/<study>/ (env RESULTS)")
 

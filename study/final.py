@@ -44,8 +44,9 @@ from cnnlib.device import resolve_device
 from cnnlib.metrics import Evaluation, majority_baseline
 from cnnlib.training import DeviceData, TrainConfig, evaluate, make_criterion, predict_logits, train
 
+from . import progress
 from .cli import UserError
-from .options import add_common_options, add_data_options, add_study_options, load_splits
+from .options import add_common_options, add_data_options, add_study_options, load_splits, whole_number
 from .storage import load_existing_study, redact
 
 FIGURES = ("accuracy_vs_epsilon", "examples_grid", "flip_example")
@@ -75,38 +76,18 @@ def _attacks(text: str) -> tuple[str, ...]:
     return (text,)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
-def _trial_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"TRIAL must be a trial number (0, 1, ...), got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_study_options(parser)
     env = os.environ
-    parser.add_argument("--trial", type=_trial_number, default=env.get("TRIAL") or None,
+    parser.add_argument("--trial", type=whole_number("TRIAL"), default=env.get("TRIAL") or None,
                         help="trial number to retrain instead of the best one (env TRIAL)")
-    parser.add_argument("--seeds", type=_positive, default=env.get("SEEDS") or "3",
+    parser.add_argument("--seeds", type=whole_number("SEEDS", 1), default=env.get("SEEDS") or "3",
                         help="retrain with seeds 0..k-1 and report mean and spread (env SEEDS)")
     parser.add_argument("--epsilons", type=_epsilons, default=env.get("EPSILONS") or ",".join(map(str, DEFAULT_EPSILONS)),
                         help="attack strengths on the [0, 1] pixel scale, comma-separated (env EPSILONS)")
     parser.add_argument("--attack", type=_attacks, default=env.get("ATTACK") or "fgsm",
                         help="fgsm, pgd or both (env ATTACK)")
-    parser.add_argument("--pgd-steps", type=_positive, default=str(PGD_STEPS), help="PGD iterations per epsilon")
+    parser.add_argument("--pgd-steps", type=whole_number("--pgd-steps", 1), default=str(PGD_STEPS), help="PGD iterations per epsilon")
     parser.add_argument("--no-png", action="store_true", help="skip PNG export (HTML figures are always written)")
     add_data_options(parser)
     add_common_options(parser)
@@ -203,7 +184,8 @@ def run_seeds(config: TrainConfig, data: DeviceData, seeds: int, partial: Path, 
             runs.append(run)
             continue
         seeded = TrainConfig.from_dict({**config.to_dict(), "seed": seed})
-        result = train(seeded, data, data.device)
+        result = train(seeded, data, data.device,
+                       on_epoch=lambda stats: progress.epoch(f"seed {seed}", stats.epoch, seeded.epochs, stats.dev_macro_accuracy))
         evaluations = {name: evaluate(result.model, split, data.classes, criterion)
                        for name, split in eval_splits(data).items()}
         run = SeedRun(seed, evaluations, result.seconds, len(result.history), checkpoint)

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from cnnlib.errors import DivergedError
 from cnnlib.training import DeviceData, EpochStats, TrainConfig, TrainResult, evaluate, train
 
+from . import progress
 from .artifacts import attach_trial_artifacts
 from .space import SearchSpace
 
@@ -68,6 +69,7 @@ class EpochReporter:
         self.curves["train_loss"].append(stats.train_loss)
         self.curves["dev_loss"].append(stats.dev_loss)
         self.curves["dev_macro_accuracy"].append(stats.dev_macro_accuracy)
+        progress.epoch(f"trial {self.trial.number}", stats.epoch, self.trial.user_attrs.get("config", {}).get("epochs"), stats.dev_macro_accuracy)
         if not self.can_prune:
             return False
         self.trial.report(stats.dev_macro_accuracy, stats.epoch)

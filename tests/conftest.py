@@ -148,7 +148,8 @@ def tiny_run(tiny_inputs):
 # Variables the Makefile exports and the commands read as defaults: under `make test`
 # they would leak into the studies and commands the tests run.
 STUDY_ENV = ("DATA", "RESULTS", "DEVICE", "SPACE", "STUDY", "STORAGE", "TRIALS", "TIMEOUT", "WORKERS", "FUSE",
-             "TRUST_PICKLE", "CORRECTIONS", "CSV", "HOST", "PORT", "CHECKPOINT", "SPLIT", "TRIAL", "SEEDS")
+             "TRUST_PICKLE", "CORRECTIONS", "CSV", "HOST", "PORT", "CHECKPOINT", "SPLIT", "TRIAL", "SEEDS",
+             "CLASSES", "TRAIN_COUNTS", "DEV_COUNTS", "TEST_COUNTS", "SPLIT_SEED")
 
 
 @pytest.fixture
