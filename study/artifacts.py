@@ -365,8 +365,9 @@ def note_outcome(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         report = trial_report_data(study, frozen)
         planned = report["config"].get("epochs")
         if frozen.state == TrialState.PRUNED:
-            headline = f"Trial {frozen.number}: PRUNED after epoch {report.get('epochs_run') or frozen.last_step}" \
-                       f"{f' of {planned}' if planned else ''}"
+            epoch = report.get("epochs_run") or frozen.last_step
+            headline = f"Trial {frozen.number}: PRUNED" + (f" after epoch {epoch}" if epoch else "") + \
+                (f" of {planned}" if epoch and planned else "")
             why = pruning_explanation(study, frozen) + " The numbers below are from that epoch, not a finished run."
         else:
             headline = f"Trial {frozen.number}: FAILED"

@@ -35,6 +35,7 @@ from cnnlib.splits import Splits
 from cnnlib.training import DeviceData, TrainConfig, predict_logits, train
 
 from . import progress
+from .plotly_bundle import write_bundle
 from .cli import UserError
 from .options import add_common_options, add_data_options, load_splits
 
@@ -263,8 +264,8 @@ def write_class_distribution(folder: Path, splits: Splits) -> dict:
                         for name, row in counts.items()])
     figure.update_layout(barmode="group", title="Images per class in each split", xaxis_title="class",
                          yaxis_title="images", template="plotly_white")
-    # include_plotlyjs=True inlines plotly.js: the report opens offline, no CDN.
-    figure.write_html(folder / "class_distribution.html", include_plotlyjs=True, full_html=True)
+    # One plotly.min.js beside the page (study/plotly_bundle.py): it opens offline and stays small.
+    figure.write_html(folder / "class_distribution.html", include_plotlyjs=write_bundle(folder), full_html=True)
     return counts
 
 
