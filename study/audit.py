@@ -20,6 +20,7 @@ import html
 import io
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,23 @@ def out_of_fold_probabilities(images: LabeledImages, classes: Sequence[str], fol
         log(f"fold {k + 1}/{int(fold_of.max()) + 1}: held-out macro accuracy {dev.macro_accuracy:.3f} "
             f"(vs given labels), {result.seconds:.1f}s")
     return probs, stats
+
+
+# A constant guess scores exactly 1/K macro accuracy. Fold models within this margin of it have learned
+# next to nothing: confident learning then ranks images by the models' bias (every cat "-> car"), not by
+# their labels. 0.05 is about the noise of a 5-fold estimate on the user's dev set (71 cats: 1/71 per image).
+CHANCE_MARGIN = 0.05
+
+
+def chance_warning(fold_stats: list[dict], n_classes: int) -> str | None:
+    """A warning when the fold models are no better than chance, else None."""
+    mean = float(np.mean([s["held_out_macro_accuracy"] for s in fold_stats]))
+    chance = 1 / n_classes
+    if mean >= chance + CHANCE_MARGIN:
+        return None
+    return (f"fold models at chance level: held-out macro accuracy {mean:.3f}, a constant guess scores {chance:.3f} "
+            f"with {n_classes} classes; the suspects reflect the models' bias, not label errors (train the fold "
+            "models longer with --epochs, or check the data)")
 
 
 # --- ranking --------------------------------------------------------------------
@@ -346,6 +364,9 @@ def run(args) -> int:
     started = time.perf_counter()
     fold_of = stratified_folds(labels, args.folds, args.seed)
     probs, fold_stats = out_of_fold_probabilities(pool.images, classes, fold_of, config, args.device, log=print)
+    at_chance = chance_warning(fold_stats, len(classes))
+    if at_chance:
+        print(f"warning: {at_chance}", file=sys.stderr, flush=True)
     ranked = rank_label_issues(labels, probs, args.filter_by, args.rank_by)
     seconds = time.perf_counter() - started
     per_split = {n: int((pool.split[ranked] == n).sum()) for n in names}
@@ -360,6 +381,9 @@ def run(args) -> int:
                  *(f"{p:.5f}" for p in probs[i])] for i in range(len(labels))])
     top = ranked[:args.top]
     title = f"Audit {folder.name}: top {len(top)} of {len(ranked)} suspected label issues"
+    if at_chance:  # the same warning on every output a reviewer opens
+        title += " (WARNING: fold models at chance level; these are not label errors)"
+        (folder / "WARNING.txt").write_text(f"{at_chance}\n")
     (folder / "contact_sheet.html").write_text(contact_sheet_html(pool, labels, probs, top, classes, title))
     contact_sheet_png(pool, labels, probs, top, classes).save(folder / "contact_sheet.png")
     counts = write_class_distribution(folder, splits)  # as loaded: corrections applied, no flips
@@ -368,7 +392,8 @@ def run(args) -> int:
                "images": int(len(labels)), "classes": list(classes), "folds": args.folds, "recipe": config.to_dict(),
                "device": str(resolve_device(args.device)), "filter_by": args.filter_by, "rank_by": args.rank_by,
                "suspects": int(len(ranked)), "suspects_per_split": per_split, "seconds": round(seconds, 1),
-               "fold_stats": fold_stats, "class_distribution": counts}
+               "fold_stats": fold_stats, "class_distribution": counts,
+               "fold_models_at_chance": bool(at_chance), "warning": at_chance}
     if flip_count:
         rank_of = {int(i): r for r, i in enumerate(ranked, start=1)}
         _write_csv(folder / "flipped.csv", ["id", "split", "original_label", "flipped_label", "suspect_rank"],
