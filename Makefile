@@ -51,7 +51,7 @@ COMMANDS := search data train evaluate dashboard export plots final bench audit
 
 help:
 	@echo "make search | make test | data train evaluate dashboard export plots final bench audit"
-	@echo "see README.md for the variables (DATA, RESULTS, DEVICE, SPACE, STUDY, STORAGE, ...)"
+	@echo "see README.md for the variables (DATA, CLASSES, RESULTS, DEVICE, SPACE, STUDY, STORAGE, ...)"
 
 setup: $(STAMP)
 

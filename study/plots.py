@@ -633,5 +633,5 @@ def run(args) -> int:
         if f.figure is None:
             print(f"  not available: {f.title}: {f.missing}")
     print(png_note)
-    print(f"wrote {index}  (open it in a browser; it works offline)")
+    print(f"wrote {index}  (open it in a browser; it works offline, with the {BUNDLE} beside it)")
     return 0
