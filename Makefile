@@ -11,13 +11,13 @@ STORAGE  ?= sqlite:///$(RESULTS)/optuna.db
 TRIALS   ?=
 TIMEOUT  ?=
 WORKERS  ?= 1
-FUSE     ?= 1
+FUSE     ?=# default: as wide as pays on the device (cpu 16, cuda 64); 1: one trial at a time
 PORT     ?= 8080
 # HOST uses '=', not '?=': a HOST the shell exports (containers often set 0.0.0.0) must not
 # open the dashboard to the network; only `make dashboard HOST=...` does.
 HOST      = 127.0.0.1
 TRIAL    ?=
-SEEDS    ?= 3
+SEEDS    ?=# final: 3 (seeds 0..2); train: 1
 EPSILONS ?=
 ATTACK   ?= fgsm
 CSV      ?=
@@ -28,6 +28,8 @@ CORRECTIONS  ?=
 FLIP_COUNT   ?=
 PYTEST_ARGS  ?=
 THREADS      ?=
+BUDGET       ?=# hpo-bench: seconds per search (cpu 300, cuda 900)
+SEARCH_SEEDS ?=# hpo-bench: search seeds per method (3)
 # The split: class order (empty: DATA/train's folder names, sorted; car,truck,cat for the user's data)
 # and images per class in that order (empty: the user's counts, for three classes).
 CLASSES      ?=
@@ -37,7 +39,8 @@ TEST_COUNTS  ?=
 SPLIT_SEED   ?=
 
 export DATA RESULTS DEVICE SPACE STUDY STORAGE TRIALS TIMEOUT WORKERS FUSE PORT HOST TRIAL SEEDS \
-       EPSILONS ATTACK CSV CHECKPOINT SPLIT TRUST_PICKLE CORRECTIONS FLIP_COUNT THREADS PYTEST_ARGS
+       EPSILONS ATTACK CSV CHECKPOINT SPLIT TRUST_PICKLE CORRECTIONS FLIP_COUNT THREADS PYTEST_ARGS \
+       BUDGET SEARCH_SEEDS
 export CLASSES TRAIN_COUNTS DEV_COUNTS TEST_COUNTS SPLIT_SEED
 
 PYTHON ?= python3
@@ -45,12 +48,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-COMMANDS := search data train evaluate dashboard export plots final bench audit
+COMMANDS := search data train evaluate dashboard export plots final bench audit hpo-bench
 
 .PHONY: help setup $(COMMANDS) test test-deps clean
 
 help:
-	@echo "make search | make test | data train evaluate dashboard export plots final bench audit"
+	@echo "make search | make test | data train evaluate dashboard export plots final bench audit hpo-bench"
 	@echo "see README.md for the variables (DATA, CLASSES, RESULTS, DEVICE, SPACE, STUDY, STORAGE, ...)"
 
 setup: $(STAMP)

@@ -8,6 +8,7 @@ an explicit generator so that a seed fixes the augmentation too.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale uses.
 _LUMA = (0.299, 0.587, 0.114)
@@ -25,6 +26,31 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(flip, x.flip(3), x)
 
 
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Coordinates outside [0, size) mirrored back in, as F.pad(mode="reflect") would place them."""
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
+
+
+def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to `pad` pixels each way (pad, then crop a random window).
+
+    Reflect padding, as airbench and the loop issue's measurement (0.79 -> 0.84
+    test macro with flip): the border continues the image, where zero padding
+    would add black bars, an edge the net can learn that test images never show.
+    Written as one gather of pixels at reflected coordinates, never building the
+    padded batch: 0.37 ms at batch 32 against 0.65 ms for F.pad + gather (2-core
+    CPU, 1 thread, torch 2.14.1, 300 calls). Keeps DeviceSplit's channels-last layout.
+    """
+    n, c, h, w = x.shape
+    shifts = torch.randint(-pad, pad + 1, (2, n, 1), generator=generator, device=x.device)
+    rows = _reflect(shifts[0] + torch.arange(h, device=x.device), h)  # (n, h)
+    cols = _reflect(shifts[1] + torch.arange(w, device=x.device), w)  # (n, w)
+    pixel = (torch.arange(n, device=x.device).view(n, 1, 1) * (h * w) + rows.view(n, h, 1) * w + cols.view(n, 1, w))
+    nhwc = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when x is channels-last
+    return nhwc.index_select(0, pixel.view(-1)).view(n, h, w, c).permute(0, 3, 1, 2)
+
+
 def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
     """Brightness, contrast and saturation, each scaled by a per-image factor; x in [0, 1]."""
     n, device = x.shape[0], x.device
@@ -37,7 +63,10 @@ def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator) -
     return x.clamp_(0.0, 1.0)
 
 
-def augment_batch(x: torch.Tensor, flip: bool, jitter: float, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, crop: int, flip: bool, jitter: float, generator: torch.Generator) -> torch.Tensor:
+    """Crop, flip, jitter, in that order, each drawing from `generator` only when it is on."""
+    if crop > 0:
+        x = random_crop(x, crop, generator)
     if flip:
         x = random_flip(x, generator)
     if jitter > 0:

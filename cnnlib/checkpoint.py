@@ -12,7 +12,7 @@ import torch
 
 from .atomic import atomic_path
 from .errors import CheckpointError
-from .model import SeedCNN
+from .model import MODELS, SeedCNN
 from .training import CHANNELS_LAST, TrainConfig
 
 FORMAT = "cnnlib-seedcnn-1"
@@ -50,7 +50,7 @@ def load_checkpoint(path: Path, device="cpu") -> tuple[SeedCNN, TrainConfig, tup
     try:
         config = TrainConfig.from_dict(payload["config"])
         classes = tuple(payload["classes"])
-        model = SeedCNN(len(classes), config.dropout, int(payload["image_size"])).to(device)
+        model = MODELS[config.model](len(classes), config.dropout, int(payload["image_size"])).to(device)
         state = payload["state_dict"]
     except KeyError as error:
         raise CheckpointError(f"{path}: checkpoint lacks its {error.args[0]!r} entry") from None

@@ -1,8 +1,10 @@
-"""Horizontally fused training: K trial configs trained as one wide network.
+"""Horizontally fused training: K trial configs stepped as one wide network.
 
 The seed CNN is far too small to fill a device (or even two CPU cores) with
 one trial. HFTA (Wang et al., MLSys 2021) trains K copies of a model as one
-wider model; this module does that for `SeedCNN`:
+wider model; this module does that for `SeedCNN`. It holds the stacked step
+only: batch order, augmentation, evaluation and stopping are the one loop's
+(cnnlib.training.train_members), the same loop a single trial runs.
 
 - The K members' weights live in one (K, P) tensor, one row per member (P =
   one SeedCNN's parameter count). The forward splits it into per-layer views:
@@ -14,57 +16,48 @@ wider model; this module does that for `SeedCNN`:
 - Pooling comes before ReLU here (the unfused net does ReLU then pool): both
   are monotone so the values are identical, and ReLU and its backward then run
   on a quarter of the elements (~1.2x per step at K=16 on the CPU).
-- Each member keeps its own optimizer type, lr, momentum, weight decay, loss
-  weights, dropout rate and seed. SGD and Adam are written out on the stacked
-  rows (SGD members first, so each kind is one contiguous block of rows) with
-  the math of torch.optim.SGD (L2 decay added to the gradient, momentum
-  buffer, no dampening, no Nesterov) and torch.optim.Adam (L2 decay added to
-  the gradient, bias correction, eps 1e-8): a handful of launches per step
-  for all members instead of one optimizer per trial.
+- Each member keeps its own optimizer (SGD with or without Nesterov, Adam,
+  AdamW), lr and schedule, momentum, weight decay, loss (class weights,
+  logit adjustment, label smoothing), dropout rate and seed. The optimizers
+  are written out on the stacked rows (SGD members first, so each kind is one
+  contiguous block of rows) with the math of torch.optim's SGD, Adam and
+  AdamW: a handful of launches per step for all members instead of one
+  optimizer per trial. Each member's lr follows its own schedule table
+  (cnnlib.schedules), one column per step.
 - Members' losses are summed for one backward; the sum's gradient is 1 for
   every member, so members never touch each other's gradients (a member
   going NaN leaves the others untouched).
-- A member that stops (its callback returned True, or it diverged) is cut
-  out of the stacked rows at the end of the epoch: it stops costing compute.
+- A member that stops is cut out of the stacked rows at the end of the
+  epoch: it stops costing compute.
 - On the CPU a large group runs as several stacked passes of at most 16
   members per batch (MEMBERS_PER_PASS): the batch is still shared, and a
   pass of 16 fits the caches that one of 64 overflows.
 
-What members share, and why (`SHARED_SETTINGS`): one batch of images per step.
-The batch order (and flip/jitter draws) come from a generator seeded with the
-FIRST member's seed; `train(config, data, order_seed=configs[0].seed)` replays
-exactly that order for an unfused run of any member. A member's own seed sets
-its initial weights (the same weights `train` starts from) and its dropout
-masks. On the CPU the masks are drawn member by member from a generator that
-continues the global RNG stream right after that member's init, which is what
-the unfused run's dropout draws from: the same bits. On CUDA the unfused
-run's dropout is a fused Philox kernel that cannot be replayed per member, so
-all masks come from one draw per layer (a group generator seeded with the
-first member's seed): statistically the same, not bitwise.
+A member's own seed sets its initial weights (the same weights the unfused
+run starts from) and its dropout masks. On the CPU the masks are drawn member
+by member from a generator that continues the global RNG stream right after
+that member's init, which is what the unfused run's dropout draws from: the
+same bits. On CUDA the unfused run's dropout is a fused Philox kernel that
+cannot be replayed per member, so all masks come from one draw per layer (a
+group generator seeded with the first member's seed): statistically the
+same, not bitwise.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .augment import augment_batch
-from .errors import DivergedError
+from .config import TrainConfig
+from .losses import loss_sums, loss_terms
 from .metrics import Evaluation
 from .model import SeedCNN
-from .splits import Splits
-from .training import (DeviceData, DeviceSplit, EpochStats, TrainConfig, TrainResult, epoch_order, make_criterion,
-                       make_model)
+from .schedules import lr_factors
 
-# What decides the images of a step: members that differ in any of these cannot
-# share a forward pass (flip/jitter change the input itself), so they go to
-# separate groups. Epochs may differ: a member leaves the group after its last.
-SHARED_SETTINGS = ("batch_size", "imbalance", "flip", "jitter")
 # torch.optim.Adam's defaults, which make_optimizer uses.
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -77,6 +70,10 @@ EVAL_ACTIVATION_FLOATS = 1 << 25
 # one of 64 (whose 38 MB conv1 activations miss the cache and are fresh pages
 # every step); GPUs want the widest pass.
 MEMBERS_PER_PASS = {"cpu": 16}
+# Trials per fused group when a search does not say (FUSE): as wide as measurably pays.
+# 2-core CPU, torch 2.14.1, batch 32 (`make bench --fused-ks`): K=16 trains 2.0-2.6x the
+# trial-epochs/s of unfused trials, K=64 no more than K=16. H200 (torch 2.11): K=64 25.6x.
+GROUP_SIZE = {"cpu": 16, "cuda": 64}
 CHANNELS_LAST = torch.channels_last
 # SeedCNN's parameters in `parameters()` order; the fused forward is written
 # against exactly this layout.
@@ -86,42 +83,6 @@ LAYOUT = ("features.0.weight", "features.0.bias", "features.3.weight", "features
 # Linear weights are stored transposed, (in, out): the batched matmuls then read
 # them as they are and their gradients arrive in the stored layout (no copies).
 TRANSPOSED = frozenset({"classifier.1.weight", "classifier.4.weight", "classifier.7.weight"})
-
-
-# --- groups -------------------------------------------------------------------
-
-def group_key(config: TrainConfig) -> tuple:
-    """Configs with equal keys can be trained in one fused group."""
-    return tuple(getattr(config, name) for name in SHARED_SETTINGS)
-
-
-def group_configs(configs: Sequence[TrainConfig], max_size: int | None = None) -> list[list[int]]:
-    """Indices into `configs`, split into fusable groups of at most `max_size`.
-
-    Groups come in order of their first member; members keep their input order.
-    """
-    if max_size is not None and max_size < 1:
-        raise ValueError(f"max_size must be at least 1, got {max_size}")
-    groups: dict[tuple, list[list[int]]] = {}
-    for index, config in enumerate(configs):
-        chunks = groups.setdefault(group_key(config), [[]])
-        if max_size is not None and len(chunks[-1]) >= max_size:
-            chunks.append([])
-        chunks[-1].append(index)
-    return [chunk for chunks in groups.values() for chunk in chunks]
-
-
-def check_group(configs: Sequence[TrainConfig]) -> None:
-    if not configs:
-        raise ValueError("train_fused needs at least one config")
-    first = configs[0]
-    for index, config in enumerate(configs[1:], start=1):
-        for name in SHARED_SETTINGS:
-            if getattr(config, name) != getattr(first, name):
-                raise ValueError(
-                    f"config {index} has {name}={getattr(config, name)!r} but config 0 has "
-                    f"{getattr(first, name)!r}; fused members must share {', '.join(SHARED_SETTINGS)} "
-                    "(split them with cnnlib.fused.group_configs)")
 
 
 # --- the stacked network --------------------------------------------------------
@@ -192,10 +153,8 @@ class StackedSeedCNN:
         index = torch.tensor(rows, device=self.flat.device)
         self.flat = self.flat.detach().index_select(0, index).requires_grad_(True)
 
-    def to_model(self, row: int, config: TrainConfig, n_classes: int, image_size: int) -> SeedCNN:
-        """Member `row` as the SeedCNN `train` would have returned (same layout, train mode)."""
-        with torch.random.fork_rng(devices=[]):  # its throwaway init must not move the caller's RNG
-            model = make_model(n_classes, config, image_size, self.flat.device)
+    def to_model(self, row: int, model: SeedCNN) -> SeedCNN:
+        """Copy member `row`'s weights into `model` (a fresh SeedCNN in the unfused layout) and return it."""
         with torch.no_grad():
             for (name, param), piece, shape in zip(model.named_parameters(), self.flat[row].split(self.sizes),
                                                    self.shapes):
@@ -207,14 +166,15 @@ class StackedSeedCNN:
 # --- per-member optimizers on stacked rows ---------------------------------------
 
 class StackedOptimizer:
-    """SGD and Adam with per-row hyperparameters on (K, P) rows; SGD rows come first.
+    """SGD (Nesterov or not), Adam and AdamW with per-row settings on (K, P) rows; SGD rows come first.
 
-    Mirrors torch.optim's foreach implementations operation by operation
-    where per-row values allow it (see the module docstring); differences are
-    rounding-level (tests/test_fused.py states the tolerance).
+    Mirrors torch.optim's implementations operation by operation where per-row
+    values allow it; differences are rounding-level (tests/test_fused.py states
+    the tolerance). `lr_table[k, s]` is member k's lr at step s (its lr times
+    its schedule's factor), so the lr costs one column slice per step.
     """
 
-    def __init__(self, configs: Sequence[TrainConfig], n_params: int, device):
+    def __init__(self, configs: Sequence[TrainConfig], n_params: int, device, steps_per_epoch: int = 1):
         kinds = [c.optimizer for c in configs]
         self.n_sgd = kinds.count("sgd")
         if kinds != sorted(kinds, key=lambda kind: kind != "sgd"):
@@ -223,11 +183,20 @@ class StackedOptimizer:
         def column(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype, device=device).view(-1, 1)
 
-        self.lr = column([c.lr for c in configs])
-        self.lr64 = column([c.lr for c in configs], torch.float64)  # Adam's step size is computed in double
-        self.weight_decay = column([c.weight_decay for c in configs])
+        total = [c.epochs * steps_per_epoch for c in configs]
+        width = max(total)
+        table = torch.stack([F.pad(lr_factors(c, n) * c.lr, (0, width - n), value=0.0) for c, n in zip(configs, total)])
+        self.lr64 = table.to(device)  # Adam's step size is computed in double, as torch.optim does
+        self.lr32 = self.lr64.float()
+        # L2 (added to the gradient) for SGD and Adam; decoupled (p *= 1 - lr * wd) for AdamW.
+        self.coupled_decay = column([0.0 if c.optimizer == "adamw" else c.weight_decay for c in configs])
+        self.decoupled_decay = column([c.weight_decay if c.optimizer == "adamw" else 0.0 for c in configs],
+                                      torch.float64)
+        self.any_coupled = any(c.weight_decay and c.optimizer != "adamw" for c in configs)
+        self.any_decoupled = any(c.weight_decay and c.optimizer == "adamw" for c in configs)
         self.momentum = column([c.momentum for c in configs])
-        self.any_decay = any(c.weight_decay for c in configs)
+        self.nesterov = column([c.optimizer == "sgd" and c.nesterov for c in configs], torch.bool)
+        self.any_nesterov = any(c.optimizer == "sgd" and c.nesterov for c in configs)
         n_adam = len(configs) - self.n_sgd
         self.momentum_buffer = torch.zeros(self.n_sgd, n_params, device=device)
         self.exp_avg = torch.zeros(n_adam, n_params, device=device)
@@ -236,34 +205,43 @@ class StackedOptimizer:
 
     @torch.no_grad()
     def step(self, params: torch.Tensor, grads: torch.Tensor) -> None:
+        column = self.steps
         self.steps += 1
+        lr32, lr64 = self.lr32[:, column:column + 1], self.lr64[:, column:column + 1]
         s = self.n_sgd
-        if self.any_decay:
-            grads = torch.addcmul(grads, params, self.weight_decay)  # L2: grad + wd * p
+        if self.any_coupled:
+            grads = torch.addcmul(grads, params, self.coupled_decay)  # L2: grad + wd * p
         if s:
-            # torch.optim.SGD: buf = momentum * buf + grad (buf starts as grad: 0 * m + g == g); p -= lr * buf.
-            self.momentum_buffer.mul_(self.momentum[:s]).add_(grads[:s])
-            params[:s].addcmul_(self.momentum_buffer, self.lr[:s], value=-1)
+            # torch.optim.SGD: buf = momentum * buf + grad (buf starts as grad: 0 * m + g == g);
+            # Nesterov steps along grad + momentum * buf, plain SGD along buf.
+            g = grads[:s]
+            self.momentum_buffer.mul_(self.momentum[:s]).add_(g)
+            direction = self.momentum_buffer
+            if self.any_nesterov:
+                direction = torch.where(self.nesterov[:s], torch.addcmul(g, self.momentum_buffer, self.momentum[:s]),
+                                        self.momentum_buffer)
+            params[:s].addcmul_(direction, lr32[:s], value=-1)
         if s < params.shape[0]:
             beta1, beta2 = ADAM_BETAS
             g = grads[s:]
+            if self.any_decoupled:  # torch.optim.AdamW: p *= 1 - lr * wd, before the moments
+                params[s:].mul_((1 - lr64[s:] * self.decoupled_decay[s:]).float())
             self.exp_avg.lerp_(g, 1 - beta1)
             self.exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             bias_correction1 = 1 - beta1 ** self.steps
             bias_correction2_sqrt = (1 - beta2 ** self.steps) ** 0.5
-            step_size = (self.lr64[s:] / bias_correction1).neg_().float()
+            step_size = (lr64[s:] / bias_correction1).neg_().float()
             denom = self.exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(ADAM_EPS)
             params[s:].add_(self.exp_avg.mul(step_size).div_(denom))  # addcdiv's (value * m) / denom
 
     def select(self, rows: list[int]) -> None:
-        index = torch.tensor(rows, device=self.lr.device)
+        index = torch.tensor(rows, device=self.lr32.device)
         sgd = [r for r in rows if r < self.n_sgd]
         adam = [r - self.n_sgd for r in rows if r >= self.n_sgd]
         self.momentum_buffer = self.momentum_buffer[sgd]
         self.exp_avg, self.exp_avg_sq = self.exp_avg[adam], self.exp_avg_sq[adam]
-        self.lr, self.lr64 = self.lr.index_select(0, index), self.lr64.index_select(0, index)
-        self.weight_decay = self.weight_decay.index_select(0, index)
-        self.momentum = self.momentum.index_select(0, index)
+        for name in ("lr32", "lr64", "coupled_decay", "decoupled_decay", "momentum", "nesterov"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
         self.n_sgd = len(sgd)
 
 
@@ -322,24 +300,33 @@ class MemberDropout:
             self.keep = self.keep[rows]
 
 
-def weighted_nll_sums(logits: torch.Tensor, y: torch.Tensor,
-                      weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per member: sum of w_y * -log p_y and sum of w_y. logits (K, B, C), y (B,), weights (K, C)."""
-    log_p = torch.log_softmax(logits, dim=2)
-    picked = log_p.gather(2, y.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(2)
-    w = weights[:, y]
-    return -(w * picked).sum(1), w.sum(1)
+class MemberLoss:
+    """Each member's training loss terms as stacked rows: class weights, logit offsets, smoothing."""
 
+    def __init__(self, configs: Sequence[TrainConfig], train_labels: torch.Tensor, n_classes: int):
+        terms = [loss_terms(c, train_labels, n_classes) for c in configs]
+        self.weight = torch.stack([w for w, _ in terms])
+        self.offset = torch.stack([o for _, o in terms]) if any(c.imbalance == "logit_adjusted" for c in configs) \
+            else None
+        self.smoothing = torch.tensor([c.label_smoothing for c in configs], device=train_labels.device) \
+            if any(c.label_smoothing for c in configs) else None
 
-def member_losses(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """nn.CrossEntropyLoss(weight=w) of each member (weighted mean), shape (K,)."""
-    numerator, denominator = weighted_nll_sums(logits, y, weights)
-    return numerator / denominator
+    def sums(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return loss_sums(logits, y, self.weight, self.offset, self.smoothing)
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        numerator, denominator = self.sums(logits, y)
+        return numerator / denominator
+
+    def select(self, rows: list[int]) -> None:
+        self.weight = self.weight[rows]
+        self.offset = None if self.offset is None else self.offset[rows]
+        self.smoothing = None if self.smoothing is None else self.smoothing[rows]
 
 
 @torch.inference_mode()
-def evaluate_members(net: StackedSeedCNN, split: DeviceSplit, classes, weights: torch.Tensor) -> list[Evaluation]:
-    """cnnlib.training.evaluate for every member at once (dropout off)."""
+def evaluate_members(net: StackedSeedCNN, split, classes, loss: MemberLoss) -> list[Evaluation]:
+    """cnnlib.training.evaluate for every member at once (dropout off); split: a DeviceSplit."""
     k, n = net.k, len(classes)
     device = net.flat.device
     numerator = torch.zeros(k, device=device)
@@ -351,7 +338,7 @@ def evaluate_members(net: StackedSeedCNN, split: DeviceSplit, classes, weights: 
     for start in range(0, len(split), chunk):
         x, y = split.x[start:start + chunk], split.y[start:start + chunk]
         logits = net(x)
-        num, den = weighted_nll_sums(logits, y, weights)
+        num, den = loss.sums(logits, y)
         numerator += num
         denominator += den
         counts += torch.bincount((offsets + y * n + logits.argmax(2)).reshape(-1), minlength=k * n * n)
@@ -360,172 +347,106 @@ def evaluate_members(net: StackedSeedCNN, split: DeviceSplit, classes, weights: 
     return [Evaluation(tuple(classes), matrices[row].copy(), losses[row]) for row in range(k)]
 
 
-# --- training ------------------------------------------------------------------------
-
-@dataclass
-class MemberResult(TrainResult):
-    """A member's TrainResult; `error` is set (and `model` is None) when that member diverged.
-
-    `train` raises DivergedError; a fused group cannot raise for one member
-    without killing the others, so the error is handed back here instead.
-    `history` then holds the epochs before the divergence. `seconds` is the
-    wall time from the group's start to this member's last epoch (shared
-    with the other members, not divided among them).
-    """
-
-    error: DivergedError | None = None
-
-    @property
-    def failed(self) -> bool:
-        return self.error is not None
-
+# --- the stacked step: what the one loop calls for a fused group -----------------------
 
 def _init_member(config: TrainConfig, n_classes: int, image_size: int) -> tuple[SeedCNN, torch.Tensor]:
-    """The initial weights `train` starts from, and the RNG state its dropout then draws from."""
+    """The initial weights the unfused run starts from, and the RNG state its dropout then draws from."""
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(config.seed)  # what torch.manual_seed does on the CPU
         model = SeedCNN(n_classes, config.dropout, image_size)
         return model, torch.get_rng_state()
 
 
-def train_fused(configs: Sequence[TrainConfig], data: DeviceData | Splits,
-                on_epoch: Callable[[int, EpochStats], bool | None] | None = None,
-                members_per_pass: int | None = None) -> list[MemberResult]:
-    """Train all configs as one fused group; result i belongs to configs[i].
-
-    `on_epoch(i, stats)` is called after every epoch for each member still
-    training, in member order; returning True stops member i alone (its
-    rows leave the stacked network at the end of the epoch), as does
-    reaching its own `epochs` (then `stopped_early` stays False). An exception
-    from `on_epoch` ends the whole group (a study should return True to
-    prune, not raise). A member whose training loss is not finite at the end
-    of an epoch gets `error=DivergedError(...)`, no model, and no callback
-    for that epoch; the others go on.
-
-    members_per_pass: at most this many members share one forward/backward
-    pass (all members still share every batch); default MEMBERS_PER_PASS
-    for the device.
-    """
-    results = []
-    for results in train_fused_epochs(configs, data, on_epoch, members_per_pass):
-        pass
-    return results
-
-
 class _Pass:
-    """Members that run one stacked forward/backward together: network, optimizer, dropout, loss weights."""
+    """Members that run one stacked forward/backward together: network, optimizer, dropout, loss."""
 
-    def __init__(self, members: list[int], configs: Sequence[TrainConfig], data: DeviceData, group_seed: int):
+    def __init__(self, members: list[int], configs: Sequence[TrainConfig], data, steps_per_epoch: int,
+                 group_seed: int):
         # Rows: SGD members first (stable), so each optimizer kind is one block of rows.
         self.members = sorted(members, key=lambda i: configs[i].optimizer != "sgd")
         chosen = [configs[i] for i in self.members]
         inits = [_init_member(c, data.n_classes, data.image_size) for c in chosen]
         self.net = StackedSeedCNN.from_models([model for model, _ in inits], data.device)
-        self.optimizer = StackedOptimizer(chosen, self.net.flat.shape[1], data.device)
+        self.optimizer = StackedOptimizer(chosen, self.net.flat.shape[1], data.device, steps_per_epoch)
         self.dropout = MemberDropout([c.dropout for c in chosen], [state for _, state in inits], group_seed,
                                      data.device)
-        self.weights = torch.stack([_loss_weights(c, data) for c in chosen])
+        self.loss = MemberLoss(chosen, data.train.y, data.n_classes)
         self.widths = [self.net.shapes[LAYOUT.index(name)][1] for name in ("classifier.1.weight", "classifier.4.weight")]
         self.total = None
 
-    def start_epoch(self) -> None:
-        self.total = torch.zeros(len(self.members), device=self.net.flat.device)
-
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        losses = member_losses(self.net(x, self.dropout.masks(x.shape[0], self.widths)), y, self.weights)
+        losses = self.loss(self.net(x, self.dropout.masks(x.shape[0], self.widths)), y)
         self.net.flat.grad = None
         losses.sum().backward()  # d(sum)/d(loss_k) = 1: each member gets exactly its own gradient
         self.optimizer.step(self.net.flat, self.net.flat.grad)
         self.total += losses.detach() * x.shape[0]
 
     def keep(self, rows: list[int]) -> None:
-        """Drop every member but these rows (stopped members stop costing compute)."""
-        if len(rows) == len(self.members):
-            return
-        if not rows:
-            self.members = []
-            return
         rows = sorted(rows)  # rows stay SGD-first
         self.net.select(rows)
         self.optimizer.select(rows)
         self.dropout.select(rows)
-        self.weights = self.weights[rows]
+        self.loss.select(rows)
         self.members = [self.members[row] for row in rows]
 
 
-def train_fused_epochs(configs: Sequence[TrainConfig], data: DeviceData | Splits,
-                       on_epoch: Callable[[int, EpochStats], bool | None] | None = None,
-                       members_per_pass: int | None = None) -> Iterator[list[MemberResult]]:
-    """`train_fused` one epoch per step, yielding all members' results after each epoch.
+class StackedStep:
+    """The step of a fused group: its members split over passes that each take every batch.
 
-    `make bench` steps it in turn with the unfused loops so that all see the same background load.
+    The interface the one loop drives (ModuleStep has the same): `members`,
+    `start_epoch`, `step`, `train_loss_sums`, `evaluate`, `model`, `keep`.
     """
-    configs = list(configs)
-    check_group(configs)
-    if not isinstance(data, DeviceData):
-        data = DeviceData(data)
-    device, n_classes, image_size = data.device, data.n_classes, data.image_size
-    per_pass = members_per_pass or MEMBERS_PER_PASS.get(device.type) or len(configs)
-    if per_pass < 1:
-        raise ValueError(f"members_per_pass must be at least 1, got {members_per_pass}")
-    shared = configs[0]
-    generator = torch.Generator(device=device)
-    generator.manual_seed(shared.seed)  # batch order and augmentation: the first member's seed
-    # Equal-sized passes (K=20 with 16 per pass: 10 + 10, not 16 + 4).
-    n_passes = math.ceil(len(configs) / per_pass)
-    bounds = [round(i * len(configs) / n_passes) for i in range(n_passes + 1)]
-    passes = [_Pass(list(range(a, b)), configs, data, shared.seed) for a, b in zip(bounds, bounds[1:])]
 
-    results = [MemberResult(None, config, device=str(device)) for config in configs]
-    train_x, train_y, n = data.train.x, data.train.y, len(data.train)
-    started = time.perf_counter()
-    for epoch in range(1, max(c.epochs for c in configs) + 1):
-        epoch_start = time.perf_counter()
-        order = epoch_order(n, train_y, n_classes, shared.imbalance, generator)
-        for group in passes:
-            group.start_epoch()
-        for start in range(0, n, shared.batch_size):
-            index = order[start:start + shared.batch_size]
-            x = train_x.index_select(0, index)
-            if shared.flip or shared.jitter:
-                x = augment_batch(x, shared.flip, shared.jitter, generator)
-            y = train_y.index_select(0, index)
-            for group in passes:
-                group.step(x, y)
-        rows = {}  # member -> (pass, row, train loss, dev evaluation)
-        for group in passes:
-            devs = evaluate_members(group.net, data.dev, data.classes, group.weights)
-            for row, (member, total) in enumerate(zip(group.members, group.total.tolist())):
-                rows[member] = (group, row, total / n, devs[row])
-        seconds = time.perf_counter() - epoch_start
+    def __init__(self, configs: Sequence[TrainConfig], data, steps_per_epoch: int,
+                 make_model: Callable[[TrainConfig], nn.Module], members_per_pass: int | None = None):
+        unsupported = sorted({c.model for c in configs} - {"seed_cnn"})
+        if unsupported:
+            raise ValueError(f"fused training is written for the seed CNN; model {unsupported[0]!r} trains one at a time")
+        per_pass = members_per_pass or MEMBERS_PER_PASS.get(data.device.type) or len(configs)
+        if per_pass < 1:
+            raise ValueError(f"members_per_pass must be at least 1, got {members_per_pass}")
+        self.make_model, self.configs = make_model, list(configs)
+        # Equal-sized passes (K=20 with 16 per pass: 10 + 10, not 16 + 4).
+        n_passes = math.ceil(len(configs) / per_pass)
+        bounds = [round(i * len(configs) / n_passes) for i in range(n_passes + 1)]
+        self.passes = [_Pass(list(range(a, b)), configs, data, steps_per_epoch, configs[0].seed)
+                       for a, b in zip(bounds, bounds[1:])]
 
-        kept: dict[int, list[int]] = {id(group): [] for group in passes}
-        for member in sorted(rows):  # callbacks in member order
-            group, row, train_loss, dev = rows[member]
-            result = results[member]
-            result.seconds = time.perf_counter() - started
-            if not math.isfinite(train_loss):
-                result.error = DivergedError(epoch, train_loss)
-                continue
-            stats = EpochStats(epoch, train_loss, dev.loss, dev, seconds)
-            result.history.append(stats)
-            if on_epoch is not None and on_epoch(member, stats):
-                result.stopped_early = True
-            if result.stopped_early or epoch == configs[member].epochs:
-                result.model = group.net.to_model(row, configs[member], n_classes, image_size)
-            else:
-                kept[id(group)].append(row)
-        yield results
-        for group in passes:
-            group.keep(kept[id(group)])
-        passes = [group for group in passes if group.members]
-        if not passes:
-            break
+    @property
+    def members(self) -> list[int]:
+        return sorted(m for group in self.passes for m in group.members)
 
+    def start_epoch(self) -> None:
+        for group in self.passes:
+            group.total = torch.zeros(len(group.members), device=group.net.flat.device)
 
-def _loss_weights(config: TrainConfig, data: DeviceData) -> torch.Tensor:
-    """The class weights of the member's criterion (ones when it has none)."""
-    criterion = make_criterion(config, data.train.y, data.n_classes)
-    if criterion.weight is None:
-        return torch.ones(data.n_classes, device=data.device)
-    return criterion.weight.to(data.device)
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        for group in self.passes:
+            group.step(x, y)
+
+    def train_loss_sums(self) -> dict[int, float]:
+        return {m: t for group in self.passes for m, t in zip(group.members, group.total.tolist())}
+
+    def evaluate(self, split, classes) -> dict[int, Evaluation]:
+        out = {}
+        for group in self.passes:
+            out.update(zip(group.members, evaluate_members(group.net, split, classes, group.loss)))
+        return out
+
+    def model(self, member: int) -> nn.Module:
+        for group in self.passes:
+            if member in group.members:
+                with torch.random.fork_rng(devices=[]):  # its throwaway init must not move the caller's RNG
+                    fresh = self.make_model(self.configs[member])
+                return group.net.to_model(group.members.index(member), fresh)
+        raise KeyError(member)
+
+    def keep(self, members: set[int]) -> None:
+        """Drop every member not in `members` (stopped members stop costing compute)."""
+        for group in self.passes:
+            rows = [row for row, m in enumerate(group.members) if m in members]
+            if not rows:
+                group.members.clear()
+            elif len(rows) != len(group.members):
+                group.keep(rows)
+        self.passes = [group for group in self.passes if group.members]

@@ -57,3 +57,9 @@ def model_flops_per_image(image_size: int = 32, n_classes: int = 3) -> int:
     macs = 6 * s1 * s1 * 3 * 25 + 16 * s2 * s2 * 6 * 25
     macs += flat_features(image_size) * 120 + 120 * 84 + 84 * n_classes
     return 2 * macs
+
+
+# Architectures a TrainConfig can name (`model:`): name -> (n_classes, dropout, image_size) -> nn.Module.
+# Each takes images on the [0, 1] scale and normalizes inside. Only the seed CNN has a
+# stacked (fused) form; other models train one at a time through the same loop.
+MODELS = {"seed_cnn": SeedCNN}

@@ -1,84 +1,49 @@
-"""Training the seed CNN from a plain config: the hot path of every trial.
+"""The one training loop: one trial, or a fused group of trials, from plain configs.
 
 The data lives on the device as one float tensor per split; an epoch is a
-`randperm` (or a weighted `multinomial` draw) and index slices of it. No
-DataLoader, no per-sample Python, no `.item()` per step: the only host syncs
-are one per epoch (divergence check and the epoch callback).
+`randperm` (or a weighted `multinomial` draw) and index slices of it, with
+augmentation batched on the device. No DataLoader, no per-sample Python, no
+`.item()` per step: the only host syncs are once per epoch (train losses for
+the divergence check, dev evaluation, the epoch callback).
+
+`train_members` owns batch order, slicing, augmentation, divergence, dev
+evaluation and stopping for K >= 1 members, and steps either
+- ModuleStep: one nn.Module with torch.optim (fused kernels), the fast path for K = 1, or
+- cnnlib.fused.StackedStep: K seed CNNs as one stacked network with per-member rows.
+`train` (one config) and `train_fused` (a group) are thin views of it.
 This module knows nothing of Optuna; `on_epoch` is how a study listens and
-stops a run (pruning).
+stops a member (pruning).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .augment import augment_batch
+from .config import IMBALANCE_METHODS, OPTIMIZERS, SCHEDULES, SHARED, TrainConfig, check_roles, group_key  # noqa: F401
 from .device import resolve_device
 from .errors import DivergedError
+from .fused import StackedStep
+from .losses import class_weights, make_criterion  # noqa: F401 - part of this module's interface
 from .metrics import Evaluation
-from .model import SeedCNN
+from .model import MODELS
+from .schedules import lr_factors, steps_per_epoch
 from .sources import LabeledImages
 from .splits import Splits
 
-OPTIMIZERS = ("sgd", "adam")
-IMBALANCE_METHODS = ("weighted_loss", "weighted_sampler", "none")
 # Channels-last weights (oneDNN NHWC convolutions). A first quick probe found ~1.5x
 # on the 2-core CPU; `make bench` (`--levers`, 1 thread, machine shared with other
 # jobs) later measured no clear difference: CPU time per epoch 0.97x, wall 0.85-1.01x.
 # Kept on until a quiet-machine measurement says otherwise.
 CHANNELS_LAST = True
 EVAL_BATCH = 4096
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of one training run; defaults are the user's final recipe (report table 4)."""
-
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9  # SGD only
-    weight_decay: float = 1e-2
-    batch_size: int = 32
-    epochs: int = 100
-    imbalance: str = "weighted_loss"  # beat the weighted sampler in the user's report
-    dropout: float = 0.1
-    flip: bool = False  # the user tried no augmentation in the final model
-    jitter: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self):
-        self.optimizer = str(self.optimizer).lower()
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if self.imbalance not in IMBALANCE_METHODS:
-            raise ValueError(f"imbalance {self.imbalance!r} is not one of {', '.join(IMBALANCE_METHODS)}")
-        checks = [("lr", self.lr > 0), ("batch_size", int(self.batch_size) >= 1), ("epochs", int(self.epochs) >= 1),
-                  ("weight_decay", self.weight_decay >= 0), ("momentum", 0 <= self.momentum < 1),
-                  ("jitter", 0 <= self.jitter < 1), ("dropout", 0 <= self.dropout < 1)]
-        for name, ok in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
-        self.batch_size, self.epochs, self.seed = int(self.batch_size), int(self.epochs), int(self.seed)
-        self.lr, self.momentum, self.weight_decay = float(self.lr), float(self.momentum), float(self.weight_decay)
-        self.dropout, self.jitter, self.flip = float(self.dropout), float(self.jitter), bool(self.flip)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown training setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -106,6 +71,23 @@ class TrainResult:
     @property
     def dev(self) -> Evaluation:
         return self.history[-1].dev
+
+
+@dataclass
+class MemberResult(TrainResult):
+    """A member's TrainResult; `error` is set (and `model` is None) when that member diverged.
+
+    A fused group cannot raise for one member without killing the others, so
+    the error is handed back here; `train` raises it. `history` then holds the
+    epochs before the divergence. `seconds` is the wall time from the group's
+    start to this member's last epoch (shared with the other members).
+    """
+
+    error: DivergedError | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
 
 
 class DeviceSplit:
@@ -139,40 +121,36 @@ class DeviceData:
         return len(self.classes)
 
 
-def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights, N / (K * n_c): 1 for a balanced set, large for rare classes."""
-    counts = torch.bincount(labels, minlength=n_classes).float()
-    return labels.numel() / (n_classes * counts.clamp(min=1))
-
-
 def make_model(n_classes: int, config: TrainConfig, image_size: int, device) -> nn.Module:
-    model = SeedCNN(n_classes, config.dropout, image_size).to(device)
+    model = MODELS[config.model](n_classes, config.dropout, image_size).to(device)
     return model.to(memory_format=torch.channels_last) if CHANNELS_LAST else model
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or SGD with the fused kernel (one op per step for all parameters, CPU and CUDA).
+def make_optimizer(model: nn.Module, config: TrainConfig, implementation: str = "fused") -> torch.optim.Optimizer:
+    """SGD (Nesterov or not), Adam or AdamW from torch.optim, with the fused kernel by default.
 
-    On the 2-core CPU the fused Adam step took 0.29 ms against foreach's 0.63 ms, and a
+    The fused kernel is one op per step for all parameters (CPU and CUDA). On the
+    2-core CPU the fused Adam step took 0.29 ms against foreach's 0.63 ms, and a
     batch-32 epoch 1.14x less CPU time (`make bench --levers`, 1 thread, 8 epochs).
     Same seed, same result: the fused kernels are deterministic. Devices without
-    a fused kernel get foreach.
+    a fused kernel get foreach. `implementation` "foreach" or "default" (torch's
+    own choice, as a tutorial calls it) is for the benchmark's baselines.
     """
+    params = list(model.parameters())
     if config.optimizer == "sgd":
-        make = lambda **kw: torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,  # noqa: E731
-                                            weight_decay=config.weight_decay, **kw)
+        make = lambda **kw: torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,  # noqa: E731
+                                            nesterov=config.nesterov, weight_decay=config.weight_decay, **kw)
     else:
-        make = lambda **kw: torch.optim.Adam(model.parameters(), lr=config.lr,  # noqa: E731
-                                             weight_decay=config.weight_decay, **kw)
+        kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        make = lambda **kw: kind(params, lr=config.lr, weight_decay=config.weight_decay, **kw)  # noqa: E731
+    if implementation == "default":
+        return make()
+    if implementation == "foreach":
+        return make(foreach=True)
     try:
         return make(fused=True)
     except (RuntimeError, ValueError):
         return make(foreach=True)
-
-
-def make_criterion(config: TrainConfig, train_labels: torch.Tensor, n_classes: int) -> nn.Module:
-    weights = class_weights(train_labels, n_classes) if config.imbalance == "weighted_loss" else None
-    return nn.CrossEntropyLoss(weight=weights)
 
 
 def epoch_order(n: int, labels: torch.Tensor, n_classes: int, imbalance: str, generator: torch.Generator) -> torch.Tensor:
@@ -187,8 +165,10 @@ def epoch_order(n: int, labels: torch.Tensor, n_classes: int, imbalance: str, ge
 def predict_logits(model: nn.Module, x: torch.Tensor, batch: int = EVAL_BATCH) -> torch.Tensor:
     was_training = model.training
     model.eval()
-    out = torch.cat([model(x[i:i + batch]) for i in range(0, x.shape[0], batch)]) if x.shape[0] else \
-        torch.zeros(0, model.classifier[-1].out_features, device=x.device)
+    if x.shape[0]:
+        out = torch.cat([model(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
+    else:
+        out = model(torch.zeros(1, *x.shape[1:], device=x.device))[:0]
     model.train(was_training)
     return out
 
@@ -217,60 +197,213 @@ def seed_everything(seed: int, device: torch.device) -> torch.Generator:
     return generator
 
 
+# --- the per-model step (K = 1) -------------------------------------------------------
+
+class ModuleStep:
+    """One nn.Module, its torch.optim optimizer, LambdaLR schedule and loss: the fast path for one trial.
+
+    Same interface as cnnlib.fused.StackedStep, for the one loop to drive.
+    """
+
+    def __init__(self, config: TrainConfig, data: DeviceData, steps: int):
+        torch.manual_seed(config.seed)  # weights and dropout masks
+        self.net = make_model(data.n_classes, config, data.image_size, data.device)
+        self.optimizer = make_optimizer(self.net, config)
+        factors = lr_factors(config, config.epochs * steps).tolist()
+        self.scheduler = None if config.schedule == "constant" and not config.warmup else \
+            torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: factors[min(step, len(factors) - 1)])
+        self.criterion = make_criterion(config, data.train.y, data.n_classes)
+        self.members, self.device = [0], data.device
+        self.total = None
+
+    def start_epoch(self) -> None:
+        self.net.train()
+        self.total = torch.zeros((), device=self.device)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        loss = self.criterion(self.net(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.total += loss.detach() * x.shape[0]
+
+    def train_loss_sums(self) -> dict[int, float]:
+        return {0: self.total.item()} if self.members else {}
+
+    def evaluate(self, split: DeviceSplit, classes) -> dict[int, Evaluation]:
+        return {0: evaluate(self.net, split, classes, self.criterion)} if self.members else {}
+
+    def model(self, member: int) -> nn.Module:
+        return self.net
+
+    def keep(self, members: set[int]) -> None:
+        self.members = [m for m in self.members if m in members]
+
+
+# --- groups ------------------------------------------------------------------------------
+
+def group_configs(configs: Sequence[TrainConfig], max_size: int | None = None) -> list[list[int]]:
+    """Indices into `configs`, split into fusable groups (equal `group_key`) of at most `max_size`.
+
+    Groups come in order of their first member; members keep their input order.
+    """
+    if max_size is not None and max_size < 1:
+        raise ValueError(f"max_size must be at least 1, got {max_size}")
+    groups: dict[tuple, list[list[int]]] = {}
+    for index, config in enumerate(configs):
+        chunks = groups.setdefault(group_key(config), [[]])
+        if max_size is not None and len(chunks[-1]) >= max_size:
+            chunks.append([])
+        chunks[-1].append(index)
+    return [chunk for chunks in groups.values() for chunk in chunks]
+
+
+def check_group(configs: Sequence[TrainConfig]) -> None:
+    """Members must agree on every SHARED setting (and on using a weighted sampler)."""
+    if not configs:
+        raise ValueError("training needs at least one config")
+    check_roles(type(configs[0]))
+    first = configs[0]
+    for index, config in enumerate(configs[1:], start=1):
+        for name in SHARED:
+            if getattr(config, name) != getattr(first, name):
+                raise ValueError(
+                    f"config {index} has {name}={getattr(config, name)!r} but config 0 has "
+                    f"{getattr(first, name)!r}; fused members must share {', '.join(SHARED)} "
+                    "(split them with cnnlib.training.group_configs)")
+        if (config.imbalance == "weighted_sampler") != (first.imbalance == "weighted_sampler"):
+            raise ValueError(f"config {index} has imbalance={config.imbalance!r} but config 0 has "
+                             f"{first.imbalance!r}; a weighted sampler draws other batches, so all members "
+                             "or none must use it")
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
+                  on_epoch: Callable[[int, EpochStats], bool | None] | None = None, *, fused: bool | None = None,
+                  members_per_pass: int | None = None, order_seed: int | None = None) -> Iterator[list[MemberResult]]:
+    """Train every config, one epoch per step, yielding all members' results after each epoch.
+
+    Members share each batch: its order and augmentation come from a generator
+    seeded with `order_seed`, by default the first member's seed. A member's
+    own seed sets its initial weights and dropout masks.
+
+    `on_epoch(i, stats)` is called after every epoch for each member still
+    training, in member order; returning True stops member i alone (it stops
+    costing compute), as does reaching its own `epochs` (then `stopped_early`
+    stays False). A member whose training loss is not finite at the end of an
+    epoch gets `error=DivergedError(...)`, no model and no callback; the others
+    go on. An exception from `on_epoch` ends the whole group.
+
+    fused: True steps the stacked network (cnnlib.fused), False the module
+    (K = 1 only); default: the module for one config, stacked for several.
+    members_per_pass: members per stacked forward pass (all still share every batch).
+    """
+    configs = list(configs)
+    check_group(configs)
+    fused = len(configs) > 1 if fused is None else fused
+    if not fused and len(configs) > 1:
+        raise ValueError(f"the per-model step trains one config, got {len(configs)}; use fused=True")
+    if not isinstance(data, DeviceData):
+        data = DeviceData(data)
+    device, shared = data.device, configs[0]
+    generator = seed_everything(shared.seed, device)
+    if order_seed is not None:
+        generator.manual_seed(order_seed)
+    train_x, train_y, n = data.train.x, data.train.y, len(data.train)
+    steps = steps_per_epoch(n, shared.batch_size)
+    if fused:
+        stepper = StackedStep(configs, data, steps, lambda c: make_model(data.n_classes, c, data.image_size, device),
+                              members_per_pass)
+    else:
+        stepper = ModuleStep(shared, data, steps)
+    augment = shared.crop or shared.flip or shared.jitter
+    results = [MemberResult(None, config, device=str(device)) for config in configs]
+    started = time.perf_counter()
+    for epoch in range(1, max(c.epochs for c in configs) + 1):
+        epoch_start = time.perf_counter()
+        order = epoch_order(n, train_y, data.n_classes, shared.imbalance, generator)
+        stepper.start_epoch()
+        for start in range(0, n, shared.batch_size):
+            index = order[start:start + shared.batch_size]
+            x = train_x.index_select(0, index)
+            if augment:
+                x = augment_batch(x, shared.crop, shared.flip, shared.jitter, generator)
+            stepper.step(x, train_y.index_select(0, index))
+        sums = stepper.train_loss_sums()
+        devs = stepper.evaluate(data.dev, data.classes)
+        seconds = time.perf_counter() - epoch_start
+        still = set()
+        for member in sorted(sums):  # callbacks in member order
+            result, train_loss = results[member], sums[member] / n
+            result.seconds = time.perf_counter() - started
+            if not math.isfinite(train_loss):
+                result.error = DivergedError(epoch, train_loss)
+                continue
+            stats = EpochStats(epoch, train_loss, devs[member].loss, devs[member], seconds)
+            result.history.append(stats)
+            if on_epoch is not None and on_epoch(member, stats):
+                result.stopped_early = True
+            if result.stopped_early or epoch == configs[member].epochs:
+                result.model = stepper.model(member)
+            else:
+                still.add(member)
+        yield results
+        stepper.keep(still)
+        if not stepper.members:
+            break
+
+
 def train_epochs(config: TrainConfig, data: DeviceData | Splits, device="auto",
                  order_seed: int | None = None) -> Iterator[TrainResult]:
-    """Train the seed CNN one epoch per step, yielding the growing TrainResult after each epoch.
+    """`train`, one epoch per step (`make bench` steps it in turn with the naive loop)."""
+    if not isinstance(data, DeviceData):
+        data = DeviceData(data, device)
+    for results in train_members([config], data, fused=False, order_seed=order_seed):
+        if results[0].error is not None:
+            raise results[0].error
+        yield results[0]
 
-    `train` runs this to the end; `make bench` steps it in turn with the naive
-    loop so that both see the same background load.
+
+def train(config: TrainConfig, data: DeviceData | Splits, device="auto",
+          on_epoch: Callable[[EpochStats], bool | None] | None = None, order_seed: int | None = None) -> TrainResult:
+    """Train one config; `on_epoch` is called after every epoch and may return True to stop.
+
     Raises DivergedError when the training loss is not finite: a NaN model is
     never returned as if it were a result.
     """
     if not isinstance(data, DeviceData):
         data = DeviceData(data, device)
-    device = data.device
-    generator = seed_everything(config.seed, device)
-    if order_seed is not None:  # a fused group's batch order (cnnlib.fused): its first member's seed
-        generator.manual_seed(order_seed)
-    model = make_model(data.n_classes, config, data.image_size, device)
-    optimizer = make_optimizer(model, config)
-    criterion = make_criterion(config, data.train.y, data.n_classes)
-    train_x, train_y, n = data.train.x, data.train.y, len(data.train)
-    result = TrainResult(model, config, device=str(device))
-    started = time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
-        epoch_start = time.perf_counter()
-        model.train()
-        order = epoch_order(n, train_y, data.n_classes, config.imbalance, generator)
-        total = torch.zeros((), device=device)
-        for start in range(0, n, config.batch_size):
-            index = order[start:start + config.batch_size]
-            x = train_x.index_select(0, index)
-            if config.flip or config.jitter:
-                x = augment_batch(x, config.flip, config.jitter, generator)
-            loss = criterion(model(x), train_y.index_select(0, index))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * index.numel()
-        train_loss = total.item() / n
-        if not math.isfinite(train_loss):
-            raise DivergedError(epoch, train_loss)
-        dev = evaluate(model, data.dev, data.classes, criterion)
-        result.history.append(EpochStats(epoch, train_loss, dev.loss, dev, time.perf_counter() - epoch_start))
-        result.seconds = time.perf_counter() - started
-        yield result
-
-
-def train(config: TrainConfig, data: DeviceData | Splits, device="auto",
-          on_epoch: Callable[[EpochStats], bool | None] | None = None, order_seed: int | None = None) -> TrainResult:
-    """Train the seed CNN; `on_epoch` is called after every epoch and may return True to stop.
-
-    Raises DivergedError when the training loss is not finite: a NaN model is
-    never returned as if it were a result.
-    """
-    for result in train_epochs(config, data, device, order_seed):
-        if on_epoch is not None and on_epoch(result.history[-1]):
-            result.stopped_early = True
-            break
+    result = None
+    for results in train_members([config], data, None if on_epoch is None else lambda _, stats: on_epoch(stats),
+                                 fused=False, order_seed=order_seed):
+        result = results[0]
+    if result.error is not None:
+        raise result.error
     return result
+
+
+def train_group(configs: Sequence[TrainConfig], data: DeviceData | Splits,
+                on_epoch: Callable[[int, EpochStats], bool | None] | None = None, fused: bool | None = None,
+                members_per_pass: int | None = None) -> list[MemberResult]:
+    """train_members to the end: result i belongs to configs[i]; one config trains alone, several fused."""
+    results = []
+    for results in train_members(configs, data, on_epoch, fused=fused, members_per_pass=members_per_pass):
+        pass
+    return results
+
+
+def train_fused_epochs(configs: Sequence[TrainConfig], data: DeviceData | Splits,
+                       on_epoch: Callable[[int, EpochStats], bool | None] | None = None,
+                       members_per_pass: int | None = None) -> Iterator[list[MemberResult]]:
+    """A group as one stacked network, one epoch per step (even for K = 1: the benchmark's fused K=1)."""
+    return train_members(configs, data, on_epoch, fused=True, members_per_pass=members_per_pass)
+
+
+def train_fused(configs: Sequence[TrainConfig], data: DeviceData | Splits,
+                on_epoch: Callable[[int, EpochStats], bool | None] | None = None,
+                members_per_pass: int | None = None) -> list[MemberResult]:
+    """Train all configs as one fused group, even one config; result i belongs to configs[i] (see train_members)."""
+    return train_group(configs, data, on_epoch, fused=True, members_per_pass=members_per_pass)

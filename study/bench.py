@@ -34,7 +34,7 @@ from cnnlib import training
 from cnnlib.atomic import write_json
 from cnnlib.model import model_flops_per_image
 from cnnlib.splits import Splits
-from cnnlib.training import DeviceData, TrainConfig, TrainResult, train_epochs
+from cnnlib.training import DeviceData, TrainConfig, TrainResult, make_optimizer, train_epochs
 
 from .cli import UserError
 from .naive_loop import naive_train_epochs
@@ -309,10 +309,7 @@ def recipe_run(splits: Splits, data: DeviceData, device, epochs: int) -> dict:
 
 def _foreach_optimizer(model, config):
     """The optimizer before fused kernels were adopted: foreach (one launch per op for all parameters)."""
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay, foreach=True)
-    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+    return make_optimizer(model, config, implementation="foreach")
 
 
 def _lever_settings(device: torch.device) -> dict[str, dict]:

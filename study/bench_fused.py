@@ -40,10 +40,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from cnnlib.fused import train_fused_epochs
 from cnnlib.model import SeedCNN
 from cnnlib.splits import Splits
-from cnnlib.training import DeviceData, TrainConfig, train_epochs
+from cnnlib.training import DeviceData, TrainConfig, train_epochs, train_fused_epochs
 
 FUSED_KS = (1, 4, 16, 64)
 # One warm-up epoch (oneDNN/cuDNN pick their kernels in the first steps), then two timed.

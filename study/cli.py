@@ -43,6 +43,9 @@ COMMANDS = {
     "audit": ("study.audit", "find probably mislabeled images with cross-validated confident learning",
               "Rank probably mislabeled images (K-fold out-of-fold predictions + confident learning) and write "
               "RESULTS/audit/<run>/: suspects.csv, a contact sheet and a corrections draft."),
+    "hpo-bench": ("study.hpo_bench", "default search vs random search vs the user's recipe at an equal budget, on test",
+                  "Compare the default search, random search and the user's recipe at an equal time budget, each "
+                  "best config retrained with several seeds and judged on the held-out test split."),
 }
 
 EPILOG = ("Each option can also be set by the Makefile variable (environment variable) named in its help, "

@@ -44,7 +44,7 @@ SETTINGS = {s.variable: s for s in (
     Setting("TRIALS", "--trials", "trials"),
     Setting("TIMEOUT", "--timeout", "timeout"),
     Setting("WORKERS", "--workers", "workers", 1),
-    Setting("FUSE", "--fuse", "fuse", 1),
+    Setting("FUSE", "--fuse", "fuse"),  # its default depends on the device: carried only when given
     Setting("CHECKPOINT", "--checkpoint", "checkpoint"),
     Setting("SPLIT", "--split", "split", "dev"),
     Setting("CSV", "--csv", "csv"),

@@ -35,7 +35,7 @@ from cnnlib.metrics import Evaluation
 from cnnlib.model import INPUT_MEAN, INPUT_STD, SeedCNN
 from cnnlib.sources import LabeledImages
 from cnnlib.splits import Splits
-from cnnlib.training import EpochStats, TrainConfig, TrainResult, class_weights
+from cnnlib.training import EpochStats, TrainConfig, TrainResult, class_weights, make_criterion, make_optimizer
 
 
 class ImageDataset(Dataset):
@@ -107,11 +107,8 @@ def naive_train_epochs(config: TrainConfig, splits: Splits, device="auto", worke
     torch.manual_seed(config.seed)
     n_classes = len(splits.classes)
     model = make_naive_model(n_classes, config, splits.train.images.shape[1], device)
-    optimizer = (torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                 weight_decay=config.weight_decay) if config.optimizer == "sgd" else
-                 torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay))
-    weights = class_weights(torch.from_numpy(splits.train.labels), n_classes).to(device)
-    criterion = nn.CrossEntropyLoss(weight=weights if config.imbalance == "weighted_loss" else None)
+    optimizer = make_optimizer(model, config, implementation="default")  # torch.optim as a tutorial calls it
+    criterion = make_criterion(config, torch.from_numpy(splits.train.labels).to(device), n_classes)
     train_loader, dev_loader = make_loaders(config, splits, workers)
     result = TrainResult(model, config, device=str(device))
     started = time.perf_counter()

@@ -1,8 +1,11 @@
-"""One Optuna trial = one cnnlib training run, with per-epoch reports and pruning.
+"""Optuna trials as cnnlib training runs: one trial alone or several as fused groups, one runner.
 
 cnnlib knows nothing of Optuna: this module turns its epoch callback into
 `trial.report` / `should_prune` and its results into user attributes, so that
-export, plots, dashboard and `make final` read every trial the same way.
+export, plots, dashboard and `make final` read every trial the same way,
+however it was trained. Trials asked together (FUSE=K) that share a batch
+(cnnlib.training.group_configs) train as one fused group; the rest, and
+FUSE=1, train one at a time through the same loop.
 
 The value is dev macro accuracy after the *last* epoch: epochs is itself a
 hyperparameter, and taking the best epoch would select on dev noise that a
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import traceback
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import optuna
@@ -20,7 +24,7 @@ import torch
 from optuna.trial import TrialState
 
 from cnnlib.errors import DivergedError
-from cnnlib.training import DeviceData, EpochStats, TrainConfig, TrainResult, evaluate, train
+from cnnlib.training import DeviceData, EpochStats, TrainConfig, TrainResult, evaluate, group_configs, train_group
 
 from . import progress
 from .artifacts import attach_trial_artifacts
@@ -56,6 +60,25 @@ class Heartbeat:
             self.thread.join()
 
 
+# A trial whose dev predictions are one class, or whose macro accuracy is within
+# COLLAPSE_MARGIN of chance (1/K), for COLLAPSE_EPOCHS epochs in a row has collapsed
+# (e.g. Adam with L2 decay 0.07: 91 epochs of a constant predictor in the search
+# issue's run). It is pruned at once, whatever the pruner's start-up rules.
+COLLAPSE_EPOCHS = 3
+COLLAPSE_MARGIN = 0.02
+
+
+def collapsed(stats: EpochStats) -> str | None:
+    """Why this epoch's dev predictions are those of a collapsed model, or None."""
+    predicted = stats.dev.confusion.sum(0)
+    classes = stats.dev.classes
+    if (predicted > 0).sum() <= 1:
+        return f"predicts only {classes[int(predicted.argmax())]}"
+    if stats.dev_macro_accuracy <= 1 / len(classes) + COLLAPSE_MARGIN:
+        return f"macro accuracy {stats.dev_macro_accuracy:.3f} at chance"
+    return None
+
+
 @dataclass
 class EpochReporter:
     """The `on_epoch` callback of one trial: reports, keeps the curves, decides pruning."""
@@ -64,12 +87,21 @@ class EpochReporter:
     can_prune: bool
     curves: dict = field(default_factory=lambda: {"train_loss": [], "dev_loss": [], "dev_macro_accuracy": []})
     pruned_at: int | None = None
+    pruned_reason: str | None = None
+    collapsed_epochs: int = 0
 
     def __call__(self, stats: EpochStats) -> bool:
         self.curves["train_loss"].append(stats.train_loss)
         self.curves["dev_loss"].append(stats.dev_loss)
         self.curves["dev_macro_accuracy"].append(stats.dev_macro_accuracy)
         progress.epoch(f"trial {self.trial.number}", stats.epoch, self.trial.user_attrs.get("config", {}).get("epochs"), stats.dev_macro_accuracy)
+        why = collapsed(stats)
+        self.collapsed_epochs = self.collapsed_epochs + 1 if why else 0
+        if self.collapsed_epochs >= COLLAPSE_EPOCHS:
+            self.pruned_at = stats.epoch
+            self.pruned_reason = (f"constant predictor: {why} on dev for {COLLAPSE_EPOCHS} epochs "
+                                  f"(epochs {stats.epoch - COLLAPSE_EPOCHS + 1}-{stats.epoch})")
+            return True
         if not self.can_prune:
             return False
         self.trial.report(stats.dev_macro_accuracy, stats.epoch)
@@ -157,7 +189,8 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, d
             record_result(trial, result, data)
             attach_trial_artifacts(study, trial)  # before tell: a finished trial takes no artifacts; only warns
             if reporter.pruned_at is not None:
-                trial.set_user_attr("pruned_reason", f"pruned by {type(study.pruner).__name__} at epoch {reporter.pruned_at}")
+                trial.set_user_attr("pruned_reason", reporter.pruned_reason or
+                                    f"pruned by {type(study.pruner).__name__} at epoch {reporter.pruned_at}")
                 return tell(study, trial, state=TrialState.PRUNED)
             return tell(study, trial, objective_values(space, result, data, trial))
     except Exception as late:  # e.g. the robust objective failed
@@ -177,18 +210,51 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, d
     return tell(study, trial, state=TrialState.FAIL)
 
 
-def run_trial(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, data: DeviceData):
-    """Train one asked trial and tell its result. KeyboardInterrupt is recorded, then re-raised."""
-    reporter = EpochReporter(trial, can_prune=len(space.objectives) == 1)
-    result, error = None, None
-    with Heartbeat(study._storage, trial._trial_id):
+def run_trials(study: optuna.Study, trials: list[optuna.Trial], space: SearchSpace, data: DeviceData):
+    """Train the asked trials and tell each result; returns their FrozenTrials.
+
+    Trials that can share a batch train as one fused group (a lone trial as
+    itself). KeyboardInterrupt marks every trial not yet told FAIL, then re-raises.
+    """
+    frozen, told = [], set()
+    with ExitStack() as stack:
+        for trial in trials:
+            stack.enter_context(Heartbeat(study._storage, trial._trial_id))
         try:
-            config = start_trial(trial, space, data)
-            result = train(config, data, data.device, on_epoch=reporter)
-        except KeyboardInterrupt as interrupt:
-            trial.set_user_attr("fail_reason", "interrupted (SIGINT) during training")
-            tell(study, trial, state=TrialState.FAIL)
-            raise interrupt
-        except Exception as caught:  # recorded on the trial; the study goes on
-            error = caught
-        return finish_trial(study, trial, space, data, reporter, result, error)
+            configs = {}
+            for i, trial in enumerate(trials):
+                try:
+                    configs[i] = start_trial(trial, space, data)
+                except Exception as error:  # noqa: BLE001 - recorded on the trial
+                    frozen.append(finish_trial(study, trial, space, data, EpochReporter(trial, False), None, error))
+                    told.add(i)
+            order = list(configs)
+            for group in group_configs([configs[i] for i in order]):
+                members = [order[g] for g in group]
+                frozen.extend(_train_group(study, [trials[m] for m in members], [configs[m] for m in members],
+                                           space, data))
+                told.update(members)
+        except KeyboardInterrupt:
+            for i, trial in enumerate(trials):
+                if i not in told:
+                    trial.set_user_attr("fail_reason", "interrupted (SIGINT) during training")
+                    tell(study, trial, state=TrialState.FAIL)
+            raise
+    return frozen
+
+
+def _train_group(study, trials, configs, space, data):
+    can_prune = len(space.objectives) == 1
+    reporters = [EpochReporter(trial, can_prune) for trial in trials]
+    if len(trials) > 1:
+        numbers = [trial.number for trial in trials]
+        for trial in trials:
+            trial.set_user_attr("fused_with", numbers)
+    try:
+        results = train_group(configs, data, on_epoch=lambda member, stats: reporters[member](stats))
+    except Exception as error:  # noqa: BLE001 - the whole group failed; each trial records why
+        results, errors = [None] * len(trials), [error] * len(trials)
+    else:
+        errors = [r.error for r in results]
+    return [finish_trial(study, trial, space, data, reporter, None if error else result, error)
+            for trial, reporter, result, error in zip(trials, reporters, results, errors)]

@@ -29,16 +29,16 @@ from optuna.trial import TrialState
 from cnnlib.device import resolve_device
 from cnnlib.errors import CnnlibError
 from cnnlib.metrics import Evaluation
+from cnnlib.fused import GROUP_SIZE
 from cnnlib.training import DeviceData
 
-from .cli import UserError
-from .fused_search import run_trials_fused
-from .objective import run_trial
-from .options import add_common_options, add_data_options, add_study_options, env, load_splits, whole_number
-from .space import SearchSpace, load_space
-from .artifacts import note_outcome, record_artifact_dir
 from . import hints, progress
-from .options import describe_classes
+from .artifacts import note_outcome, record_artifact_dir
+from .cli import UserError
+from .objective import run_trials
+from .options import (add_common_options, add_data_options, add_study_options, describe_classes, env, load_splits,
+                      whole_number)
+from .space import SearchSpace, load_space
 from .storage import claim_trial, fail_dead_local_trials, lock_path, open_storage, redact, storage_failures
 
 # We drive heartbeats ourselves around ask/tell (objective.Heartbeat) and print our own trial lines.
@@ -64,8 +64,10 @@ def add_arguments(parser) -> None:
                              f"else {DEFAULT_TIMEOUT} when TRIALS is not set either)")
     parser.add_argument("--workers", type=whole_number("WORKERS", 1), default=env("WORKERS", "1"),
                         help="worker processes sharing the study (env WORKERS)")
-    parser.add_argument("--fuse", type=whole_number("FUSE", 1), default=env("FUSE", "1"),
-                        help="train up to K trials at once as one fused model (env FUSE)")
+    parser.add_argument("--fuse", type=whole_number("FUSE", 1), default=env("FUSE"),
+                        help="train up to K trials at once as one fused model (env FUSE; default: as wide as pays "
+                             "on the device: " + ", ".join(f"{k} {v}" for k, v in GROUP_SIZE.items()) +
+                             "; 1: one at a time)")
     add_data_options(parser)
     add_common_options(parser)
 
@@ -102,6 +104,8 @@ def create_study(args, space: SearchSpace, storage, stream: tuple[int, ...] = ()
         study.set_user_attr("space_file", str(space.path))
         study.set_user_attr("space_text", text)
         study.set_user_attr("objectives", space.objectives)
+        for point in space.enqueue:  # warm start: the known points are the first trials of a new study
+            study.enqueue_trial(point, skip_if_exists=True)
     elif previous != text:
         print(f"note: {space.path} changed since study {name!r} began; new trials use the new ranges", file=sys.stderr)
     if study.metric_names is None:  # the dashboard then labels its axes "dev_macro_accuracy", not "Objective 0"
@@ -161,6 +165,33 @@ def format_trial_line(frozen, run_done: int, run_total: int | None, started: flo
 
 # --- the worker loop ------------------------------------------------------
 
+def ask_trials(study: optuna.Study, space: SearchSpace, count: int) -> list[optuna.Trial]:
+    """Ask `count` trials that can train as one fused group.
+
+    The first trial (a waiting warm-start point, or the sampler's pick) leads;
+    the others are asked with the leader's batch settings fixed
+    (SearchSpace.shared_params, through Optuna's PartialFixedSampler), so
+    they share its batches and fill its group instead of scattering over
+    batch size x augmentation. A waiting enqueued point is always taken as
+    it is, whatever the leader's settings.
+    """
+    leader = study.ask()
+    trials = [leader]
+    if count > 1:
+        try:
+            space.suggest(leader)  # define-by-run: the leader's params exist once suggested (run_trials reads them back)
+        except Exception:  # noqa: BLE001 - an impossible config; run_trials records why
+            return trials + [study.ask() for _ in range(count - 1)]
+        fixed, sampler = space.shared_params(leader.params), study.sampler
+        if fixed:
+            study.sampler = optuna.samplers.PartialFixedSampler(fixed, sampler)
+        try:
+            trials += [study.ask() for _ in range(count - 1)]
+        finally:
+            study.sampler = sampler
+    return trials
+
+
 def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker: str = "", number: int = 0) -> int:
     """Ask, train and tell trials until the study holds `target` finished trials or time is up.
 
@@ -182,7 +213,7 @@ def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker
             finished, running = count_states(study)
             room = target - finished - running
             count = int(min(args.fuse, room)) if room >= 1 and time.time() < deadline else 0
-            trials = [study.ask() for _ in range(count)]
+            trials = ask_trials(study, space, count) if count else []
             for trial in trials:
                 claim_trial(study, trial)
         if not trials:
@@ -190,10 +221,7 @@ def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker
                 return 0
             time.sleep(POLL_SECONDS)  # others' trials are in flight; one may still die and need a retry
             continue
-        if args.fuse > 1:
-            results = run_trials_fused(study, trials, space, data)
-        else:
-            results = [run_trial(study, trials[0], space, data)]
+        results = run_trials(study, trials, space, data)
         progress.clear()
         for frozen in results:
             failures = failures + 1 if frozen.state == TrialState.FAIL else 0
@@ -289,6 +317,9 @@ def print_best(study: optuna.Study) -> None:
 def run(args) -> int:
     space = load_space(args.space)  # fails here, before any training, on a bad file
     device = resolve_device(args.device)  # and here on a device this machine does not have
+    args._fuse_asked = args.fuse  # what the user asked for, for the printed next steps
+    if args.fuse is None:
+        args.fuse = GROUP_SIZE.get(device.type, 1)
     splits = load_splits(args)  # build the cached split once, before workers race for it
     storage = open_storage(args.storage)
     study = create_study(args, space, storage)
@@ -336,7 +367,7 @@ def print_next_steps(args, study_name: str) -> None:
     place = hints.settings_of(args, "STORAGE", "RESULTS")
     data = hints.settings_of(args, *hints.DATA_SETTINGS, "DEVICE")
     study = {"STUDY": study_name}
-    search = hints.settings_of(args, "SPACE", "STUDY", "TRIALS", "TIMEOUT", "WORKERS", "FUSE")
+    search = hints.settings_of(args, "SPACE", "STUDY", "TRIALS", "TIMEOUT", "WORKERS", FUSE=args._fuse_asked)
     print()
     print(f"continue this study:  {hints.command('search', {**search, **place, **data})}")
     print(f"browse it:            {hints.command('dashboard', place)}")

@@ -18,12 +18,13 @@ import optuna
 import yaml
 
 from cnnlib.errors import CnnlibError
+from cnnlib.config import SHARED
 from cnnlib.training import TrainConfig
 
 PARAM_TYPES = ("float", "int", "categorical", "fixed")
 OBJECTIVES = ("dev_macro_accuracy", "robust_macro_accuracy")
-TOP_KEYS = {"description", "objective", "robust", "sampler", "pruner", "budget", "params"}
-PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "value", "when"}
+TOP_KEYS = {"description", "objective", "robust", "sampler", "pruner", "budget", "params", "enqueue"}
+PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "value", "when", "field"}
 CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
 SHARED_SEED_SAMPLERS = {"GridSampler", "QMCSampler", "BruteForceSampler"}  # see SearchSpace.make_sampler
 # Where the shipped spaces are: inside the package when installed from a wheel (pyproject.toml maps
@@ -46,6 +47,13 @@ class Param:
     choices: list | None = None
     value: Any = None
     when: dict = field(default_factory=dict)
+    # The TrainConfig setting this param sets; by default its own name. Two params may set
+    # one field under exclusive conditions: `weight_decay_adamw: {field: weight_decay, when: ...}`
+    # gives decoupled decay its own range beside L2's.
+    field: str = ""
+
+    def __post_init__(self):
+        self.field = self.field or self.name
 
     def suggest(self, trial: optuna.Trial):
         if self.type == "fixed":
@@ -67,6 +75,7 @@ class SearchSpace:
     robust: dict = field(default_factory=dict)
     budget: dict = field(default_factory=dict)
     description: str = ""
+    enqueue: list[dict] = field(default_factory=list)  # known points evaluated first (warm start)
 
     @property
     def name(self) -> str:
@@ -94,19 +103,41 @@ class SearchSpace:
         for name, param in self.params.items():  # file order: a condition's parent comes first
             if self.active(name, values):
                 values[name] = param.suggest(trial)
-        return TrainConfig.from_dict(values)
+        return self._config(values)
+
+    def _config(self, values: dict) -> TrainConfig:
+        """TrainConfig from {param name: value}, each param setting its field."""
+        settings: dict = {}
+        for name, value in values.items():
+            field_name = self.params[name].field if name in self.params else name
+            if field_name in settings:
+                raise SpaceError(f"{self.path}: params {name!r} and another both set {field_name!r}; "
+                                 "make their `when:` conditions exclusive")
+            settings[field_name] = value
+        return TrainConfig.from_dict(settings)
 
     def config_from_params(self, params: dict) -> TrainConfig:
         """A trial's sampled params plus this space's fixed values."""
         values = {n: p.value for n, p in self.params.items() if p.type == "fixed"}
-        values.update({k: v for k, v in params.items() if k in CONFIG_KEYS})
-        return TrainConfig.from_dict(values)
+        values.update({k: v for k, v in params.items() if k in self.params or k in CONFIG_KEYS})
+        return self._config(values)
 
     def fixed_config(self) -> TrainConfig:
         if not self.is_fixed:
             raise SpaceError(f"{self.path}: params {', '.join(self.searched)} are ranges; "
                              "a training run needs a file whose values are all fixed (e.g. search_spaces/seed_final.yaml)")
         return self.config_from_params({})
+
+    def shared_params(self, params: dict) -> dict:
+        """The params of a trial that decide its batches (cnnlib.config.SHARED, and a weighted sampler).
+
+        Trials asked together that agree on these train as one fused group.
+        """
+        shared = {name: value for name, value in params.items()
+                  if name in self.params and self.params[name].field in SHARED}
+        if params.get("imbalance") == "weighted_sampler":
+            shared["imbalance"] = "weighted_sampler"
+        return shared
 
     def make_sampler(self, stream: tuple[int, ...] = ()) -> optuna.samplers.BaseSampler:
         """The file's sampler; a non-zero `stream` derives a distinct seed from the file's seed.
@@ -183,7 +214,7 @@ def _check_values(path: Path, params: dict[str, Param]) -> None:
             values = [param.low, param.high]
         for value in values:
             try:
-                TrainConfig.from_dict({name: value})
+                TrainConfig.from_dict({param.field: value})
             except (ValueError, TypeError) as error:
                 raise _fail(path, f"params.{name}", f"value {value!r} is not usable: {error}") from None
         for parent, wanted in param.when.items():
@@ -197,13 +228,19 @@ def _check_values(path: Path, params: dict[str, Param]) -> None:
 
 def _parse_param(path: Path, name: str, spec) -> Param:
     key = f"params.{name}"
-    if name not in CONFIG_KEYS:
-        raise _fail(path, key, f"unknown hyperparameter; known: {', '.join(sorted(CONFIG_KEYS))}")
+    field_name = spec.get("field", name) if isinstance(spec, dict) else name
+    if field_name not in CONFIG_KEYS:
+        raise _fail(path, key if field_name == name else f"{key}.field",
+                    f"unknown hyperparameter {field_name!r}; known: {', '.join(sorted(CONFIG_KEYS))}")
     if not isinstance(spec, dict):
         return Param(name, "fixed", value=spec)
     unknown = set(spec) - PARAM_KEYS
     if unknown:
         raise _fail(path, f"{key}.{sorted(unknown)[0]}", f"unknown key; allowed: {', '.join(sorted(PARAM_KEYS))}")
+    return _parse_param_spec(path, name, key, spec, field_name)
+
+
+def _parse_param_spec(path: Path, name: str, key: str, spec: dict, field_name: str) -> Param:
     kind = spec.get("type")
     if kind not in PARAM_TYPES:
         raise _fail(path, f"{key}.type", f"unknown type {kind!r}; expected one of {', '.join(PARAM_TYPES)}")
@@ -213,12 +250,12 @@ def _parse_param(path: Path, name: str, spec) -> Param:
     if kind == "fixed":
         if "value" not in spec:
             raise _fail(path, f"{key}.value", "a fixed param needs a value")
-        return Param(name, kind, value=spec["value"], when=when)
+        return Param(name, kind, value=spec["value"], when=when, field=field_name)
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise _fail(path, f"{key}.choices", f"expected a non-empty list, got {choices!r}")
-        return Param(name, kind, choices=choices, when=when)
+        return Param(name, kind, choices=choices, when=when, field=field_name)
     for bound in ("low", "high"):
         if bound not in spec:
             raise _fail(path, f"{key}.{bound}", f"a {kind} range needs low and high")
@@ -239,7 +276,39 @@ def _parse_param(path: Path, name: str, spec) -> Param:
             raise _fail(path, f"{key}.step", f"must be > 0, got {step}")
         if log:
             raise _fail(path, f"{key}.step", "step cannot be combined with log")
-    return Param(name, kind, low=low, high=high, log=log, step=step, when=when)
+    return Param(name, kind, low=low, high=high, log=log, step=step, when=when, field=field_name)
+
+
+def _parse_enqueue(path: Path, spec, params: dict[str, Param]) -> list[dict]:
+    """`enqueue:` a list of points, each {param: value} for searched params, evaluated first.
+
+    Each value must be one the param can take (inside its range, among its
+    choices), so a warm-start point is a point of this space, not a typo that
+    Optuna would quietly replace with a sample.
+    """
+    if spec is None:
+        return []
+    if not isinstance(spec, list):
+        raise _fail(path, "enqueue", f"expected a list of {{param: value}} points, got {spec!r}")
+    points = []
+    for index, point in enumerate(spec):
+        key = f"enqueue[{index}]"
+        if not isinstance(point, dict) or not point:
+            raise _fail(path, key, f"expected a mapping of searched params to values, got {point!r}")
+        for name, value in point.items():
+            param = params.get(name)
+            if param is None or param.type == "fixed":
+                searched = ", ".join(n for n, p in params.items() if p.type != "fixed")
+                raise _fail(path, f"{key}.{name}", f"not a searched param of this file (searched: {searched})")
+            if param.type == "categorical":
+                if value not in param.choices:
+                    raise _fail(path, f"{key}.{name}", f"{value!r} is not one of its choices {param.choices}")
+            else:
+                _number(path, f"{key}.{name}", value, integer=(param.type == "int"))
+                if not param.low <= value <= param.high:
+                    raise _fail(path, f"{key}.{name}", f"{value!r} is outside its range [{param.low}, {param.high}]")
+        points.append(dict(point))
+    return points
 
 
 def _parse_component(path, key, spec, module, default):
@@ -323,7 +392,9 @@ def load_space(path: str | Path) -> SearchSpace:
             raise _fail(path, f"budget.{key}", f"cannot be negative, got {value}")
     sampler = _parse_component(path, "sampler", raw.get("sampler"), optuna.samplers, {"name": "TPESampler"})
     pruner = _parse_component(path, "pruner", raw.get("pruner"), optuna.pruners, None)
-    space = SearchSpace(path, params, objectives, sampler, pruner, robust, budget, str(raw.get("description", "")))
+    enqueue = _parse_enqueue(path, raw.get("enqueue"), params)
+    space = SearchSpace(path, params, objectives, sampler, pruner, robust, budget, str(raw.get("description", "")),
+                        enqueue)
     if sampler["name"] == "GridSampler":
         bad = [n for n, p in params.items() if p.type not in ("categorical", "fixed")]
         if bad:

@@ -24,6 +24,7 @@ the 300 dev images predicted differently (near-ties flip).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -33,11 +34,14 @@ from torch import nn
 
 from cnnlib import fused
 from cnnlib.errors import DivergedError
-from cnnlib.fused import (MemberDropout, MemberResult, StackedOptimizer, check_group, group_configs, group_key,
-                          member_losses, train_fused)
+from cnnlib.config import PER_MEMBER as PER_MEMBER_FIELDS, SHARED as SHARED_FIELDS, group_key
+from cnnlib.fused import MemberDropout, MemberLoss, StackedOptimizer
+from cnnlib.losses import member_losses
+from cnnlib.schedules import lr_factors
 from cnnlib.model import SeedCNN
 from cnnlib.splits import DataConfig, prepare_splits
-from cnnlib.training import DeviceData, EpochStats, TrainConfig, class_weights, evaluate, make_criterion, train
+from cnnlib.training import (DeviceData, EpochStats, MemberResult, TrainConfig, check_group, class_weights, evaluate,
+                             group_configs, make_criterion, make_optimizer, train, train_fused)
 
 FIRST_EPOCH_TOLERANCE = 1e-4
 LOSS_TOLERANCE, WEIGHT_TOLERANCE = 1e-2, 5e-2
@@ -53,6 +57,20 @@ MIXED = [
     dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-3, seed=12),
     dict(optimizer="adam", lr=1e-3, weight_decay=1e-2, seed=13),
     dict(optimizer="sgd", lr=0.02, momentum=0.0, weight_decay=0.0, seed=14),
+]
+
+
+# The levers beyond the user's knobs, one member each, in one group: both schedules with
+# and without warm-up, AdamW, Nesterov, logit adjustment, label smoothing, no imbalance method.
+LEVERS = [
+    dict(optimizer="adamw", lr=3e-3, weight_decay=0.05, schedule="one_cycle", warmup=0.3, seed=21),
+    dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="cosine", seed=22,
+         imbalance="logit_adjusted"),
+    dict(optimizer="adam", lr=1e-3, weight_decay=1e-3, imbalance="logit_adjusted", tau=0.5, label_smoothing=0.1,
+         seed=23),
+    dict(optimizer="sgd", lr=0.02, momentum=0.9, weight_decay=0.0, schedule="one_cycle", warmup=0.2, seed=24,
+         imbalance="none", label_smoothing=0.2),
+    dict(optimizer="adamw", lr=1e-3, weight_decay=0.0, schedule="cosine", seed=25),
 ]
 
 
@@ -119,6 +137,25 @@ def test_fused_group_matches_separate_runs_member_by_member(cpu_data):
     results = train_fused(configs, cpu_data)
     for result, separate in zip(results, separate_runs(configs, cpu_data)):
         assert result.config == separate.config
+        assert_same_run(result, separate)
+
+
+def test_every_lever_matches_separate_runs_member_by_member_with_crop_and_flip(cpu_data):
+    configs = configs_of(LEVERS, dropout=0.0, crop=2, flip=True)
+    results = train_fused(configs, cpu_data)
+    for result, separate in zip(results, separate_runs(configs, cpu_data)):
+        assert result.config == separate.config
+        assert_same_run(result, separate)
+    # The levers are not no-ops: the members' first-epoch losses all differ.
+    first = [round(r.history[0].train_loss, 4) for r in results]
+    assert len(set(first)) == len(first), first
+
+
+def test_members_with_other_epochs_follow_their_own_schedules(cpu_data):
+    # A schedule spans the member's own epochs: the 2-epoch one-cycle member decays twice as fast.
+    members = [{**LEVERS[0], "epochs": 3}, {**LEVERS[0], "epochs": 2, "seed": 31}, {**LEVERS[1], "epochs": 1}]
+    configs = [TrainConfig(**{**SHARED, **member, "dropout": 0.0}) for member in members]
+    for result, separate in zip(train_fused(configs, cpu_data), separate_runs(configs, cpu_data)):
         assert_same_run(result, separate)
 
 
@@ -241,6 +278,31 @@ def test_a_diverging_member_is_reported_alone_and_the_others_are_untouched(cpu_d
 
 # --- groups ----------------------------------------------------------------------------------------
 
+def test_every_train_config_field_is_declared_shared_or_per_member():
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert names == set(SHARED_FIELDS) | set(PER_MEMBER_FIELDS)
+    assert not set(SHARED_FIELDS) & set(PER_MEMBER_FIELDS)
+
+
+def test_a_config_with_an_undeclared_field_is_refused_by_grouping():
+    @dataclasses.dataclass
+    class WithNewLever(TrainConfig):
+        mixup: float = 0.0
+
+    with pytest.raises(TypeError, match="mixup"):
+        check_group([WithNewLever(), WithNewLever(seed=1)])
+    with pytest.raises(TypeError, match="mixup"):
+        group_configs([WithNewLever()])
+
+
+def test_members_must_agree_on_crop_and_on_the_weighted_sampler():
+    with pytest.raises(ValueError, match="crop=4"):
+        check_group([TrainConfig(crop=2), TrainConfig(crop=4)])
+    with pytest.raises(ValueError, match="weighted sampler"):
+        check_group([TrainConfig(imbalance="none"), TrainConfig(imbalance="weighted_sampler")])
+    check_group([TrainConfig(imbalance="none"), TrainConfig(imbalance="logit_adjusted", optimizer="adamw")])
+
+
 def test_members_that_cannot_share_a_batch_are_refused_with_the_setting_named():
     configs = [TrainConfig(batch_size=32, seed=0), TrainConfig(batch_size=64, seed=1)]
     with pytest.raises(ValueError, match="batch_size=64"):
@@ -254,9 +316,11 @@ def test_members_that_cannot_share_a_batch_are_refused_with_the_setting_named():
 def test_group_configs_splits_by_shared_settings_and_caps_the_size():
     configs = [TrainConfig(batch_size=32, lr=0.1), TrainConfig(batch_size=64), TrainConfig(batch_size=32, lr=0.2),
                TrainConfig(batch_size=32, optimizer="sgd", dropout=0.5, epochs=3),
-               TrainConfig(batch_size=32, imbalance="none"), TrainConfig(batch_size=64, epochs=7, seed=4)]
-    assert group_configs(configs) == [[0, 2, 3], [1, 5], [4]]
-    assert group_configs(configs, max_size=2) == [[0, 2], [3], [1, 5], [4]]
+               TrainConfig(batch_size=32, imbalance="weighted_sampler"), TrainConfig(batch_size=64, epochs=7, seed=4),
+               TrainConfig(batch_size=32, imbalance="logit_adjusted", schedule="cosine", label_smoothing=0.1)]
+    # Losses are per member: only a weighted sampler (another batch order) needs its own group.
+    assert group_configs(configs) == [[0, 2, 3, 6], [1, 5], [4]]
+    assert group_configs(configs, max_size=2) == [[0, 2], [3, 6], [1, 5], [4]]
     assert group_key(configs[0]) == group_key(configs[3]) != group_key(configs[1])
 
 
@@ -283,6 +347,48 @@ def test_stacked_optimizer_matches_torch_optim_row_by_row(kind):
             optimizer.step()
     expected = torch.stack([p.detach() for p in references])
     assert torch.allclose(stacked, expected, atol=1e-6, rtol=1e-6), (stacked - expected).abs().max()
+
+
+@pytest.mark.parametrize("member", [dict(optimizer="adamw", weight_decay=0.05, schedule="one_cycle", warmup=0.25),
+                                    dict(optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=1e-3,
+                                         schedule="cosine"),
+                                    dict(optimizer="adam", weight_decay=1e-2, schedule="cosine", warmup=0.5)])
+def test_stacked_optimizer_follows_torch_optim_and_lambda_lr_row_by_row(member):
+    torch.manual_seed(0)
+    configs = [TrainConfig(**{**member, "lr": lr, "epochs": 1}) for lr in (0.1, 0.003, 0.02)]
+    configs.sort(key=lambda c: c.optimizer != "sgd")
+    steps = 20
+    start = torch.randn(len(configs), 50)
+    stacked = start.clone()
+    references = [nn.Parameter(start[i].clone()) for i in range(len(configs))]
+    optimizers, schedulers = [], []
+    for p, c in zip(references, configs):
+        optimizer = make_optimizer(nn.ParameterList([p]), c, implementation="foreach")
+        factors = lr_factors(c, steps).tolist()
+        optimizers.append(optimizer)
+        schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, f=factors: f[min(s, steps - 1)]))
+    ours = StackedOptimizer(configs, 50, CPU, steps_per_epoch=steps)
+    for _ in range(steps):
+        grads = torch.randn(len(configs), 50)
+        ours.step(stacked, grads)
+        for p, optimizer, scheduler, g in zip(references, optimizers, schedulers, grads):
+            p.grad = g.clone()
+            optimizer.step()
+            scheduler.step()
+    expected = torch.stack([p.detach() for p in references])
+    assert torch.allclose(stacked, expected, atol=1e-6, rtol=1e-5), (stacked - expected).abs().max()
+    assert not torch.allclose(stacked, start, atol=1e-3)
+
+
+def test_member_losses_with_logit_offsets_and_smoothing_are_each_members_cross_entropy():
+    torch.manual_seed(0)
+    logits, y = torch.randn(3, 40, 3), torch.randint(0, 3, (40,))
+    labels = torch.tensor([0] * 8 + [1] * 2 + [2])
+    configs = [TrainConfig(imbalance="weighted_loss", label_smoothing=0.1),
+               TrainConfig(imbalance="logit_adjusted", tau=1.0),
+               TrainConfig(imbalance="logit_adjusted", tau=0.5, label_smoothing=0.2)]
+    expected = torch.stack([make_criterion(c, labels, 3)(member, y) for member, c in zip(logits, configs)])
+    assert torch.allclose(MemberLoss(configs, labels, 3)(logits, y), expected, atol=1e-6)
 
 
 def test_member_losses_are_each_members_weighted_cross_entropy():

@@ -56,3 +56,23 @@ def test_the_first_fused_trial_matches_its_unfused_twin(fused_and_plain):
     fused, plain = fused_and_plain[4][0], fused_and_plain[1][0]
     assert fused.params == plain.params
     assert fused.value == pytest.approx(plain.value, abs=0.03)
+
+
+def test_trials_asked_together_share_the_leaders_batch_settings_so_one_group_fills(fused_and_plain):
+    # smoke.yaml samples batch_size from [128, 256]: left to the sampler, four asks would
+    # split into two groups about half the time. The first ask leads; the others copy it.
+    first_four = fused_and_plain[4][:4]
+    assert len({t.params["batch_size"] for t in first_four}) == 1
+    assert all(t.user_attrs["fused_with"] == [0, 1, 2, 3] for t in first_four)
+    assert len({t.params["lr"] for t in first_four}) == 4  # the rest is still the sampler's
+
+
+def test_fuse_defaults_to_the_devices_group_size(small_data, tmp_path, capsys):  # noqa: F811
+    from cnnlib.fused import GROUP_SIZE
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert search(small_data, tmp_path, storage, "--trials", "2", "--device", "cpu") == 0
+    trials = trials_of(storage, "smoke")
+    assert GROUP_SIZE["cpu"] >= 2 and trials[0].user_attrs["fused_with"] == [0, 1]
+    assert search(small_data, tmp_path, storage, "--trials", "2", "--fuse", "1") == 0
+    assert "fused_with" not in trials_of(storage, "smoke")[2].user_attrs

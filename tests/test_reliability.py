@@ -290,7 +290,7 @@ def test_ctrl_c_stops_every_worker_process_and_leaves_no_trial_running(small_dat
                                    MemoryError("Unable to allocate 2.00 GiB for an array")],
                          ids=["cuda", "host"])
 def test_a_trial_that_runs_out_of_memory_is_recorded_and_the_study_goes_on(small_data, tmp_path, monkeypatch, error):
-    real_train, calls = objective_module.train, []
+    real_train, calls = objective_module.train_group, []
 
     def out_of_memory_once(*args, **kwargs):
         calls.append(1)
@@ -298,7 +298,7 @@ def test_a_trial_that_runs_out_of_memory_is_recorded_and_the_study_goes_on(small
             raise error
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(objective_module, "train", out_of_memory_once)
+    monkeypatch.setattr(objective_module, "train_group", out_of_memory_once)
 
     code = cli.main(["search", "--space", str(SMOKE), "--storage", sqlite_url(tmp_path), "--data", str(small_data),
                      "--results", str(tmp_path), "--trials", "1"])
@@ -381,13 +381,13 @@ def test_a_worker_killed_between_ask_and_its_heartbeat_thread_does_not_hold_a_tr
 # --- the PostgreSQL server restarting, or going away ---------------------------------------------
 
 def run_trial_then(action):
-    """`search.run_trial` that runs `action()` once, right after the first trial is stored."""
-    real, done = search_module.run_trial, []
+    """`search.run_trials` that runs `action()` once, right after the first trial is stored."""
+    real, done = search_module.run_trials, []
 
     def wrapped(*args, **kwargs):
         frozen = real(*args, **kwargs)
         if not done:
-            done.append(frozen)
+            done.append(frozen[0])
             action()
         return frozen
 
@@ -400,7 +400,7 @@ def test_a_postgresql_restart_between_trials_is_survived_and_loses_no_trial(
         postgres_server, small_data, tmp_path, monkeypatch):  # noqa: F811
     url = postgres_server.create_database("reliability_restart")
     wrapped, first = run_trial_then(postgres_server.restart)
-    monkeypatch.setattr(search_module, "run_trial", wrapped)
+    monkeypatch.setattr(search_module, "run_trials", wrapped)
 
     code = cli.main(["search", "--space", str(SMOKE), "--storage", url, "--data", str(small_data),
                      "--results", str(tmp_path), "--trials", "3"])
@@ -420,7 +420,7 @@ def test_a_postgresql_server_that_goes_away_ends_the_run_with_one_line_and_keeps
         postgres_server, small_data, tmp_path, monkeypatch, capsys):  # noqa: F811
     url = postgres_server.create_database("reliability_gone")
     wrapped, first = run_trial_then(postgres_server.stop)
-    monkeypatch.setattr(search_module, "run_trial", wrapped)
+    monkeypatch.setattr(search_module, "run_trials", wrapped)
     try:
         code = cli.main(["search", "--space", str(SMOKE), "--storage", url, "--data", str(small_data),
                          "--results", str(tmp_path), "--trials", "3"])

@@ -220,7 +220,7 @@ def test_a_grid_study_resumed_in_steps_covers_its_grid_once_then_stops(small_dat
 
 
 def test_a_trial_that_raises_is_recorded_as_failed_and_the_study_goes_on(small_data, tmp_path, monkeypatch):
-    real_train, calls = objective_module.train, []
+    real_train, calls = objective_module.train_group, []
 
     def crash_once(*args, **kwargs):
         calls.append(1)
@@ -228,9 +228,9 @@ def test_a_trial_that_raises_is_recorded_as_failed_and_the_study_goes_on(small_d
             raise RuntimeError("simulated crash in training")
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(objective_module, "train", crash_once)
+    monkeypatch.setattr(objective_module, "train_group", crash_once)
 
-    code = search(small_data, tmp_path, sqlite_url(tmp_path), "--trials", "2")
+    code = search(small_data, tmp_path, sqlite_url(tmp_path), "--trials", "2", "--fuse", "1")
 
     trials = trials_of(sqlite_url(tmp_path), "smoke")
     assert code == 0
@@ -245,7 +245,7 @@ def test_a_study_whose_every_trial_fails_stops_with_an_error(small_data, tmp_pat
     def always_crash(*args, **kwargs):
         raise RuntimeError("simulated broken setup")
 
-    monkeypatch.setattr(objective_module, "train", always_crash)
+    monkeypatch.setattr(objective_module, "train_group", always_crash)
 
     code = search(small_data, tmp_path, sqlite_url(tmp_path), "--trials", "1")
 
@@ -347,3 +347,31 @@ def test_a_parallel_run_whose_workers_all_give_up_fails(small_data, tmp_path):
     assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
     assert states and set(states) == {TrialState.FAIL}
     assert "failed in a row; last reason: RuntimeError: injected training failure" in done.stderr
+
+
+def test_a_collapsed_trial_is_pruned_as_a_constant_predictor_within_a_few_epochs(small_data, tmp_path, capsys):
+    # L2 weight decay 5 with Adam drives every weight to zero: the net predicts one class.
+    # The median pruner alone could not stop it (no trial has finished yet).
+    space = write_space(tmp_path, """
+        objective: dev_macro_accuracy
+        sampler: {name: TPESampler, seed: 0}
+        pruner: {name: MedianPruner, n_startup_trials: 5}
+        params: {optimizer: adam, lr: 1.0e-2, weight_decay: 5.0, batch_size: 128, epochs: 30, imbalance: none}
+        """, "collapse")
+    storage = sqlite_url(tmp_path)
+    assert search(small_data, tmp_path, storage, "--trials", "1", space=space) == 0
+    trial, = trials_of(storage, "collapse")
+    assert trial.state == TrialState.PRUNED
+    assert trial.user_attrs["pruned_reason"].startswith("constant predictor")
+    assert trial.user_attrs["epochs_run"] <= objective_module.COLLAPSE_EPOCHS + 2
+    assert "constant predictor" in capsys.readouterr().out
+
+
+def test_a_healthy_trial_is_not_called_a_constant_predictor():
+    from cnnlib.metrics import Evaluation
+    from cnnlib.training import EpochStats
+
+    healthy = Evaluation(("a", "b", "c"), np.array([[5, 1, 0], [1, 4, 1], [0, 2, 6]]))
+    constant = Evaluation(("a", "b", "c"), np.array([[6, 0, 0], [6, 0, 0], [8, 0, 0]]))
+    assert objective_module.collapsed(EpochStats(1, 1.0, 1.0, healthy, 0.1)) is None
+    assert objective_module.collapsed(EpochStats(1, 1.0, 1.0, constant, 0.1)) == "predicts only a"

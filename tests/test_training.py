@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from cnnlib.errors import DivergedError
 from cnnlib.splits import DataConfig, prepare_splits
@@ -121,3 +122,51 @@ def test_train_config_rejects_bad_values_by_name(bad):
 def test_train_config_rejects_unknown_settings():
     with pytest.raises(ValueError, match="unknown training setting.*learning_rate"):
         TrainConfig.from_dict({"learning_rate": 0.1})
+
+
+# --- the levers' building blocks ------------------------------------------------------
+
+def test_random_crop_is_a_reflect_padded_window_of_each_image():
+    import torch.nn.functional as F
+    from cnnlib.augment import random_crop
+
+    x = torch.rand(6, 8, 8, 3).permute(0, 3, 1, 2)  # channels-last, as DeviceSplit holds it
+    out = random_crop(x, 2, torch.Generator().manual_seed(3))
+    shifts = torch.randint(-2, 3, (2, 6, 1), generator=torch.Generator().manual_seed(3))
+    padded = F.pad(x.contiguous(), (2, 2, 2, 2), mode="reflect")
+    for i in range(6):
+        dy, dx = shifts[0, i, 0].item() + 2, shifts[1, i, 0].item() + 2
+        assert torch.equal(out[i], padded[i, :, dy:dy + 8, dx:dx + 8])
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(out, x)
+
+
+def test_schedules_warm_up_then_follow_their_shape_over_the_members_own_steps():
+    from cnnlib.schedules import lr_factors
+
+    constant = lr_factors(TrainConfig(), 10)
+    assert torch.equal(constant, torch.ones(10, dtype=torch.float64))
+    cycle = lr_factors(TrainConfig(schedule="one_cycle", warmup=0.2), 10).tolist()
+    assert cycle[:2] == [0.5, 1.0] and cycle[2] == 1.0
+    assert all(a > b for a, b in zip(cycle[2:], cycle[3:])) and 0 < cycle[-1] <= 0.125 + 1e-12
+    cosine = lr_factors(TrainConfig(schedule="cosine"), 100)
+    assert cosine[0] == 1.0 and cosine[50] == pytest.approx(0.5) and cosine[-1] < 0.001
+
+
+def test_logit_adjusted_loss_adds_tau_log_prior_and_evaluation_stays_plain():
+    from cnnlib.losses import make_criterion
+
+    labels = torch.tensor([0] * 8 + [1] * 2)
+    criterion = make_criterion(TrainConfig(imbalance="logit_adjusted", tau=1.0), labels, 2)
+    logits, y = torch.zeros(4, 2), torch.tensor([0, 1, 0, 1])
+    prior = torch.tensor([0.8, 0.2])
+    assert criterion(logits, y).item() == pytest.approx(nn.functional.cross_entropy(prior.log().expand(4, 2), y).item())
+    assert make_criterion(TrainConfig(imbalance="none"), labels, 2).offset is None
+
+
+def test_new_settings_are_validated_with_their_name():
+    for bad in (dict(optimizer="rmsprop"), dict(schedule="step"), dict(warmup=1.0), dict(crop=-1),
+                dict(label_smoothing=1.0), dict(tau=-1.0), dict(imbalance="focal"), dict(model="resnet"),
+                dict(optimizer="sgd", momentum=0.0, nesterov=True), dict(batch_size=True), dict(epochs=2.5)):
+        with pytest.raises(ValueError, match=next(iter(bad)) if "nesterov" not in bad else "nesterov"):
+            TrainConfig(**bad)

@@ -1,0 +1,112 @@
+"""The settings of one training run, and which of them a fused group must share.
+
+`TrainConfig` defaults are the user's final recipe (report table 4), so a
+config that names nothing trains what they trained. The levers they did not
+have (crop, schedule, AdamW, Nesterov, logit adjustment, label smoothing)
+default to off.
+
+Every field is declared either SHARED or PER_MEMBER (`FIELD_ROLES`). Members
+of a fused group see the same batch of images each step, so whatever decides
+those images must be equal across the group (SHARED); everything else is
+carried by each member on its own rows (PER_MEMBER). `check_roles` refuses a
+TrainConfig with an undeclared field, so a new lever cannot be silently
+dropped by the fused path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from .model import MODELS
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+IMBALANCE_METHODS = ("weighted_loss", "weighted_sampler", "logit_adjusted", "none")
+SCHEDULES = ("constant", "cosine", "one_cycle")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of one training run; defaults are the user's final recipe (report table 4)."""
+
+    model: str = "seed_cnn"  # a name in cnnlib.model.MODELS
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9  # SGD only
+    nesterov: bool = False  # SGD only
+    weight_decay: float = 1e-2  # L2 added to the gradient for sgd/adam; decoupled (p *= 1 - lr*wd) for adamw
+    schedule: str = "constant"  # lr factor per batch: constant, cosine or one_cycle (linear up, linear down)
+    warmup: float = 0.0  # fraction of all steps with a linear warm-up from 0, before the schedule's shape
+    batch_size: int = 32
+    epochs: int = 100
+    imbalance: str = "weighted_loss"  # beat the weighted sampler in the user's report
+    tau: float = 1.0  # logit_adjusted only: logits + tau * log(prior) in the loss (1 = balanced softmax)
+    label_smoothing: float = 0.0
+    dropout: float = 0.1
+    crop: int = 0  # random translation by up to this many pixels (reflect-padded); the user had none
+    flip: bool = False  # the user tried no augmentation in the final model
+    jitter: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("optimizer", "schedule", "imbalance", "model"):
+            setattr(self, name, str(getattr(self, name)).lower())
+        for name, allowed in (("optimizer", OPTIMIZERS), ("imbalance", IMBALANCE_METHODS),
+                              ("schedule", SCHEDULES), ("model", tuple(MODELS))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name in ("nesterov", "flip"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        for name in ("batch_size", "epochs", "seed", "crop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not float(value).is_integer():
+                raise ValueError(f"{name}={value!r} must be a whole number")
+            setattr(self, name, int(value))
+        for name in ("lr", "momentum", "weight_decay", "warmup", "tau", "label_smoothing", "dropout", "jitter"):
+            setattr(self, name, float(getattr(self, name)))
+        checks = [("lr", self.lr > 0), ("batch_size", self.batch_size >= 1), ("epochs", self.epochs >= 1),
+                  ("weight_decay", self.weight_decay >= 0), ("momentum", 0 <= self.momentum < 1),
+                  ("warmup", 0 <= self.warmup < 1), ("tau", self.tau >= 0),
+                  ("label_smoothing", 0 <= self.label_smoothing < 1), ("crop", 0 <= self.crop <= 8),
+                  ("jitter", 0 <= self.jitter < 1), ("dropout", 0 <= self.dropout < 1)]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
+        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# What decides the images of a step is SHARED: the batch size and the augmentation
+# draws. `imbalance` is per member (each member has its own loss) except that a
+# weighted sampler draws another batch order, so `group_key` also keys on it.
+# `model`: only the seed CNN has a stacked form; the group key keeps architectures apart.
+SHARED = ("batch_size", "crop", "flip", "jitter", "model")
+PER_MEMBER = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup", "epochs",
+              "imbalance", "tau", "label_smoothing", "dropout", "seed")
+FIELD_ROLES = {**{name: "shared" for name in SHARED}, **{name: "per member" for name in PER_MEMBER}}
+
+
+def check_roles(config_type=TrainConfig) -> None:
+    """Refuse a config type with a field that is neither shared nor per member."""
+    names = [f.name for f in fields(config_type)]
+    missing = [name for name in names if name not in FIELD_ROLES]
+    if missing:
+        raise TypeError(f"TrainConfig field(s) {', '.join(missing)} are declared neither shared nor per member "
+                        "(cnnlib.config.SHARED / PER_MEMBER): a fused group would ignore them")
+
+
+def group_key(config: TrainConfig) -> tuple:
+    """Configs with equal keys see the same batches, so they can be trained as one fused group."""
+    check_roles(type(config))
+    return tuple(getattr(config, name) for name in SHARED) + (config.imbalance == "weighted_sampler",)
