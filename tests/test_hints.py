@@ -24,6 +24,26 @@ from study import cli, hints
 ROOT = Path(__file__).resolve().parents[1]
 OTHER = ("airplane", "ship", "bird")
 COUNTS = {"TRAIN_COUNTS": "12,8,6", "DEV_COUNTS": "4,4,3", "TEST_COUNTS": "4,4,4"}
+# Two epochs: every trial completes (no pruner, and a collapse needs three epochs), so `final` has one to retrain.
+TWO_EPOCHS = """\
+description: two quick epochs, for following the printed steps
+sampler: {name: TPESampler, seed: 0}
+params:
+  optimizer: adam
+  lr: {type: float, low: 2.0e-3, high: 5.0e-3, log: true}
+  batch_size: 8
+  epochs: 2
+  imbalance: weighted_loss
+"""
+
+
+def other_tree(root: Path, train: int, test: int) -> Path:
+    """An image tree of airplane/ship/bird folders (the test images of car/truck/cat, renamed: learnable)."""
+    build_image_tree(root, {c: train for c in ("car", "truck", "cat")}, {c: test for c in ("car", "truck", "cat")})
+    for split in ("train", "test"):
+        for old, new in zip(("car", "truck", "cat"), OTHER):
+            (root / split / old).rename(root / split / new)
+    return root
 
 pytestmark = pytest.mark.usefixtures("no_study_env")  # conftest: no Makefile variable leaks in
 
@@ -94,17 +114,24 @@ def follow(hint: str, monkeypatch, *extra: str, **extra_env: str):
 
 
 @pytest.fixture
-def other_tree(tmp_path) -> Path:
-    return build_image_tree(tmp_path / "my tree", {c: 14 for c in OTHER}, {c: 10 for c in OTHER})
+def tree(tmp_path) -> Path:
+    return other_tree(tmp_path / "my tree", 14, 10)
+
+
+@pytest.fixture
+def space(tmp_path) -> Path:
+    path = tmp_path / "two-epochs.yaml"
+    path.write_text(TWO_EPOCHS)
+    return path
 
 
 @pytest.mark.parametrize("via_make", [True, False], ids=["make", "command-line"])
-def test_every_printed_step_after_a_search_works_as_printed(via_make, other_tree, tmp_path, monkeypatch):
+def test_every_printed_step_after_a_search_works_as_printed(via_make, tree, space, tmp_path, monkeypatch):
     results, storage = tmp_path / "results", f"sqlite:///{tmp_path / 'db' / 'hpo.db'}"
     if via_make:
         monkeypatch.setenv("MAKELEVEL", "1")
-    code, out, err = run_cli("search", "--space", "smoke", "--study", "birds", "--storage", storage,
-                             "--results", results, "--data", other_tree, "--classes", "ship,bird,airplane",
+    code, out, err = run_cli("search", "--space", space, "--study", "birds", "--storage", storage,
+                             "--results", results, "--data", tree, "--classes", "ship,bird,airplane",
                              "--trials", "2", "--device", "cpu", *[f"--{k.lower().replace('_', '-')}={v}" for k, v in COUNTS.items()])
     assert code == 0, err
     steps = hint_lines(out)
@@ -113,7 +140,7 @@ def test_every_printed_step_after_a_search_works_as_printed(via_make, other_tree
         assert step.startswith("make " if via_make else "python -m study ")
         assert "hpo.db" in step, f"{step!r} would open another storage"
     for step in ("continue this study", "retrain the best"):
-        for value in ("ship,bird,airplane", "12,8,6", "4,4,3", str(other_tree), str(results)):
+        for value in ("ship,bird,airplane", "12,8,6", "4,4,3", str(tree), str(results)):
             assert value in steps[step], (step, value)
 
     code, out, err = follow(steps["continue this study"], monkeypatch)
@@ -136,14 +163,14 @@ def test_every_printed_step_after_a_search_works_as_printed(via_make, other_tree
     assert "test:" in out and "ship" in out
 
 
-def test_final_uses_the_class_order_recorded_on_the_study(other_tree, tmp_path):
+def test_final_uses_the_class_order_recorded_on_the_study(tree, space, tmp_path):
     """Without CLASSES, `make final` reads the search's order from the study, not from the folders."""
     results = tmp_path / "results"
     counts = [f"--{k.lower().replace('_', '-')}={v}" for k, v in COUNTS.items()]
-    code, _, err = run_cli("search", "--space", "smoke", "--trials", "1", "--results", results, "--data", other_tree,
+    code, _, err = run_cli("search", "--space", space, "--trials", "1", "--results", results, "--data", tree,
                            "--classes", "ship,bird,airplane", "--device", "cpu", *counts)
     assert code == 0, err
-    code, out, err = run_cli("final", "--results", results, "--data", other_tree, "--seeds", "1", "--epsilons", "0",
+    code, out, err = run_cli("final", "--results", results, "--data", tree, "--seeds", "1", "--epsilons", "0",
                              "--no-png", "--device", "cpu", *counts)
     assert code == 0, err
     assert "classes: 0 ship, 1 bird, 2 airplane (as recorded on the study)" in out
@@ -160,10 +187,12 @@ def make(*words: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_make_search_on_three_other_classes_then_the_steps_it_printed(tmp_path):
-    tree = build_image_tree(tmp_path / "cifar-other", {c: 30 for c in OTHER}, {c: 20 for c in OTHER})
+    tree = other_tree(tmp_path / "cifar-other", 30, 20)
+    space = tmp_path / "two-epochs.yaml"
+    space.write_text(TWO_EPOCHS)
     results = tmp_path / "results"
     searched = make("search", f"DATA={tree}", "CLASSES=airplane,ship,bird", "TRAIN_COUNTS=30,20,10",
-                    "DEV_COUNTS=10,6,4", "TEST_COUNTS=8,8,8", "SPACE=smoke", "TRIALS=2", f"RESULTS={results}",
+                    "DEV_COUNTS=10,6,4", "TEST_COUNTS=8,8,8", f"SPACE={space}", "TRIALS=2", f"RESULTS={results}",
                     "DEVICE=cpu", cwd=tmp_path)
     assert searched.returncode == 0, searched.stdout[-3000:] + searched.stderr[-3000:]
     assert "classes: 0 airplane, 1 ship, 2 bird (from CLASSES)" in searched.stdout
@@ -176,7 +205,7 @@ def test_make_search_on_three_other_classes_then_the_steps_it_printed(tmp_path):
         if step == "export CSVs":
             plotted = make(*shlex.split(hint_lines(done.stdout)["plot it"])[1:], cwd=tmp_path)
             assert plotted.returncode == 0, plotted.stdout[-3000:] + plotted.stderr[-3000:]
-    assert (results / "smoke" / "plots" / "index.html").is_file()
-    assert (results / "final" / "smoke" / "report.md").is_file()
-    assert optuna.load_study(study_name="smoke", storage=f"sqlite:///{results / 'optuna.db'}").user_attrs["classes"] \
+    assert (results / "two-epochs" / "plots" / "index.html").is_file()
+    assert (results / "final" / "two-epochs" / "report.md").is_file()
+    assert optuna.load_study(study_name="two-epochs", storage=f"sqlite:///{results / 'optuna.db'}").user_attrs["classes"] \
         == ["airplane", "ship", "bird"]
