@@ -15,6 +15,7 @@ from optuna_dashboard import get_note
 from conftest import build_image_tree, run_cli
 from study.artifacts import attach_trial_artifacts, note_outcome, pruning_explanation
 
+ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("car", "truck", "cat")
 COUNTS = ["--train-counts", "20,10,8", "--dev-counts", "6,4,4", "--test-counts", "4,4,4"]
 
@@ -31,7 +32,7 @@ def searched(tmp_path_factory):
         from conftest import STUDY_ENV
         for name in STUDY_ENV:
             patch.delenv(name, raising=False)
-        code, out, err = run_cli("search", "--space", "smoke", "--trials", "3", "--data", tree, "--results", results,
+        code, out, err = run_cli("search", "--space", ROOT / "search_spaces" / "smoke.yaml", "--trials", "3", "--data", tree, "--results", results,
                                  "--storage", f"sqlite:///{db}", "--device", "cpu", *COUNTS)
         assert code == 0, err
         code, _, err = run_cli("export", "--storage", f"sqlite:///{db}", "--results", results)
