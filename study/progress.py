@@ -44,7 +44,8 @@ class Progress:
             return ""
         per_epoch = (now - first[0]) / (epoch - first[1])
         left = per_epoch * (total - epoch)
-        return f", {per_epoch:.1f} s/epoch" + (f", ~{_minutes(left)} left" if left > 0 else "")
+        rate = f"{per_epoch:.2f}" if per_epoch < 10 else f"{per_epoch:.0f}"
+        return f", {rate} s/epoch" + (f", ~{_minutes(left)} left" if left > 0 else "")
 
     def epoch(self, label: str, epoch: int, total_epochs: int | None, dev_macro_accuracy: float) -> None:
         out = self._out()

@@ -223,9 +223,11 @@ def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker
             continue
         results = run_trials(study, trials, space, data)
         progress.clear()
+        # A fused group is told all at once: count its members one by one, so each line shows its own step.
+        done = count_states(study)[0] - args._finished_at_start - sum(f.state in FINISHED for f in results)
         for frozen in results:
             failures = failures + 1 if frozen.state == TrialState.FAIL else 0
-            done = count_states(study)[0] - args._finished_at_start
+            done += frozen.state in FINISHED
             note_outcome(study, frozen)  # a pruned or failed trial's dashboard note says so, and why
             print(format_trial_line(frozen, done, run_total, args._started, worker, deadline), flush=True)
         if failures >= args._max_failures:
