@@ -14,10 +14,15 @@ failed). Each trial therefore gets:
 Optuna only accepts a trial's artifacts while the trial is running (its
 system attributes freeze at `tell`), so the objective attaches them after the
 results are recorded and before it tells the outcome. The store is a
-FileSystemArtifactStore in `<results>/artifacts`, where `<results>` is the
-folder holding a SQLite/journal storage file (`sqlite:///results/optuna.db` ->
-`results/artifacts`), else $RESULTS, else `results`. The absolute store path is
-also recorded on the study, so `make dashboard` finds it.
+FileSystemArtifactStore in RESULTS/artifacts: `make search` records that
+absolute path on the study before its first trial (record_artifact_dir), so
+reports land there wherever the database lives, and `make dashboard` finds
+them. A study without the record (made elsewhere) uses the folder holding its
+SQLite/journal file, else $RESULTS, else `results`.
+
+Notes live on the study, not the trial, so they can still change after
+`tell`: the search loop rewrites a pruned or failed trial's note to open with
+what happened and why (note_outcome).
 """
 
 from __future__ import annotations

@@ -110,7 +110,6 @@ def create_study(args, space: SearchSpace, storage, stream: tuple[int, ...] = ()
         print(f"note: {space.path} changed since study {name!r} began; new trials use the new ranges", file=sys.stderr)
     if study.metric_names is None:  # the dashboard then labels its axes "dev_macro_accuracy", not "Objective 0"
         study.set_metric_names(list(space.objectives))
-    record_artifact_dir(study, Path(args.results))  # trial reports go to RESULTS/artifacts, wherever the storage is
     return study
 
 
@@ -326,6 +325,7 @@ def run(args) -> int:
     storage = open_storage(args.storage)
     study = create_study(args, space, storage)
     record_data(study, args, splits)
+    record_artifact_dir(study, Path(args.results))  # trial reports go to RESULTS/artifacts, wherever the storage is
     finished, running = count_states(study)
     trials = args.trials if args.trials is not None else space.budget.get("trials")
     grid = space.grid_size()
