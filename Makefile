@@ -2,7 +2,7 @@
 # Variables are exported to the environment and read by Python there: values with
 # spaces, quotes or ';' stay data and are never pasted into a shell command line.
 
-DATA     ?= $(if $(wildcard ../shared/data/cifar10-cars-trucks-cats),../shared/data/cifar10-cars-trucks-cats,data)
+DATA     ?=# empty: the shared data beside the checkout (../shared/data/cifar10-cars-trucks-cats), else ./data
 RESULTS  ?= results
 DEVICE   ?= auto
 SPACE    ?=# search: search_spaces/default.yaml, train: search_spaces/seed_final.yaml
@@ -30,10 +30,18 @@ PYTEST_ARGS  ?=
 THREADS      ?=
 BUDGET       ?=# hpo-bench: seconds per search (cpu 300, cuda 900)
 SEARCH_SEEDS ?=# hpo-bench: search seeds per method (3)
+# The split: class order (empty: DATA/train's folder names, sorted; car,truck,cat for the user's data)
+# and images per class in that order (empty: the user's counts, for three classes).
+CLASSES      ?=
+TRAIN_COUNTS ?=
+DEV_COUNTS   ?=
+TEST_COUNTS  ?=
+SPLIT_SEED   ?=
 
 export DATA RESULTS DEVICE SPACE STUDY STORAGE TRIALS TIMEOUT WORKERS FUSE PORT HOST TRIAL SEEDS \
        EPSILONS ATTACK CSV CHECKPOINT SPLIT TRUST_PICKLE CORRECTIONS FLIP_COUNT THREADS PYTEST_ARGS \
        BUDGET SEARCH_SEEDS
+export CLASSES TRAIN_COUNTS DEV_COUNTS TEST_COUNTS SPLIT_SEED
 
 PYTHON ?= python3
 VENV   := .venv
@@ -46,7 +54,7 @@ COMMANDS := search data train evaluate export plots final bench audit hpo-bench
 
 help:
 	@echo "make search | make test | data train evaluate dashboard export plots final bench audit hpo-bench"
-	@echo "see README.md for the variables (DATA, RESULTS, DEVICE, SPACE, STUDY, STORAGE, ...)"
+	@echo "see README.md for the variables (DATA, CLASSES, RESULTS, DEVICE, SPACE, STUDY, STORAGE, ...)"
 
 setup: $(STAMP)
 

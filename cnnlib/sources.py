@@ -59,6 +59,26 @@ def parse_classes(text: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(names)
 
 
+def infer_classes(source: Path) -> tuple[str, ...]:
+    """The class order when none is given: the folder names of an image tree's train/, sorted.
+
+    Sorted, so that the same tree gives the same labels on every machine; the
+    user's own car/truck/cat keep their report's order (car 0, truck 1, cat 2),
+    which their counts and earlier studies assume. Array files carry labels
+    without names, so they keep that order too.
+    """
+    train = Path(source) / "train"
+    if not train.is_dir():
+        return DEFAULT_CLASSES
+    names = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if set(names) == set(DEFAULT_CLASSES):
+        return DEFAULT_CLASSES
+    if len(names) < 2:
+        raise DataError(f"{train}: found {len(names)} class folder(s) ({', '.join(names) or 'none'}); "
+                        "an image tree needs one folder per class, at least two")
+    return tuple(names)
+
+
 # --- image-folder trees ---------------------------------------------------
 
 def list_class_folders(split_dir: Path, classes: Sequence[str]) -> dict[str, list[Path]]:
@@ -69,7 +89,7 @@ def list_class_folders(split_dir: Path, classes: Sequence[str]) -> dict[str, lis
     unknown = [p.name for p in folders if p.name not in classes]
     if unknown:
         raise DataError(f"{split_dir}: class folder(s) {', '.join(unknown)} not in the configured class order "
-                        f"({','.join(classes)}); add them with --classes or remove the folders")
+                        f"({','.join(classes)}); list them in CLASSES=... (--classes) or remove the folders")
     files = {}
     for name in classes:
         folder = split_dir / name

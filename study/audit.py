@@ -20,6 +20,7 @@ import html
 import io
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ from cnnlib.sources import LabeledImages
 from cnnlib.splits import Splits
 from cnnlib.training import DeviceData, TrainConfig, predict_logits, train
 
+from . import progress
+from .plotly_bundle import write_bundle
 from .cli import UserError
 from .options import add_common_options, add_data_options, load_splits
 
@@ -124,7 +127,9 @@ def out_of_fold_probabilities(images: LabeledImages, classes: Sequence[str], fol
         held_out = fold_of == k
         fold = Splits(tuple(classes), images.subset(~held_out), images.subset(held_out))
         data = DeviceData(fold, device)
-        result = train(config, data, device)
+        label = f"fold {k + 1}/{int(fold_of.max()) + 1}"
+        result = train(config, data, device,
+                       on_epoch=lambda stats: progress.epoch(label, stats.epoch, config.epochs, stats.dev_macro_accuracy))
         probs[held_out] = predict_probabilities(result.model, data.dev.x, mirror=config.flip).cpu().numpy()
         dev = result.dev
         stats.append({"fold": k, "train_images": int((~held_out).sum()), "held_out_images": int(held_out.sum()),
@@ -133,6 +138,23 @@ def out_of_fold_probabilities(images: LabeledImages, classes: Sequence[str], fol
         log(f"fold {k + 1}/{int(fold_of.max()) + 1}: held-out macro accuracy {dev.macro_accuracy:.3f} "
             f"(vs given labels), {result.seconds:.1f}s")
     return probs, stats
+
+
+# A constant guess scores exactly 1/K macro accuracy. Fold models within this margin of it have learned
+# next to nothing: confident learning then ranks images by the models' bias (every cat "-> car"), not by
+# their labels. 0.05 is about the noise of a 5-fold estimate on the user's dev set (71 cats: 1/71 per image).
+CHANCE_MARGIN = 0.05
+
+
+def chance_warning(fold_stats: list[dict], n_classes: int) -> str | None:
+    """A warning when the fold models are no better than chance, else None."""
+    mean = float(np.mean([s["held_out_macro_accuracy"] for s in fold_stats]))
+    chance = 1 / n_classes
+    if mean >= chance + CHANCE_MARGIN:
+        return None
+    return (f"fold models at chance level: held-out macro accuracy {mean:.3f}, a constant guess scores {chance:.3f} "
+            f"with {n_classes} classes; the suspects reflect the models' bias, not label errors (train the fold "
+            "models longer with --epochs, or check the data)")
 
 
 # --- ranking --------------------------------------------------------------------
@@ -260,8 +282,8 @@ def write_class_distribution(folder: Path, splits: Splits) -> dict:
                         for name, row in counts.items()])
     figure.update_layout(barmode="group", title="Images per class in each split", xaxis_title="class",
                          yaxis_title="images", template="plotly_white")
-    # include_plotlyjs=True inlines plotly.js: the report opens offline, no CDN.
-    figure.write_html(folder / "class_distribution.html", include_plotlyjs=True, full_html=True)
+    # One plotly.min.js beside the page (study/plotly_bundle.py): it opens offline and stays small.
+    figure.write_html(folder / "class_distribution.html", include_plotlyjs=write_bundle(folder), full_html=True)
     return counts
 
 
@@ -342,6 +364,9 @@ def run(args) -> int:
     started = time.perf_counter()
     fold_of = stratified_folds(labels, args.folds, args.seed)
     probs, fold_stats = out_of_fold_probabilities(pool.images, classes, fold_of, config, args.device, log=print)
+    at_chance = chance_warning(fold_stats, len(classes))
+    if at_chance:
+        print(f"warning: {at_chance}", file=sys.stderr, flush=True)
     ranked = rank_label_issues(labels, probs, args.filter_by, args.rank_by)
     seconds = time.perf_counter() - started
     per_split = {n: int((pool.split[ranked] == n).sum()) for n in names}
@@ -356,6 +381,9 @@ def run(args) -> int:
                  *(f"{p:.5f}" for p in probs[i])] for i in range(len(labels))])
     top = ranked[:args.top]
     title = f"Audit {folder.name}: top {len(top)} of {len(ranked)} suspected label issues"
+    if at_chance:  # the same warning on every output a reviewer opens
+        title += " (WARNING: fold models at chance level; these are not label errors)"
+        (folder / "WARNING.txt").write_text(f"{at_chance}\n")
     (folder / "contact_sheet.html").write_text(contact_sheet_html(pool, labels, probs, top, classes, title))
     contact_sheet_png(pool, labels, probs, top, classes).save(folder / "contact_sheet.png")
     counts = write_class_distribution(folder, splits)  # as loaded: corrections applied, no flips
@@ -364,7 +392,8 @@ def run(args) -> int:
                "images": int(len(labels)), "classes": list(classes), "folds": args.folds, "recipe": config.to_dict(),
                "device": str(resolve_device(args.device)), "filter_by": args.filter_by, "rank_by": args.rank_by,
                "suspects": int(len(ranked)), "suspects_per_split": per_split, "seconds": round(seconds, 1),
-               "fold_stats": fold_stats, "class_distribution": counts}
+               "fold_stats": fold_stats, "class_distribution": counts,
+               "fold_models_at_chance": bool(at_chance), "warning": at_chance}
     if flip_count:
         rank_of = {int(i): r for r, i in enumerate(ranked, start=1)}
         _write_csv(folder / "flipped.csv", ["id", "split", "original_label", "flipped_label", "suspect_rank"],

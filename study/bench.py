@@ -39,7 +39,7 @@ from cnnlib.training import DeviceData, TrainConfig, TrainResult, make_optimizer
 
 from .cli import UserError
 from .naive_loop import naive_train_epochs
-from .options import add_common_options, add_data_options, load_splits
+from .options import add_common_options, add_data_options, load_splits, whole_number
 
 # The issue's settings: the user's recipe at three batch sizes, 32 being the user's own.
 BATCH_SIZES = (16, 32, 128)
@@ -83,7 +83,7 @@ def add_arguments(parser) -> None:
                              f"(default {','.join(map(str, ACCURACY_SEEDS))})")
     parser.add_argument("--quick", action="store_true",
                         help="smoke settings: 1 warm-up + 2 timed epochs, batch 32 only, seeds 0,1")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("THREADS") or 0) or None,
+    parser.add_argument("--threads", type=whole_number("THREADS", 1), default=os.environ.get("THREADS") or None,
                         help="torch CPU threads (default: one per core, or 1 when the machine is already busy)")
     parser.add_argument("--naive-workers", type=int, default=0,
                         help="DataLoader worker processes of the naive loop (tutorials use 0 or 2)")
@@ -94,7 +94,7 @@ def add_arguments(parser) -> None:
                         help="also A/B the project loop against each lever flipped (channels-last, fused optimizer, "
                              "cudnn.benchmark on CUDA) at batch 32")
     parser.add_argument("--fused-ks", default=os.environ.get("FUSED_KS") or None,
-                        help="also time K horizontally fused trials for each K, e.g. 1,4,16,64 (issue 7)")
+                        help="also time K horizontally fused trials for each K, e.g. 1,4,16,64 (env FUSED_KS)")
     add_data_options(parser)
     add_common_options(parser)
 

@@ -37,7 +37,9 @@ import pandas as pd
 
 from cnnlib.atomic import atomic_path
 
+from . import hints
 from .cli import UserError
+from .options import add_storage_option
 from .storage import load_existing_study, open_storage, redact, storage_file
 
 BASE_COLUMNS = ["number", "state", "value", "datetime_start", "datetime_complete", "duration"]
@@ -52,8 +54,7 @@ RESULTS_FOLDERS = {"data", "runs", "final", "bench", "audit", "artifacts"}  # wh
 
 def add_arguments(parser) -> None:
     parser.add_argument("--study", default=os.environ.get("STUDY") or None, help="export only this study (default: all)")
-    parser.add_argument("--storage", default=os.environ.get("STORAGE") or "sqlite:///results/optuna.db",
-                        help="Optuna storage URL (env STORAGE)")
+    add_storage_option(parser)
     parser.add_argument("--results", default=os.environ.get("RESULTS") or "results",
                         help="output folder; files go to RESULTS/<study>/ (env RESULTS)")
 
@@ -113,6 +114,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                                      "duration"])
     if len(study.directions) > 1:  # values_0, values_1 -> values_<objective>, Optuna's naming with metric names
         base = base.rename(columns={f"values_{i}": name for i, name in enumerate(value_columns)})
+    elif study.metric_names:  # Optuna writes value_<metric> for a named single objective; readers expect "value"
+        base = base.rename(columns={f"value_{study.metric_names[0]}": "value"})
     if "duration" in base:
         base["duration"] = base["duration"].dt.total_seconds()
     params = sorted(c for c in base.columns if c.startswith("params_"))
@@ -246,8 +249,8 @@ def run(args) -> int:
         studies = [optuna.load_study(study_name=name, storage=storage) for name in names]
     for study in studies:
         export_study(study, results)
-    if len(studies) == 1:
-        print(f"plot it: make plots CSV={study_folder(results, studies[0].study_name) / 'trials.csv'}")
-    else:
-        print(f"exported {len(studies)} studies from {redact(args.storage)}; plot one with make plots CSV=<folder>/trials.csv")
+    if len(studies) > 1:
+        print(f"exported {len(studies)} studies from {redact(args.storage)}")
+    for study in studies:
+        print(f"plot it: {hints.command('plots', {'STUDY': study.study_name, 'RESULTS': args.results})}")
     return 0

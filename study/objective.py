@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 from cnnlib.errors import DivergedError
 from cnnlib.training import DeviceData, EpochStats, TrainConfig, TrainResult, evaluate, group_configs, train_group
 
+from . import progress
 from .artifacts import attach_trial_artifacts
 from .space import SearchSpace
 
@@ -97,6 +98,7 @@ class EpochReporter:
         self.curves["train_loss"].append(stats.train_loss)
         self.curves["dev_loss"].append(stats.dev_loss)
         self.curves["dev_macro_accuracy"].append(stats.dev_macro_accuracy)
+        progress.epoch(f"trial {self.trial.number}", stats.epoch, self.trial.user_attrs.get("config", {}).get("epochs"), stats.dev_macro_accuracy)
         why = collapsed(stats) if stats.epoch > self.warmup_epochs else None
         self.collapsed_epochs = self.collapsed_epochs + 1 if why else 0
         if self.collapsed_epochs >= COLLAPSE_EPOCHS:

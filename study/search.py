@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import multiprocessing
 import os
-import shlex
 import signal
 import sys
 import time
@@ -35,9 +34,12 @@ from cnnlib.metrics import Evaluation
 from cnnlib.fused import GROUP_SIZE
 from cnnlib.training import DeviceData
 
+from . import hints, progress
+from .artifacts import note_outcome, record_artifact_dir
 from .cli import UserError, interrupt_on_sigterm
 from .objective import run_trials
-from .options import add_common_options, add_data_options, add_study_options, load_splits
+from .options import (add_common_options, add_data_options, add_study_options, describe_classes, env, load_splits,
+                      whole_number)
 from .space import SearchSpace, load_space
 from .storage import (
     claim_trial, fail_dead_local_trials, fail_unclaimed_trials, lock_path, open_storage, redact, storage_failures,
@@ -55,21 +57,22 @@ MAX_RESPAWNS_PER_WORKER = 3
 STOP_SECONDS = 30  # after an interrupt, how long a worker may take to tell its trial FAIL before it is killed
 
 
-def _int_env(name, default=None):
-    value = os.environ.get(name, "").strip()
-    return int(value) if value else default
-
-
 def add_arguments(parser) -> None:
-    parser.add_argument("--space", default=os.environ.get("SPACE") or "search_spaces/default.yaml", help="search-space YAML")
+    parser.add_argument("--space", default=env("SPACE", "search_spaces/default.yaml"),
+                        help="search-space file, or the name of a shipped one such as smoke (env SPACE)")
     add_study_options(parser)
-    parser.add_argument("--trials", type=int, default=_int_env("TRIALS"), help="finished trials to add in this run")
-    parser.add_argument("--timeout", type=int, default=_int_env("TIMEOUT"),
-                        help=f"seconds after which no new trial starts (default: the space's budget, else {DEFAULT_TIMEOUT})")
-    parser.add_argument("--workers", type=int, default=_int_env("WORKERS", 1), help="worker processes sharing the study")
-    parser.add_argument("--fuse", type=int, default=_int_env("FUSE", None),
-                        help="train up to K trials at once as one fused model (default: as wide as pays on the "
-                             "device: " + ", ".join(f"{k} {v}" for k, v in GROUP_SIZE.items()) + "; 1: one at a time)")
+    parser.add_argument("--trials", type=whole_number("TRIALS"), default=env("TRIALS"),
+                        help="finished trials to add in this run (env TRIALS; default: the space's budget, else "
+                             "no limit)")
+    parser.add_argument("--timeout", type=whole_number("TIMEOUT"), default=env("TIMEOUT"),
+                        help=f"seconds after which no new trial starts (env TIMEOUT; default: the space's budget, "
+                             f"else {DEFAULT_TIMEOUT} when TRIALS is not set either)")
+    parser.add_argument("--workers", type=whole_number("WORKERS", 1), default=env("WORKERS", "1"),
+                        help="worker processes sharing the study (env WORKERS)")
+    parser.add_argument("--fuse", type=whole_number("FUSE", 1), default=env("FUSE"),
+                        help="train up to K trials at once as one fused model (env FUSE; default: as wide as pays "
+                             "on the device: " + ", ".join(f"{k} {v}" for k, v in GROUP_SIZE.items()) +
+                             "; 1: one at a time)")
     add_data_options(parser)
     add_common_options(parser)
 
@@ -114,6 +117,8 @@ def create_study(args, space: SearchSpace, storage, stream: tuple[int, ...] = ()
     elif previous != text:
         print(f"note: {space.path} differs from the space file study {name!r} began with "
               f"({study.user_attrs.get('space_file')}); new trials use its ranges", file=sys.stderr)
+    if study.metric_names is None:  # the dashboard then labels its axes "dev_macro_accuracy", not "Objective 0"
+        study.set_metric_names(list(space.objectives))
     return study
 
 
@@ -138,6 +143,21 @@ def check_space_fits_study(study: optuna.Study, space: SearchSpace) -> None:
                                 ) from None
 
 
+def record_data(study: optuna.Study, args, splits) -> None:
+    """The class order and split a study was searched on, stated once and kept on the study.
+
+    Later commands (`make final`, `make export`) read them back; a run on
+    another class order would make its trials incomparable, so it is refused.
+    """
+    recorded = study.user_attrs.get("classes")
+    if recorded is not None and list(recorded) != list(splits.classes):
+        raise UserError(f"study {study.study_name!r} was searched with classes {','.join(recorded)}; this run reads "
+                        f"{','.join(splits.classes)} (check DATA and CLASSES, or use another STUDY name)")
+    if recorded is None:
+        study.set_user_attr("classes", list(splits.classes))
+    study.set_user_attr("data_summary", splits.summary())
+
+
 # --- progress ---------------------------------------------------------------
 
 def _bar(done: int, total: int | None, width: int = 24) -> str:
@@ -147,17 +167,29 @@ def _bar(done: int, total: int | None, width: int = 24) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
 
-def format_trial_line(frozen, run_done: int, run_total: int | None, started: float, worker: str) -> str:
+def budget_text(started: float, deadline: float, now: float | None = None) -> str:
+    """'4.5 min elapsed, 8.5 min of 13.0 left': how much of the run's time budget remains."""
+    now = time.time() if now is None else now
+    text = f"{(now - started) / 60:.1f} min elapsed"
+    if deadline == float("inf"):
+        return text
+    left = deadline - now
+    if left <= 0:
+        return f"{text}, time budget used up: no new trial starts"
+    return f"{text}, {left / 60:.1f} min of {(deadline - started) / 60:.1f} left for new trials"
+
+
+def format_trial_line(frozen, run_done: int, run_total: int | None, started: float, worker: str,
+                      deadline: float = float("inf")) -> str:
     params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in frozen.params.items())
     value = "" if frozen.values is None else " value=" + ",".join(f"{v:.4f}" for v in frozen.values)
     per = frozen.user_attrs.get("dev_per_class")
     per_text = f" ({' '.join(f'{c} {a:.2f}' for c, a in per.items())})" if per else ""
     reason = frozen.user_attrs.get("pruned_reason") or frozen.user_attrs.get("fail_reason") or ""
     seconds = frozen.user_attrs.get("train_seconds")
-    elapsed = time.time() - started
     return (f"{worker}trial {frozen.number:>4} {frozen.state.name:<8}{value}{per_text}"
             f"{f' {seconds:.1f}s' if seconds else ''}  {params}{f'  [{reason}]' if reason else ''}\n"
-            f"      {_bar(run_done, run_total)} this run, {elapsed / 60:.1f} min elapsed")
+            f"      {_bar(run_done, run_total)} this run, {budget_text(started, deadline)}")
 
 
 # --- the worker loop ------------------------------------------------------
@@ -205,7 +237,7 @@ def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker
     study = create_study(args, space, storage, stream=(args._trials_at_start, number))
     data = DeviceData(load_splits(args), resolve_device(args.device))
     lock = lock_path(args.storage, study.study_name, Path(args.results))
-    started, failures = time.time(), 0
+    failures = 0
     run_total = None if target == float("inf") else int(target - args._finished_at_start)
     while True:
         with file_lock(lock):
@@ -225,10 +257,14 @@ def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker
             time.sleep(POLL_SECONDS)  # others' trials are in flight; one may still die and need a retry
             continue
         results = run_trials(study, trials, space, data)
+        progress.clear()
+        # A fused group is told all at once: count its members one by one, so each line shows its own step.
+        done = count_states(study)[0] - args._finished_at_start - sum(f.state in FINISHED for f in results)
         for frozen in results:
             failures = failures + 1 if frozen.state == TrialState.FAIL else 0
-            done = count_states(study)[0] - args._finished_at_start
-            print(format_trial_line(frozen, done, run_total, started, worker), flush=True)
+            done += frozen.state in FINISHED
+            note_outcome(study, frozen)  # a pruned or failed trial's dashboard note says so, and why
+            print(format_trial_line(frozen, done, run_total, args._started, worker, deadline), flush=True)
         if failures >= args._max_failures:
             print(f"{worker}stopping: {failures} trials failed in a row; last reason: {frozen.user_attrs.get('fail_reason')}",
                   file=sys.stderr, flush=True)
@@ -239,6 +275,7 @@ def _worker_process(args, index: int, number: int, target: float, deadline: floa
     """Entry point of one worker process; threads split the cores so workers do not oversubscribe them."""
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)  # run_workers passes SIGTERM on: stop as on Ctrl-C
     torch.set_num_threads(args._threads)
+    progress.configure(bar=False, prefix=f"[w{index}] ")  # workers share the terminal: lines, each tagged
     space = load_space(args.space)
     try:
         with storage_failures(args.storage):
@@ -349,15 +386,15 @@ def print_best(study: optuna.Study) -> None:
 
 def run(args) -> int:
     space = load_space(args.space)  # fails here, before any training, on a bad file
+    device = resolve_device(args.device)  # and here on a device this machine does not have
+    args._fuse_asked = args.fuse  # what the user asked for, for the printed next steps
     if args.fuse is None:
-        args.fuse = GROUP_SIZE.get(resolve_device(args.device).type, 1)
-    if args.workers < 1 or args.fuse < 1:
-        raise UserError(f"WORKERS ({args.workers}) and FUSE ({args.fuse}) must be at least 1")
-    if (args.trials is not None and args.trials < 0) or (args.timeout is not None and args.timeout < 0):
-        raise UserError(f"TRIALS ({args.trials}) and TIMEOUT ({args.timeout}) cannot be negative")
-    load_splits(args)  # build the cached split once, before workers race for it
+        args.fuse = GROUP_SIZE.get(device.type, 1)
+    splits = load_splits(args)  # build the cached split once, before workers race for it
     storage = open_storage(args.storage)
     study = create_study(args, space, storage)
+    record_data(study, args, splits)
+    record_artifact_dir(study, Path(args.results))  # trial reports go to RESULTS/artifacts, wherever the storage is
     finished, running = count_states(study)
     trials = args.trials if args.trials is not None else space.budget.get("trials")
     grid = space.grid_size()
@@ -372,19 +409,22 @@ def run(args) -> int:
     if timeout is None:
         timeout = None if trials is not None else DEFAULT_TIMEOUT
     target = finished + trials if trials is not None else float("inf")
-    deadline = time.time() + timeout if timeout else float("inf")
+    args._started = time.time()
+    deadline = args._started + timeout if timeout else float("inf")
     args._finished_at_start = finished
     args._trials_at_start = len(study.get_trials(deepcopy=False))
     args._max_failures = max(3, 2 * (trials or 5))
-    args._threads, why = cpu_threads(_int_env("THREADS"), args.workers) if resolve_device(args.device).type == "cpu" \
-        else (1, "")
+    threads = env("THREADS")
+    args._threads, why = cpu_threads(int(threads) if threads and threads.isdigit() else None, args.workers) \
+        if device.type == "cpu" else (1, "")
     if args.workers == 1:
         torch.set_num_threads(args._threads)
     budget = " and ".join(filter(None, [f"{trials} trials" if trials is not None else "",
-                                        f"{timeout} s" if timeout else ""]))
+                                        f"{timeout / 60:.1f} min ({timeout} s)" if timeout else ""]))
     print(f"study {study.study_name!r} in {redact(args.storage)}: {finished} finished trials so far; "
-          f"this run adds up to {budget} with {args.workers} worker(s) on {resolve_device(args.device)}"
+          f"this run adds up to {budget} with {args.workers} worker(s) on {device}"
           + (f", {args._threads} thread(s) each ({why})" if why else ""), flush=True)
+    print(f"space: {space.path}\n{describe_classes(args, splits.classes)}", flush=True)
     with storage_failures(args.storage):
         if args.workers == 1:
             code = worker_loop(args, space, target, deadline)
@@ -394,8 +434,20 @@ def run(args) -> int:
         total, _ = count_states(study)
     print(f"\nstudy {study.study_name!r}: {total} finished trials ({total - finished} added by this run)")
     print_best(study)
-    again = " ".join(shlex.quote(f"{k}={v}") for k, v in
-                     (("SPACE", args.space), ("STUDY", study.study_name), ("STORAGE", redact(args.storage))))
-    print(f"\ncontinue this study:  make search {again}")  # redacted: a password never lands in a terminal log
-    print("browse it:            make dashboard   |   export CSVs: make export   |   retrain the best: make final")
+    print_next_steps(args, study.study_name)
     return code
+
+
+def print_next_steps(args, study_name: str) -> None:
+    """Commands that work as printed: each carries the storage, results, study and data of this run."""
+    place = hints.settings_of(args, "STORAGE", "RESULTS")
+    data = hints.settings_of(args, *hints.DATA_SETTINGS, "DEVICE")
+    study = {"STUDY": study_name}
+    search = hints.settings_of(args, "SPACE", "STUDY", "TRIALS", "TIMEOUT", "WORKERS", FUSE=args._fuse_asked)
+    print()
+    print(f"continue this study:  {hints.command('search', {**search, **place, **data})}")
+    print(f"browse it:            {hints.command('dashboard', place)}")
+    print(f"export CSVs:          {hints.command('export', {**study, **place})}")
+    print(f"retrain the best:     {hints.command('final', {**study, **place, **data})}")
+    if hints.has_password(place):  # a password never lands in a terminal log
+        print("(the STORAGE password is left out above: set PGPASSWORD or ~/.pgpass and they work as printed)")

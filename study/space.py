@@ -33,6 +33,9 @@ PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "value", "when", 
 CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
 CONFIG_TYPES = typing.get_type_hints(TrainConfig)  # lr: float, epochs: int, flip: bool, ...
 SHARED_SEED_SAMPLERS = {"GridSampler", "QMCSampler", "BruteForceSampler"}  # see SearchSpace.make_sampler
+# Where the shipped spaces are: inside the package when installed from a wheel (pyproject.toml maps
+# search_spaces/ to study/search_spaces), at the checkout's top level when run from source.
+SHIPPED_SPACE_DIRS = (Path(__file__).parent / "search_spaces", Path(__file__).resolve().parents[1] / "search_spaces")
 
 
 class SpaceError(CnnlibError, ValueError):
@@ -387,13 +390,37 @@ def _check_sampler_proposes(space: SearchSpace) -> None:
         optuna.logging.set_verbosity(verbosity)
 
 
+def shipped_spaces() -> list[str]:
+    folder = next((d for d in SHIPPED_SPACE_DIRS if d.is_dir()), None)
+    return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml")) if folder else []
+
+
+def find_space(name: str | Path) -> Path:
+    """The space file as given, else the shipped one of that name.
+
+    So `SPACE=smoke`, `smoke.yaml` and `search_spaces/smoke.yaml` all work from
+    any working directory, and from an installed package that has no checkout.
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    relative = Path(*path.parts[1:]) if path.parts[:1] == ("search_spaces",) else path
+    if not relative.suffix:
+        relative = relative.with_suffix(".yaml")
+    if not relative.is_absolute():
+        for folder in SHIPPED_SPACE_DIRS:
+            if (folder / relative).is_file():
+                return folder / relative
+    return path
+
+
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a space file; raises SpaceError naming the file and key."""
-    path = Path(path)
+    path = find_space(path)
     if path.is_dir():
         raise SpaceError(f"{path}: is a folder; expected a search-space YAML file (see search_spaces/)")
     if not path.is_file():
-        raise SpaceError(f"{path}: search-space file not found (see search_spaces/)")
+        raise SpaceError(f"{path}: search-space file not found (shipped spaces: {', '.join(shipped_spaces())})")
     try:
         raw = strict_yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:

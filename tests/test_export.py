@@ -149,8 +149,17 @@ def test_data_csv_holds_the_class_counts_of_every_split(smoke_export):
         assert [counts[(split, c)] for c in CLASSES] == list(expected), split
 
 
+def test_the_split_recorded_on_the_study_gives_data_csv_every_split(smoke_study, tmp_path):
+    paths = export_study(smoke_study.study, tmp_path)  # tmp_path/data holds no split cache: the study's record
+    data = pd.read_csv(paths["data"])
+    assert set(data["split"]) == {"train", "dev", "test"} and set(data["source"]) == {"study attribute data_summary"}
+    assert data[data["split"] == "dev"]["count"].tolist() == list(DEV_COUNTS)
+
+
 def test_without_a_matching_split_data_csv_falls_back_to_the_dev_counts(smoke_study, tmp_path):
-    paths = export_study(smoke_study.study, tmp_path)  # tmp_path/data holds no split cache
+    older = optuna.create_study(study_name="smoke", direction="maximize")  # a study from before data_summary
+    older.add_trials(smoke_study.study.get_trials())
+    paths = export_study(older, tmp_path)  # tmp_path/data holds no split cache
     data = pd.read_csv(paths["data"])
     assert set(data["split"]) == {"dev"}
     assert data["count"].tolist() == list(DEV_COUNTS)

@@ -59,13 +59,13 @@ KILL_ONE_TRIAL = """\
 import os, signal
 import cnnlib.training
 
-_real_train = cnnlib.training.train
+_real_train = cnnlib.training.train_group
 CLAIM = {claim!r}
 
 
-def train(config, data, device, on_epoch=None):
-    def on_epoch_then_die(stats):
-        stop = on_epoch(stats) if on_epoch else False
+def train_group(configs, data, on_epoch=None, **options):
+    def on_epoch_then_die(member, stats):
+        stop = on_epoch(member, stats) if on_epoch else False
         try:
             fd = os.open(CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
@@ -73,10 +73,10 @@ def train(config, data, device, on_epoch=None):
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
         os.kill(os.getpid(), signal.SIGKILL)
-    return _real_train(config, data, device, on_epoch=on_epoch_then_die)
+    return _real_train(configs, data, on_epoch_then_die, **options)
 
 
-cnnlib.training.train = train
+cnnlib.training.train_group = train_group
 """
 
 HANG_IN_TRAINING = """\
@@ -85,23 +85,23 @@ HANG_IN_TRAINING = """\
 import os, time
 import cnnlib.training
 
-_real_train = cnnlib.training.train
+_real_train = cnnlib.training.train_group
 FLAG = {flag!r}
 
 
-def train(config, data, device, on_epoch=None):
-    def on_epoch_then_hang(stats):
-        stop = on_epoch(stats) if on_epoch else False
+def train_group(configs, data, on_epoch=None, **options):
+    def on_epoch_then_hang(member, stats):
+        stop = on_epoch(member, stats) if on_epoch else False
         with open(FLAG, "a") as handle:
             handle.write(f"{{os.getpid()}}\\n")
         deadline = time.time() + 60
         while time.time() < deadline:
             time.sleep(0.05)
         return stop
-    return _real_train(config, data, device, on_epoch=on_epoch_then_hang)
+    return _real_train(configs, data, on_epoch_then_hang, **options)
 
 
-cnnlib.training.train = train
+cnnlib.training.train_group = train_group
 """
 
 

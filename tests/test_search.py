@@ -332,10 +332,10 @@ def test_a_parallel_run_whose_workers_all_give_up_fails(small_data, tmp_path):
         # Loaded by every Python process of this test, spawned workers included: training always crashes.
         import cnnlib.training
 
-        def train(*args, **kwargs):
+        def train_group(*args, **kwargs):
             raise RuntimeError("injected training failure")
 
-        cnnlib.training.train = train
+        cnnlib.training.train_group = train_group
         """))
     command = [sys.executable, "-m", "study", "search", "--space", str(SMOKE), "--storage", sqlite_url(tmp_path),
                "--trials", "1", "--workers", "2", "--data", str(small_data), "--results", str(tmp_path)]
@@ -383,11 +383,13 @@ def test_a_healthy_trial_is_not_called_a_constant_predictor():
 def test_workers_or_fuse_zero_from_the_environment_is_refused_not_read_as_one(tmp_path, monkeypatch, capsys, variable):
     monkeypatch.setenv(variable, "0")
 
-    code = search(tmp_path / "no-data", tmp_path, sqlite_url(tmp_path), "--trials", "1")
+    with pytest.raises(SystemExit) as stopped:  # argparse refuses it, with a one-line error
+        search(tmp_path / "no-data", tmp_path, sqlite_url(tmp_path), "--trials", "1")
+    code = stopped.value.code
 
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err
-    assert f"{variable} (0)" in err and "must be at least 1" in err
+    assert f"{variable}=" in err and "0" in err and ">= 1" in err
 
 
 def add_finished_trial(url: str, study_name: str, params: dict, distributions: dict) -> None:
@@ -437,7 +439,8 @@ def test_warm_up_epochs_are_not_judged_as_collapse():
     from cnnlib.training import EpochStats
 
     constant = Evaluation(("a", "b", "c"), np.array([[6, 0, 0], [6, 0, 0], [8, 0, 0]]))
-    reporter = objective_module.EpochReporter(trial=None, can_prune=False, warmup_epochs=4)
+    trial = SimpleNamespace(number=0, user_attrs={"config": {"epochs": 7}})
+    reporter = objective_module.EpochReporter(trial=trial, can_prune=False, warmup_epochs=4)
     assert [reporter(EpochStats(epoch, 1.0, 1.0, constant, 0.1)) for epoch in range(1, 8)] == \
         [False] * 6 + [True]  # epochs 5, 6, 7 are the three after the warm-up
     assert "epochs 5-7" in reporter.pruned_reason
