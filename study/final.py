@@ -86,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trial number to retrain instead of the best one (env TRIAL)")
     parser.add_argument("--seeds", type=whole_number("SEEDS", 1), default=env.get("SEEDS") or "3",
                         help="retrain with seeds 0..k-1 and report mean and spread (env SEEDS)")
+    parser.add_argument("--candidates", type=whole_number("CANDIDATES", 1), default=env.get("CANDIDATES") or "3",
+                        help="without TRIAL: retrain the top K trials by dev macro accuracy and keep the one whose "
+                             "seeds score best on dev on average (env CANDIDATES)")
     parser.add_argument("--epsilons", type=_epsilons, default=env.get("EPSILONS") or ",".join(map(str, DEFAULT_EPSILONS)),
                         help="attack strengths on the [0, 1] pixel scale, comma-separated (env EPSILONS)")
     parser.add_argument("--attack", type=_attacks, default=env.get("ATTACK") or "fgsm",
@@ -486,10 +489,50 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 
 # --- the command ----------------------------------------------------------
 
+def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
+    """The k complete trials with the best dev macro accuracy (single-objective studies), best first."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return sorted(complete, key=lambda t: (-t.value, t.number))[:k]
+
+
+def mean_dev(runs: list[SeedRun]) -> float:
+    return statistics.fmean(r.evaluations["dev"].macro_accuracy for r in runs)
+
+
+def retrain_candidates(study, candidates, data, args, out: Path, splits) -> tuple:
+    """Retrain each candidate with SEEDS seeds; the one with the best mean dev macro accuracy wins.
+
+    One trial's dev value is one seed on a small dev set (51 trucks: a standard
+    error near 2.7 points), so the search's best is partly its luckiest seed.
+    In the first default search here the best trial (dev 0.858, one seed)
+    retrained to 0.841 dev / 0.847 test over 3 seeds, while the third best
+    (dev 0.844) retrains to 0.867 dev / 0.883 test. Averaging seeds takes the
+    seed's luck out of the choice; the test split still plays no part in it.
+    """
+    retrained = []
+    for candidate in candidates:
+        config, source = trial_config(candidate)
+        if len(candidates) > 1:
+            print(f"candidate trial {candidate.number} (search value {candidate.value:.4f}): "
+                  f"{args.seeds} seed(s)", flush=True)
+        fingerprint = {"study": study.study_name, "trial": candidate.number,
+                       "config": {**config.to_dict(), "seed": None},
+                       "data": splits.cache_path.name if splits.cache_path else splits.source,
+                       "classes": list(data.classes)}
+        partial = out / ".partial" / f"trial-{candidate.number}"
+        retrained.append((candidate, config, source, run_seeds(config, data, args.seeds, partial, fingerprint)))
+    summary = [{"trial": c.number, "search_value": c.value, "mean_dev_macro_accuracy": mean_dev(runs),
+                "mean_test_macro_accuracy": statistics.fmean(r.evaluations["test"].macro_accuracy for r in runs)
+                if all("test" in r.evaluations for r in runs) else None} for c, _, _, runs in retrained]
+    return max(retrained, key=lambda item: (mean_dev(item[3]), item[0].value, -item[0].number)), summary
+
+
 def run(args) -> int:
     device = resolve_device(args.device)  # a device this machine lacks fails before any work
     study = load_existing_study(args.study, args.storage)
     trial, selection = choose_trial(study, args.trial)
+    single = args.trial is None and len(study.directions) == 1
+    candidates = top_trials(study, args.candidates) if single else [trial]
     config, config_source = trial_config(trial)
     recorded = study.user_attrs.get("classes")
     if not args.classes and recorded:  # the search's class order, not a guess from the folders
@@ -503,14 +546,21 @@ def run(args) -> int:
                         "as the search")
     data = DeviceData(splits, device)
     out = output_folder(args.results, study.study_name)
-    print(f"study {study.study_name!r}: trial {trial.number} ({selection})", flush=True)
+    if len(candidates) > 1:
+        print(f"study {study.study_name!r}: retraining the top {len(candidates)} trials by dev macro accuracy "
+              f"({', '.join(str(c.number) for c in candidates)}) to choose by the mean over seeds", flush=True)
+    else:
+        print(f"study {study.study_name!r}: trial {trial.number} ({selection})", flush=True)
     print(f"config: {json.dumps({k: v for k, v in config.to_dict().items() if k != 'seed'})}", flush=True)
     print(f"classes: {', '.join(f'{i} {c}' for i, c in enumerate(data.classes))}"
           f"{' (as recorded on the study)' if recorded else ''}", flush=True)
 
-    fingerprint = {"study": study.study_name, "trial": trial.number, "config": {**config.to_dict(), "seed": None},
-                   "data": splits.cache_path.name if splits.cache_path else splits.source, "classes": list(data.classes)}
-    runs = run_seeds(config, data, args.seeds, out / ".partial", fingerprint)
+    (trial, config, config_source, runs), candidate_summary = retrain_candidates(study, candidates, data, args, out,
+                                                                                 splits)
+    if len(candidates) > 1:
+        selection = (f"of the top {len(candidates)} trials by dev macro accuracy ({', '.join(str(c.number) for c in candidates)}), "
+                     f"the best mean dev macro accuracy over {args.seeds} seed(s): {mean_dev(runs):.3f}")
+        print(f"chosen: trial {trial.number} ({selection})", flush=True)
     chosen = median_run(runs)
     # Everything is made in .next/ and moved into place at the end: until then the last run's files stay whole.
     stage = out / ".next"
@@ -548,7 +598,7 @@ def run(args) -> int:
         "trial": {"number": trial.number, "selection": selection, "params": trial.params,
                   "values": trial.values, "config_source": config_source},
         "config": config.to_dict(), "device": str(device), "data": splits.summary(),
-        "seeds": [r.to_dict() for r in runs], "median_seed": chosen.seed,
+        "seeds": [r.to_dict() for r in runs], "median_seed": chosen.seed, "candidates": candidate_summary,
         "summary": {name: {"macro_accuracy": spread([r.evaluations[name].macro_accuracy for r in runs]),
                            "per_class": {c: spread([r.evaluations[name].per_class[c] for r in runs]) for c in data.classes}}
                     for name in eval_splits(data)},
