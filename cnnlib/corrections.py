@@ -19,6 +19,7 @@ rebuilds the cached split.
 from __future__ import annotations
 
 import csv
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,8 +103,6 @@ def apply_corrections(splits, path: Path):
 
     Raises DataError naming the file and line of the first row whose id is in no split.
     """
-    from .splits import Splits  # noqa: PLC0415 - splits.py imports this module lazily too
-
     classes = tuple(splits.classes)
     corrections = read_corrections(path, classes)
     fixed, found = {}, {}
@@ -122,4 +121,4 @@ def apply_corrections(splits, path: Path):
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise DataError(f"{path}: line {c.line}: id {c.image_id!r} is not an image of any split{more}; "
                         f"ids look like {example!r} (see suspects.csv from make audit)")
-    return Splits(classes, fixed["train"], fixed["dev"], fixed.get("test"), splits.source, splits.cache_path)
+    return dataclasses.replace(splits, train=fixed["train"], dev=fixed["dev"], test=fixed.get("test"))

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from .atomic import atomic_path, write_json
+from .corrections import apply_corrections
 from .errors import DataError
 from .sources import (
     DEFAULT_CLASSES, LabeledImages, file_fingerprint, list_class_folders, read_array_file, read_images,
@@ -226,7 +227,6 @@ def prepare_splits(config: DataConfig, cache_dir: Path | None) -> Splits:
     splits = _build_from_tree(config) if _is_image_tree(source) else _build_from_files(config)
     require_every_class(splits, ("train", "dev"), config)
     if config.corrections:
-        from .corrections import apply_corrections  # noqa: PLC0415 - optional step
         splits = apply_corrections(splits, config.corrections)
         require_every_class(splits, ("train", "dev"), config, f"{config.corrections}: after these corrections")
     if cache_path:

@@ -37,7 +37,7 @@ from cnnlib.training import DeviceData, TrainConfig, predict_logits, train
 
 from . import progress
 from .plotly_bundle import write_bundle
-from .cli import UserError
+from .errors import UserError
 from .options import add_common_options, add_data_options, load_splits
 
 # The fold models only need to rank images, not to win: a quick, fixed recipe.

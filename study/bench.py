@@ -37,7 +37,7 @@ from cnnlib.model import model_flops_per_image
 from cnnlib.splits import Splits
 from cnnlib.training import DeviceData, TrainConfig, TrainResult, make_optimizer, train_epochs
 
-from .cli import UserError
+from .errors import UserError
 from .naive_loop import naive_train_epochs
 from .options import add_common_options, add_data_options, load_splits, whole_number
 

@@ -16,6 +16,8 @@ import threading
 
 from cnnlib.errors import CnnlibError
 
+from .errors import UserError
+
 # name -> (module, one line for the command list, what --help says about it). The text is for users:
 # what the command does and writes, never where the code lives (module docstrings are for developers).
 COMMANDS = {
@@ -52,10 +54,6 @@ COMMANDS = {
 
 EPILOG = ("Each option can also be set by the Makefile variable (environment variable) named in its help, "
           "e.g. `make search TRIALS=20` is `--trials 20`.")
-
-
-class UserError(Exception):
-    """Raised by commands for problems the user can fix; printed as one line."""
 
 
 def interrupt_on_sigterm(signum=None, frame=None):

@@ -25,7 +25,7 @@ from pathlib import Path
 import optuna
 
 from .artifacts import artifact_dir, default_results_dir, recorded_artifact_dirs
-from .cli import UserError
+from .errors import UserError
 from .options import add_storage_option, whole_number
 from .storage import open_storage, redact, storage_file
 

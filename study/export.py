@@ -38,7 +38,7 @@ import pandas as pd
 from cnnlib.atomic import atomic_path
 
 from . import hints
-from .cli import UserError
+from .errors import UserError
 from .options import add_storage_option
 from .storage import load_existing_study, open_storage, redact, storage_file
 

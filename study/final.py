@@ -47,7 +47,7 @@ from cnnlib.training import DeviceData, TrainConfig, evaluate, make_criterion, p
 
 from . import hints, progress
 from .plotly_bundle import BUNDLE, write_bundle
-from .cli import UserError
+from .errors import UserError
 from .export import study_folder
 from .options import add_common_options, add_data_options, add_study_options, data_config, load_splits, whole_number
 from .storage import load_existing_study, redact

@@ -49,7 +49,7 @@ from cnnlib.device import resolve_device
 from cnnlib.training import DeviceData, TrainConfig, evaluate, train_group
 
 from . import search
-from .cli import UserError
+from .errors import UserError
 from .final import trial_config
 from .options import add_common_options, add_data_options, load_splits
 from .space import load_space

@@ -18,7 +18,7 @@ from pathlib import Path
 from cnnlib.sources import infer_classes, parse_classes
 from cnnlib.splits import DataConfig, Splits, prepare_splits, USER_DEV_COUNTS, USER_TEST_COUNTS, USER_TRAIN_COUNTS
 
-from .cli import UserError
+from .errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path("shared") / "data" / "cifar10-cars-trucks-cats"

@@ -33,7 +33,7 @@ from plotly.subplots import make_subplots
 
 from cnnlib.atomic import write_atomic
 
-from .cli import UserError
+from .errors import UserError
 from .export import study_folder
 from .plotly_bundle import BUNDLE, write_bundle
 

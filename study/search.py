@@ -36,7 +36,8 @@ from cnnlib.training import DeviceData
 
 from . import hints, progress
 from .artifacts import note_outcome, record_artifact_dir
-from .cli import UserError, interrupt_on_sigterm
+from .cli import interrupt_on_sigterm
+from .errors import UserError
 from .objective import run_trials
 from .options import (add_common_options, add_data_options, add_study_options, describe_classes, env, load_splits,
                       whole_number)

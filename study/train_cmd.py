@@ -22,7 +22,7 @@ from cnnlib.checkpoint import save_checkpoint
 from cnnlib.metrics import majority_baseline
 from cnnlib.training import DeviceData, EpochStats, TrainConfig, evaluate, make_criterion, train_group
 
-from .cli import UserError
+from .errors import UserError
 from .options import add_common_options, add_data_options, load_splits
 from .space import load_space
 

@@ -17,7 +17,7 @@ from study.audit import (
     AUDIT_RECIPE, flip_labels, out_of_fold_probabilities, precision_recall_at_k, rank_label_issues,
     stratified_folds, suggested_labels,
 )
-from study.cli import UserError
+from study.errors import UserError
 
 from conftest import build_image_tree, run_cli
 

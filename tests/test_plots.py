@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from study import cli
-from study.cli import UserError
+from study.errors import UserError
 from study.plots import make_report, param_importances, read_csv, rebuild_study
 
 from test_export import smoke_export, smoke_study  # noqa: F401 - fixtures shared with test_export
