@@ -39,18 +39,9 @@ params:
   imbalance: weighted_loss
 """
 
+from test_search import small_data  # noqa: E402,F401 - fixture: the small real-image split
+
 pytestmark = pytest.mark.usefixtures("no_study_env")  # conftest: no Makefile variable leaks in
-
-
-@pytest.fixture(scope="module")
-def small_data(real_data, tmp_path_factory) -> Path:
-    """train/dev/test .npz drawn from the real images (as in test_search.py): a trial in a second."""
-    splits = prepare_splits(DataConfig(real_data, train_counts=(200, 60, 40), dev_counts=(50, 20, 20),
-                                       test_counts=(20, 20, 20)), None)
-    folder = tmp_path_factory.mktemp("small-data")
-    for name, part in splits.named().items():
-        np.savez(folder / f"{name}.npz", images=part.images, labels=part.labels, ids=part.ids)
-    return folder
 
 
 @pytest.fixture(scope="module")
