@@ -144,7 +144,8 @@ def objective_values(space: SearchSpace, result: TrainResult, data: DeviceData, 
     values = []
     for objective in space.objectives:
         if objective == "dev_macro_accuracy":
-            values.append(result.dev.macro_accuracy)
+            last = [h.dev_macro_accuracy for h in result.history[-space.objective_epochs:]]
+            values.append(sum(last) / len(last))
         elif objective == "robust_macro_accuracy":
             from cnnlib.attacks import robust_macro_accuracy  # noqa: PLC0415 - only robust spaces need it
             value = robust_macro_accuracy(result.model, data.dev, data.classes,

@@ -444,3 +444,16 @@ def test_warm_up_epochs_are_not_judged_as_collapse():
     assert [reporter(EpochStats(epoch, 1.0, 1.0, constant, 0.1)) for epoch in range(1, 8)] == \
         [False] * 6 + [True]  # epochs 5, 6, 7 are the three after the warm-up
     assert "epochs 5-7" in reporter.pruned_reason
+
+
+def test_the_objective_can_average_the_last_epochs(small_data, tmp_path):
+    space = write_space(tmp_path, """
+        objective: dev_macro_accuracy
+        objective_epochs: 2
+        params: {optimizer: adam, lr: 3.0e-3, weight_decay: 0.0, batch_size: 128, epochs: 3}
+        """, "smooth")
+    storage = sqlite_url(tmp_path)
+    assert search(small_data, tmp_path, storage, "--trials", "1", space=space) == 0
+    trial, = trials_of(storage, "smooth")
+    curve = trial.user_attrs["curve_dev_macro_accuracy"]
+    assert trial.value == pytest.approx((curve[-1] + curve[-2]) / 2)
