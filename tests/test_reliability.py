@@ -113,8 +113,9 @@ def inject(folder: Path, code: str) -> dict:
 
 
 def search_command(data: Path, results: Path, storage: str, *extra: str) -> list[str]:
+    """One trial at a time per worker (`--fuse 1`, which `extra` may override): these tests kill or stop trials."""
     return [sys.executable, "-m", "study", "search", "--space", str(SMOKE), "--storage", storage,
-            "--data", str(data), "--results", str(results), *extra]
+            "--data", str(data), "--results", str(results), "--fuse", "1", *extra]
 
 
 def finished_params(trials) -> list[tuple]:
@@ -636,7 +637,7 @@ def terminate_search(command: list[str], flag: Path, results: Path, training: in
 def test_sigterm_to_make_search_stops_every_worker_and_marks_their_trials_failed(small_data, tmp_path):
     url = sqlite_url(tmp_path)
     command = ["make", "--no-print-directory", "-C", str(ROOT), "-o", ".venv/.installed", "search",
-               f"SPACE={SMOKE}", "TRIALS=3", "WORKERS=2", f"PY={sys.executable}", f"DATA={small_data}",
+               f"SPACE={SMOKE}", "TRIALS=3", "WORKERS=2", "FUSE=1", f"PY={sys.executable}", f"DATA={small_data}",
                f"RESULTS={tmp_path}", f"STORAGE={url}"]
 
     stopped = terminate_search(command, tmp_path / "training.pids", tmp_path, training=2)

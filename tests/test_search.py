@@ -277,7 +277,7 @@ def make_search(small_data, tmp_path_factory):
     """`make search SPACE=search_spaces/smoke.yaml TRIALS=4 WORKERS=2`, exactly as a user types it."""
     results = tmp_path_factory.mktemp("make-search")
     command = ["make", "--no-print-directory", "-C", str(ROOT), "-o", ".venv/.installed", "search",
-               "SPACE=search_spaces/smoke.yaml", "TRIALS=4", "WORKERS=2", f"PY={sys.executable}",
+               "SPACE=search_spaces/smoke.yaml", "TRIALS=4", "WORKERS=2", "FUSE=1", f"PY={sys.executable}",
                f"DATA={small_data}", f"RESULTS={results}", f"STORAGE={sqlite_url(results)}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=subprocess_env())
     return SimpleNamespace(done=done, trials=trials_of(sqlite_url(results), "smoke") if done.returncode == 0 else None)
@@ -313,7 +313,7 @@ def test_without_a_postgresql_server_the_tests_skip_locally_but_fail_in_ci(monke
 @pytest.mark.postgres
 def test_two_workers_on_postgresql_finish_exactly_the_requested_trials(postgres_url, small_data, tmp_path):  # noqa: F811
     command = [sys.executable, "-m", "study", "search", "--space", str(SMOKE), "--storage", postgres_url,
-               "--study", "two_workers", "--trials", "4", "--workers", "2", "--data", str(small_data),
+               "--study", "two_workers", "--trials", "4", "--workers", "2", "--fuse", "1", "--data", str(small_data),
                "--results", str(tmp_path)]
 
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=tmp_path)
@@ -338,7 +338,8 @@ def test_a_parallel_run_whose_workers_all_give_up_fails(small_data, tmp_path):
         cnnlib.training.train_group = train_group
         """))
     command = [sys.executable, "-m", "study", "search", "--space", str(SMOKE), "--storage", sqlite_url(tmp_path),
-               "--trials", "1", "--workers", "2", "--data", str(small_data), "--results", str(tmp_path)]
+               "--trials", "1", "--workers", "2", "--fuse", "1", "--data", str(small_data),
+               "--results", str(tmp_path)]
 
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           env=subprocess_env(PYTHONPATH=os.pathsep.join([str(inject), str(ROOT)])))  # this checkout
