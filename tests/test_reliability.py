@@ -407,7 +407,7 @@ def test_a_postgresql_restart_between_trials_is_survived_and_loses_no_trial(
     monkeypatch.setattr(search_module, "run_trials", wrapped)
 
     code = cli.main(["search", "--space", str(SMOKE), "--storage", url, "--data", str(small_data),
-                     "--results", str(tmp_path), "--trials", "3"])
+                     "--results", str(tmp_path), "--trials", "3", "--fuse", "1"])  # between trials
 
     trials = trials_of(url, "smoke")
     assert code == 0
@@ -427,15 +427,17 @@ def test_a_postgresql_server_that_goes_away_ends_the_run_with_one_line_and_keeps
     monkeypatch.setattr(search_module, "run_trials", wrapped)
     try:
         code = cli.main(["search", "--space", str(SMOKE), "--storage", url, "--data", str(small_data),
-                         "--results", str(tmp_path), "--trials", "3"])
+                         "--results", str(tmp_path), "--trials", "3", "--fuse", "1"])  # between trials
     finally:
         postgres_server.start()
 
     err = capsys.readouterr().err
+    progress = [line for line in err.splitlines() if line.startswith("trial ") and ": epoch " in line]
+    error = "\n".join(line for line in err.splitlines() if line not in progress)  # epoch lines go to stderr too
     assert code == 2, err
-    assert err.startswith("error: storage postgresql+psycopg2://optuna:***@127.0.0.1:"), err
-    assert "failed (" in err and err.rstrip().endswith("run the same command again to continue"), err
-    assert len(err.strip().splitlines()) == 1 and "pw-for-tests" not in err
+    assert error.startswith("error: storage postgresql+psycopg2://optuna:***@127.0.0.1:"), err
+    assert "failed (" in error and error.rstrip().endswith("run the same command again to continue"), err
+    assert len(error.strip().splitlines()) == 1 and "pw-for-tests" not in err
     trials = trials_of(url, "smoke")
     assert trials[0].state == first[0].state and trials[0].values == first[0].values
 
