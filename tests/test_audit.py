@@ -14,12 +14,14 @@ from cnnlib.sources import LabeledImages, list_class_folders, read_images
 from cnnlib.splits import DataConfig, prepare_splits
 from cnnlib.training import TrainConfig
 from study.audit import (
-    AUDIT_RECIPE, flip_labels, out_of_fold_probabilities, precision_recall_at_k, rank_label_issues,
-    stratified_folds, suggested_labels,
+    DEFAULT_FOLD_MODEL, FOLD_RECIPES, flip_labels, near_chance, out_of_fold_macro_accuracy, out_of_fold_probabilities,
+    precision_recall_at_k, rank_label_issues, stratified_folds, suggested_labels,
 )
 from study.errors import UserError
 
 from conftest import build_image_tree, run_cli
+
+pytestmark = pytest.mark.usefixtures("no_study_env")  # conftest: no Makefile variable leaks in
 
 CLASSES = ("car", "truck", "cat")
 # 600 real train images in the user's imbalance (car-heavy), 30 of them (5 %) flipped.
@@ -49,7 +51,7 @@ def audit_flipped(images: LabeledImages, n_flipped: int, seed: int, device) -> d
     noisy, flipped = flip_labels(images.labels, np.arange(len(images)), n_flipped, len(CLASSES), rng)
     fold_of = stratified_folds(noisy, 5, seed)
     probs, _ = out_of_fold_probabilities(LabeledImages(images.images, noisy, images.ids), CLASSES, fold_of,
-                                         TrainConfig.from_dict(AUDIT_RECIPE), device)
+                                         TrainConfig.from_dict(FOLD_RECIPES[DEFAULT_FOLD_MODEL]), device)
     ranked = rank_label_issues(noisy, probs)
     return precision_recall_at_k(ranked, flipped, n_flipped)
 
@@ -105,6 +107,28 @@ def test_precision_and_recall_at_k_count_a_short_list_honestly():
     assert result == {"k": 4, "suspects_considered": 3, "hits": 2, "precision": 2 / 3, "recall": 0.5}
 
 
+def test_fold_models_at_chance_are_near_chance_and_useful_ones_are_not():
+    assert near_chance(1 / 3, 3) and near_chance(0.45, 3) and near_chance(float("nan"), 3)
+    assert not near_chance(0.55, 3) and not near_chance(0.80, 3)
+    assert near_chance(0.60, 2) and not near_chance(0.70, 2)  # chance is 1/2 for two classes
+
+
+def test_out_of_fold_macro_accuracy_averages_per_class_accuracy_against_the_given_labels():
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    probs = np.eye(3)[[0, 0, 0, 1, 1, 0]]  # car 3/4 right, truck 1/2, no cat given
+
+    assert out_of_fold_macro_accuracy(labels, probs) == pytest.approx((3 / 4 + 1 / 2) / 2)
+
+
+def test_every_fold_recipe_is_a_valid_training_config_of_a_registered_model():
+    from cnnlib.model import MODELS  # noqa: PLC0415
+
+    for name, recipe in FOLD_RECIPES.items():
+        config = TrainConfig.from_dict(recipe)
+        assert config.model == name and config.model in MODELS
+        assert config.imbalance == "none"  # confident learning wants the data's own class mix
+
+
 def test_confident_learning_flags_the_images_the_models_disagree_with():
     # Out-of-fold probabilities that are sure of the true class; two labels contradict them.
     true = np.repeat(np.arange(3), 10)
@@ -126,9 +150,10 @@ def audited(tmp_path_factory):
     root = build_image_tree(base / "data", {"car": 24, "truck": 12, "cat": 12}, {c: 8 for c in CLASSES})
     counts = [",".join(map(str, TINY_COUNTS[k])) for k in ("train_counts", "dev_counts", "test_counts")]
     options = ["--data", root, "--train-counts", counts[0], "--dev-counts", counts[1], "--test-counts", counts[2],
-               "--results", base / "results", "--device", "cpu", "--folds", "3", "--epochs", "10", "--top", "5"]
+               "--results", base / "results", "--device", "cpu", "--folds", "3", "--epochs", "30", "--top", "5",
+               "--seed", "0", "--threads", "1"]  # explicit: module-scoped, so no_study_env cannot clear SEED etc.
     first = run_cli("audit", *options, "--run", "check", "--flip-count", "4")
-    second = run_cli("audit", *options, "--run", "check")
+    second = run_cli("audit", *options, "--run", "check", "--flip-count", "0")
     return base / "results" / "audit", first, second
 
 
@@ -230,3 +255,29 @@ def test_a_bad_corrections_file_stops_the_audit_with_a_one_line_error(image_tree
     assert err.strip().splitlines() == [f"error: {corrections}: line 2: new_label 'lorry' for 'train/car/0000.png' "
                                         "is not a class (car, truck, cat) or 'drop'"]
     assert not (tmp_path / "results" / "audit").exists()
+
+
+@pytest.mark.slow
+def test_the_learnable_tree_is_not_flagged_as_near_chance(audited):
+    summary = json.loads((audited[0] / "check" / "summary.json").read_text())
+
+    assert summary["fold_model"] == DEFAULT_FOLD_MODEL and summary["recipe"]["model"] == DEFAULT_FOLD_MODEL
+    assert summary["near_chance"] is False and summary["warning"] is None
+    assert summary["out_of_fold_macro_accuracy"] > 0.8
+
+
+def test_fold_models_at_chance_warn_and_mark_the_output(tmp_path):
+    # Three classes whose images look alike (one grey tint): no model can beat chance.
+    root = build_image_tree(tmp_path / "data", {c: 12 for c in "abc"}, {c: 6 for c in "abc"})
+
+    code, out, err = run_cli("audit", "--data", root, "--classes", "a,b,c", "--train-counts", "9,9,9",
+                             "--dev-counts", "3,3,3", "--test-counts", "3,3,3", "--results", tmp_path / "results",
+                             "--device", "cpu", "--folds", "3", "--fold-model", "seed_cnn", "--epochs", "2",
+                             "--run", "chance")
+
+    assert code == 0, err
+    folder = tmp_path / "results" / "audit" / "chance"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert "warning: fold models near chance" in err
+    assert summary["near_chance"] is True and "near chance" in summary["warning"]
+    assert "class='warning'" in (folder / "contact_sheet.html").read_text()
