@@ -349,7 +349,7 @@ def add_arguments(parser) -> None:
     group.add_argument("--splits", default="train,dev", help="comma-separated splits to audit together")
     group.add_argument("--folds", type=int, default=5, help="cross-validation folds (each image predicted by a model that never saw it)")
     group.add_argument("--fold-model", choices=tuple(FOLD_RECIPES), default=DEFAULT_FOLD_MODEL,
-                       help="architecture and recipe of the fold models (FOLD_RECIPES in study/audit.py)")
+                       help="architecture and training recipe of the fold models (small_vgg: the default; seed_cnn: the user's CNN)")
     group.add_argument("--epochs", type=int, default=None, help="epochs per fold model (default: the fold model's recipe)")
     group.add_argument("--seed", type=int, default=int(os.environ.get("SEED") or 0),
                        help="seed of the folds, the fold models and the flips (env SEED: `make audit FLIP_COUNT=100 SEED=1` "

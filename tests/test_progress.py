@@ -118,7 +118,7 @@ def test_final_reports_epochs_while_each_seed_trains(tiny_data, tmp_path, capsys
 
 def test_audit_reports_epochs_while_each_fold_trains(tiny_data, capsys):
     _, splits = tiny_data
-    config = TrainConfig.from_dict({**audit.AUDIT_RECIPE, "epochs": 2})
+    config = TrainConfig.from_dict({**audit.FOLD_RECIPES["seed_cnn"], "epochs": 2})
     fold_of = audit.stratified_folds(splits.train.labels, 2, 0)
     audit.out_of_fold_probabilities(splits.train, splits.classes, fold_of, config, "cpu")
     err = capsys.readouterr().err
