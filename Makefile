@@ -2,7 +2,7 @@
 # Variables are exported to the environment and read by Python there: values with
 # spaces, quotes or ';' stay data and are never pasted into a shell command line.
 
-DATA     ?= $(if $(wildcard ../shared/data/cifar10-cars-trucks-cats),../shared/data/cifar10-cars-trucks-cats,data)
+DATA     ?=# empty: the shared data beside the checkout (../shared/data/cifar10-cars-trucks-cats), else ./data
 RESULTS  ?= results
 DEVICE   ?= auto
 SPACE    ?=# search: search_spaces/default.yaml, train: search_spaces/seed_final.yaml
@@ -11,13 +11,13 @@ STORAGE  ?= sqlite:///$(RESULTS)/optuna.db
 TRIALS   ?=
 TIMEOUT  ?=
 WORKERS  ?= 1
-FUSE     ?= 1
+FUSE     ?=# default: as wide as pays on the device (cpu 16, cuda 64); 1: one trial at a time
 PORT     ?= 8080
 # HOST uses '=', not '?=': a HOST the shell exports (containers often set 0.0.0.0) must not
 # open the dashboard to the network; only `make dashboard HOST=...` does.
 HOST      = 127.0.0.1
 TRIAL    ?=
-SEEDS    ?= 3
+SEEDS    ?=# final: 3 (seeds 0..2); train: 1
 EPSILONS ?=
 ATTACK   ?= fgsm
 CSV      ?=
@@ -29,22 +29,33 @@ FLIP_COUNT   ?=
 SEED         ?=# audit: seed of the folds, fold models and flips
 PYTEST_ARGS  ?=
 THREADS      ?=
+BUDGET       ?=# hpo-bench: seconds per search (cpu 300, cuda 900)
+SEARCH_SEEDS ?=# hpo-bench: search seeds per method (3)
+# The split: class order (empty: DATA/train's folder names, sorted; car,truck,cat for the user's data)
+# and images per class in that order (empty: the user's counts, for three classes).
+CLASSES      ?=
+TRAIN_COUNTS ?=
+DEV_COUNTS   ?=
+TEST_COUNTS  ?=
+SPLIT_SEED   ?=
 
 export DATA RESULTS DEVICE SPACE STUDY STORAGE TRIALS TIMEOUT WORKERS FUSE PORT HOST TRIAL SEEDS \
-       EPSILONS ATTACK CSV CHECKPOINT SPLIT TRUST_PICKLE CORRECTIONS FLIP_COUNT SEED THREADS PYTEST_ARGS
+       EPSILONS ATTACK CSV CHECKPOINT SPLIT TRUST_PICKLE CORRECTIONS FLIP_COUNT SEED THREADS PYTEST_ARGS \
+       BUDGET SEARCH_SEEDS
+export CLASSES TRAIN_COUNTS DEV_COUNTS TEST_COUNTS SPLIT_SEED
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-COMMANDS := search data train evaluate dashboard export plots final bench audit
+COMMANDS := search data train evaluate export plots final bench audit hpo-bench
 
-.PHONY: help setup $(COMMANDS) test test-deps clean
+.PHONY: help setup $(COMMANDS) dashboard test test-deps clean
 
 help:
-	@echo "make search | make test | data train evaluate dashboard export plots final bench audit"
-	@echo "see README.md for the variables (DATA, RESULTS, DEVICE, SPACE, STUDY, STORAGE, ...)"
+	@echo "make search | make test | data train evaluate dashboard export plots final bench audit hpo-bench"
+	@echo "see README.md for the variables (DATA, CLASSES, RESULTS, DEVICE, SPACE, STUDY, STORAGE, ...)"
 
 setup: $(STAMP)
 
@@ -57,6 +68,11 @@ $(STAMP): pyproject.toml
 # Each command target is the study command of the same name (python -m study <target> --help).
 $(COMMANDS): $(STAMP)
 	$(PY) -m study $@
+
+# The module listens beyond 127.0.0.1 only when its command line says so. "$$HOST" stays one word
+# whatever it holds; exec keeps the dashboard the process that make signals (SIGTERM).
+dashboard: $(STAMP)
+	exec $(PY) -m study dashboard --host "$$HOST"
 
 # PostgreSQL (for the shared-storage tests) and Chromium (for the report test), from Debian.
 test-deps:

@@ -6,13 +6,14 @@ They are written as plain tensors and primitives and read with
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 
 import torch
 
 from .atomic import atomic_path
 from .errors import CheckpointError
-from .model import MODELS, SeedCNN
+from .model import MODELS, SeedCNN, flat_features
 from .training import CHANNELS_LAST, TrainConfig
 
 FORMAT = "cnnlib-seedcnn-1"
@@ -49,12 +50,16 @@ def load_checkpoint(path: Path, device="cpu") -> tuple[SeedCNN, TrainConfig, tup
         raise CheckpointError(f"{path}: not a {FORMAT} checkpoint")
     try:
         config = TrainConfig.from_dict(payload["config"])
-        classes = tuple(payload["classes"])
-        model = MODELS[config.model](len(classes), config.dropout, int(payload["image_size"])).to(device)
+        classes = _class_names(path, payload["classes"])
         state = payload["state_dict"]
+        if config.model == "seed_cnn":  # its first linear layer is sized by the image size
+            _check_image_size(path, payload["image_size"], state, len(classes))
+        model = MODELS[config.model](len(classes), config.dropout, int(payload["image_size"])).to(device)
     except KeyError as error:
         raise CheckpointError(f"{path}: checkpoint lacks its {error.args[0]!r} entry") from None
-    except (TypeError, ValueError) as error:  # settings this version does not know, or impossible values
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, OverflowError) as error:  # settings this version does not know, or impossible values
         raise CheckpointError(f"{path}: checkpoint settings do not fit this code ({error})") from None
     try:
         model.load_state_dict(state)
@@ -64,3 +69,26 @@ def load_checkpoint(path: Path, device="cpu") -> tuple[SeedCNN, TrainConfig, tup
     if CHANNELS_LAST:
         model = model.to(memory_format=torch.channels_last)
     return model.eval(), config, classes, payload.get("extra", {})
+
+
+def _class_names(path: Path, names) -> tuple[str, ...]:
+    """Reports, confusion matrices and --classes all take the names as text."""
+    if not (isinstance(names, (list, tuple)) and len(names) >= 2 and len(set(map(repr, names))) == len(names)
+            and all(isinstance(n, str) and n for n in names)):
+        raise CheckpointError(f"{path}: class names {reprlib.repr(names)} are not two or more distinct names")
+    return tuple(names)
+
+
+def _check_image_size(path: Path, image_size, state, n_classes: int) -> None:
+    """The claimed image size must be the one the weights were made for, before SeedCNN sizes its first
+    linear layer by it: a claim of 10**6 asks for a layer of hundreds of terabytes."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int):
+        raise CheckpointError(f"{path}: image_size {reprlib.repr(image_size)} is not a whole number")
+    weight = state.get("classifier.1.weight") if isinstance(state, dict) else None
+    if getattr(weight, "ndim", None) != 2:
+        raise CheckpointError(f"{path}: weights do not fit the seed CNN for {n_classes} classes "
+                              "(no 2-D classifier.1.weight)")
+    if weight.shape[1] != flat_features(image_size):  # ValueError below 16 pixels
+        raise CheckpointError(f"{path}: weights do not fit the seed CNN for {n_classes} classes (image_size "
+                              f"{image_size} needs {flat_features(image_size)} inputs to classifier.1, "
+                              f"the weights take {weight.shape[1]})")

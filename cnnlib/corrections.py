@@ -19,6 +19,7 @@ rebuilds the cached split.
 from __future__ import annotations
 
 import csv
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,14 +103,17 @@ def apply_corrections(splits, path: Path):
 
     Raises DataError naming the file and line of the first row whose id is in no split.
     """
-    from .splits import Splits  # noqa: PLC0415 - splits.py imports this module lazily too
-
     classes = tuple(splits.classes)
     corrections = read_corrections(path, classes)
-    fixed, found = {}, set()
+    fixed, found = {}, {}
     for name, split in splits.named().items():
         fixed[name], hits = _apply(split, corrections, classes)
-        found |= hits
+        for image_id in hits:
+            found.setdefault(image_id, []).append(name)
+    shared = next((c for c in corrections if len(found.get(c.image_id, ())) > 1), None)
+    if shared is not None:  # e.g. train.npz and dev.npz that number their images 0, 1, ... alike
+        raise DataError(f"{path}: line {shared.line}: id {shared.image_id!r} names an image in "
+                        f"{' and one in '.join(found[shared.image_id])}; give the splits distinct ids")
     unknown = [c for c in corrections if c.image_id not in found]
     if unknown:
         c = unknown[0]
@@ -117,4 +121,4 @@ def apply_corrections(splits, path: Path):
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise DataError(f"{path}: line {c.line}: id {c.image_id!r} is not an image of any split{more}; "
                         f"ids look like {example!r} (see suspects.csv from make audit)")
-    return Splits(classes, fixed["train"], fixed["dev"], fixed.get("test"), splits.source, splits.cache_path)
+    return dataclasses.replace(splits, train=fixed["train"], dev=fixed["dev"], test=fixed.get("test"))

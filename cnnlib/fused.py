@@ -70,6 +70,10 @@ EVAL_ACTIVATION_FLOATS = 1 << 25
 # one of 64 (whose 38 MB conv1 activations miss the cache and are fresh pages
 # every step); GPUs want the widest pass.
 MEMBERS_PER_PASS = {"cpu": 16}
+# Trials per fused group when a search does not say (FUSE): as wide as measurably pays.
+# 2-core CPU, torch 2.14.1, batch 32 (`make bench --fused-ks`): K=16 trains 2.0-2.6x the
+# trial-epochs/s of unfused trials, K=64 no more than K=16. H200 (torch 2.11): K=64 25.6x.
+GROUP_SIZE = {"cpu": 16, "cuda": 64}
 CHANNELS_LAST = torch.channels_last
 # SeedCNN's parameters in `parameters()` order; the fused forward is written
 # against exactly this layout.

@@ -77,7 +77,7 @@ class Evaluation:
 
     def format(self, title: str = "") -> str:
         """A plain-text block: macro and per-class accuracy, then the matrix."""
-        width = max(7, *(len(c) for c in self.classes))
+        width = max(7, *(len(c) for c in self.classes)) + 1  # one space at least between columns, whatever the names
         lines = []
         if title:
             lines.append(title)

@@ -7,8 +7,10 @@ source, or `file.npz#index`) so that audits and corrections can name images.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,26 @@ def parse_classes(text: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(names)
 
 
+def infer_classes(source: Path) -> tuple[str, ...]:
+    """The class order when none is given: the folder names of an image tree's train/, sorted.
+
+    Sorted, so that the same tree gives the same labels on every machine; the
+    user's own car/truck/cat keep their report's order (car 0, truck 1, cat 2),
+    which their counts and earlier studies assume. Array files carry labels
+    without names, so they keep that order too.
+    """
+    train = Path(source) / "train"
+    if not train.is_dir():
+        return DEFAULT_CLASSES
+    names = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if set(names) == set(DEFAULT_CLASSES):
+        return DEFAULT_CLASSES
+    if len(names) < 2:
+        raise DataError(f"{train}: found {len(names)} class folder(s) ({', '.join(names) or 'none'}); "
+                        "an image tree needs one folder per class, at least two")
+    return tuple(names)
+
+
 # --- image-folder trees ---------------------------------------------------
 
 def list_class_folders(split_dir: Path, classes: Sequence[str]) -> dict[str, list[Path]]:
@@ -67,7 +89,7 @@ def list_class_folders(split_dir: Path, classes: Sequence[str]) -> dict[str, lis
     unknown = [p.name for p in folders if p.name not in classes]
     if unknown:
         raise DataError(f"{split_dir}: class folder(s) {', '.join(unknown)} not in the configured class order "
-                        f"({','.join(classes)}); add them with --classes or remove the folders")
+                        f"({','.join(classes)}); list them in CLASSES=... (--classes) or remove the folders")
     files = {}
     for name in classes:
         folder = split_dir / name
@@ -76,22 +98,40 @@ def list_class_folders(split_dir: Path, classes: Sequence[str]) -> dict[str, lis
         found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not found:
             raise DataError(f"{folder}: class folder holds no .jpg/.jpeg/.png images")
+        broken = next((p for p in found if not p.is_file()), None)  # is_file follows links; False for a dead or looping one
+        if broken is not None:
+            what = "symbolic link whose target is missing or loops" if broken.is_symlink() else "not a file"
+            raise DataError(f"{broken}: {what}; remove it or make it an image")
         files[name] = found
     return files
 
 
 def read_image(path: Path, image_size: int = 32) -> np.ndarray:
-    """One RGB image as (H, W, 3) uint8; corrupt, truncated or wrong-size files name themselves."""
+    """One RGB image as (H, W, 3) uint8; corrupt, truncated, oversized or wrong-size files name themselves."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            if image.size != (image_size, image_size):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a stderr line, then gigabytes
+            image = Image.open(path)
+        with image:
+            if image.size != (image_size, image_size):  # before decoding: the header alone says
                 raise DataError(f"{path}: image is {image.size[0]}x{image.size[1]}, expected {image_size}x{image_size}")
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+            image.load()
+            return _rgb_pixels(image)
     except DataError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise DataError(f"{path}: refusing to decode a decompression bomb ({error})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DataError(f"{path}: cannot decode image ({error})") from None
+
+
+def _rgb_pixels(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8. 16-bit greyscale (mode I;16) keeps its top 8 bits, as Pillow does for 16-bit RGB:
+    its convert("RGB") would clip at 255 and turn all but the darkest pixels white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def read_images(paths: Sequence[Path], labels: Sequence[int], root: Path, image_size: int = 32) -> LabeledImages:
@@ -128,6 +168,7 @@ def read_npz(path: Path, classes: Sequence[str]) -> LabeledImages:
         raise DataError(f"{path}: not a readable .npz (not the zip archive numpy.savez writes: truncated, "
                         "or another format renamed)")
     try:
+        _check_npz_sizes(path)
         with np.load(path, allow_pickle=False) as archive:
             missing = {"images", "labels"} - set(archive.files)
             if missing:
@@ -146,7 +187,40 @@ def read_npz(path: Path, classes: Sequence[str]) -> LabeledImages:
     _check_arrays(images, labels, classes, str(path))
     if ids is None:
         ids = np.array([f"{path.name}#{i}" for i in range(len(labels))], dtype=str)
+    _check_ids(ids, len(labels), str(path))
     return LabeledImages(images, labels, ids.astype(str))
+
+
+def _check_npz_sizes(path: Path) -> None:
+    """Each array's header must not claim more bytes than the archive holds for it.
+
+    numpy allocates what a .npy header claims before reading a byte: a crafted
+    header claiming petabytes fails with MemoryError, or first swaps the machine.
+    """
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.infolist():
+            with archive.open(member) as handle:
+                version = np.lib.format.read_magic(handle)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is None:
+                    continue  # np.load judges other versions itself
+                shape, _, dtype = read_header(handle)
+                claimed, held = math.prod(shape) * dtype.itemsize, member.file_size - handle.tell()
+            if claimed > held:
+                raise DataError(f"{path}: array {member.filename.removesuffix('.npy')!r} claims shape {shape} "
+                                f"({claimed:,} bytes) but the file holds {held:,} bytes for it")
+
+
+def _check_ids(ids: np.ndarray, count: int, where: str) -> None:
+    """One id per image, each naming one image: a correction of a shared id would change only one of them."""
+    if ids.shape != (count,):
+        raise DataError(f"{where}: ids have shape {ids.shape}, expected ({count},)")
+    values, counts = np.unique(ids.astype(str), return_counts=True)
+    repeated = [f"{v!r} ({n} images)" for v, n in zip(values.tolist(), counts.tolist()) if n > 1]
+    if repeated:
+        raise DataError(f"{where}: ids must be unique, but {len(repeated)} repeat: {', '.join(repeated[:3])}"
+                        f"{' ...' if len(repeated) > 3 else ''}")
 
 
 def _to_uint8_hwc(image, where: str) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from .atomic import atomic_path, write_json
+from .corrections import apply_corrections
 from .errors import DataError
 from .sources import (
     DEFAULT_CLASSES, LabeledImages, file_fingerprint, list_class_folders, read_array_file, read_images,
@@ -31,6 +33,8 @@ USER_DEV_COUNTS = (503, 51, 71)
 USER_TEST_COUNTS = (400, 400, 400)
 SPLIT_NAMES = ("train", "dev", "test")
 CACHE_FORMAT = 1
+MIN_IMAGE_SIZE = 16  # the seed CNN's two 5x5-conv + 2x2-pool stages leave nothing of less (model.flat_features)
+STALE_TMP_SECONDS = 600  # a cache temporary untouched this long lost its writer (a live one takes about a second)
 
 
 @dataclass
@@ -106,7 +110,8 @@ def _array_file(source: Path, split: str) -> Path | None:
 def _take(files: list[Path], counts: Sequence[int], rng: np.random.Generator, where: Path) -> list[list[Path]]:
     """Disjoint random draws of the given sizes from one class's files."""
     if sum(counts) > len(files):
-        raise DataError(f"{where}: {len(files)} images, but the split needs {' + '.join(map(str, counts))} = {sum(counts)}")
+        needed = f"{' + '.join(map(str, counts))} = {sum(counts)}" if len(counts) > 1 else str(sum(counts))
+        raise DataError(f"{where}: {len(files)} images, but the split needs {needed}")
     order = rng.permutation(len(files))
     out, start = [], 0
     for n in counts:
@@ -150,6 +155,9 @@ def _check_image_shape(part: LabeledImages | None, path: Path, train: LabeledIma
     height, width = part.images.shape[1:3]
     if height != width:
         raise DataError(f"{path}: images are {width}x{height}; the seed CNN needs square images")
+    if height < MIN_IMAGE_SIZE:
+        raise DataError(f"{path}: images are {width}x{height}; the seed CNN needs at least "
+                        f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}")
     if len(train) and part.images.shape[1:3] != train.images.shape[1:3]:
         raise DataError(f"{path}: images are {width}x{height}, but {train_path} has "
                         f"{train.images.shape[2]}x{train.images.shape[1]}; every split needs one size")
@@ -217,13 +225,44 @@ def prepare_splits(config: DataConfig, cache_dir: Path | None) -> Splits:
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # a damaged (e.g. truncated) cache is rebuilt, never trusted
     splits = _build_from_tree(config) if _is_image_tree(source) else _build_from_files(config)
+    require_every_class(splits, ("train", "dev"), config)
     if config.corrections:
-        from .corrections import apply_corrections  # noqa: PLC0415 - optional step
         splits = apply_corrections(splits, config.corrections)
+        require_every_class(splits, ("train", "dev"), config, f"{config.corrections}: after these corrections")
     if cache_path:
+        _remove_stale_temporaries(cache_path.parent)
         _save_cache(splits, cache_path)
         splits.cache_path = cache_path
     return splits
+
+
+def require_every_class(splits: Splits, names: Sequence[str], config: DataConfig, blame: str | None = None) -> None:
+    """Each named split must hold every class; `blame` (default: "<the split's source>:") starts the message.
+
+    Macro accuracy averages the classes a split has: a class missing from dev
+    would silently drop out of the number every trial is judged by, one missing
+    from train would never be learned, and an empty split has no number at all.
+    """
+    for name in names:
+        split = getattr(splits, name)
+        missing = [c for c, n in zip(splits.classes, split.counts(len(splits.classes))) if n == 0]
+        if missing:
+            if blame is None:
+                counts = ",".join(map(str, getattr(config, f"{name}_counts")))
+                blame = (f"{config.source} (--{name}-counts {counts}):" if _is_image_tree(config.source)
+                         else f"{_array_file(config.source, name)}:")
+            raise DataError(f"{blame} the {name} split has no {', '.join(map(repr, missing))} image; "
+                            "every class needs at least one there")
+
+
+def _remove_stale_temporaries(cache_dir: Path) -> None:
+    """A kill during a cache write leaves its `.split-*.tmp` (about 10 MB) behind; nothing else would remove it."""
+    for tmp in cache_dir.glob(".split-*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS:
+                tmp.unlink()
+        except FileNotFoundError:
+            pass  # another build removed it first
 
 
 def write_summary(splits: Splits, path: Path) -> dict:

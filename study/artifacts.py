@@ -14,10 +14,15 @@ failed). Each trial therefore gets:
 Optuna only accepts a trial's artifacts while the trial is running (its
 system attributes freeze at `tell`), so the objective attaches them after the
 results are recorded and before it tells the outcome. The store is a
-FileSystemArtifactStore in `<results>/artifacts`, where `<results>` is the
-folder holding a SQLite/journal storage file (`sqlite:///results/optuna.db` ->
-`results/artifacts`), else $RESULTS, else `results`. The absolute store path is
-also recorded on the study, so `make dashboard` finds it.
+FileSystemArtifactStore in RESULTS/artifacts: `make search` records that
+absolute path on the study before its first trial (record_artifact_dir), so
+reports land there wherever the database lives, and `make dashboard` finds
+them. A study without the record (made elsewhere) uses the folder holding its
+SQLite/journal file, else $RESULTS, else `results`.
+
+Notes live on the study, not the trial, so they can still change after
+`tell`: the search loop rewrites a pruned or failed trial's note to open with
+what happened and why (note_outcome).
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import warnings
 from html import escape
 from pathlib import Path
 
+import numpy as np
 import optuna
+from optuna.trial import TrialState
 
 ARTIFACT_DIR_ATTR = "cnn_hpo:artifact_dir"  # study system attribute: where this study's artifacts were written
 
@@ -62,6 +69,21 @@ def default_results_dir(storage) -> Path:
 
 def artifact_dir(results_dir: str | Path) -> Path:
     return Path(results_dir) / "artifacts"
+
+
+def record_artifact_dir(study: optuna.Study, results_dir: str | Path) -> Path:
+    """Fix where this study's trial reports go: RESULTS/artifacts, wherever the storage lives.
+
+    The first folder recorded stays: a study continued with another RESULTS
+    keeps one store, which `make dashboard` serves whole.
+    """
+    storage = study._storage
+    recorded = storage.get_study_system_attrs(study._study_id).get(ARTIFACT_DIR_ATTR)
+    if recorded:
+        return Path(recorded)
+    folder = artifact_dir(results_dir).resolve()
+    storage.set_study_system_attr(study._study_id, ARTIFACT_DIR_ATTR, str(folder))
+    return folder
 
 
 def recorded_artifact_dirs(storage) -> set[str]:
@@ -237,12 +259,13 @@ def report_svg(report: dict) -> str:
             + "\n".join(body) + "\n</svg>\n")
 
 
-def report_markdown(report: dict, svg_url: str | None) -> str:
+def report_markdown(report: dict, svg_url: str | None, headline: str | None = None, preface: str = "") -> str:
     """The trial note: tables a reader can scan without opening the artifacts."""
     classes = list(report["classes"])
     dev, train = report["dev"]["per_class"] or {}, report["train"]["per_class"] or {}
     matrix = report["dev"]["confusion_matrix"] or []
-    lines = [f"### Trial {report['trial']}: dev macro accuracy {_fmt(report['dev']['macro_accuracy'])}",
+    title = headline or f"Trial {report['trial']}"
+    lines = [f"### {title}: dev macro accuracy {_fmt(report['dev']['macro_accuracy'])}", *([preface, ""] if preface else []),
              f"{report.get('epochs_run')} epoch(s) run, {_fmt(report.get('train_seconds'), 1)} s on "
              f"{report.get('device')}; train macro accuracy {_fmt(report['train']['macro_accuracy'])}.", "",
              "| class | dev accuracy | train accuracy | dev images |", "|---|---|---|---|"]
@@ -279,7 +302,11 @@ def _attach(study: optuna.Study, trial: optuna.Trial, results_dir) -> list[str]:
     from optuna.artifacts import FileSystemArtifactStore, upload_artifact  # noqa: PLC0415
 
     storage = study._storage
-    folder = artifact_dir(results_dir if results_dir is not None else default_results_dir(storage)).resolve()
+    recorded = storage.get_study_system_attrs(study._study_id).get(ARTIFACT_DIR_ATTR)
+    if results_dir is not None or not recorded:
+        folder = artifact_dir(results_dir if results_dir is not None else default_results_dir(storage)).resolve()
+    else:
+        folder = Path(recorded)  # `make search` recorded RESULTS/artifacts before the first trial
     folder.mkdir(parents=True, exist_ok=True)
     store = FileSystemArtifactStore(folder)
     if storage.get_study_system_attrs(study._study_id).get(ARTIFACT_DIR_ATTR) != str(folder):
@@ -295,6 +322,72 @@ def _attach(study: optuna.Study, trial: optuna.Trial, results_dir) -> list[str]:
             ids.append(upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial))
     _save_note(trial, report_markdown(report, f"/artifacts/{study._study_id}/{trial._trial_id}/{ids[0]}"))
     return ids
+
+
+# --- what happened to a trial ---------------------------------------------
+
+def pruning_explanation(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> str:
+    """Why a trial was pruned, in words: for a median or percentile pruner, the numbers it compared.
+
+    Optuna's PercentilePruner (MedianPruner is its 50th percentile) stops a
+    trial whose best intermediate value so far is below the percentile of the
+    complete trials' values at the same step; recomputed here right after the
+    decision, on the same trials.
+    """
+    reason = frozen.user_attrs.get("pruned_reason") or f"pruned by {type(study.pruner).__name__}"
+    step, pruner = frozen.last_step, study.pruner
+    if not reason.startswith("pruned by") or step is None or not isinstance(pruner, optuna.pruners.PercentilePruner):
+        return reason[:1].upper() + reason[1:] + "."
+    at_step = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+               if step in t.intermediate_values]
+    values = [v for v in frozen.intermediate_values.values() if v is not None and math.isfinite(v)]
+    if not at_step or not values:
+        return reason[:1].upper() + reason[1:] + "."
+    percentile = pruner._percentile  # noqa: SLF001 - the pruner's own setting, not stored elsewhere
+    name = "median" if percentile == 50 else f"{100 - percentile:g}th percentile"
+    threshold = float(np.nanpercentile(np.asarray(at_step, dtype=float), 100 - percentile))
+    return (f"Pruned by {type(pruner).__name__} at epoch {step}: its best dev macro accuracy so far, "
+            f"{max(values):.3f}, was below the {name}, {threshold:.3f}, of the {len(at_step)} complete trials "
+            f"at epoch {step}.")
+
+
+class _TrialNoteTarget:
+    """What optuna_dashboard.save_note needs of a trial (its storage, study and id), for a finished one.
+
+    A finished trial takes no new attributes, but notes live on the study, so
+    they can still be written; optuna.Trial(study, id) would wake the sampler.
+    """
+
+    def __init__(self, study: optuna.Study, trial_id: int):
+        self.study, self.storage, self._trial_id = study, study._storage, trial_id
+
+
+def note_outcome(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+    """Rewrite a pruned or failed trial's note so that its first lines say so, and why. Only warns."""
+    if frozen.state not in (TrialState.PRUNED, TrialState.FAIL):
+        return
+    try:
+        report = trial_report_data(study, frozen)
+        planned = report["config"].get("epochs")
+        if frozen.state == TrialState.PRUNED:
+            epoch = report.get("epochs_run") or frozen.last_step
+            headline = f"Trial {frozen.number}: PRUNED" + (f" after epoch {epoch}" if epoch else "") + \
+                (f" of {planned}" if epoch and planned else "")
+            why = pruning_explanation(study, frozen) + " The numbers below are from that epoch, not a finished run."
+        else:
+            headline = f"Trial {frozen.number}: FAILED"
+            why = f"Failed: {frozen.user_attrs.get('fail_reason') or 'no reason recorded'}."
+        if report["dev"]["confusion_matrix"]:
+            metas = optuna.artifacts.get_all_artifact_meta(frozen, storage=study._storage)
+            svg = next((m for m in metas if m.filename.endswith("-report.svg")), None)
+            url = f"/artifacts/{study._study_id}/{frozen._trial_id}/{svg.artifact_id}" if svg else None
+            body = report_markdown(report, url, headline=headline, preface=why)
+        else:
+            body = f"### {headline}\n\n{why}\n"
+        _save_note(_TrialNoteTarget(study, frozen._trial_id), body)
+    except Exception as error:  # noqa: BLE001 - a note is a convenience, as in attach_trial_artifacts
+        warnings.warn(f"trial {frozen.number}: could not write its note ({type(error).__name__}: {error})",
+                      RuntimeWarning, stacklevel=2)
 
 
 def _save_note(trial: optuna.Trial, body: str) -> None:

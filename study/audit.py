@@ -36,8 +36,10 @@ from cnnlib.sources import LabeledImages
 from cnnlib.splits import Splits
 from cnnlib.training import DeviceData, TrainConfig, predict_logits, train
 
+from . import progress
 from .bench import choose_threads
-from .cli import UserError
+from .errors import UserError
+from .plotly_bundle import write_bundle
 from .options import add_common_options, add_data_options, load_splits
 
 # The fold models only need to rank images, not to win: a fixed recipe per fold model.
@@ -148,7 +150,9 @@ def out_of_fold_probabilities(images: LabeledImages, classes: Sequence[str], fol
         held_out = fold_of == k
         fold = Splits(tuple(classes), images.subset(~held_out), images.subset(held_out))
         data = DeviceData(fold, device)
-        result = train(config, data, device)
+        label = f"fold {k + 1}/{int(fold_of.max()) + 1}"
+        result = train(config, data, device,
+                       on_epoch=lambda stats: progress.epoch(label, stats.epoch, config.epochs, stats.dev_macro_accuracy))
         probs[held_out] = predict_probabilities(result.model, data.dev.x, mirror=config.flip).cpu().numpy()
         dev = result.dev
         stats.append({"fold": k, "train_images": int((~held_out).sum()), "held_out_images": int(held_out.sum()),
@@ -174,6 +178,18 @@ def near_chance(macro: float, n_classes: int) -> bool:
     """True when macro accuracy is within NEAR_CHANCE_FRACTION of the way from chance (1/K) to 1."""
     chance = 1.0 / n_classes
     return not macro >= chance + NEAR_CHANCE_FRACTION * (1.0 - chance)  # NaN counts as near chance
+
+
+def chance_warning(macro: float, n_classes: int) -> str | None:
+    """The one warning for fold models near chance (see near_chance), else None.
+
+    Confident learning then ranks images by the models' bias (every cat "-> car"), not by their labels.
+    """
+    if not near_chance(macro, n_classes):
+        return None
+    return (f"fold models near chance: out-of-fold macro accuracy {macro:.3f}, a constant guess scores "
+            f"{1 / n_classes:.3f} with {n_classes} classes; the suspects reflect the models' bias, not label "
+            "errors (check the data and labels, or train the fold models longer with --epochs)")
 
 
 # --- ranking --------------------------------------------------------------------
@@ -303,8 +319,8 @@ def write_class_distribution(folder: Path, splits: Splits) -> dict:
                         for name, row in counts.items()])
     figure.update_layout(barmode="group", title="Images per class in each split", xaxis_title="class",
                          yaxis_title="images", template="plotly_white")
-    # include_plotlyjs=True inlines plotly.js: the report opens offline, no CDN.
-    figure.write_html(folder / "class_distribution.html", include_plotlyjs=True, full_html=True)
+    # One plotly.min.js beside the page (study/plotly_bundle.py): it opens offline and stays small.
+    figure.write_html(folder / "class_distribution.html", include_plotlyjs=write_bundle(folder), full_html=True)
     return counts
 
 
@@ -341,7 +357,7 @@ def add_arguments(parser) -> None:
     group.add_argument("--splits", default="train,dev", help="comma-separated splits to audit together")
     group.add_argument("--folds", type=int, default=5, help="cross-validation folds (each image predicted by a model that never saw it)")
     group.add_argument("--fold-model", choices=tuple(FOLD_RECIPES), default=DEFAULT_FOLD_MODEL,
-                       help="architecture and recipe of the fold models (FOLD_RECIPES in study/audit.py)")
+                       help="architecture and training recipe of the fold models (small_vgg: the default; seed_cnn: the user's CNN)")
     group.add_argument("--epochs", type=int, default=None, help="epochs per fold model (default: the fold model's recipe)")
     group.add_argument("--seed", type=int, default=int(os.environ.get("SEED") or 0),
                        help="seed of the folds, the fold models and the flips (env SEED: `make audit FLIP_COUNT=100 SEED=1` "
@@ -401,12 +417,9 @@ def run(args) -> int:
     print(f"{len(ranked)} suspected label issues in {_minutes(seconds)} "
           f"({', '.join(f'{n}: {c}' for n, c in per_split.items())})")
     macro = out_of_fold_macro_accuracy(labels, probs)
-    warning = None
-    if near_chance(macro, len(classes)):
-        warning = (f"the fold models are near chance (out-of-fold macro accuracy {macro:.3f}, chance "
-                   f"{1 / len(classes):.3f}): they cannot tell the classes apart, so these suspects are "
-                   "mostly noise; check the data and labels, or train longer (--epochs)")
-        print(f"warning: {warning}", file=sys.stderr)
+    warning = chance_warning(macro, len(classes))
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
     root = Path(args.results) / "audit"
     folder = new_run_folder(root, args.run)
@@ -417,6 +430,9 @@ def run(args) -> int:
                  *(f"{p:.5f}" for p in probs[i])] for i in range(len(labels))])
     top = ranked[:args.top]
     title = f"Audit {folder.name}: top {len(top)} of {len(ranked)} suspected label issues"
+    if warning:  # the same warning on every output a reviewer opens
+        title += " (WARNING: fold models at chance level; these are not label errors)"
+        (folder / "WARNING.txt").write_text(f"{warning}\n")
     (folder / "contact_sheet.html").write_text(contact_sheet_html(pool, labels, probs, top, classes, title, warning))
     contact_sheet_png(pool, labels, probs, top, classes).save(folder / "contact_sheet.png")
     counts = write_class_distribution(folder, splits)  # as loaded: corrections applied, no flips
@@ -424,10 +440,11 @@ def run(args) -> int:
     summary = {"run": folder.name, "source": splits.source, "corrections": args.corrections, "splits": names,
                "images": int(len(labels)), "classes": list(classes), "folds": args.folds,
                "fold_model": args.fold_model, "recipe": config.to_dict(), "threads": threads,
-               "out_of_fold_macro_accuracy": macro, "near_chance": warning is not None, "warning": warning,
+               "out_of_fold_macro_accuracy": macro, "warning": warning,
                "device": str(resolve_device(args.device)), "filter_by": args.filter_by, "rank_by": args.rank_by,
                "suspects": int(len(ranked)), "suspects_per_split": per_split, "seconds": round(seconds, 1),
-               "fold_stats": fold_stats, "class_distribution": counts}
+               "fold_stats": fold_stats, "class_distribution": counts,
+               "fold_models_at_chance": warning is not None}
     if flip_count:
         rank_of = {int(i): r for r, i in enumerate(ranked, start=1)}
         _write_csv(folder / "flipped.csv", ["id", "split", "original_label", "flipped_label", "suspect_rank"],

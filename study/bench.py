@@ -32,13 +32,14 @@ import torch
 
 from cnnlib import training
 from cnnlib.atomic import write_json
+from cnnlib.device import cpu_threads
 from cnnlib.model import model_flops_per_image
 from cnnlib.splits import Splits
 from cnnlib.training import DeviceData, TrainConfig, TrainResult, make_optimizer, train_epochs
 
-from .cli import UserError
+from .errors import UserError
 from .naive_loop import naive_train_epochs
-from .options import add_common_options, add_data_options, load_splits
+from .options import add_common_options, add_data_options, load_splits, whole_number
 
 # The issue's settings: the user's recipe at three batch sizes, 32 being the user's own.
 BATCH_SIZES = (16, 32, 128)
@@ -82,7 +83,7 @@ def add_arguments(parser) -> None:
                              f"(default {','.join(map(str, ACCURACY_SEEDS))})")
     parser.add_argument("--quick", action="store_true",
                         help="smoke settings: 1 warm-up + 2 timed epochs, batch 32 only, seeds 0,1")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("THREADS") or 0) or None,
+    parser.add_argument("--threads", type=whole_number("THREADS", 1), default=os.environ.get("THREADS") or None,
                         help="torch CPU threads (default: one per core, or 1 when the machine is already busy)")
     parser.add_argument("--naive-workers", type=int, default=0,
                         help="DataLoader worker processes of the naive loop (tutorials use 0 or 2)")
@@ -93,7 +94,7 @@ def add_arguments(parser) -> None:
                         help="also A/B the project loop against each lever flipped (channels-last, fused optimizer, "
                              "cudnn.benchmark on CUDA) at batch 32")
     parser.add_argument("--fused-ks", default=os.environ.get("FUSED_KS") or None,
-                        help="also time K horizontally fused trials for each K, e.g. 1,4,16,64 (issue 7)")
+                        help="also time K horizontally fused trials for each K, e.g. 1,4,16,64 (env FUSED_KS)")
     add_data_options(parser)
     add_common_options(parser)
 
@@ -453,20 +454,11 @@ def settings_from(args) -> dict:
 
 
 def choose_threads(requested: int | None) -> tuple[int, str]:
-    """One thread per core on a quiet machine; one thread when others already keep the cores busy.
-
-    Measured on the 2-core CPU with five neighbours running (load ~7): the
-    project loop took 20.5 s/epoch at batch 32 with 2 threads and 3.9 s with 1,
-    because an op's OpenMP threads wait for each other and one of them is
-    usually descheduled. On a quiet machine 2 threads gave 1.0 s vs 1.6 s.
-    """
+    """One thread per core on a quiet machine; one thread when others already keep the cores busy."""
     if requested:
         return requested, "--threads"
-    cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if cores > 1 and load >= cores - 0.5:
-        return 1, f"load average {load:.1f} on {cores} cores: other processes keep the cores busy"
-    return torch.get_num_threads(), "torch default (one per core)"
+    threads, why = cpu_threads()
+    return threads, why
 
 
 def run(args) -> int:

@@ -1,33 +1,96 @@
-"""`python -m study <command>`: one entry point, one module per command.
+"""`cnn-hpo <command>` (or `python -m study <command>`): one entry point, one module per command.
 
 Each command module exposes `add_arguments(parser)` and `run(args) -> int`.
-Errors a user can fix (bad files, bad values) print as one line, not a traceback.
+Errors a user can fix (bad files, bad values, a typo in a variable) print as
+one line and exit 2, not a traceback and not argparse's usage block.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
+import os
 import sys
+import threading
 
 from cnnlib.errors import CnnlibError
 
+from .errors import UserError
+
+# name -> (module, one line for the command list, what --help says about it). The text is for users:
+# what the command does and writes, never where the code lives (module docstrings are for developers).
 COMMANDS = {
-    "data": ("study.data_cmd", "build the user's split and print its class counts"),
-    "train": ("study.train_cmd", "train one config (a search-space file whose values are all fixed)"),
-    "evaluate": ("study.evaluate_cmd", "evaluate a checkpoint on a split (macro, per-class, confusion)"),
-    "search": ("study.search", "run or continue an Optuna study"),
-    "export": ("study.export", "write trials.csv and epochs.csv for a study"),
-    "plots": ("study.plots", "HTML report (and PNGs) from exported CSVs"),
-    "dashboard": ("study.dashboard", "serve the study storage with optuna-dashboard"),
-    "final": ("study.final", "retrain the best trial with several seeds, evaluate, FGSM sweep"),
-    "bench": ("study.bench", "time the project training loop against a naive DataLoader loop"),
-    "audit": ("study.audit", "find probably mislabeled images with cross-validated confident learning"),
+    "data": ("study.data_cmd", "build the user's split and print its class counts",
+             "Build (or reuse from the cache) the train/dev/test split and write RESULTS/data/summary.json."),
+    "train": ("study.train_cmd", "train one config (a search-space file whose values are all fixed)",
+              "Train one fixed config and write RESULTS/runs/<name>/ (metrics.json, history.csv, model.pt)."),
+    "evaluate": ("study.evaluate_cmd", "evaluate a checkpoint on a split (macro, per-class, confusion)",
+                 "Evaluate a model.pt on one split: macro and per-class accuracy, confusion matrix, and the "
+                 "majority-class baseline beside them."),
+    "search": ("study.search", "run or continue an Optuna study",
+               "Run or continue an Optuna study of the seed CNN. Running it again continues the same study; "
+               "TRIALS counts the trials this run adds; Ctrl-C stops it and the next run continues."),
+    "export": ("study.export", "write trials.csv and epochs.csv for a study",
+               "Write RESULTS/<study>/trials.csv (one row per trial), epochs.csv (one row per epoch) and data.csv "
+               "(class counts) for each study in STORAGE, or only STUDY."),
+    "plots": ("study.plots", "HTML report (and PNGs) from exported CSVs",
+              "Write an offline HTML report (and PNGs when Chromium is there) from the CSVs of `export`."),
+    "dashboard": ("study.dashboard", "serve the study storage with optuna-dashboard",
+                  "Serve STORAGE with optuna-dashboard, with each trial's report (note and artifacts)."),
+    "final": ("study.final", "retrain the best trial with several seeds, evaluate, FGSM sweep",
+              "Retrain the study's best trial (or TRIAL) with SEEDS seeds, report dev and held-out test accuracy, "
+              "and attack the median-seed model; writes RESULTS/final/<study>/. Epsilons are on the [0, 1] pixel "
+              "scale (the user's [-1, 1]-scale eps 0.1 is 0.05 here)."),
+    "bench": ("study.bench", "time the project training loop against a naive DataLoader loop",
+              "Time the project's training loop against a tutorial DataLoader loop; writes RESULTS/bench/."),
+    "audit": ("study.audit", "find probably mislabeled images with cross-validated confident learning",
+              "Rank probably mislabeled images (K-fold out-of-fold predictions + confident learning) and write "
+              "RESULTS/audit/<run>/: suspects.csv, a contact sheet and a corrections draft."),
+    "hpo-bench": ("study.hpo_bench", "default search vs random search vs the user's recipe at an equal budget, on test",
+                  "Compare the default search, random search and the user's recipe at an equal time budget, each "
+                  "best config retrained with several seeds and judged on the held-out test split."),
 }
 
+EPILOG = ("Each option can also be set by the Makefile variable (environment variable) named in its help, "
+          "e.g. `make search TRIALS=20` is `--trials 20`.")
 
-class UserError(Exception):
-    """Raised by commands for problems the user can fix; printed as one line."""
+
+def interrupt_on_sigterm(signum=None, frame=None):
+    """SIGTERM handler: stop the way Ctrl-C does, so running trials are told FAIL and outputs stay whole.
+
+    `make` passes SIGTERM on to the command it runs (as do kill, systemd and
+    docker stop); by default Python would die on the spot and leave its worker
+    processes training. The interrupt's text says which signal it was.
+    """
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def program_name() -> str:
+    """What the user typed to start us, so that usage lines and printed commands can be pasted back."""
+    return "cnn-hpo" if os.path.basename(sys.argv[0] or "") == "cnn-hpo" else "python -m study"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends each option's default to its help, unless the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default in (None, False, argparse.SUPPRESS) or "default" in text.lower() or not action.option_strings
+                or isinstance(action, argparse._HelpAction)):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
+        if text.endswith(")") and "(env " in text:  # "... (env WORKERS; default: 1)"
+            return f"{text[:-1]}; default: {shown})"
+        return f"{text} (default: {shown})"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error: <what>` and exit 2, like every other user error here."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _load(name: str):
@@ -37,21 +100,33 @@ def _load(name: str):
 def main(argv=None) -> int:
     """Imports only the chosen command's module: torch, plotly or cleanlab load only when needed."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m study", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    parser = Parser(prog=program_name(), description="Hyperparameter search for a small imbalanced-image CNN.",
+                    epilog="Run `%(prog)s <command> --help` for a command's options and their defaults.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command", parser_class=Parser)
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    for name, (module_name, help_text) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=help_text)
+    for name, (_, help_text, description) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=description, epilog=EPILOG,
+                                 formatter_class=HelpFormatter)
         if name == chosen:
-            module = _load(name)
-            command.description = (module.__doc__ or help_text).strip()
-            module.add_arguments(command)
+            _load(name).add_arguments(command)
     args = parser.parse_args(argv)
+    if hasattr(args, "storage") and not args.storage:  # STORAGE follows RESULTS, as in the Makefile
+        from .options import default_storage  # noqa: PLC0415 - only commands with a storage need it
+
+        args.storage = default_storage(getattr(args, "results", None) or "results")
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = signal.signal(signal.SIGTERM, interrupt_on_sigterm) if in_main_thread else None
     try:
         return int(_load(args.command).run(args) or 0)
     except (CnnlibError, UserError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        if str(interrupt) == "SIGTERM":
+            print("interrupted (SIGTERM)", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -1,9 +1,10 @@
 """Browse the study storage in optuna-dashboard, with each trial's report artifacts (`make dashboard`).
 
-Serves STORAGE on HOST:PORT (127.0.0.1:8080 unless HOST/PORT say otherwise).
+Serves STORAGE on 127.0.0.1:PORT (8080 unless PORT says otherwise).
 The dashboard can edit and delete studies, so it listens on the loopback
-interface only, unless HOST is set explicitly; to look from another machine,
-an SSH tunnel (`ssh -L 8080:127.0.0.1:8080 host`) keeps it private.
+interface only, unless its command line says `--host` (`make dashboard
+HOST=...` passes one; a HOST exported by the shell is ignored). To look
+from another machine, an SSH tunnel (`ssh -L 8080:127.0.0.1:8080 host`) keeps it private.
 
 Each trial's page shows a note (per-class accuracy, confusion matrix) and,
 under Artifacts, the report figure (SVG) and its numbers (JSON) that
@@ -24,7 +25,8 @@ from pathlib import Path
 import optuna
 
 from .artifacts import artifact_dir, default_results_dir, recorded_artifact_dirs
-from .cli import UserError
+from .errors import UserError
+from .options import add_storage_option, whole_number
 from .storage import open_storage, redact, storage_file
 
 DEFAULT_HOST = "127.0.0.1"
@@ -32,15 +34,14 @@ DEFAULT_PORT = 8080
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--storage", default=os.environ.get("STORAGE") or "sqlite:///results/optuna.db",
-                        help="Optuna storage URL (env STORAGE)")
+    add_storage_option(parser)
     parser.add_argument("--results", default=os.environ.get("RESULTS") or None,
                         help="results folder whose artifacts/ holds the trial reports (env RESULTS)")
     parser.add_argument("--artifacts", default=None,
                         help="artifact folder (default: the one recorded by the studies, else RESULTS/artifacts)")
-    parser.add_argument("--host", default=os.environ.get("HOST") or DEFAULT_HOST,
-                        help=f"interface to listen on (env HOST; default {DEFAULT_HOST}, this machine only)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT") or DEFAULT_PORT),
+    parser.add_argument("--host", default=DEFAULT_HOST,  # never from the environment: containers export HOST=0.0.0.0
+                        help=f"interface to listen on (default {DEFAULT_HOST}, this machine only)")
+    parser.add_argument("--port", type=whole_number("PORT", 1, 65535), default=os.environ.get("PORT") or str(DEFAULT_PORT),
                         help=f"port (env PORT, default {DEFAULT_PORT})")
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cnnlib.splits import format_summary, write_summary
 
-from .options import add_common_options, add_data_options, load_splits
+from .options import add_common_options, add_data_options, describe_classes, load_splits
 
 
 def add_arguments(parser) -> None:
@@ -18,6 +18,7 @@ def run(args) -> int:
     splits = load_splits(args)
     path = Path(args.results) / "data" / "summary.json"
     summary = write_summary(splits, path)
+    print(describe_classes(args, splits.classes))
     print(format_summary(summary))
     print(f"source: {splits.source}\ncache:  {splits.cache_path}\nwrote:  {path}")
     return 0

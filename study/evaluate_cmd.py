@@ -20,7 +20,7 @@ from cnnlib.metrics import majority_baseline
 from cnnlib.model import flat_features
 from cnnlib.training import DeviceSplit, evaluate, make_criterion
 
-from .cli import UserError
+from .errors import UserError
 from .options import add_common_options, add_data_options, load_splits
 
 SPLITS = ("train", "dev", "test")

@@ -24,6 +24,7 @@ that ran the study and plotted elsewhere.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -36,7 +37,9 @@ import pandas as pd
 
 from cnnlib.atomic import atomic_path
 
-from .cli import UserError
+from . import hints
+from .errors import UserError
+from .options import add_storage_option
 from .storage import load_existing_study, open_storage, redact, storage_file
 
 BASE_COLUMNS = ["number", "state", "value", "datetime_start", "datetime_complete", "duration"]
@@ -45,20 +48,28 @@ CURVES = ("train_loss", "dev_loss", "dev_macro_accuracy")
 KNOWN_ATTRS = ("dev_macro_accuracy", "train_macro_accuracy", "robust_macro_accuracy", "robust_attack", "epochs_run",
                "train_seconds", "seconds_per_epoch", "device", "pruned_reason", "fail_reason")
 SKIPPED_ATTRS = {"traceback", "classes", "config", "dev_per_class", "train_per_class", "dev_confusion_matrix"}
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+RESULTS_FOLDERS = {"data", "runs", "final", "bench", "audit", "artifacts"}  # what other commands write in RESULTS
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--study", default=os.environ.get("STUDY") or None, help="export only this study (default: all)")
-    parser.add_argument("--storage", default=os.environ.get("STORAGE") or "sqlite:///results/optuna.db",
-                        help="Optuna storage URL (env STORAGE)")
+    add_storage_option(parser)
     parser.add_argument("--results", default=os.environ.get("RESULTS") or "results",
                         help="output folder; files go to RESULTS/<study>/ (env RESULTS)")
 
 
 def study_folder(results: Path, study_name: str) -> Path:
-    """RESULTS/<study>, with characters that are unsafe in a folder name replaced."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", study_name).strip("._") or "study"
-    return Path(results) / safe
+    """RESULTS/<study>: the name itself when it is a plain folder name, else a safe form of it plus a hash.
+
+    Replacing unsafe characters alone maps `a/b` and `a_b` to one folder, where
+    one study's files replace the other's. The hash keeps names apart; the `+`
+    before it is never in a plain name, so no plain name can take that folder.
+    """
+    if PLAIN_NAME.fullmatch(study_name) and study_name not in RESULTS_FOLDERS:
+        return Path(results) / study_name
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", study_name).strip("._")[:80] or "study"
+    return Path(results) / f"{safe}+{hashlib.sha256(study_name.encode()).hexdigest()[:10]}"
 
 
 # --- trials.csv ---------------------------------------------------------------
@@ -103,6 +114,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                                      "duration"])
     if len(study.directions) > 1:  # values_0, values_1 -> values_<objective>, Optuna's naming with metric names
         base = base.rename(columns={f"values_{i}": name for i, name in enumerate(value_columns)})
+    elif study.metric_names:  # Optuna writes value_<metric> for a named single objective; readers expect "value"
+        base = base.rename(columns={f"value_{study.metric_names[0]}": "value"})
     if "duration" in base:
         base["duration"] = base["duration"].dt.total_seconds()
     params = sorted(c for c in base.columns if c.startswith("params_"))
@@ -236,8 +249,8 @@ def run(args) -> int:
         studies = [optuna.load_study(study_name=name, storage=storage) for name in names]
     for study in studies:
         export_study(study, results)
-    if len(studies) == 1:
-        print(f"plot it: make plots CSV={study_folder(results, studies[0].study_name) / 'trials.csv'}")
-    else:
-        print(f"exported {len(studies)} studies from {redact(args.storage)}; plot one with make plots CSV=<folder>/trials.csv")
+    if len(studies) > 1:
+        print(f"exported {len(studies)} studies from {redact(args.storage)}")
+    for study in studies:
+        print(f"plot it: {hints.command('plots', {'STUDY': study.study_name, 'RESULTS': args.results})}")
     return 0

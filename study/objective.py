@@ -14,6 +14,7 @@ retrain of the same config (`make final`) cannot reproduce.
 
 from __future__ import annotations
 
+import math
 import threading
 import traceback
 from contextlib import ExitStack
@@ -26,6 +27,7 @@ from optuna.trial import TrialState
 from cnnlib.errors import DivergedError
 from cnnlib.training import DeviceData, EpochStats, TrainConfig, TrainResult, evaluate, group_configs, train_group
 
+from . import progress
 from .artifacts import attach_trial_artifacts
 from .space import SearchSpace
 
@@ -60,9 +62,11 @@ class Heartbeat:
 
 
 # A trial whose dev predictions are one class, or whose macro accuracy is within
-# COLLAPSE_MARGIN of chance (1/K), for COLLAPSE_EPOCHS epochs in a row has collapsed
-# (e.g. Adam with L2 decay 0.07: 91 epochs of a constant predictor in the search
-# issue's run). It is pruned at once, whatever the pruner's start-up rules.
+# COLLAPSE_MARGIN of chance (1/K), for COLLAPSE_EPOCHS epochs in a row after its lr
+# warm-up has collapsed (e.g. Adam with L2 decay 0.07: 91 epochs of a constant predictor
+# in the search issue's run). It is pruned at once, whatever the pruner's start-up
+# rules. Warm-up epochs do not count: at a near-zero lr every net still predicts one
+# class (the first default search pruned four warming-up trials in epochs 1-3).
 COLLAPSE_EPOCHS = 3
 COLLAPSE_MARGIN = 0.02
 
@@ -88,12 +92,14 @@ class EpochReporter:
     pruned_at: int | None = None
     pruned_reason: str | None = None
     collapsed_epochs: int = 0
+    warmup_epochs: int = 0  # epochs of lr warm-up, which the collapse rule does not judge
 
     def __call__(self, stats: EpochStats) -> bool:
         self.curves["train_loss"].append(stats.train_loss)
         self.curves["dev_loss"].append(stats.dev_loss)
         self.curves["dev_macro_accuracy"].append(stats.dev_macro_accuracy)
-        why = collapsed(stats)
+        progress.epoch(f"trial {self.trial.number}", stats.epoch, self.trial.user_attrs.get("config", {}).get("epochs"), stats.dev_macro_accuracy)
+        why = collapsed(stats) if stats.epoch > self.warmup_epochs else None
         self.collapsed_epochs = self.collapsed_epochs + 1 if why else 0
         if self.collapsed_epochs >= COLLAPSE_EPOCHS:
             self.pruned_at = stats.epoch
@@ -138,7 +144,8 @@ def objective_values(space: SearchSpace, result: TrainResult, data: DeviceData, 
     values = []
     for objective in space.objectives:
         if objective == "dev_macro_accuracy":
-            values.append(result.dev.macro_accuracy)
+            last = [h.dev_macro_accuracy for h in result.history[-space.objective_epochs:]]
+            values.append(sum(last) / len(last))
         elif objective == "robust_macro_accuracy":
             from cnnlib.attacks import robust_macro_accuracy  # noqa: PLC0415 - only robust spaces need it
             value = robust_macro_accuracy(result.model, data.dev, data.classes,
@@ -232,10 +239,10 @@ def run_trials(study: optuna.Study, trials: list[optuna.Trial], space: SearchSpa
                 frozen.extend(_train_group(study, [trials[m] for m in members], [configs[m] for m in members],
                                            space, data))
                 told.update(members)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             for i, trial in enumerate(trials):
                 if i not in told:
-                    trial.set_user_attr("fail_reason", "interrupted (SIGINT) during training")
+                    trial.set_user_attr("fail_reason", f"interrupted ({str(interrupt) or 'SIGINT'}) during training")
                     tell(study, trial, state=TrialState.FAIL)
             raise
     return frozen
@@ -243,7 +250,8 @@ def run_trials(study: optuna.Study, trials: list[optuna.Trial], space: SearchSpa
 
 def _train_group(study, trials, configs, space, data):
     can_prune = len(space.objectives) == 1
-    reporters = [EpochReporter(trial, can_prune) for trial in trials]
+    reporters = [EpochReporter(trial, can_prune, warmup_epochs=math.ceil(config.warmup * config.epochs))
+                 for trial, config in zip(trials, configs)]
     if len(trials) > 1:
         numbers = [trial.number for trial in trials]
         for trial in trials:

@@ -1,71 +1,157 @@
 """Command-line options shared by every command, and the one way data is loaded from them.
 
 Each option mirrors a Makefile variable (DATA, RESULTS, DEVICE, ...), so the
-Makefile passes them through and a user can also call `python -m study` directly.
+Makefile passes them through the environment and a user can also call
+`cnn-hpo` directly. A variable's value is parsed by the same argparse type as
+its flag, so a typo in either is one line (`error: ... TRIALS='abc' ...`).
+Defaults do not depend on the working directory: the shared data is found
+beside the project checkout, search spaces in the package.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 
-from cnnlib.sources import parse_classes
+from cnnlib.sources import infer_classes, parse_classes
 from cnnlib.splits import DataConfig, Splits, prepare_splits, USER_DEV_COUNTS, USER_TEST_COUNTS, USER_TRAIN_COUNTS
 
-DEFAULT_DATA = "../shared/data/cifar10-cars-trucks-cats"
-DEFAULT_STORAGE = "sqlite:///results/optuna.db"
+from .errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path("shared") / "data" / "cifar10-cars-trucks-cats"
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 
 
-def _counts(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"counts must be comma-separated integers, got {text!r}") from None
+def default_data() -> str:
+    """The shared data beside the checkout (from any working directory), else ../shared, else ./data."""
+    for candidate in (PROJECT_ROOT.parent / SHARED_DATA, Path("..") / SHARED_DATA):
+        if candidate.is_dir():
+            return str(candidate)
+    return "data"
+
+
+def default_storage(results: str | Path) -> str:
+    """SQLite inside RESULTS, as the Makefile's STORAGE default: a study lives beside its outputs."""
+    return f"sqlite:///{Path(results) / 'optuna.db'}"
+
+
+# --- value types: each names its variable, so `make X=typo` reads like `--x typo` -----------
+
+def whole_number(variable: str, minimum: int = 0, maximum: int | None = None):
+    """argparse type for a whole number in [minimum, maximum]; its error names the Makefile variable."""
+    def parse(text) -> int:
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            value = None
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            bounds = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"{variable}={text!r}: expected a whole number {bounds}")
+        return value
+    return parse
+
+
+def counts(variable: str):
+    def parse(text) -> tuple[int, ...]:
+        try:
+            values = tuple(int(x) for x in str(text).split(","))
+        except ValueError:
+            values = ()
+        if not values or any(v < 0 for v in values):
+            raise argparse.ArgumentTypeError(f"{variable}={text!r}: expected comma-separated image counts "
+                                             "per class, e.g. 4000,600,400")
+        return values
+    return parse
+
+
+def device_name(text: str) -> str:
+    """Only the form is checked here (no torch import); whether that device exists, when it is opened."""
+    if not DEVICE_PATTERN.fullmatch(str(text).strip()):
+        raise argparse.ArgumentTypeError(f"DEVICE={text!r}: expected auto, cpu, cuda or cuda:N")
+    return str(text).strip()
+
+
+def env(name: str, fallback=None):
+    """The environment's value of a Makefile variable, None (or the fallback) when unset or empty."""
+    return os.environ.get(name) or fallback
 
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+# --- option groups ----------------------------------------------------------------------------
+
 def add_data_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--data", default=os.environ.get("DATA", DEFAULT_DATA),
-                       help="image tree with train/ and test/, or a folder with train/dev(/test) .npz or .pickle files")
-    group.add_argument("--classes", default="car,truck,cat", help="class order; defines labels 0, 1, 2, ...")
-    group.add_argument("--train-counts", type=_counts, default=USER_TRAIN_COUNTS, help="train images per class")
-    group.add_argument("--dev-counts", type=_counts, default=USER_DEV_COUNTS, help="dev images per class")
-    group.add_argument("--test-counts", type=_counts, default=USER_TEST_COUNTS, help="held-out test images per class")
-    group.add_argument("--split-seed", type=int, default=0, help="seed of the split draw")
+    group.add_argument("--data", default=env("DATA", default_data()),
+                       help="image tree with train/<class>/ and test/<class>/, or a folder with train/dev(/test) "
+                            ".npz or .pickle files (env DATA)")
+    group.add_argument("--classes", default=env("CLASSES"),
+                       help="class order, comma-separated; defines labels 0, 1, 2, ... (env CLASSES; default: the "
+                            "folder names of DATA/train in sorted order, car,truck,cat for the user's data)")
+    for split, defaults in (("train", USER_TRAIN_COUNTS), ("dev", USER_DEV_COUNTS), ("test", USER_TEST_COUNTS)):
+        variable = f"{split.upper()}_COUNTS"
+        group.add_argument(f"--{split}-counts", type=counts(variable), default=env(variable),
+                           help=f"{split} images per class, in class order (env {variable}; default for three "
+                                f"classes: {','.join(map(str, defaults))})")
+    group.add_argument("--split-seed", type=whole_number("SPLIT_SEED"), default=env("SPLIT_SEED", "0"),
+                       help="seed of the split draw (env SPLIT_SEED)")
     group.add_argument("--trust-pickle", action="store_true", default=env_flag("TRUST_PICKLE"),
                        help="allow loading .pickle data (unpickling can run code; env TRUST_PICKLE=1)")
-    group.add_argument("--corrections", default=os.environ.get("CORRECTIONS") or None,
-                       help="corrections.csv of reviewed labels (id,new_label or drop) applied to every split")
+    group.add_argument("--corrections", default=env("CORRECTIONS"),
+                       help="corrections.csv of reviewed labels (id,new_label or drop) applied to every split "
+                            "(env CORRECTIONS)")
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--results", default=os.environ.get("RESULTS", "results"), help="output folder")
-    parser.add_argument("--device", default=os.environ.get("DEVICE", "auto"), help="auto (cuda if present), cpu, cuda, cuda:1")
+    parser.add_argument("--results", default=env("RESULTS", "results"), help="output folder (env RESULTS)")
+    parser.add_argument("--device", type=device_name, default=env("DEVICE", "auto"),
+                        help="auto (cuda if present, else cpu), cpu, cuda or cuda:N (env DEVICE)")
 
 
 def add_study_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--study", default=os.environ.get("STUDY") or None, help="study name (default: the space file's name)")
-    parser.add_argument("--storage", default=os.environ.get("STORAGE") or DEFAULT_STORAGE,
-                        help="Optuna storage URL: sqlite:///..., postgresql+psycopg2://..., or journal:PATH")
+    parser.add_argument("--study", default=env("STUDY"), help="study name (env STUDY; default: the space file's name)")
+    add_storage_option(parser)
+
+
+def add_storage_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage", default=env("STORAGE"),
+                        help="Optuna storage URL: sqlite:///..., postgresql+psycopg2://..., or journal:PATH "
+                             "(env STORAGE; default: sqlite:///RESULTS/optuna.db)")
+
+
+# --- the data ---------------------------------------------------------------------------------
+
+def data_classes(args: argparse.Namespace) -> tuple[str, ...]:
+    return parse_classes(args.classes) if args.classes else infer_classes(Path(args.data))
+
+
+def describe_classes(args: argparse.Namespace, classes) -> str:
+    """One line that states the class order in use and where it came from."""
+    labels = ", ".join(f"{i} {c}" for i, c in enumerate(classes))
+    if args.classes:
+        return f"classes: {labels} (from CLASSES)"
+    return f"classes: {labels} (from the folder names of {args.data}; set CLASSES=... to choose another order)"
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:
-    classes = parse_classes(args.classes)
-    defaults = len(classes) == 3
-    def counts(value, default):
-        if value == default and not defaults:
-            raise SystemExit(f"error: with {len(classes)} classes, give --train-counts/--dev-counts/--test-counts explicitly")
-        return value
+    classes = data_classes(args)
+    defaults = {"train": USER_TRAIN_COUNTS, "dev": USER_DEV_COUNTS, "test": USER_TEST_COUNTS}
+    chosen = {}
+    for split, default in defaults.items():
+        given = getattr(args, f"{split}_counts")
+        if given is None and len(classes) != len(default):
+            raise UserError(f"{len(classes)} classes ({','.join(classes)}): give the images per class with "
+                            f"TRAIN_COUNTS, DEV_COUNTS and TEST_COUNTS (--train-counts ...), "
+                            f"e.g. TRAIN_COUNTS={','.join(['100'] * len(classes))}")
+        chosen[split] = default if given is None else given
     return DataConfig(
         source=Path(args.data), classes=classes,
-        train_counts=counts(args.train_counts, USER_TRAIN_COUNTS),
-        dev_counts=counts(args.dev_counts, USER_DEV_COUNTS),
-        test_counts=counts(args.test_counts, USER_TEST_COUNTS),
+        train_counts=chosen["train"], dev_counts=chosen["dev"], test_counts=chosen["test"],
         seed=args.split_seed, trust_pickle=args.trust_pickle,
         corrections=Path(args.corrections) if args.corrections else None,
     )

@@ -33,8 +33,9 @@ from plotly.subplots import make_subplots
 
 from cnnlib.atomic import write_atomic
 
-from .cli import UserError
+from .errors import UserError
 from .export import study_folder
+from .plotly_bundle import BUNDLE, write_bundle
 
 ACCURACY = "dev macro accuracy (fraction, 0-1)"
 PNG_TIMEOUT = 180  # seconds for all PNGs; kaleido drives a headless Chromium that can hang on a broken install
@@ -42,6 +43,8 @@ TOP_TRIALS = 10
 DISCRETE_MAX = 8  # a parameter with at most this many distinct values is plotted as categories
 DEBIAN_CHROMIUM = "/usr/bin/chromium"
 OPTIMIZER_COLOURS = {"sgd": "#d95f02", "adam": "#1b9e77"}
+# Plasma without its pale yellow end (luminance < 0.6 throughout): worst trials orange, best dark blue-violet.
+PARCOORDS_COLOURS = [[i / 4, c] for i, c in enumerate(sample_colorscale("Plasma", [0.75, 0.6, 0.45, 0.25, 0.0]))]
 
 ID_COLUMNS = ("number", "trial", "epoch")  # whole numbers, never empty
 NUMERIC_COLUMNS = (*ID_COLUMNS, "value", "duration", "train_loss", "dev_loss", "dev_macro_accuracy", "count")
@@ -229,7 +232,13 @@ def optimization_history(trials: pd.DataFrame, values: list[str]) -> go.Figure:
                         name="pruned trial (accuracy when stopped)",
                         marker={"symbol": "x", "color": "#999", "size": 7})
     fig.update_layout(xaxis_title="trial number", yaxis_title=ACCURACY if values == ["value"] else "objective value")
+    fig.update_xaxes(tickformat="d", dtick=trial_ticks(trials["number"]))
     return style(fig, "Optimization history with the running best")
+
+
+def trial_ticks(numbers: pd.Series) -> int:
+    """A whole-number tick step giving about ten ticks: plotly's own choice shows 0.5 steps for a few trials."""
+    return max(1, math.ceil((int(numbers.max()) + 1) / 10))
 
 
 def _distribution(series: pd.Series) -> optuna.distributions.BaseDistribution:
@@ -301,9 +310,25 @@ def parallel_coordinates(trials: pd.DataFrame, values: list[str]) -> go.Figure:
         raise Unavailable("trials.csv has no params_* values: nothing was sampled")
     target = (lambda t: t.values[0]) if len(values) > 1 else None
     fig = optuna.visualization.plot_parallel_coordinate(study, target=target, target_name="dev macro accuracy")
+    recolour_lines(fig)
     fig.update_layout(title=None)
     return style(fig, f"Parallel coordinates: every sampled parameter, coloured by dev macro accuracy "
                       f"({len(study.trials)} complete trials)")
+
+
+def recolour_lines(fig: go.Figure) -> None:
+    """Optuna's white-to-blue scale draws the worst trials white on white: recolour with PARCOORDS_COLOURS.
+
+    Optuna draws each trial as a line whose first point is its dev macro
+    accuracy on the first axis, already scaled to 0..1 over the trials (the
+    same range as the colour), so that point gives the colour; the colour bar
+    is its one markers trace.
+    """
+    for trace in fig.data:
+        if trace.mode == "lines" and trace.y:
+            trace.line.color = sample_colorscale(PARCOORDS_COLOURS, [min(1.0, max(0.0, float(trace.y[0])))])[0]
+        elif trace.mode == "markers" and trace.marker.showscale:
+            trace.marker.colorscale, trace.marker.reversescale = PARCOORDS_COLOURS, False
 
 
 def accuracy_against(trials: pd.DataFrame, values: list[str], name: str, label: str, title: str) -> go.Figure:
@@ -543,8 +568,8 @@ def render_html(figures: list[Figure], trials: pd.DataFrame, csv_path: Path, stu
     return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>Study {html.escape(study)}: hyperparameter search report</title>\n"
             f"<style>{PAGE_STYLE}</style>\n"
-            f"<script type=\"text/javascript\">/* plotly.js {plotly.__version__} bundle, embedded so the report works offline */\n"
-            f"{plotly.offline.get_plotlyjs()}</script>\n</head>\n<body>\n"
+            f"<script src=\"{BUNDLE}\"></script><!-- plotly.js {plotly.__version__}, beside this file: works offline -->\n"
+            f"</head>\n<body>\n"
             f"<h1>Study {html.escape(study)}: hyperparameter search report</h1>\n"
             f"<p class=\"meta\">From {html.escape(str(csv_path))} ({len(trials)} trials: {counts}); generated {generated}. "
             f"Accuracy is dev macro accuracy, the mean of per-class accuracies.</p>\n"
@@ -593,6 +618,7 @@ def make_report(csv_path: Path, out: Path | None = None, png: bool = True) -> tu
     out = Path(out) if out else folder / "plots"
     out.mkdir(parents=True, exist_ok=True)
     index = out / "index.html"
+    write_bundle(out)
     write_atomic(index, render_html(figures, trials, csv_path, folder.name))
     png_note = write_pngs(figures, out) if png else "PNG export skipped (--no-png)"
     return index, figures, png_note
@@ -607,5 +633,5 @@ def run(args) -> int:
         if f.figure is None:
             print(f"  not available: {f.title}: {f.missing}")
     print(png_note)
-    print(f"wrote {index}  (open it in a browser; it works offline)")
+    print(f"wrote {index}  (open it in a browser; it works offline, with the {BUNDLE} beside it)")
     return 0

@@ -6,8 +6,9 @@ adds; WORKERS processes share the storage and together finish exactly that many
 for workers on this machine, and heartbeats plus Optuna's retry callback
 re-run the trial of a worker that died (journal storage has no heartbeat and is
 for one machine: there a dead worker is recognised by its pid, study/storage.py).
-Ctrl-C marks the running trial FAIL with its reason and stops; a storage that
-fails mid-run ends it with one line; the next run continues either way.
+Ctrl-C or SIGTERM marks the running trials FAIL with the reason and stops every
+worker; a storage that fails mid-run ends it with one line; the next run
+continues either way.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import fcntl
 import multiprocessing
 import os
-import shlex
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -27,16 +28,23 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from cnnlib.device import resolve_device
+from cnnlib.device import cpu_threads, resolve_device
 from cnnlib.errors import CnnlibError
 from cnnlib.metrics import Evaluation
+from cnnlib.fused import GROUP_SIZE
 from cnnlib.training import DeviceData
 
-from .cli import UserError
+from . import hints, progress
+from .artifacts import note_outcome, record_artifact_dir
+from .cli import interrupt_on_sigterm
+from .errors import UserError
 from .objective import run_trials
-from .options import add_common_options, add_data_options, add_study_options, load_splits
+from .options import (add_common_options, add_data_options, add_study_options, describe_classes, env, load_splits,
+                      whole_number)
 from .space import SearchSpace, load_space
-from .storage import claim_trial, fail_dead_local_trials, lock_path, open_storage, redact, storage_failures
+from .storage import (
+    claim_trial, fail_dead_local_trials, fail_unclaimed_trials, lock_path, open_storage, redact, storage_failures,
+)
 
 # We drive heartbeats ourselves around ask/tell (objective.Heartbeat) and print our own trial lines.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -47,21 +55,25 @@ DEFAULT_TIMEOUT = 780  # seconds: with the trial in flight, a default run ends w
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POLL_SECONDS = 2.0
 MAX_RESPAWNS_PER_WORKER = 3
-
-
-def _int_env(name):
-    value = os.environ.get(name, "").strip()
-    return int(value) if value else None
+STOP_SECONDS = 30  # after an interrupt, how long a worker may take to tell its trial FAIL before it is killed
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--space", default=os.environ.get("SPACE") or "search_spaces/default.yaml", help="search-space YAML")
+    parser.add_argument("--space", default=env("SPACE", "search_spaces/default.yaml"),
+                        help="search-space file, or the name of a shipped one such as smoke (env SPACE)")
     add_study_options(parser)
-    parser.add_argument("--trials", type=int, default=_int_env("TRIALS"), help="finished trials to add in this run")
-    parser.add_argument("--timeout", type=int, default=_int_env("TIMEOUT"),
-                        help=f"seconds after which no new trial starts (default: the space's budget, else {DEFAULT_TIMEOUT})")
-    parser.add_argument("--workers", type=int, default=_int_env("WORKERS") or 1, help="worker processes sharing the study")
-    parser.add_argument("--fuse", type=int, default=_int_env("FUSE") or 1, help="train up to K trials at once as one fused model")
+    parser.add_argument("--trials", type=whole_number("TRIALS"), default=env("TRIALS"),
+                        help="finished trials to add in this run (env TRIALS; default: the space's budget, else "
+                             "no limit)")
+    parser.add_argument("--timeout", type=whole_number("TIMEOUT"), default=env("TIMEOUT"),
+                        help=f"seconds after which no new trial starts (env TIMEOUT; default: the space's budget, "
+                             f"else {DEFAULT_TIMEOUT} when TRIALS is not set either)")
+    parser.add_argument("--workers", type=whole_number("WORKERS", 1), default=env("WORKERS", "1"),
+                        help="worker processes sharing the study (env WORKERS)")
+    parser.add_argument("--fuse", type=whole_number("FUSE", 1), default=env("FUSE"),
+                        help="train up to K trials at once as one fused model (env FUSE; default: as wide as pays "
+                             "on the device: " + ", ".join(f"{k} {v}" for k, v in GROUP_SIZE.items()) +
+                             "; 1: one at a time)")
     add_data_options(parser)
     add_common_options(parser)
 
@@ -87,20 +99,64 @@ def count_states(study: optuna.Study) -> tuple[int, int]:
 
 def create_study(args, space: SearchSpace, storage, stream: tuple[int, ...] = ()) -> optuna.Study:
     name = args.study or space.name
-    study = optuna.create_study(study_name=name, storage=storage, sampler=space.make_sampler(stream),
-                                pruner=space.make_pruner(), directions=space.directions, load_if_exists=True)
+    with storage_failures(args.storage):  # e.g. a read-only file: the first write is here
+        study = optuna.create_study(study_name=name, storage=storage, sampler=space.make_sampler(stream),
+                                    pruner=space.make_pruner(), directions=space.directions, load_if_exists=True)
     if len(study.directions) != len(space.directions):
         raise UserError(f"study {name!r} has {len(study.directions)} objective(s) but {space.path} defines "
                         f"{len(space.directions)}; use another STUDY name")
     text = space.path.read_text()
     previous = study.user_attrs.get("space_text")
+    if previous != text:
+        check_space_fits_study(study, space)
     if previous is None:
         study.set_user_attr("space_file", str(space.path))
         study.set_user_attr("space_text", text)
         study.set_user_attr("objectives", space.objectives)
+        for point in space.enqueue:  # warm start: the known points are the first trials of a new study
+            study.enqueue_trial(point, skip_if_exists=True)
     elif previous != text:
-        print(f"note: {space.path} changed since study {name!r} began; new trials use the new ranges", file=sys.stderr)
+        print(f"note: {space.path} differs from the space file study {name!r} began with "
+              f"({study.user_attrs.get('space_file')}); new trials use its ranges", file=sys.stderr)
+    if study.metric_names is None:  # the dashboard then labels its axes "dev_macro_accuracy", not "Objective 0"
+        study.set_metric_names(list(space.objectives))
     return study
+
+
+def check_space_fits_study(study: optuna.Study, space: SearchSpace) -> None:
+    """Refuse a space whose params Optuna would reject trial after trial in this study.
+
+    A param keeps its kind and, if categorical, its choices for the life of a
+    study ("CategoricalDistribution does not support dynamic value space"):
+    another space file, or an edited one, must not change them.
+    """
+    wanted = space.distributions()
+    began = f" (begun with {study.user_attrs['space_file']})" if study.user_attrs.get("space_file") else ""
+    for trial in study.get_trials(deepcopy=False):
+        for name, before in trial.distributions.items():
+            if name not in wanted:
+                continue
+            try:
+                optuna.distributions.check_distribution_compatibility(before, wanted[name])
+            except ValueError:
+                raise UserError(f"{space.path}: params.{name} is {wanted[name]}, but study {study.study_name!r}{began} "
+                                f"asked it as {before} in trial {trial.number}; choose another STUDY=... for this space"
+                                ) from None
+
+
+def record_data(study: optuna.Study, args, splits) -> None:
+    """The class order and split a study was searched on, stated once and kept on the study.
+
+    Later commands (`make final`, `make export`) read them back; a run on
+    another class order would make its trials incomparable, so it is refused.
+    """
+    recorded = study.user_attrs.get("classes")
+    if recorded is not None and list(recorded) != list(splits.classes):
+        raise UserError(f"study {study.study_name!r} was searched with classes {','.join(recorded)}; this run reads "
+                        f"{','.join(splits.classes)} (check DATA and CLASSES, or use another STUDY name)")
+    if recorded is None:
+        study.set_user_attr("classes", list(splits.classes))
+    study.set_user_attr("data_summary", splits.summary())
 
 
 # --- progress ---------------------------------------------------------------
@@ -112,20 +168,64 @@ def _bar(done: int, total: int | None, width: int = 24) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
 
-def format_trial_line(frozen, run_done: int, run_total: int | None, started: float, worker: str) -> str:
+def budget_text(started: float, deadline: float, now: float | None = None) -> str:
+    """'4.5 min elapsed, 8.5 min of 13.0 left': how much of the run's time budget remains."""
+    now = time.time() if now is None else now
+    text = f"{(now - started) / 60:.1f} min elapsed"
+    if deadline == float("inf"):
+        return text
+    left = deadline - now
+    if left <= 0:
+        return f"{text}, time budget used up: no new trial starts"
+    return f"{text}, {left / 60:.1f} min of {(deadline - started) / 60:.1f} left for new trials"
+
+
+def format_trial_line(frozen, run_done: int, run_total: int | None, started: float, worker: str,
+                      deadline: float = float("inf")) -> str:
     params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in frozen.params.items())
     value = "" if frozen.values is None else " value=" + ",".join(f"{v:.4f}" for v in frozen.values)
     per = frozen.user_attrs.get("dev_per_class")
     per_text = f" ({' '.join(f'{c} {a:.2f}' for c, a in per.items())})" if per else ""
     reason = frozen.user_attrs.get("pruned_reason") or frozen.user_attrs.get("fail_reason") or ""
     seconds = frozen.user_attrs.get("train_seconds")
-    elapsed = time.time() - started
     return (f"{worker}trial {frozen.number:>4} {frozen.state.name:<8}{value}{per_text}"
             f"{f' {seconds:.1f}s' if seconds else ''}  {params}{f'  [{reason}]' if reason else ''}\n"
-            f"      {_bar(run_done, run_total)} this run, {elapsed / 60:.1f} min elapsed")
+            f"      {_bar(run_done, run_total)} this run, {budget_text(started, deadline)}")
 
 
 # --- the worker loop ------------------------------------------------------
+
+def ask_trials(study: optuna.Study, space: SearchSpace, count: int) -> list[optuna.Trial]:
+    """Ask `count` trials that can train as one fused group.
+
+    The first trial (a waiting warm-start point, or the sampler's pick) leads;
+    the others are asked with the leader's batch settings fixed
+    (SearchSpace.shared_params, through Optuna's PartialFixedSampler), so
+    they share its batches and fill its group instead of scattering over
+    batch size x augmentation. A waiting enqueued point is always taken as
+    it is, whatever the leader's settings.
+    """
+    leader = study.ask()
+    trials = [leader]
+    if count > 1:
+        try:
+            space.suggest(leader)  # define-by-run: the leader's params exist once suggested (run_trials reads them back)
+        except Exception:  # noqa: BLE001 - an impossible config; run_trials records why
+            return trials + [study.ask() for _ in range(count - 1)]
+        fixed, sampler = space.shared_params(leader.params), study.sampler
+        if fixed:
+            study.sampler = optuna.samplers.PartialFixedSampler(fixed, sampler)
+        try:
+            for _ in range(count - 1):
+                trials.append(study.ask())
+                try:  # now, while the fixing sampler is in place: a param is drawn when first suggested
+                    space.suggest(trials[-1])
+                except Exception:  # noqa: BLE001 - an impossible config; run_trials records why
+                    pass
+        finally:
+            study.sampler = sampler
+    return trials
+
 
 def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker: str = "", number: int = 0) -> int:
     """Ask, train and tell trials until the study holds `target` finished trials or time is up.
@@ -138,17 +238,18 @@ def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker
     study = create_study(args, space, storage, stream=(args._trials_at_start, number))
     data = DeviceData(load_splits(args), resolve_device(args.device))
     lock = lock_path(args.storage, study.study_name, Path(args.results))
-    started, failures = time.time(), 0
+    failures = 0
     run_total = None if target == float("inf") else int(target - args._finished_at_start)
     while True:
         with file_lock(lock):
             # Under the lock: two local workers never both fail, and both re-queue, one dead worker's trial.
             optuna.storages.fail_stale_trials(study)
             fail_dead_local_trials(study)  # journal storage: no heartbeat, so check this machine's pids
+            fail_unclaimed_trials(study)  # RUNNING without an owner: study.ask() failed after storing it
             finished, running = count_states(study)
             room = target - finished - running
             count = int(min(args.fuse, room)) if room >= 1 and time.time() < deadline else 0
-            trials = [study.ask() for _ in range(count)]
+            trials = ask_trials(study, space, count) if count else []
             for trial in trials:
                 claim_trial(study, trial)
         if not trials:
@@ -157,10 +258,14 @@ def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker
             time.sleep(POLL_SECONDS)  # others' trials are in flight; one may still die and need a retry
             continue
         results = run_trials(study, trials, space, data)
+        progress.clear()
+        # A fused group is told all at once: count its members one by one, so each line shows its own step.
+        done = count_states(study)[0] - args._finished_at_start - sum(f.state in FINISHED for f in results)
         for frozen in results:
             failures = failures + 1 if frozen.state == TrialState.FAIL else 0
-            done = count_states(study)[0] - args._finished_at_start
-            print(format_trial_line(frozen, done, run_total, started, worker), flush=True)
+            done += frozen.state in FINISHED
+            note_outcome(study, frozen)  # a pruned or failed trial's dashboard note says so, and why
+            print(format_trial_line(frozen, done, run_total, args._started, worker, deadline), flush=True)
         if failures >= args._max_failures:
             print(f"{worker}stopping: {failures} trials failed in a row; last reason: {frozen.user_attrs.get('fail_reason')}",
                   file=sys.stderr, flush=True)
@@ -169,7 +274,9 @@ def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker
 
 def _worker_process(args, index: int, number: int, target: float, deadline: float) -> None:
     """Entry point of one worker process; threads split the cores so workers do not oversubscribe them."""
+    signal.signal(signal.SIGTERM, interrupt_on_sigterm)  # run_workers passes SIGTERM on: stop as on Ctrl-C
     torch.set_num_threads(args._threads)
+    progress.configure(bar=False, prefix=f"[w{index}] ")  # workers share the terminal: lines, each tagged
     space = load_space(args.space)
     try:
         with storage_failures(args.storage):
@@ -220,11 +327,43 @@ def run_workers(args, space: SearchSpace, target: float, deadline: float) -> int
                     code = code or 128 - proc.exitcode
                 elif proc.exitcode and not code:  # 3: it gave up on failing trials; 1: it crashed
                     code = proc.exitcode
-    except KeyboardInterrupt:
-        for proc in procs.values():
-            proc.join(timeout=30)
+    except KeyboardInterrupt as interrupt:
+        stop_workers(list(procs.values()), workers_interrupted=str(interrupt) != "SIGTERM")
         raise
     return code
+
+
+def stop_workers(procs: list, workers_interrupted: bool) -> None:
+    """Stop the workers after an interrupt; none outlives this process.
+
+    Ctrl-C in a terminal reaches the whole process group, workers included
+    (`workers_interrupted`): they get a moment to tell their trials FAIL. SIGTERM (make
+    passes it on to its recipe only) and a SIGINT sent to this process alone
+    do not reach them, so they get SIGTERM. One that does not stop in time is
+    killed; its trial is then failed and retried like any dead worker's.
+    """
+    handlers = {number: signal.signal(number, signal.SIG_IGN)  # a second interrupt must not cut this short
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if workers_interrupted:
+            _join(procs, 5)
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        _join(procs, STOP_SECONDS)
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+        _join(procs, 5)
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+
+def _join(procs: list, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    for proc in procs:
+        proc.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 # --- the command ------------------------------------------------------------
@@ -248,13 +387,15 @@ def print_best(study: optuna.Study) -> None:
 
 def run(args) -> int:
     space = load_space(args.space)  # fails here, before any training, on a bad file
-    if args.workers < 1 or args.fuse < 1:
-        raise UserError(f"WORKERS ({args.workers}) and FUSE ({args.fuse}) must be at least 1")
-    if (args.trials is not None and args.trials < 0) or (args.timeout is not None and args.timeout < 0):
-        raise UserError(f"TRIALS ({args.trials}) and TIMEOUT ({args.timeout}) cannot be negative")
-    load_splits(args)  # build the cached split once, before workers race for it
+    device = resolve_device(args.device)  # and here on a device this machine does not have
+    args._fuse_asked = args.fuse  # what the user asked for, for the printed next steps
+    if args.fuse is None:
+        args.fuse = GROUP_SIZE.get(device.type, 1)
+    splits = load_splits(args)  # build the cached split once, before workers race for it
     storage = open_storage(args.storage)
     study = create_study(args, space, storage)
+    record_data(study, args, splits)
+    record_artifact_dir(study, Path(args.results))  # trial reports go to RESULTS/artifacts, wherever the storage is
     finished, running = count_states(study)
     trials = args.trials if args.trials is not None else space.budget.get("trials")
     grid = space.grid_size()
@@ -269,15 +410,22 @@ def run(args) -> int:
     if timeout is None:
         timeout = None if trials is not None else DEFAULT_TIMEOUT
     target = finished + trials if trials is not None else float("inf")
-    deadline = time.time() + timeout if timeout else float("inf")
+    args._started = time.time()
+    deadline = args._started + timeout if timeout else float("inf")
     args._finished_at_start = finished
     args._trials_at_start = len(study.get_trials(deepcopy=False))
     args._max_failures = max(3, 2 * (trials or 5))
-    args._threads = max(1, (os.cpu_count() or 1) // args.workers) if resolve_device(args.device).type == "cpu" else 1
+    threads = env("THREADS")
+    args._threads, why = cpu_threads(int(threads) if threads and threads.isdigit() else None, args.workers) \
+        if device.type == "cpu" else (1, "")
+    if args.workers == 1:
+        torch.set_num_threads(args._threads)
     budget = " and ".join(filter(None, [f"{trials} trials" if trials is not None else "",
-                                        f"{timeout} s" if timeout else ""]))
+                                        f"{timeout / 60:.1f} min ({timeout} s)" if timeout else ""]))
     print(f"study {study.study_name!r} in {redact(args.storage)}: {finished} finished trials so far; "
-          f"this run adds up to {budget} with {args.workers} worker(s) on {resolve_device(args.device)}", flush=True)
+          f"this run adds up to {budget} with {args.workers} worker(s) on {device}"
+          + (f", {args._threads} thread(s) each ({why})" if why else ""), flush=True)
+    print(f"space: {space.path}\n{describe_classes(args, splits.classes)}", flush=True)
     with storage_failures(args.storage):
         if args.workers == 1:
             code = worker_loop(args, space, target, deadline)
@@ -287,8 +435,20 @@ def run(args) -> int:
         total, _ = count_states(study)
     print(f"\nstudy {study.study_name!r}: {total} finished trials ({total - finished} added by this run)")
     print_best(study)
-    again = " ".join(shlex.quote(f"{k}={v}") for k, v in
-                     (("SPACE", args.space), ("STUDY", study.study_name), ("STORAGE", redact(args.storage))))
-    print(f"\ncontinue this study:  make search {again}")  # redacted: a password never lands in a terminal log
-    print("browse it:            make dashboard   |   export CSVs: make export   |   retrain the best: make final")
+    print_next_steps(args, study.study_name)
     return code
+
+
+def print_next_steps(args, study_name: str) -> None:
+    """Commands that work as printed: each carries the storage, results, study and data of this run."""
+    place = hints.settings_of(args, "STORAGE", "RESULTS")
+    data = hints.settings_of(args, *hints.DATA_SETTINGS, "DEVICE")
+    study = {"STUDY": study_name}
+    search = hints.settings_of(args, "SPACE", "STUDY", "TRIALS", "TIMEOUT", "WORKERS", FUSE=args._fuse_asked)
+    print()
+    print(f"continue this study:  {hints.command('search', {**search, **place, **data})}")
+    print(f"browse it:            {hints.command('dashboard', place)}")
+    print(f"export CSVs:          {hints.command('export', {**study, **place})}")
+    print(f"retrain the best:     {hints.command('final', {**study, **place, **data})}")
+    if hints.has_password(place):  # a password never lands in a terminal log
+        print("(the STORAGE password is left out above: set PGPASSWORD or ~/.pgpass and they work as printed)")

@@ -8,7 +8,10 @@ fixed values is simply a training config (`make train`).
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,14 +21,22 @@ import optuna
 import yaml
 
 from cnnlib.errors import CnnlibError
+from cnnlib.config import SHARED
 from cnnlib.training import TrainConfig
+
+from . import strict_yaml
 
 PARAM_TYPES = ("float", "int", "categorical", "fixed")
 OBJECTIVES = ("dev_macro_accuracy", "robust_macro_accuracy")
-TOP_KEYS = {"description", "objective", "robust", "sampler", "pruner", "budget", "params"}
-PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "value", "when"}
+TOP_KEYS = {"description", "objective", "objective_epochs", "robust", "sampler", "pruner", "budget", "params",
+            "enqueue"}
+PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "value", "when", "field"}
 CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
+CONFIG_TYPES = typing.get_type_hints(TrainConfig)  # lr: float, epochs: int, flip: bool, ...
 SHARED_SEED_SAMPLERS = {"GridSampler", "QMCSampler", "BruteForceSampler"}  # see SearchSpace.make_sampler
+# Where the shipped spaces are: inside the package when installed from a wheel (pyproject.toml maps
+# search_spaces/ to study/search_spaces), at the checkout's top level when run from source.
+SHIPPED_SPACE_DIRS = (Path(__file__).parent / "search_spaces", Path(__file__).resolve().parents[1] / "search_spaces")
 
 
 class SpaceError(CnnlibError, ValueError):
@@ -43,6 +54,13 @@ class Param:
     choices: list | None = None
     value: Any = None
     when: dict = field(default_factory=dict)
+    # The TrainConfig setting this param sets; by default its own name. Two params may set
+    # one field under exclusive conditions: `weight_decay_adamw: {field: weight_decay, when: ...}`
+    # gives decoupled decay its own range beside L2's.
+    field: str = ""
+
+    def __post_init__(self):
+        self.field = self.field or self.name
 
     def suggest(self, trial: optuna.Trial):
         if self.type == "fixed":
@@ -64,6 +82,10 @@ class SearchSpace:
     robust: dict = field(default_factory=dict)
     budget: dict = field(default_factory=dict)
     description: str = ""
+    enqueue: list[dict] = field(default_factory=list)  # known points evaluated first (warm start)
+    # dev macro accuracy averaged over this many last epochs (1: the last epoch alone); see README
+    # "An honest objective": averaging the last 5 ranked configs closer to their test scores.
+    objective_epochs: int = 1
 
     @property
     def name(self) -> str:
@@ -91,19 +113,41 @@ class SearchSpace:
         for name, param in self.params.items():  # file order: a condition's parent comes first
             if self.active(name, values):
                 values[name] = param.suggest(trial)
-        return TrainConfig.from_dict(values)
+        return self._config(values)
+
+    def _config(self, values: dict) -> TrainConfig:
+        """TrainConfig from {param name: value}, each param setting its field."""
+        settings: dict = {}
+        for name, value in values.items():
+            field_name = self.params[name].field if name in self.params else name
+            if field_name in settings:
+                raise SpaceError(f"{self.path}: params {name!r} and another both set {field_name!r}; "
+                                 "make their `when:` conditions exclusive")
+            settings[field_name] = value
+        return TrainConfig.from_dict(settings)
 
     def config_from_params(self, params: dict) -> TrainConfig:
         """A trial's sampled params plus this space's fixed values."""
         values = {n: p.value for n, p in self.params.items() if p.type == "fixed"}
-        values.update({k: v for k, v in params.items() if k in CONFIG_KEYS})
-        return TrainConfig.from_dict(values)
+        values.update({k: v for k, v in params.items() if k in self.params or k in CONFIG_KEYS})
+        return self._config(values)
 
     def fixed_config(self) -> TrainConfig:
         if not self.is_fixed:
             raise SpaceError(f"{self.path}: params {', '.join(self.searched)} are ranges; "
                              "a training run needs a file whose values are all fixed (e.g. search_spaces/seed_final.yaml)")
         return self.config_from_params({})
+
+    def shared_params(self, params: dict) -> dict:
+        """The params of a trial that decide its batches (cnnlib.config.SHARED, and a weighted sampler).
+
+        Trials asked together that agree on these train as one fused group.
+        """
+        shared = {name: value for name, value in params.items()
+                  if name in self.params and self.params[name].field in SHARED}
+        if params.get("imbalance") == "weighted_sampler":
+            shared["imbalance"] = "weighted_sampler"
+        return shared
 
     def make_sampler(self, stream: tuple[int, ...] = ()) -> optuna.samplers.BaseSampler:
         """The file's sampler; a non-zero `stream` derives a distinct seed from the file's seed.
@@ -136,6 +180,18 @@ class SearchSpace:
             return getattr(optuna.pruners, name)(**spec)
         except TypeError as error:
             raise SpaceError(f"{self.path}: pruner: {error}") from None
+
+    def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
+        """What `suggest` asks Optuna for, per searched param."""
+        made = {}
+        for name, p in self.params.items():
+            if p.type == "categorical":
+                made[name] = optuna.distributions.CategoricalDistribution(p.choices)
+            elif p.type == "int":
+                made[name] = optuna.distributions.IntDistribution(p.low, p.high, log=p.log, step=p.step or 1)
+            elif p.type == "float":
+                made[name] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+        return made
 
     def grid_size(self) -> int | None:
         if self.sampler.get("name") != "GridSampler":
@@ -179,8 +235,9 @@ def _check_values(path: Path, params: dict[str, Param]) -> None:
         else:
             values = [param.low, param.high]
         for value in values:
+            _check_kind(path, f"params.{name}", param.field, value)
             try:
-                TrainConfig.from_dict({name: value})
+                TrainConfig.from_dict({param.field: value})
             except (ValueError, TypeError) as error:
                 raise _fail(path, f"params.{name}", f"value {value!r} is not usable: {error}") from None
         for parent, wanted in param.when.items():
@@ -192,15 +249,36 @@ def _check_values(path: Path, params: dict[str, Param]) -> None:
                                 f"{parent} is never {value!r} (its values: {', '.join(map(str, possible))})")
 
 
+def _check_kind(path: Path, key: str, name: str, value) -> None:
+    """Numbers must be numbers and switches booleans, before TrainConfig coerces them.
+
+    YAML reads `true`, `yes` and `on` as booleans and int(True) is 1, so
+    `batch_size: yes` would train with batch size 1; int(32.5) would quietly be 32.
+    """
+    kind = CONFIG_TYPES[name]
+    if kind is bool and not isinstance(value, bool):
+        raise _fail(path, key, f"expected true or false, got {value!r}")
+    if kind in (int, float):
+        _number(path, key, value, integer=(kind is int))
+        if not math.isfinite(value):
+            raise _fail(path, key, f"expected a finite number, got {value}")
+
+
 def _parse_param(path: Path, name: str, spec) -> Param:
     key = f"params.{name}"
-    if name not in CONFIG_KEYS:
-        raise _fail(path, key, f"unknown hyperparameter; known: {', '.join(sorted(CONFIG_KEYS))}")
+    field_name = spec.get("field", name) if isinstance(spec, dict) else name
+    if field_name not in CONFIG_KEYS:
+        raise _fail(path, key if field_name == name else f"{key}.field",
+                    f"unknown hyperparameter {field_name!r}; known: {', '.join(sorted(CONFIG_KEYS))}")
     if not isinstance(spec, dict):
         return Param(name, "fixed", value=spec)
     unknown = set(spec) - PARAM_KEYS
     if unknown:
         raise _fail(path, f"{key}.{sorted(unknown)[0]}", f"unknown key; allowed: {', '.join(sorted(PARAM_KEYS))}")
+    return _parse_param_spec(path, name, key, spec, field_name)
+
+
+def _parse_param_spec(path: Path, name: str, key: str, spec: dict, field_name: str) -> Param:
     kind = spec.get("type")
     if kind not in PARAM_TYPES:
         raise _fail(path, f"{key}.type", f"unknown type {kind!r}; expected one of {', '.join(PARAM_TYPES)}")
@@ -210,12 +288,12 @@ def _parse_param(path: Path, name: str, spec) -> Param:
     if kind == "fixed":
         if "value" not in spec:
             raise _fail(path, f"{key}.value", "a fixed param needs a value")
-        return Param(name, kind, value=spec["value"], when=when)
+        return Param(name, kind, value=spec["value"], when=when, field=field_name)
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise _fail(path, f"{key}.choices", f"expected a non-empty list, got {choices!r}")
-        return Param(name, kind, choices=choices, when=when)
+        return Param(name, kind, choices=choices, when=when, field=field_name)
     for bound in ("low", "high"):
         if bound not in spec:
             raise _fail(path, f"{key}.{bound}", f"a {kind} range needs low and high")
@@ -236,33 +314,127 @@ def _parse_param(path: Path, name: str, spec) -> Param:
             raise _fail(path, f"{key}.step", f"must be > 0, got {step}")
         if log:
             raise _fail(path, f"{key}.step", "step cannot be combined with log")
-    return Param(name, kind, low=low, high=high, log=log, step=step, when=when)
+    return Param(name, kind, low=low, high=high, log=log, step=step, when=when, field=field_name)
 
 
-def _parse_component(path, key, spec, module, default):
+def _parse_enqueue(path: Path, spec, params: dict[str, Param]) -> list[dict]:
+    """`enqueue:` a list of points, each {param: value} for searched params, evaluated first.
+
+    Each value must be one the param can take (inside its range, among its
+    choices), so a warm-start point is a point of this space, not a typo that
+    Optuna would quietly replace with a sample.
+    """
+    if spec is None:
+        return []
+    if not isinstance(spec, list):
+        raise _fail(path, "enqueue", f"expected a list of {{param: value}} points, got {spec!r}")
+    points = []
+    for index, point in enumerate(spec):
+        key = f"enqueue[{index}]"
+        if not isinstance(point, dict) or not point:
+            raise _fail(path, key, f"expected a mapping of searched params to values, got {point!r}")
+        for name, value in point.items():
+            param = params.get(name)
+            if param is None or param.type == "fixed":
+                searched = ", ".join(n for n, p in params.items() if p.type != "fixed")
+                raise _fail(path, f"{key}.{name}", f"not a searched param of this file (searched: {searched})")
+            if param.type == "categorical":
+                if value not in param.choices:
+                    raise _fail(path, f"{key}.{name}", f"{value!r} is not one of its choices {param.choices}")
+            else:
+                _number(path, f"{key}.{name}", value, integer=(param.type == "int"))
+                if not param.low <= value <= param.high:
+                    raise _fail(path, f"{key}.{name}", f"{value!r} is outside its range [{param.low}, {param.high}]")
+        points.append(dict(point))
+    return points
+
+
+def _parse_component(path, key, spec, module, base, default):
+    """A sampler or pruner spec; its name must be a public class of `module` that subclasses `base`.
+
+    Any other attribute (a helper function such as optuna.pruners._filter_study)
+    would be called with the file's arguments.
+    """
     if spec is None:
         return default
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise _fail(path, key, f"expected {{name: ..., <args>}}, got {spec!r}")
-    if not hasattr(module, spec["name"]):
-        raise _fail(path, f"{key}.name", f"{spec['name']!r} is not in {module.__name__}")
+    usable = sorted(n for n, c in vars(module).items() if not n.startswith("_") and isinstance(c, type)
+                    and issubclass(c, base) and not inspect.isabstract(c))
+    if spec["name"] not in usable:
+        raise _fail(path, f"{key}.name", f"{spec['name']!r} is not a public {key} class of {module.__name__}; "
+                                         f"expected one of {', '.join(usable)}")
+    arguments = inspect.signature(getattr(module, spec["name"])).parameters
+    for name, value in spec.items():  # YAML's yes/on are booleans: `seed: yes` would quietly be seed 1
+        annotation = str(arguments[name].annotation) if name in arguments else ""
+        if isinstance(value, bool) and re.search(r"\b(int|float)\b", annotation) and "bool" not in annotation:
+            raise _fail(path, f"{key}.{name}", f"expected a number, got {value!r}")
     return dict(spec)
+
+
+def _check_sampler_proposes(space: SearchSpace) -> None:
+    """Ask one trial of a throwaway in-memory study.
+
+    A sampler can be built and still fail inside `study.ask()` (PartialFixedSampler
+    given the text `base_sampler: TPESampler`), and by then the real storage holds
+    the new trial, RUNNING, with no worker to ever finish it.
+    """
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line
+    try:
+        space.suggest(optuna.create_study(sampler=space.make_sampler(), directions=space.directions).ask())
+    except SpaceError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a sampler can raise anything
+        detail = (str(error).strip().splitlines() or [""])[0]
+        raise _fail(space.path, "sampler", f"cannot propose a trial ({type(error).__name__}: {detail})") from None
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def shipped_spaces() -> list[str]:
+    folder = next((d for d in SHIPPED_SPACE_DIRS if d.is_dir()), None)
+    return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml")) if folder else []
+
+
+def find_space(name: str | Path) -> Path:
+    """The space file as given, else the shipped one of that name.
+
+    So `SPACE=smoke`, `smoke.yaml` and `search_spaces/smoke.yaml` all work from
+    any working directory, and from an installed package that has no checkout.
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    relative = Path(*path.parts[1:]) if path.parts[:1] == ("search_spaces",) else path
+    if not relative.suffix:
+        relative = relative.with_suffix(".yaml")
+    if not relative.is_absolute():
+        for folder in SHIPPED_SPACE_DIRS:
+            if (folder / relative).is_file():
+                return folder / relative
+    return path
 
 
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a space file; raises SpaceError naming the file and key."""
-    path = Path(path)
+    path = find_space(path)
+    if path.is_dir():
+        raise SpaceError(f"{path}: is a folder; expected a search-space YAML file (see search_spaces/)")
     if not path.is_file():
-        raise SpaceError(f"{path}: search-space file not found (see search_spaces/)")
+        raise SpaceError(f"{path}: search-space file not found (shipped spaces: {', '.join(shipped_spaces())})")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = strict_yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise SpaceError(f"{path}: {where}not valid YAML ({problem})") from None
+        what = problem if isinstance(error, strict_yaml.RefusedYAML) else f"not valid YAML ({problem})"
+        raise SpaceError(f"{path}: {where}{what}") from None
+    except RecursionError:
+        raise SpaceError(f"{path}: YAML nested too deeply to be a search space") from None
     except UnicodeDecodeError as error:
         raise SpaceError(f"{path}: not a UTF-8 text file (byte {error.start}); expected a YAML search space") from None
     if not isinstance(raw, dict):
@@ -286,17 +458,24 @@ def load_space(path: str | Path) -> SearchSpace:
         if objective not in OBJECTIVES:
             raise _fail(path, "objective", f"unknown objective {objective!r}; expected {', '.join(OBJECTIVES)}")
     robust = raw.get("robust") or {}
-    if "robust_macro_accuracy" in objectives and not isinstance(robust.get("epsilon"), (int, float)):
+    epsilon = robust.get("epsilon")
+    if "robust_macro_accuracy" in objectives and (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float))):
         raise _fail(path, "robust.epsilon", "the robust objective needs robust: {attack: fgsm, epsilon: 0.03}")
+    objective_epochs = raw.get("objective_epochs", 1)
+    if _number(path, "objective_epochs", objective_epochs, integer=True) < 1:
+        raise _fail(path, "objective_epochs", f"must be at least 1, got {objective_epochs}")
     budget = raw.get("budget") or {}
     for key, value in budget.items():
         if key not in ("trials", "timeout"):
             raise _fail(path, f"budget.{key}", "unknown key; allowed: trials, timeout")
         if value is not None and _number(path, f"budget.{key}", value, integer=True) < 0:
             raise _fail(path, f"budget.{key}", f"cannot be negative, got {value}")
-    sampler = _parse_component(path, "sampler", raw.get("sampler"), optuna.samplers, {"name": "TPESampler"})
-    pruner = _parse_component(path, "pruner", raw.get("pruner"), optuna.pruners, None)
-    space = SearchSpace(path, params, objectives, sampler, pruner, robust, budget, str(raw.get("description", "")))
+    sampler = _parse_component(path, "sampler", raw.get("sampler"), optuna.samplers, optuna.samplers.BaseSampler,
+                               {"name": "TPESampler"})
+    pruner = _parse_component(path, "pruner", raw.get("pruner"), optuna.pruners, optuna.pruners.BasePruner, None)
+    enqueue = _parse_enqueue(path, raw.get("enqueue"), params)
+    space = SearchSpace(path, params, objectives, sampler, pruner, robust, budget, str(raw.get("description", "")),
+                        enqueue, objective_epochs)
     if sampler["name"] == "GridSampler":
         bad = [n for n, p in params.items() if p.type not in ("categorical", "fixed")]
         if bad:
@@ -309,4 +488,5 @@ def load_space(path: str | Path) -> SearchSpace:
             raise
         except ValueError as error:
             raise _fail(path, key, str(error)) from None
+    _check_sampler_proposes(space)
     return space

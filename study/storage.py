@@ -12,26 +12,31 @@ worker fails and retries a RUNNING trial whose process on this machine is gone.
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import os
 import socket
+import sys
+import time
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
 import sqlalchemy.exc
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import is_heartbeat_enabled
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import TrialState
 
-from .cli import UserError
+from .errors import UserError
 
 HEARTBEAT_INTERVAL = int(os.environ.get("HEARTBEAT_INTERVAL", 10))  # seconds between "still alive" writes
 GRACE_PERIOD = int(os.environ.get("HEARTBEAT_GRACE", 30))  # silence after which a running trial is declared dead
 MAX_RETRY = 3  # a trial whose worker died is re-run with the same params at most this often
 OWNER_ATTR = "worker_process"  # trial system attribute: {"host", "pid", "start"} of the process running it
 SQLITE_BUSY_TIMEOUT = 60  # seconds a writer waits for SQLite's lock instead of failing "database is locked"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write that stops part-way: the disk, a quota, a size limit
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -58,6 +63,7 @@ def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorag
             raise UserError(f"cannot create the folder of storage {url!r}: {path.parent}: {error.strerror}") from None
     if url.startswith("journal:"):
         try:
+            set_aside_torn_record(path)
             return JournalStorage(JournalFileBackend(str(path)))
         except (OSError, ValueError) as error:  # unreadable, or not a journal (its lines are JSON)
             raise UserError(f"cannot open journal storage {path}: {error}") from None
@@ -94,8 +100,72 @@ def storage_failures(url: str):
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
         cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) and error.__cause__ else error
         lines = str(getattr(cause, "orig", None) or cause).strip().splitlines()
-        raise UserError(f"storage {redact(url)} failed ({lines[0] if lines else type(cause).__name__}); trials told "
+        detail = lines[0] if lines else type(cause).__name__
+        if "readonly database" in detail:  # Optuna's own message blames "invalid data ... exceeding max length"
+            raise UserError(f"storage {redact(url)} is read-only ({detail}); make the file and its folder writable, "
+                            "or set STORAGE=... to another") from None
+        raise UserError(f"storage {redact(url)} failed ({detail}); trials told "
                         "before this are kept there: run the same command again to continue") from None
+    except OSError as error:  # journal storage writes the file itself
+        if error.errno not in DISK_FULL:
+            raise
+        raise UserError(f"storage {redact(url)} failed ({error.strerror}); trials told before this are kept there: "
+                        "free some space, then run the same command again to continue") from None
+
+
+def set_aside_torn_record(path: Path) -> Path | None:
+    """Move a journal's cut-off last record to a side file, which is returned (None: the journal is whole).
+
+    A kill or a full disk mid-write leaves the last line without its newline.
+    Optuna reads past it, but appends the next record onto it, and from then on
+    every read of the journal fails ("Expecting ':' delimiter"): the study is lost.
+    Writers append under Optuna's lock file, so a cut line seen while holding
+    that lock is one whose writer is gone.
+    """
+    if _ends_whole(path):
+        return None
+    lock = JournalFileSymlinkLock(str(path))  # the lock JournalFileBackend takes by default
+    lock.acquire()
+    try:
+        with open(path, "r+b") as journal:
+            whole = _whole_length(journal)
+            journal.seek(whole)
+            torn = journal.read()
+            if not torn:
+                return None
+            side = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            side.write_bytes(torn)  # first, so a failing truncate loses nothing
+            journal.truncate(whole)
+    finally:
+        lock.release()
+    print(f"note: {path} ended in a cut-off record ({len(torn)} bytes, from a crash or a full disk mid-write); "
+          f"moved it to {side}; the complete records are kept", file=sys.stderr)
+    return side
+
+
+def _ends_whole(path: Path) -> bool:
+    """Empty, missing, or ending in a newline; cheap, and taken without the lock (a writer may be mid-line)."""
+    try:
+        with open(path, "rb") as journal:
+            if journal.seek(0, os.SEEK_END) == 0:
+                return True
+            journal.seek(-1, os.SEEK_END)
+            return journal.read(1) == b"\n"
+    except FileNotFoundError:
+        return True
+
+
+def _whole_length(journal) -> int:
+    """Bytes up to and including the last newline."""
+    end = journal.seek(0, os.SEEK_END)
+    while end > 0:
+        start = max(0, end - 65536)
+        journal.seek(start)
+        cut = journal.read(end - start).rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        end = start
+    return 0
 
 
 def redact(url: str) -> str:
@@ -165,14 +235,15 @@ def claim_trial(study: optuna.Study, trial: optuna.Trial) -> None:
     With heartbeats, the first beat is written now: Optuna never declares stale
     a RUNNING trial that has no heartbeat at all, so a worker killed between
     `ask` and its heartbeat thread would hold that trial (and a quota slot) forever.
+    The owner is recorded on every storage: a RUNNING trial without one was
+    never claimed (fail_unclaimed_trials).
     """
     storage = study._storage
+    pid = os.getpid()
+    storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR,
+                                  {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)})
     if is_heartbeat_enabled(storage):
         storage.record_heartbeat(trial._trial_id)
-    else:
-        pid = os.getpid()
-        storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR,
-                                      {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)})
 
 
 def fail_dead_local_trials(study: optuna.Study) -> list[int]:
@@ -187,15 +258,42 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
         owner = trial.system_attrs.get(OWNER_ATTR)
         if not owner or owner.get("host") != host or _is_alive(owner):
             continue
-        try:
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason",
-                                        f"worker process {owner['pid']} on {host} died during the trial")
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # it finished (or another worker failed it) meanwhile
-        dead = copy.deepcopy(storage.get_trial(trial._trial_id))  # the retry starts without the dead one's marks
-        dead.system_attrs.pop(OWNER_ATTR, None)
-        dead.user_attrs.pop("fail_reason", None)
-        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, dead)
-        failed.append(trial.number)
+        if _fail_and_retry(study, trial, f"worker process {owner['pid']} on {host} died during the trial"):
+            failed.append(trial.number)
     return failed
+
+
+def fail_unclaimed_trials(study: optuna.Study) -> list[int]:
+    """Fail and retry RUNNING trials that no worker ever claimed; returns their numbers.
+
+    `study.ask()` stores the new trial before the sampler runs; when the sampler
+    (or the worker) fails in between, the trial has neither owner nor heartbeat,
+    so neither a pid check nor Optuna's staleness check would ever end it, and
+    it would hold a quota slot forever. A live worker claims its trial
+    milliseconds after asking: GRACE_PERIOD is ample, even across machines.
+    """
+    asked_before = datetime.now() - timedelta(seconds=GRACE_PERIOD)
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if OWNER_ATTR in trial.system_attrs or not trial.datetime_start or trial.datetime_start > asked_before:
+            continue
+        if _fail_and_retry(study, trial, "no worker ever claimed this trial (study.ask failed, or its worker died, "
+                                         "before it started)"):
+            failed.append(trial.number)
+    return failed
+
+
+def _fail_and_retry(study: optuna.Study, trial, reason: str) -> bool:
+    """Mark a RUNNING trial FAIL with `reason` and queue its params again, as the heartbeat's retry callback does.
+    False when it finished (or another worker failed it) meanwhile."""
+    storage = study._storage
+    try:
+        storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    dead = copy.deepcopy(storage.get_trial(trial._trial_id))  # the retry starts without the dead one's marks
+    dead.system_attrs.pop(OWNER_ATTR, None)
+    dead.user_attrs.pop("fail_reason", None)
+    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, dead)
+    return True

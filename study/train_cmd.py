@@ -20,9 +20,9 @@ from pathlib import Path
 from cnnlib.atomic import write_atomic, write_json
 from cnnlib.checkpoint import save_checkpoint
 from cnnlib.metrics import majority_baseline
-from cnnlib.training import DeviceData, EpochStats, TrainConfig, evaluate, make_criterion, train
+from cnnlib.training import DeviceData, EpochStats, TrainConfig, evaluate, make_criterion, train_group
 
-from .cli import UserError
+from .errors import UserError
 from .options import add_common_options, add_data_options, load_splits
 from .space import load_space
 
@@ -37,6 +37,9 @@ def add_arguments(parser) -> None:
                         help="run folder under RESULTS/runs (default: <space name>-<YYYYmmdd-HHMMSS>)")
     parser.add_argument("--overwrite", action="store_true", help="reuse the folder given by --name if it exists")
     parser.add_argument("--epochs", type=int, default=None, help="override the file's epochs (quick tries)")
+    parser.add_argument("--seeds", type=int, default=int(os.environ.get("SEEDS") or 1),
+                        help="train seeds s..s+k-1 (s: the file's seed) as one fused group and report each, "
+                             "their mean and spread; the median seed's model is kept (env SEEDS, default 1)")
     add_data_options(parser)
     add_common_options(parser)
 
@@ -82,12 +85,24 @@ def reserve_run_dir(runs: Path, name: str | None, default_stem: str, overwrite: 
 
 # --- the run --------------------------------------------------------------
 
-def _progress(total_epochs: int):
+def _seed_summary(configs: list[TrainConfig], per_seed: list[dict]) -> dict:
+    """Each seed's dev/test macro and per-class accuracy, and mean and sample sd of the macro."""
+    rows = [{"seed": c.seed, **{name: {"macro_accuracy": e.macro_accuracy, "per_class": e.per_class}
+                                for name, e in evaluations.items()}} for c, evaluations in zip(configs, per_seed)]
+    macro = {}
+    for name in per_seed[0]:
+        values = [e[name].macro_accuracy for e in per_seed]
+        macro[name] = {"mean": statistics.mean(values), "sd": statistics.stdev(values)}
+    return {"seeds": rows, "macro_accuracy": macro}
+
+
+def _progress(total_epochs: int, seeds: list[int]):
     width = len(str(total_epochs))
 
-    def on_epoch(stats: EpochStats) -> None:
+    def on_epoch(member: int, stats: EpochStats) -> None:
         per = " ".join(f"{c} {a:5.1%}" for c, a in stats.dev.per_class.items())
-        print(f"epoch {stats.epoch:>{width}}/{total_epochs}  train loss {stats.train_loss:.4f}  "
+        label = f"seed {seeds[member]}  " if len(seeds) > 1 else ""
+        print(f"{label}epoch {stats.epoch:>{width}}/{total_epochs}  train loss {stats.train_loss:.4f}  "
               f"dev loss {stats.dev_loss:.4f}  dev macro {stats.dev_macro_accuracy:6.1%}  ({per})  "
               f"{stats.seconds:.2f}s", flush=True)
 
@@ -102,6 +117,8 @@ def run(args) -> int:
             config = TrainConfig.from_dict({**config.to_dict(), "epochs": args.epochs})
         except ValueError as error:
             raise UserError(f"--epochs {args.epochs}: {error}") from None
+    if args.seeds < 1:
+        raise UserError(f"--seeds {args.seeds}: must be at least 1")
     run_dir, created = reserve_run_dir(Path(args.results) / "runs", args.name, space.name, args.overwrite)
     try:
         return _train_and_write(args, space, config, load_splits(args), run_dir)
@@ -121,17 +138,37 @@ def _train_and_write(args, space, config: TrainConfig, splits, run_dir: Path) ->
           + f"  ({'/'.join(classes)})")
     print(f"device: {data.device}\nrun:    {run_dir}", flush=True)
 
-    result = train(config, data, data.device, on_epoch=_progress(config.epochs))
+    configs = [TrainConfig.from_dict({**config.to_dict(), "seed": config.seed + i}) for i in range(args.seeds)]
+    results = train_group(configs, data, on_epoch=_progress(config.epochs, [c.seed for c in configs]))
+    for result in results:
+        if result.error is not None:
+            raise result.error
     criterion = make_criterion(config, data.train.y, data.n_classes)
-    evaluations = {"dev": result.dev}
-    if data.test is not None:
-        evaluations["test"] = evaluate(result.model, data.test, classes, criterion)
+    per_seed = []
+    for result in results:
+        evaluations = {"dev": result.dev}
+        if data.test is not None:
+            evaluations["test"] = evaluate(result.model, data.test, classes, criterion)
+        per_seed.append(evaluations)
+    # The median seed by dev macro accuracy is the run's model (as in `make final`).
+    median = sorted(range(len(results)), key=lambda i: per_seed[i]["dev"].macro_accuracy)[(len(results) - 1) // 2]
+    result, config, evaluations = results[median], configs[median], dict(per_seed[median])
     evaluations["train"] = evaluate(result.model, data.train, classes, criterion)
     baselines = {name: majority_baseline(splits.train.labels, split.labels, len(classes), classes)
                  for name, split in (("dev", splits.dev), ("test", splits.test)) if split is not None}
     # The median: the first epoch carries one-off warm-up, and other work on a shared machine adds spikes.
     seconds_per_epoch = statistics.median(s.seconds for s in result.history)
 
+    seed_summary = _seed_summary(configs, per_seed) if len(configs) > 1 else None
+    if seed_summary:
+        for row in seed_summary["seeds"]:
+            print(f"seed {row['seed']}: " + "  ".join(
+                f"{name} macro {block['macro_accuracy']:.1%} ("
+                + " ".join(f"{c} {a:.1%}" for c, a in block["per_class"].items()) + ")"
+                for name, block in row.items() if name != "seed"))
+        print("  ".join(f"{name} macro {stats['mean']:.1%} ± {stats['sd']:.1%}" for name, stats
+                        in seed_summary["macro_accuracy"].items()) + f" over {len(configs)} seeds; "
+              f"the median seed ({config.seed}) is kept:")
     for name, evaluation in evaluations.items():
         print(evaluation.format(f"{name}:"))
     for name, evaluation in baselines.items():
@@ -154,6 +191,7 @@ def _train_and_write(args, space, config: TrainConfig, splits, run_dir: Path) ->
         "test": evaluations["test"].to_dict() if "test" in evaluations else None,
         "train": evaluations["train"].to_dict(),
         "majority_baseline": {name: evaluation.to_dict() for name, evaluation in baselines.items()},
+        "seeds": seed_summary,
         "checkpoint": "model.pt",
     }
     save_checkpoint(run_dir / "model.pt", result.model, config, classes, data.image_size,

@@ -149,6 +149,7 @@ def tiny_run(tiny_inputs):
 # they would leak into the studies and commands the tests run.
 STUDY_ENV = ("DATA", "RESULTS", "DEVICE", "SPACE", "STUDY", "STORAGE", "TRIALS", "TIMEOUT", "WORKERS", "FUSE",
              "TRUST_PICKLE", "CORRECTIONS", "CSV", "HOST", "PORT", "CHECKPOINT", "SPLIT", "TRIAL", "SEEDS",
+             "BUDGET", "SEARCH_SEEDS", "CLASSES", "TRAIN_COUNTS", "DEV_COUNTS", "TEST_COUNTS", "SPLIT_SEED",
              "FLIP_COUNT", "SEED", "THREADS")
 
 

@@ -8,17 +8,23 @@ a reader raises but a command lets escape as a traceback is caught too.
 
 from __future__ import annotations
 
+import io
+import struct
 import subprocess
 import sys
 import textwrap
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
 
 from cnnlib.checkpoint import FORMAT, save_checkpoint
 from cnnlib.model import SeedCNN
+from cnnlib.splits import DataConfig, prepare_splits
 from cnnlib.training import TrainConfig
 from conftest import build_image_tree, class_image, run_cli, write_image
 
@@ -164,6 +170,12 @@ def test_an_npy_array_renamed_to_npz_is_named(tmp_path):
 
 # --- search-space files ----------------------------------------------------------------------
 
+# 9 levels of 9 aliases in the description: ~500 bytes that a plain YAML loader turns into 9**9
+# strings once the description is printed (the outside probe measured 118 s and 15.6 GB).
+ALIAS_BOMB = ("description: [&a [x, x, x, x, x, x, x, x, x], "
+              + ", ".join(f"&{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8))
+              + "]\nparams:\n  lr: 0.01\n")
+
 BAD_SPACES = {
     "wrong type: text for an int": ("params:\n  epochs: {type: int, low: two, high: 4}\n",
                                     "params.epochs.low: expected an integer, got 'two'"),
@@ -186,6 +198,36 @@ BAD_SPACES = {
                                    "params.lr.high: expected a finite number"),
     "impossible: negative budget": ("budget: {trials: -3}\nparams:\n  lr: 0.01\n", "budget.trials: cannot be negative"),
     "not text": (b"\xff\xfe\x00\x01 binary", "not a UTF-8 text file"),
+    # issue 16: YAML that loads but means something other than what the file says
+    "an alias": ("params:\n  lr: &rate 1.0e-3\n  weight_decay: *rate\n",
+                 "line 3, column 17: alias *rate refused"),
+    "an alias bomb": (ALIAS_BOMB, "line 1, column 51: alias *a refused"),
+    "a duplicate key": ("params:\n  lr: {type: float, low: 1.0e-3, high: 1.0e-1}\n  lr: 5\n",
+                        "line 3, column 3: duplicate key 'lr' (first on line 2)"),
+    "a duplicate top-level key": ("params:\n  lr: 0.01\nparams:\n  lr: 0.1\n",
+                                  "line 3, column 1: duplicate key 'params' (first on line 1)"),
+    "a boolean batch size": ("params:\n  batch_size: true\n", "params.batch_size: expected an integer, got True"),
+    "a boolean epochs (yes)": ("params:\n  epochs: yes\n", "params.epochs: expected an integer, got True"),
+    "a boolean among choices": ("params:\n  batch_size: {type: categorical, choices: [32, on]}\n",
+                                "params.batch_size: expected an integer, got True"),
+    "a boolean sampler seed": ("sampler: {name: TPESampler, seed: yes}\nparams:\n  lr: 0.01\n",
+                               "sampler.seed: expected a number, got True"),
+    "a boolean pruner warm-up": ("pruner: {name: MedianPruner, n_warmup_steps: on}\nparams:\n  lr: 0.01\n",
+                                 "pruner.n_warmup_steps: expected a number, got True"),
+    "a boolean robust epsilon": ("objective: [dev_macro_accuracy, robust_macro_accuracy]\nrobust: {epsilon: true}\n"
+                                 "params:\n  lr: 0.01\n", "robust.epsilon"),
+    "a fractional batch size": ("params:\n  batch_size: 32.5\n", "params.batch_size: expected an integer, got 32.5"),
+    "infinite epochs": ("params:\n  epochs: .inf\n", "params.epochs: expected an integer, got inf"),
+    "a not-a-number lr": ("params:\n  lr: .nan\n", "params.lr: expected a finite number, got nan"),
+    "a private pruner function": ("pruner: {name: _filter_study}\nparams:\n  lr: 0.01\n",
+                                  "pruner.name: '_filter_study' is not a public pruner class of optuna.pruners"),
+    "a sampler module helper": ("sampler: {name: IntersectionSearchSpace}\nparams:\n  lr: 0.01\n",
+                                "sampler.name: 'IntersectionSearchSpace' is not a public sampler class"),
+    "a sampler that cannot propose": (
+        "sampler: {name: PartialFixedSampler, fixed_params: {}, base_sampler: TPESampler}\n"
+        "params:\n  lr: {type: float, low: 1.0e-3, high: 1.0e-1}\n",
+        "sampler: cannot propose a trial"),
+    "nesting too deep": ("params:\n  lr: " + "[" * 5000 + "]" * 5000 + "\n", "YAML nested too deeply"),
 }
 
 
@@ -199,6 +241,15 @@ def test_a_bad_space_file_stops_search_before_data_or_storage_with_its_key(tmp_p
 
     assert_one_line_error(result, f"error: {space}: {detail}")
     assert not (tmp_path / "optuna.db").exists()
+
+
+def test_a_space_that_is_a_folder_is_named_as_a_folder(tmp_path):
+    folder = tmp_path / "space.yaml"
+    folder.mkdir()
+
+    assert_one_line_error(run_cli("search", "--space", folder, "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
+                                  "--data", tmp_path / "no-data", "--results", tmp_path / "results"),
+                          f"error: {folder}: is a folder; expected a search-space YAML file")
 
 
 # --- storages and studies --------------------------------------------------------------------
@@ -292,3 +343,164 @@ def test_evaluate_refuses_a_model_trained_on_another_image_size(tmp_path):
     assert_one_line_error(run_cli("evaluate", "--checkpoint", checkpoint, "--data", root, "--results", tmp_path,
                                   "--device", "cpu", *TREE_COUNTS),
                           f"{checkpoint}: model was trained on other image sizes; the dev images are 32x32")
+
+
+# --- issue 16: data that loaded but meant something else, or crashed later ------------------------
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def test_a_decompression_bomb_png_is_named_not_decoded(tmp_path):
+    """A 20000x20000 PNG header over a few bytes of data: Pillow refuses it with an exception of its own."""
+    root = tree(tmp_path)
+    bomb = root / "train" / "cat" / "0002.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+                     + png_chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + png_chunk(b"IEND", b""))
+
+    assert_one_line_error(data_cli(tmp_path, root, *TREE_COUNTS), f"error: {bomb}: ", "decompression bomb")
+
+
+@pytest.mark.parametrize("make_link", [lambda link: link.symlink_to(link.parent / "gone.png"),
+                                       lambda link: link.symlink_to(link)], ids=["dangling", "loop"])
+def test_a_broken_symbolic_link_in_a_class_folder_is_named(tmp_path, make_link):
+    root = tree(tmp_path)
+    link = root / "test" / "truck" / "0009.png"
+    make_link(link)
+
+    assert_one_line_error(data_cli(tmp_path, root, *TREE_COUNTS), f"error: {link}: symbolic link")
+
+
+def test_an_npz_whose_images_are_too_small_for_the_cnn_is_named(tmp_path):
+    folder = npz_folder(tmp_path, train_size=8)
+    np.savez(folder / "dev.npz", images=np.zeros((3, 8, 8, 3), np.uint8), labels=np.array([0, 1, 2]))
+
+    assert_one_line_error(data_cli(tmp_path, folder), f"error: {folder / 'train.npz'}: images are 8x8",
+                          "at least 16x16")
+
+
+def test_an_npz_whose_header_claims_petabytes_is_named_before_anything_is_allocated(tmp_path):
+    folder = npz_folder(tmp_path)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (10 ** 7, 10 ** 4, 10 ** 2, 3)})
+    with zipfile.ZipFile(folder / "train.npz", "w") as archive:
+        archive.writestr("images.npy", b"\x93NUMPY\x01\x00" + header.getvalue()[8:] + b"\x00" * 64)
+        archive.writestr("labels.npy", npy_bytes(np.array([0, 1, 2])))
+
+    assert_one_line_error(data_cli(tmp_path, folder), f"error: {folder / 'train.npz'}: array 'images' claims shape "
+                                                      "(10000000, 10000, 100, 3)")
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_npz_ids_that_repeat_are_refused_by_name(tmp_path):
+    """A correction of a repeated id would change only one of the images that share it."""
+    folder = npz_folder(tmp_path)
+    np.savez(folder / "dev.npz", images=np.zeros((3, 32, 32, 3), np.uint8), labels=np.array([0, 1, 2]),
+             ids=np.array(["a", "b", "a"]))
+
+    assert_one_line_error(data_cli(tmp_path, folder), f"error: {folder / 'dev.npz'}: ids must be unique",
+                          "'a' (2 images)")
+
+
+@pytest.mark.parametrize("ids, shape", [(np.array([["a", "b"], ["c", "d"], ["e", "f"]]), "(3, 2)"),
+                                        (np.array(["a", "b"]), "(2,)")], ids=["2-D", "too few"])
+def test_npz_ids_of_the_wrong_shape_name_the_file(tmp_path, ids, shape):
+    folder = npz_folder(tmp_path)
+    np.savez(folder / "dev.npz", images=np.zeros((3, 32, 32, 3), np.uint8), labels=np.array([0, 1, 2]), ids=ids)
+    corrections = tmp_path / "corrections.csv"
+    corrections.write_text("id,new_label\na,car\n")
+
+    assert_one_line_error(data_cli(tmp_path, folder, "--corrections", corrections),
+                          f"error: {folder / 'dev.npz'}: ids have shape {shape}, expected (3,)")
+
+
+def test_asking_for_every_image_of_a_class_reads_plainly(tmp_path):
+    root = tree(tmp_path)
+
+    message = assert_one_line_error(data_cli(tmp_path, root, "--train-counts", "7,6,6", "--dev-counts", "3,3,3",
+                                             "--test-counts", "3,3,3"), f"{root / 'train' / 'car'}: 6 images")
+
+    assert message.endswith("6 images, but the split needs 7")
+
+
+@pytest.mark.parametrize("counts, split, missing", [
+    (["--train-counts", "6,6,0"], "train", "'cat'"),
+    (["--dev-counts", "3,0,3"], "dev", "'truck'"),
+    (["--dev-counts", "0,0,0"], "dev", "'car', 'truck', 'cat'"),
+], ids=["no cat in train", "no truck in dev", "empty dev"])
+def test_a_split_without_some_class_is_refused_naming_the_class_and_split(tmp_path, counts, split, missing):
+    """Macro accuracy averages the classes a split has: a missing one would silently drop out of the number."""
+    root = tree(tmp_path)
+    options = dict(zip(TREE_COUNTS[::2], TREE_COUNTS[1::2]))
+    options.update(dict(zip(counts[::2], counts[1::2])))
+
+    assert_one_line_error(data_cli(tmp_path, root, *[x for pair in options.items() for x in pair]),
+                          f"error: {root} (--{split}-counts ", f"the {split} split has no {missing} image")
+
+
+def test_train_with_an_empty_train_split_is_one_line(tmp_path):
+    root = tree(tmp_path)
+    space = tmp_path / "fixed.yaml"
+    space.write_text("params:\n  epochs: 1\n")
+
+    assert_one_line_error(run_cli("train", "--space", space, "--data", root, "--results", tmp_path / "results",
+                                  "--device", "cpu", "--train-counts", "0,0,0", "--dev-counts", "3,3,3",
+                                  "--test-counts", "3,3,3"), "the train split has no 'car', 'truck', 'cat' image")
+
+
+def test_corrections_that_drop_every_cat_from_dev_are_refused_naming_the_file(tmp_path):
+    root = tree(tmp_path)
+    plain = prepare_splits(DataConfig(root, train_counts=(6, 6, 6), dev_counts=(3, 3, 3), test_counts=(3, 3, 3)), None)
+    cats = [i for i, label in zip(plain.dev.ids.tolist(), plain.dev.labels) if label == 2]
+    corrections = tmp_path / "corrections.csv"
+    corrections.write_text("id,new_label\n" + "".join(f"{i},drop\n" for i in cats))
+
+    assert_one_line_error(data_cli(tmp_path, root, *TREE_COUNTS, "--corrections", corrections),
+                          f"error: {corrections}: after these corrections the dev split has no 'cat' image")
+
+
+def test_final_refuses_an_empty_test_split_before_training(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5,
+                                              user_attrs={"config": TrainConfig(epochs=1).to_dict()}))
+    root = tree(tmp_path)
+
+    assert_one_line_error(run_cli("final", "--storage", url, "--data", root, "--results", tmp_path / "results",
+                                  "--device", "cpu", "--seeds", "1", "--no-png", *TREE_COUNTS[:4],
+                                  "--test-counts", "0,0,0"),
+                          "the test split has no 'car', 'truck', 'cat' image")
+    assert not (tmp_path / "results" / "final").exists()
+
+
+def crafted_checkpoint(path: Path, **changes) -> Path:
+    """A checkpoint of the right format whose entries were edited by hand (or by someone else)."""
+    payload = {"format": FORMAT, "state_dict": SeedCNN().state_dict(), "config": TrainConfig().to_dict(),
+               "classes": list(CLASSES), "image_size": 32, "extra": {}}
+    for key, value in changes.items():
+        if key == "config":
+            payload["config"] = {**payload["config"], **value}
+        else:
+            payload[key] = value
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("changes, detail", [
+    ({"image_size": 10 ** 6}, "weights do not fit the seed CNN for 3 classes (image_size 1000000"),
+    ({"config": {"epochs": float("inf")}}, "checkpoint settings do not fit this code"),
+    ({"classes": [1, 2, 3]}, "class names [1, 2, 3] are not two or more distinct names"),
+    ({"classes": ["car", "car", "cat"]}, "class names ['car', 'car', 'cat'] are not two or more distinct names"),
+], ids=["huge image size", "infinite epochs", "numbers as class names", "repeated class names"])
+def test_evaluate_refuses_a_crafted_checkpoint_with_one_line(tmp_path, changes, detail):
+    root = tree(tmp_path)
+    checkpoint = crafted_checkpoint(tmp_path / "crafted.pt", **changes)
+
+    assert_one_line_error(run_cli("evaluate", "--checkpoint", checkpoint, "--data", root, "--results", tmp_path,
+                                  "--device", "cpu", *TREE_COUNTS), f"error: {checkpoint}: {detail}")

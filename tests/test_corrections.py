@@ -123,3 +123,14 @@ def test_the_cached_split_is_rebuilt_when_the_corrections_file_changes(tree, tmp
     assert again.cache_path == first.cache_path
     position = plain.train.ids.tolist().index(image)
     assert [int(s.train.labels[position]) for s in (plain, first, again, edited)] == [0, 2, 2, 1]
+
+
+def test_an_id_that_two_splits_share_is_refused_as_ambiguous(tmp_path):
+    """npz files that number their own images ("0", "1", ...) share ids: a correction would hit both images."""
+    for name in ("train", "dev"):
+        np.savez(tmp_path / f"{name}.npz", images=np.zeros((3, 32, 32, 3), np.uint8), labels=np.array([0, 1, 2]),
+                 ids=np.array(["0", "1", "2"]))
+    path = write(tmp_path, "id,new_label\n1,cat\n")
+
+    with pytest.raises(DataError, match=r"corrections.csv: line 2: id '1' names an image in train and one in dev"):
+        prepare_splits(DataConfig(tmp_path, corrections=path), None)

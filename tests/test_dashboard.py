@@ -129,7 +129,8 @@ def test_every_trained_smoke_trial_carries_its_report(smoke_study):
 
 # --- the command ---------------------------------------------------------------------------
 
-def test_the_dashboard_listens_on_loopback_unless_host_is_set(monkeypatch):
+def test_the_dashboard_listens_on_loopback_unless_host_is_given_on_its_command_line(monkeypatch):
+    """Shells and containers export HOST=0.0.0.0 for other servers: only --host may widen the bind."""
     import argparse  # noqa: PLC0415
 
     parser = argparse.ArgumentParser()
@@ -140,7 +141,8 @@ def test_the_dashboard_listens_on_loopback_unless_host_is_set(monkeypatch):
     monkeypatch.setenv("PORT", "9000")
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    assert (parser.parse_args([]).host, parser.parse_args([]).port) == ("0.0.0.0", 9000)
+    assert (parser.parse_args([]).host, parser.parse_args([]).port) == ("127.0.0.1", 9000)
+    assert parser.parse_args(["--host", "0.0.0.0"]).host == "0.0.0.0"
 
 
 def test_a_storage_without_studies_is_a_one_line_error(tmp_path, capsys):

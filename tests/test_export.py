@@ -149,8 +149,17 @@ def test_data_csv_holds_the_class_counts_of_every_split(smoke_export):
         assert [counts[(split, c)] for c in CLASSES] == list(expected), split
 
 
+def test_the_split_recorded_on_the_study_gives_data_csv_every_split(smoke_study, tmp_path):
+    paths = export_study(smoke_study.study, tmp_path)  # tmp_path/data holds no split cache: the study's record
+    data = pd.read_csv(paths["data"])
+    assert set(data["split"]) == {"train", "dev", "test"} and set(data["source"]) == {"study attribute data_summary"}
+    assert data[data["split"] == "dev"]["count"].tolist() == list(DEV_COUNTS)
+
+
 def test_without_a_matching_split_data_csv_falls_back_to_the_dev_counts(smoke_study, tmp_path):
-    paths = export_study(smoke_study.study, tmp_path)  # tmp_path/data holds no split cache
+    older = optuna.create_study(study_name="smoke", direction="maximize")  # a study from before data_summary
+    older.add_trials(smoke_study.study.get_trials())
+    paths = export_study(older, tmp_path)  # tmp_path/data holds no split cache
     data = pd.read_csv(paths["data"])
     assert set(data["split"]) == {"dev"}
     assert data["count"].tolist() == list(DEV_COUNTS)
@@ -186,5 +195,24 @@ def test_a_missing_storage_file_is_an_error_and_is_not_created(tmp_path, capsys)
 
 
 def test_study_names_become_safe_folder_names(tmp_path):
-    assert study_folder(tmp_path, "../a b/c") == tmp_path / "a_b_c"
-    assert study_folder(tmp_path, "") == tmp_path / "study"
+    assert study_folder(tmp_path, "smoke") == tmp_path / "smoke"  # a plain name is its own folder
+    for name in ("../a b/c", "", "..", ".hidden", "x" * 300):
+        folder = study_folder(tmp_path, name)
+        assert folder.parent == tmp_path and not folder.name.startswith(".") and len(folder.name) <= 100, folder
+    assert study_folder(tmp_path, "../a b/c").name.startswith("a_b_c+")
+
+
+@pytest.mark.parametrize("names", [("a/b", "a_b"), ("a b", "a_b"), ("Ab", "Ab+" + "0" * 10), ("data", "runs")])
+def test_two_study_names_never_share_a_folder(tmp_path, names):
+    """`STUDY=a/b` and `STUDY=a_b` both wrote results/a_b/, and one's `make final` replaced the other's model.
+    Names of folders other commands write under RESULTS (data, runs, ...) are not a study's either."""
+    folders = [study_folder(tmp_path, name) for name in names]
+    assert len(set(folders)) == 2
+    assert not {f.name for f in folders} & {"data", "runs", "final", "bench", "audit", "artifacts"}
+
+
+def test_final_writes_each_study_to_its_own_folder(tmp_path):
+    from study.final import output_folder  # noqa: PLC0415
+
+    assert output_folder(tmp_path, "a/b") != output_folder(tmp_path, "a_b")
+    assert output_folder(tmp_path, "smoke") == tmp_path / "final" / "smoke"

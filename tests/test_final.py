@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["car", "truck", "cat"]
 # The user's 80/12/8 imbalance, scaled down: seconds per seed on a CPU.
 DATA_ARGS = ["--train-counts", "320,48,32", "--dev-counts", "60,20,20", "--test-counts", "40,40,40"]
-FILES = ["model.pt", "metrics.json", "fgsm.csv", "report.md",
+FILES = ["model.pt", "metrics.json", "fgsm.csv", "report.md", "plotly.min.js",
          "accuracy_vs_epsilon.html", "examples_grid.html", "flip_example.html"]
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -65,7 +65,7 @@ def smoke_study(tmp_path):
 
 def final_args(storage, results, real_data, device, *extra) -> list[str]:
     return ["final", "--study", "smoke", "--storage", storage, "--results", str(results), "--data", str(real_data),
-            "--device", str(device), *DATA_ARGS, *extra]
+            "--device", str(device), "--candidates", "1", *DATA_ARGS, *extra]
 
 
 def cli_namespace(real_data, results) -> argparse.Namespace:
@@ -86,7 +86,7 @@ def read_rows(path: Path) -> list[dict]:
 def test_final_on_a_smoke_study_writes_every_file(smoke_study, tmp_path, real_data, device):
     results = tmp_path / "results"
     env = {"OMP_NUM_THREADS": "1", **os.environ, "STUDY": "smoke", "STORAGE": smoke_study, "RESULTS": str(results), "DATA": str(real_data),
-           "DEVICE": str(device), "SEEDS": "2", "EPSILONS": "0,0.03,0.1", "ATTACK": "both", "TRIAL": ""}
+           "DEVICE": str(device), "SEEDS": "2", "EPSILONS": "0,0.03,0.1", "ATTACK": "both", "TRIAL": "", "CANDIDATES": "1"}
     done = subprocess.run([sys.executable, "-m", "study", "final", *DATA_ARGS], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -124,11 +124,11 @@ def test_final_on_a_smoke_study_writes_every_file(smoke_study, tmp_path, real_da
     for split in ("dev", "test"):  # the kept checkpoint is the model the numbers describe
         assert evaluate(model, getattr(data, split), classes).confusion.tolist() == metrics[split]["confusion_matrix"]
     html = (out / "accuracy_vs_epsilon.html").read_text()
-    assert not re.search(r"<script[^>]*\bsrc=", html), "plotly.js is embedded, not fetched from a CDN"
-    assert "Plotly.newPlot" in html and len(html) > 1_000_000
+    assert re.findall(r"<script[^>]*\bsrc=\"([^\"]+)\"", html) == ["plotly.min.js"], "one local plotly.js, no CDN"
+    assert "Plotly.newPlot" in html and len(html) < 200_000
     report = (out / "report.md").read_text()
     for name in FILES:
-        assert name == "report.md" or f"({name})" in report, f"report.md links {name}"
+        assert name in ("report.md", "plotly.min.js") or f"({name})" in report, f"report.md links {name}"
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == sorted(f"{f}.png" for f in final.FIGURES) or "PNG export: unavailable" in report
 
@@ -153,7 +153,7 @@ def test_interrupted_run_keeps_old_outputs_and_a_rerun_finishes_without_redoing_
     monkeypatch.setattr(final, "train", train_then_interrupt)
     assert cli.main(final_args(smoke_study, results, real_data, device, *quick, "--epsilons", "0,0.05")) == 130
     assert json.loads((out / "metrics.json").read_text()) == first, "an interrupted run leaves the last outputs whole"
-    assert (out / ".partial" / "seed-0.json").is_file()
+    assert (out / ".partial" / "trial-1" / "seed-0.json").is_file()
 
     calls.clear()
     monkeypatch.setattr(final, "train", lambda *a, **k: calls.append(a[0].seed) or real_train(*a, **k))
@@ -164,6 +164,23 @@ def test_interrupted_run_keeps_old_outputs_and_a_rerun_finishes_without_redoing_
 
 
 # --- choosing the trial and its config -------------------------------------
+
+@pytest.mark.slow
+def test_without_trial_the_top_candidates_are_retrained_and_the_best_mean_dev_is_kept(
+        smoke_study, tmp_path, real_data, device, capsys):
+    results = tmp_path / "results"
+    args = final_args(smoke_study, results, real_data, device, "--seeds", "2", "--no-png", "--epsilons", "0")
+    args[args.index("--candidates") + 1] = "2"
+    assert cli.main(args) == 0
+    metrics = json.loads((results / "final" / "smoke" / "metrics.json").read_text())
+    candidates = metrics["candidates"]
+    assert [c["trial"] for c in candidates] == [1, 0]  # best search value first
+    best = max(candidates, key=lambda c: c["mean_dev_macro_accuracy"])
+    assert metrics["trial"]["number"] == best["trial"]
+    assert metrics["summary"]["dev"]["macro_accuracy"]["mean"] == pytest.approx(best["mean_dev_macro_accuracy"])
+    assert "top 2 trials" in metrics["trial"]["selection"]
+    assert "retraining the top 2 trials" in capsys.readouterr().out
+
 
 def test_unknown_study_is_a_one_line_error_listing_the_studies(smoke_study, tmp_path, real_data, capsys):
     args = final_args(smoke_study, tmp_path / "results", real_data, "cpu")

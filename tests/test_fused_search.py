@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import optuna
@@ -56,3 +57,35 @@ def test_the_first_fused_trial_matches_its_unfused_twin(fused_and_plain):
     fused, plain = fused_and_plain[4][0], fused_and_plain[1][0]
     assert fused.params == plain.params
     assert fused.value == pytest.approx(plain.value, abs=0.03)
+
+
+def test_trials_asked_together_share_the_leaders_batch_settings_so_one_group_fills(small_data, tmp_path):  # noqa: F811
+    # Left to the sampler, six asks over 4 batch sizes x 3 crops x 2 flips would scatter over
+    # several groups; the first ask leads and the others copy its batch settings.
+    space = tmp_path / "wide.yaml"
+    space.write_text(textwrap.dedent("""\
+        sampler: {name: TPESampler, seed: 3, multivariate: true, group: true, constant_liar: true}
+        params:
+          lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
+          batch_size: {type: categorical, choices: [128, 160, 192, 256]}
+          crop: {type: categorical, choices: [0, 1, 2]}
+          flip: {type: categorical, choices: [true, false]}
+          epochs: 1
+        """))
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert search(small_data, tmp_path, storage, "--trials", "6", "--fuse", "6", space=space) == 0
+    trials = trials_of(storage, "wide")
+    assert len({(t.params["batch_size"], t.params["crop"], t.params["flip"]) for t in trials}) == 1
+    assert all(t.user_attrs["fused_with"] == list(range(6)) for t in trials)
+    assert len({t.params["lr"] for t in trials}) == 6  # the rest is still the sampler's
+
+
+def test_fuse_defaults_to_the_devices_group_size(small_data, tmp_path, capsys):  # noqa: F811
+    from cnnlib.fused import GROUP_SIZE
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert search(small_data, tmp_path, storage, "--trials", "2", "--device", "cpu") == 0
+    trials = trials_of(storage, "smoke")
+    assert GROUP_SIZE["cpu"] >= 2 and trials[0].user_attrs["fused_with"] == [0, 1]
+    assert search(small_data, tmp_path, storage, "--trials", "2", "--fuse", "1") == 0
+    assert "fused_with" not in trials_of(storage, "smoke")[2].user_attrs

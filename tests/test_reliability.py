@@ -15,11 +15,13 @@ import csv
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,6 +42,7 @@ from study import search as search_module
 from study import storage as storage_module
 from test_search import FINISHED, SMOKE, small_data, sqlite_url, subprocess_env, trials_of  # noqa: F401
 
+ROOT = Path(__file__).resolve().parents[1]
 FAST_HEARTBEAT = {"HEARTBEAT_INTERVAL": "1", "HEARTBEAT_GRACE": "3"}
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -56,13 +59,13 @@ KILL_ONE_TRIAL = """\
 import os, signal
 import cnnlib.training
 
-_real_train = cnnlib.training.train
+_real_train = cnnlib.training.train_group
 CLAIM = {claim!r}
 
 
-def train(config, data, device, on_epoch=None):
-    def on_epoch_then_die(stats):
-        stop = on_epoch(stats) if on_epoch else False
+def train_group(configs, data, on_epoch=None, **options):
+    def on_epoch_then_die(member, stats):
+        stop = on_epoch(member, stats) if on_epoch else False
         try:
             fd = os.open(CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
@@ -70,10 +73,10 @@ def train(config, data, device, on_epoch=None):
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
         os.kill(os.getpid(), signal.SIGKILL)
-    return _real_train(config, data, device, on_epoch=on_epoch_then_die)
+    return _real_train(configs, data, on_epoch_then_die, **options)
 
 
-cnnlib.training.train = train
+cnnlib.training.train_group = train_group
 """
 
 HANG_IN_TRAINING = """\
@@ -82,23 +85,23 @@ HANG_IN_TRAINING = """\
 import os, time
 import cnnlib.training
 
-_real_train = cnnlib.training.train
+_real_train = cnnlib.training.train_group
 FLAG = {flag!r}
 
 
-def train(config, data, device, on_epoch=None):
-    def on_epoch_then_hang(stats):
-        stop = on_epoch(stats) if on_epoch else False
+def train_group(configs, data, on_epoch=None, **options):
+    def on_epoch_then_hang(member, stats):
+        stop = on_epoch(member, stats) if on_epoch else False
         with open(FLAG, "a") as handle:
             handle.write(f"{{os.getpid()}}\\n")
         deadline = time.time() + 60
         while time.time() < deadline:
             time.sleep(0.05)
         return stop
-    return _real_train(config, data, device, on_epoch=on_epoch_then_hang)
+    return _real_train(configs, data, on_epoch_then_hang, **options)
 
 
-cnnlib.training.train = train
+cnnlib.training.train_group = train_group
 """
 
 
@@ -106,12 +109,13 @@ def inject(folder: Path, code: str) -> dict:
     """Environment variables that make every Python process started with them load `code` first."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(textwrap.dedent(code))
-    return {"PYTHONPATH": str(folder)}
+    return {"PYTHONPATH": os.pathsep.join([str(folder), str(ROOT)])}  # ROOT: this checkout, whatever is installed
 
 
 def search_command(data: Path, results: Path, storage: str, *extra: str) -> list[str]:
+    """One trial at a time per worker (`--fuse 1`, which `extra` may override): these tests kill or stop trials."""
     return [sys.executable, "-m", "study", "search", "--space", str(SMOKE), "--storage", storage,
-            "--data", str(data), "--results", str(results), *extra]
+            "--data", str(data), "--results", str(results), "--fuse", "1", *extra]
 
 
 def finished_params(trials) -> list[tuple]:
@@ -403,7 +407,7 @@ def test_a_postgresql_restart_between_trials_is_survived_and_loses_no_trial(
     monkeypatch.setattr(search_module, "run_trials", wrapped)
 
     code = cli.main(["search", "--space", str(SMOKE), "--storage", url, "--data", str(small_data),
-                     "--results", str(tmp_path), "--trials", "3"])
+                     "--results", str(tmp_path), "--trials", "3", "--fuse", "1"])  # between trials
 
     trials = trials_of(url, "smoke")
     assert code == 0
@@ -423,15 +427,17 @@ def test_a_postgresql_server_that_goes_away_ends_the_run_with_one_line_and_keeps
     monkeypatch.setattr(search_module, "run_trials", wrapped)
     try:
         code = cli.main(["search", "--space", str(SMOKE), "--storage", url, "--data", str(small_data),
-                         "--results", str(tmp_path), "--trials", "3"])
+                         "--results", str(tmp_path), "--trials", "3", "--fuse", "1"])  # between trials
     finally:
         postgres_server.start()
 
     err = capsys.readouterr().err
+    progress = [line for line in err.splitlines() if line.startswith("trial ") and ": epoch " in line]
+    error = "\n".join(line for line in err.splitlines() if line not in progress)  # epoch lines go to stderr too
     assert code == 2, err
-    assert err.startswith("error: storage postgresql+psycopg2://optuna:***@127.0.0.1:"), err
-    assert "failed (" in err and err.rstrip().endswith("run the same command again to continue"), err
-    assert len(err.strip().splitlines()) == 1 and "pw-for-tests" not in err
+    assert error.startswith("error: storage postgresql+psycopg2://optuna:***@127.0.0.1:"), err
+    assert "failed (" in error and error.rstrip().endswith("run the same command again to continue"), err
+    assert len(error.strip().splitlines()) == 1 and "pw-for-tests" not in err
     trials = trials_of(url, "smoke")
     assert trials[0].state == first[0].state and trials[0].values == first[0].values
 
@@ -558,3 +564,195 @@ def test_make_final_killed_leaves_whole_files_and_a_rerun_finishes_the_job(final
     assert load_checkpoint(out / "model.pt")[3]["seed"] == metrics["median_seed"]
     assert {float(row["epsilon"]) for row in read_rows(out / "fgsm.csv")} == {0.0, 0.05}
     assert not (out / ".partial").exists() and not (out / ".next").exists()
+
+
+# --- issue 16: a trial left RUNNING that no worker owns, and SIGTERM ------------------------------
+
+def add_unowned_running_trial(url: str, started_seconds_ago: float) -> int:
+    """A RUNNING trial as `study.ask()` leaves it when it raises after storing the trial: no heartbeat, no owner."""
+    study = optuna.create_study(study_name="smoke", storage=url, direction="maximize", load_if_exists=True)
+    template = optuna.trial.create_trial(state=TrialState.RUNNING)
+    template.datetime_start = template.datetime_start - timedelta(seconds=started_seconds_ago)
+    return study._storage.create_new_trial(study._study_id, template_trial=template)
+
+
+def test_a_running_trial_that_no_worker_owns_is_failed_and_retried_instead_of_blocking_the_study(small_data, tmp_path):
+    url = sqlite_url(tmp_path)
+    add_unowned_running_trial(url, started_seconds_ago=3600)
+
+    started = time.monotonic()
+    code = cli.main(["search", "--space", str(SMOKE), "--storage", url, "--data", str(small_data),
+                     "--results", str(tmp_path), "--trials", "1", "--timeout", "20"])
+
+    trials = trials_of(url, "smoke")
+    assert code == 0
+    assert trials[0].state == TrialState.FAIL
+    assert trials[0].user_attrs["fail_reason"].startswith("no worker ever claimed this trial")
+    assert sum(t.state in FINISHED for t in trials) == 1, [t.state for t in trials]
+    assert TrialState.RUNNING not in [t.state for t in trials]
+    assert time.monotonic() - started < 20  # it did not wait out the timeout first
+
+
+def test_a_just_asked_trial_is_not_taken_for_an_orphan(small_data, tmp_path):
+    """Within the grace period a RUNNING trial without an owner may be one another machine is about to claim."""
+    url = sqlite_url(tmp_path)
+    add_unowned_running_trial(url, started_seconds_ago=0)
+    study = optuna.load_study(study_name="smoke", storage=storage_module.open_storage(url))
+
+    assert storage_module.fail_unclaimed_trials(study) == []
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
+
+
+def worker_pids(flag: Path) -> set[int]:
+    return {int(line) for line in flag.read_text().split()} if flag.exists() else set()
+
+
+def terminate_search(command: list[str], flag: Path, results: Path, training: int) -> SimpleNamespace:
+    """Start `command` with trials that hang in training; once `training` are mid-epoch, SIGTERM its first process only
+    (as `make` passes SIGTERM on to its recipe); then see how long until every process that trained is gone."""
+    env = subprocess_env(**inject(results / "inject", HANG_IN_TRAINING.format(flag=str(flag))))
+    process = subprocess.Popen(command, env=env, cwd=results, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(worker_pids(flag)) < training:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, f"{training} trial(s) did not reach their first epoch within 240 s"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        terminated = time.monotonic()
+        out, err = process.communicate(timeout=60)
+        while any(storage_module._process_start(pid) for pid in worker_pids(flag)):
+            assert time.monotonic() - terminated < 30, "worker processes still training 30 s after SIGTERM"
+            time.sleep(0.1)
+        seconds = time.monotonic() - terminated
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the whole session: orphaned workers too
+        except ProcessLookupError:
+            pass  # every process of it is gone
+        process.wait()
+    return SimpleNamespace(code=process.returncode, out=out, err=err, seconds=seconds)
+
+
+@pytest.mark.slow
+def test_sigterm_to_make_search_stops_every_worker_and_marks_their_trials_failed(small_data, tmp_path):
+    url = sqlite_url(tmp_path)
+    command = ["make", "--no-print-directory", "-C", str(ROOT), "-o", ".venv/.installed", "search",
+               f"SPACE={SMOKE}", "TRIALS=3", "WORKERS=2", "FUSE=1", f"PY={sys.executable}", f"DATA={small_data}",
+               f"RESULTS={tmp_path}", f"STORAGE={url}"]
+
+    stopped = terminate_search(command, tmp_path / "training.pids", tmp_path, training=2)
+
+    assert stopped.code == -signal.SIGTERM, stopped.out[-2000:] + stopped.err[-2000:]  # a shell shows 143
+    assert "interrupted (SIGTERM)" in stopped.err
+    assert stopped.seconds < 30
+    assert "Traceback" not in stopped.err, stopped.err[-3000:]
+    trials = trials_of(url, "smoke")
+    assert len(trials) == 2 and {t.state for t in trials} == {TrialState.FAIL}
+    assert {t.user_attrs.get("fail_reason") for t in trials} == {"interrupted (SIGTERM) during training"}
+
+    code = cli.main(["search", "--space", str(SMOKE), "--storage", url, "--data", str(small_data),
+                     "--results", str(tmp_path), "--trials", "1"])
+
+    assert code == 0 and sum(t.state in FINISHED for t in trials_of(url, "smoke")) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_single_worker_search_marks_its_trial_failed_and_exits_143(small_data, tmp_path):
+    url = sqlite_url(tmp_path)
+
+    stopped = terminate_search(search_command(small_data, tmp_path, url, "--trials", "3"), tmp_path / "training.pids",
+                               tmp_path, training=1)
+
+    assert stopped.code == 128 + signal.SIGTERM, stopped.out[-2000:] + stopped.err[-2000:]
+    assert stopped.err.strip().splitlines()[-1] == "interrupted (SIGTERM)"
+    (trial,) = trials_of(url, "smoke")
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted (SIGTERM) during training"
+
+
+# --- issue 16: a torn journal, a full disk, a read-only database ----------------------------------
+
+TORN = b'{"op_code": 5, "sta'  # a record cut mid-write (kill -9, a full disk)
+
+
+def test_a_journal_whose_last_record_was_torn_keeps_its_study_and_sets_the_fragment_aside(small_data, tmp_path, capsys):
+    journal = tmp_path / "journal.log"
+    storage = f"journal:{journal}"
+    command = ["search", "--space", str(SMOKE), "--storage", storage, "--data", str(small_data),
+               "--results", str(tmp_path), "--trials", "1"]
+    assert cli.main(command) == 0
+    with open(journal, "ab") as handle:
+        handle.write(TORN)
+    capsys.readouterr()
+
+    code = cli.main(command)
+
+    err = capsys.readouterr().err
+    (side,) = tmp_path.glob("journal.log.torn-*")
+    assert code == 0
+    assert side.read_bytes() == TORN
+    assert f"note: {journal} ended in a cut-off record ({len(TORN)} bytes" in err and str(side) in err
+    trials = optuna.load_study(study_name="smoke", storage=storage_module.open_storage(storage)).get_trials()
+    assert sum(t.state in FINISHED for t in trials) == 2  # readable again, both runs' trials there
+    assert cli.main(["export", "--storage", storage, "--results", str(tmp_path)]) == 0
+
+
+def test_a_journal_that_is_whole_is_left_alone(tmp_path):
+    journal = tmp_path / "journal.log"
+    optuna.create_study(study_name="s", storage=storage_module.open_storage(f"journal:{journal}"))
+    before = journal.read_bytes()
+
+    storage_module.open_storage(f"journal:{journal}")
+
+    assert journal.read_bytes() == before and not list(tmp_path.glob("*.torn-*"))
+
+
+@pytest.mark.slow
+def test_a_journal_on_a_full_disk_ends_the_run_with_one_line_and_the_next_run_goes_on(small_data, tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk: the journal write stops part-way and raises OSError (EFBIG)."""
+    journal = tmp_path / "journal.log"
+    storage = f"journal:{journal}"
+    assert cli.main(["search", "--space", str(SMOKE), "--storage", storage, "--data", str(small_data),
+                     "--results", str(tmp_path), "--trials", "1"]) == 0  # also builds the split cache
+    limit = journal.stat().st_size + 3000
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    full = subprocess.run(search_command(small_data, tmp_path, storage, "--trials", "2"), capture_output=True,
+                          text=True, timeout=300, env=subprocess_env(), cwd=tmp_path, preexec_fn=small_disk)
+
+    lines = full.stderr.strip().splitlines()
+    assert full.returncode == 2, full.stdout[-2000:] + full.stderr[-2000:]
+    assert "Traceback" not in full.stderr and lines[-1].startswith(f"error: storage {storage} failed (File too large")
+    code = cli.main(["search", "--space", str(SMOKE), "--storage", storage, "--data", str(small_data),
+                     "--results", str(tmp_path), "--trials", "1"])
+    trials = optuna.load_study(study_name="smoke", storage=storage_module.open_storage(storage)).get_trials()
+    assert code == 0 and sum(t.state in FINISHED for t in trials) >= 2
+
+
+def make_read_only(path: Path) -> None:
+    """chmod for a normal user; root ignores it, so there the file is made immutable (chattr +i)."""
+    path.chmod(0o444)
+    if os.access(path, os.W_OK):
+        subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+    if os.access(path, os.W_OK):
+        pytest.skip(f"cannot make {path} read-only here (root, and no chattr +i on this file system)")
+
+
+def test_a_read_only_sqlite_storage_is_one_line_naming_it(small_data, tmp_path):
+    database = tmp_path / "optuna.db"
+    url = f"sqlite:///{database}"
+    optuna.create_study(study_name="smoke", storage=url)
+    make_read_only(database)
+    try:
+        result = subprocess.run(search_command(small_data, tmp_path, url, "--trials", "1"), capture_output=True,
+                                text=True, timeout=300, env=subprocess_env(), cwd=tmp_path)
+    finally:
+        subprocess.run(["chattr", "-i", str(database)], capture_output=True)
+        database.chmod(0o644)
+
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f"error: storage {url} is read-only"), lines

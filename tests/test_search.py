@@ -230,7 +230,7 @@ def test_a_trial_that_raises_is_recorded_as_failed_and_the_study_goes_on(small_d
 
     monkeypatch.setattr(objective_module, "train_group", crash_once)
 
-    code = search(small_data, tmp_path, sqlite_url(tmp_path), "--trials", "2")
+    code = search(small_data, tmp_path, sqlite_url(tmp_path), "--trials", "2", "--fuse", "1")
 
     trials = trials_of(sqlite_url(tmp_path), "smoke")
     assert code == 0
@@ -277,7 +277,7 @@ def make_search(small_data, tmp_path_factory):
     """`make search SPACE=search_spaces/smoke.yaml TRIALS=4 WORKERS=2`, exactly as a user types it."""
     results = tmp_path_factory.mktemp("make-search")
     command = ["make", "--no-print-directory", "-C", str(ROOT), "-o", ".venv/.installed", "search",
-               "SPACE=search_spaces/smoke.yaml", "TRIALS=4", "WORKERS=2", f"PY={sys.executable}",
+               "SPACE=search_spaces/smoke.yaml", "TRIALS=4", "WORKERS=2", "FUSE=1", f"PY={sys.executable}",
                f"DATA={small_data}", f"RESULTS={results}", f"STORAGE={sqlite_url(results)}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=subprocess_env())
     return SimpleNamespace(done=done, trials=trials_of(sqlite_url(results), "smoke") if done.returncode == 0 else None)
@@ -313,7 +313,7 @@ def test_without_a_postgresql_server_the_tests_skip_locally_but_fail_in_ci(monke
 @pytest.mark.postgres
 def test_two_workers_on_postgresql_finish_exactly_the_requested_trials(postgres_url, small_data, tmp_path):  # noqa: F811
     command = [sys.executable, "-m", "study", "search", "--space", str(SMOKE), "--storage", postgres_url,
-               "--study", "two_workers", "--trials", "4", "--workers", "2", "--data", str(small_data),
+               "--study", "two_workers", "--trials", "4", "--workers", "2", "--fuse", "1", "--data", str(small_data),
                "--results", str(tmp_path)]
 
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=tmp_path)
@@ -332,16 +332,17 @@ def test_a_parallel_run_whose_workers_all_give_up_fails(small_data, tmp_path):
         # Loaded by every Python process of this test, spawned workers included: training always crashes.
         import cnnlib.training
 
-        def train(*args, **kwargs):
+        def train_group(*args, **kwargs):
             raise RuntimeError("injected training failure")
 
-        cnnlib.training.train = train
+        cnnlib.training.train_group = train_group
         """))
     command = [sys.executable, "-m", "study", "search", "--space", str(SMOKE), "--storage", sqlite_url(tmp_path),
-               "--trials", "1", "--workers", "2", "--data", str(small_data), "--results", str(tmp_path)]
+               "--trials", "1", "--workers", "2", "--fuse", "1", "--data", str(small_data),
+               "--results", str(tmp_path)]
 
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env=subprocess_env(PYTHONPATH=str(inject)))
+                          env=subprocess_env(PYTHONPATH=os.pathsep.join([str(inject), str(ROOT)])))  # this checkout
 
     states = [t.state for t in trials_of(sqlite_url(tmp_path), "smoke")]
     assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
@@ -375,3 +376,85 @@ def test_a_healthy_trial_is_not_called_a_constant_predictor():
     constant = Evaluation(("a", "b", "c"), np.array([[6, 0, 0], [6, 0, 0], [8, 0, 0]]))
     assert objective_module.collapsed(EpochStats(1, 1.0, 1.0, healthy, 0.1)) is None
     assert objective_module.collapsed(EpochStats(1, 1.0, 1.0, constant, 0.1)) == "predicts only a"
+
+
+# --- issue 16: what a run must refuse, and trials no worker owns -----------------------------------
+
+@pytest.mark.parametrize("variable", ["WORKERS", "FUSE"])
+def test_workers_or_fuse_zero_from_the_environment_is_refused_not_read_as_one(tmp_path, monkeypatch, capsys, variable):
+    monkeypatch.setenv(variable, "0")
+
+    with pytest.raises(SystemExit) as stopped:  # argparse refuses it, with a one-line error
+        search(tmp_path / "no-data", tmp_path, sqlite_url(tmp_path), "--trials", "1")
+    code = stopped.value.code
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err
+    assert f"{variable}=" in err and "0" in err and ">= 1" in err
+
+
+def add_finished_trial(url: str, study_name: str, params: dict, distributions: dict) -> None:
+    study = optuna.create_study(study_name=study_name, storage=url, direction="maximize", load_if_exists=True)
+    study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=0.5))
+
+
+def test_a_second_space_file_whose_params_do_not_fit_the_study_is_refused_before_any_trial(small_data, tmp_path):
+    """Optuna fails every trial whose categorical choices differ from the study's earlier trials: refuse the file."""
+    url = sqlite_url(tmp_path)
+    add_finished_trial(url, "shared", {"batch_size": 128},
+                       {"batch_size": optuna.distributions.CategoricalDistribution([128, 256])})
+    other = write_space(tmp_path, """\
+        params:
+          batch_size: {type: categorical, choices: [16, 32]}
+          epochs: 1
+        """, "other")
+
+    result = subprocess.run([sys.executable, "-m", "study", "search", "--space", str(other), "--study", "shared",
+                             "--storage", url, "--data", str(small_data), "--results", str(tmp_path), "--trials", "1"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path, env=subprocess_env())
+
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {other}: params.batch_size"), lines
+    assert "study 'shared'" in lines[0] and "STUDY=" in lines[0]
+    assert len(trials_of(url, "shared")) == 1  # no trial was asked, none failed
+
+
+def test_a_second_space_file_that_fits_the_study_is_named_as_such(small_data, tmp_path, capsys):
+    url = sqlite_url(tmp_path)
+    first = write_space(tmp_path, "params:\n  lr: {type: float, low: 1.0e-3, high: 1.0e-2}\n  epochs: 1\n  batch_size: 256\n",
+                        "first")
+    second = write_space(tmp_path, "params:\n  lr: {type: float, low: 2.0e-3, high: 5.0e-3}\n  epochs: 1\n  batch_size: 256\n",
+                         "second")
+
+    codes = [search(small_data, tmp_path, url, "--study", "s", "--trials", "1", space=space) for space in (first, second)]
+
+    err = capsys.readouterr().err
+    assert codes == [0, 0]
+    assert f"note: {second} differs from the space file study 's' began with ({first})" in err
+    assert [t.state for t in trials_of(url, "s")] == [TrialState.COMPLETE] * 2
+
+
+def test_warm_up_epochs_are_not_judged_as_collapse():
+    from cnnlib.metrics import Evaluation
+    from cnnlib.training import EpochStats
+
+    constant = Evaluation(("a", "b", "c"), np.array([[6, 0, 0], [6, 0, 0], [8, 0, 0]]))
+    trial = SimpleNamespace(number=0, user_attrs={"config": {"epochs": 7}})
+    reporter = objective_module.EpochReporter(trial=trial, can_prune=False, warmup_epochs=4)
+    assert [reporter(EpochStats(epoch, 1.0, 1.0, constant, 0.1)) for epoch in range(1, 8)] == \
+        [False] * 6 + [True]  # epochs 5, 6, 7 are the three after the warm-up
+    assert "epochs 5-7" in reporter.pruned_reason
+
+
+def test_the_objective_can_average_the_last_epochs(small_data, tmp_path):
+    space = write_space(tmp_path, """
+        objective: dev_macro_accuracy
+        objective_epochs: 2
+        params: {optimizer: adam, lr: 3.0e-3, weight_decay: 0.0, batch_size: 128, epochs: 3}
+        """, "smooth")
+    storage = sqlite_url(tmp_path)
+    assert search(small_data, tmp_path, storage, "--trials", "1", space=space) == 0
+    trial, = trials_of(storage, "smooth")
+    curve = trial.user_attrs["curve_dev_macro_accuracy"]
+    assert trial.value == pytest.approx((curve[-1] + curve[-2]) / 2)

@@ -199,8 +199,8 @@ def test_the_dashboard_listens_only_on_loopback_by_default(tmp_path):
 
 def test_make_dashboard_ignores_a_host_exported_by_the_shell(tmp_path):
     """Containers often export HOST=0.0.0.0 for other servers; only `make dashboard HOST=...` may widen the bind."""
-    fake_python = tmp_path / "python"
-    fake_python.write_text('#!/bin/sh\nprintf "%s" "$HOST"\n')
+    fake_python = tmp_path / "python"  # prints the --host it is given: the module listens on nothing else
+    fake_python.write_text('#!/bin/sh\nwhile [ "$#" -gt 0 ]; do [ "$1" = --host ] && printf "%s" "$2"; shift; done\n')
     fake_python.chmod(0o755)
 
     def host_seen(*variables: str, **env: str) -> str:
@@ -255,4 +255,4 @@ def test_make_search_and_export_treat_hostile_names_and_paths_as_data(tiny_npz, 
     assert f"STUDY={name}" in shlex.split(hint.split(":", 1)[1])
     # The export folder is a safe name inside RESULTS, with the study's files in it.
     (folder,) = [p for p in results.iterdir() if (p / "trials.csv").is_file()]
-    assert folder.parent == results and re.fullmatch(r"[A-Za-z0-9._-]+", folder.name)
+    assert folder.parent == results and re.fullmatch(r"[A-Za-z0-9._-]+\+[0-9a-f]{10}", folder.name)  # name+hash

@@ -222,3 +222,16 @@ def test_trusted_dict_pickle_of_tensors_loads(tmp_path):
     data = read_pickle(path, CLASSES, trust=True)
     np.testing.assert_array_equal(data.images, np.stack(pixels))
     assert data.labels.tolist() == [2, 2]
+
+
+def test_a_16_bit_greyscale_png_is_scaled_to_8_bits_not_saturated(tmp_path):
+    """Pillow's convert("RGB") clips 16-bit values at 255: every pixel above 255/65535 would turn white."""
+    path = tmp_path / "train" / "car" / "0000.png"
+    path.parent.mkdir(parents=True)
+    from PIL import Image  # noqa: PLC0415
+    Image.fromarray(np.tile(np.array([0, 255, 32768, 65535], np.uint16), (32, 8))).save(path)
+
+    image = read_image_folder(tmp_path / "train", ("car",)).images[0]
+
+    assert image.shape == (32, 32, 3)
+    assert image[0, :4].tolist() == [[0, 0, 0], [0, 0, 0], [128, 128, 128], [255, 255, 255]]

@@ -175,3 +175,47 @@ def test_a_grid_sampler_keeps_the_files_seed_in_every_process(tmp_path):
         return [study.ask().suggest_categorical("lr", [1e-1, 1e-2, 1e-3, 1e-4]) for _ in range(4)]
 
     assert first_points((7, 1)) == first_points(())
+
+
+WARM = """
+params:
+  optimizer: {type: categorical, choices: [sgd, adamw]}
+  lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}
+  epochs: 3
+enqueue:
+  - {optimizer: adamw, lr: 3.0e-3}
+  - {optimizer: sgd, lr: 0.05}
+"""
+
+
+def test_enqueued_points_are_read_and_must_lie_in_the_space(tmp_path):
+    space = load_space(write_space(tmp_path, WARM))
+    assert space.enqueue == [{"optimizer": "adamw", "lr": 3e-3}, {"optimizer": "sgd", "lr": 0.05}]
+    for bad, detail in (("{optimizer: adam, lr: 3.0e-3}", "not one of its choices"),
+                        ("{optimizer: sgd, lr: 2.0}", "outside its range"),
+                        ("{epochs: 5}", "not a searched param"), ("{optimizer: sgd, momentum: 0.9}", "not a searched")):
+        text = WARM.replace("{optimizer: sgd, lr: 0.05}", bad)
+        with pytest.raises(SpaceError, match=detail):
+            load_space(write_space(tmp_path, text, "bad.yaml"))
+
+
+def test_a_new_study_evaluates_the_enqueued_points_first(tmp_path):
+    from study.search import create_study
+    from types import SimpleNamespace
+
+    space = load_space(write_space(tmp_path, WARM, "warm.yaml"))
+    storage = optuna.storages.InMemoryStorage()
+    study = create_study(SimpleNamespace(study=None, storage="in-memory"), space, storage)
+    create_study(SimpleNamespace(study=None, storage="in-memory"), space, storage)  # a second open enqueues nothing more
+    first, second = study.ask(), study.ask()
+    assert [space.suggest(t).optimizer for t in (first, second)] == ["adamw", "sgd"]
+    assert first.params["lr"] == 3e-3 and second.params["lr"] == 0.05
+    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 0
+
+
+def test_the_default_space_enqueues_the_users_recipe():
+    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "default.yaml")
+    recipe = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "seed_final.yaml").fixed_config()
+    configs = [space.config_from_params(point) for point in space.enqueue]
+    assert any({k: v for k, v in c.to_dict().items() if k != "seed"} ==
+               {k: v for k, v in recipe.to_dict().items() if k != "seed"} for c in configs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -154,3 +155,26 @@ def test_a_folder_of_npz_files_gives_train_and_dev_without_test(tmp_path):
     data = prepare_splits(DataConfig(tmp_path), None)
     assert len(data.train) == 6 and len(data.dev) == 3 and data.test is None
     assert data.summary()["splits"]["dev"] == {"car": 1, "truck": 1, "cat": 1}
+
+
+def test_a_temporary_left_by_a_killed_cache_write_is_removed_by_the_next_build(image_tree, tmp_path):
+    root, cache = _tree(image_tree), tmp_path / "cache"
+    cache.mkdir()
+    stale = cache / ".split-0123456789abcdef.npz.k1ll3d.tmp"  # what atomic_path leaves after a kill -9
+    stale.write_bytes(b"\0" * 1000)
+    old = stale.stat().st_mtime - 3600
+    os.utime(stale, (old, old))
+    fresh = cache / ".split-fedcba9876543210.npz.wr1t1n.tmp"  # another process may be writing this one now
+    fresh.write_bytes(b"\0" * 1000)
+
+    prepare_splits(DataConfig(root, **SMALL), cache)
+
+    assert not stale.exists() and fresh.exists()
+
+
+def test_the_smallest_image_size_is_the_one_the_seed_cnn_needs():
+    from cnnlib.model import flat_features  # noqa: PLC0415
+
+    assert flat_features(splits_module.MIN_IMAGE_SIZE) > 0
+    with pytest.raises(ValueError):
+        flat_features(splits_module.MIN_IMAGE_SIZE - 1)

@@ -107,3 +107,20 @@ def test_a_failed_run_leaves_no_empty_folder(tiny_inputs, tmp_path):
 def test_run_names_must_be_plain_folder_names(tiny_inputs, tmp_path, name):
     code, _, err = train_cli(tiny_inputs, tmp_path, "--name", name)
     assert code == 2 and "--name" in err
+
+
+@pytest.mark.slow
+def test_train_with_several_seeds_reports_each_seed_and_keeps_the_median(tiny_inputs, tmp_path):
+    code, out, _ = train_cli(tiny_inputs, tmp_path, "--name", "seeds", "--seeds", "3")
+    assert code == 0 and "over 3 seeds" in out
+    metrics = json.loads((tmp_path / "runs" / "seeds" / "metrics.json").read_text())
+    rows = metrics["seeds"]["seeds"]
+    first = rows[0]["seed"]
+    assert [row["seed"] for row in rows] == [first, first + 1, first + 2] and metrics["config"]["seed"] in (
+        first, first + 1, first + 2)
+    devs = sorted(row["dev"]["macro_accuracy"] for row in rows)
+    assert metrics["dev"]["macro_accuracy"] == pytest.approx(devs[1])  # the kept model is the median seed
+    assert metrics["seeds"]["macro_accuracy"]["test"]["mean"] == pytest.approx(
+        sum(row["test"]["macro_accuracy"] for row in rows) / 3)
+    assert all(set(row["test"]["per_class"]) == set(CLASSES) and "train" not in row for row in rows)
+    assert train_cli(tiny_inputs, tmp_path, "--name", "zero", "--seeds", "0")[0] == 2

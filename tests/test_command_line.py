@@ -1,0 +1,136 @@
+"""What a user typing commands sees: one-line errors for bad values, `--help` with defaults, `cnn-hpo`.
+
+Every Makefile variable reaches Python as an environment variable, so a typo
+in one (`make search TRIALS=abc`) must end like any other user error: one
+line naming the variable and the value, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_image_tree, run_cli
+from study import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "search_spaces" / "smoke.yaml"
+
+pytestmark = pytest.mark.usefixtures("no_study_env")  # conftest: no Makefile variable leaks in
+
+
+def assert_one_line_error(code: int, err: str, *culprits: str) -> str:
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for culprit in culprits:
+        assert culprit in lines[0], lines[0]
+    return lines[0]
+
+
+def run_cli_exit(*argv) -> tuple[int, str, str]:
+    """run_cli, counting argparse's SystemExit as the exit code it carries."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main([str(a) for a in argv])
+        except SystemExit as done:
+            code = int(done.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def tiny_tree(tmp_path):
+    return build_image_tree(tmp_path / "data", {c: 6 for c in ("car", "truck", "cat")},
+                            {c: 6 for c in ("car", "truck", "cat")})
+
+
+BAD_VALUES = {
+    "TRIALS=abc": ("search", "TRIALS", "abc"),
+    "TRIALS=-1": ("search", "TRIALS", "-1"),
+    "WORKERS=abc": ("search", "WORKERS", "abc"),
+    "WORKERS=0": ("search", "WORKERS", "0"),
+    "TIMEOUT=1.5": ("search", "TIMEOUT", "1.5"),
+    "FUSE=x": ("search", "FUSE", "x"),
+    "DEVICE=gpu": ("search", "DEVICE", "gpu"),
+    "PORT=abc": ("dashboard", "PORT", "abc"),
+    "PORT=70000": ("dashboard", "PORT", "70000"),
+    "SEEDS=abc": ("final", "SEEDS", "abc"),
+    "SPLIT_SEED=x": ("data", "SPLIT_SEED", "x"),
+    "TRAIN_COUNTS=4,x,1": ("data", "TRAIN_COUNTS", "4,x,1"),
+    "DEVICE=gpu (train)": ("train", "DEVICE", "gpu"),
+}
+
+
+@pytest.mark.parametrize("command, variable, value", BAD_VALUES.values(), ids=BAD_VALUES.keys())
+def test_a_bad_variable_value_is_one_line_naming_the_variable_and_value(command, variable, value, tmp_path,
+                                                                          monkeypatch, tiny_tree):
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("DATA", str(tiny_tree))
+    code, out, err = run_cli_exit(command)
+    assert_one_line_error(code, err, variable, value)
+    assert "Traceback" not in err
+    assert not (tmp_path / "results" / "optuna.db").exists(), "a bad value must stop the run before it starts"
+
+
+def test_a_bad_flag_value_is_one_line_too():
+    code, _, err = run_cli_exit("search", "--trials", "abc")
+    assert_one_line_error(code, err, "--trials", "abc")
+
+
+def test_device_cuda_on_a_machine_without_one_is_one_line(monkeypatch, tmp_path, tiny_tree):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = run_cli("search", "--space", SMOKE, "--device", "cuda", "--data", tiny_tree,
+                             "--results", tmp_path / "r", "--train-counts", "4,2,2", "--dev-counts", "2,2,2",
+                             "--test-counts", "2,2,2")
+    line = assert_one_line_error(code, err, "cuda")
+    assert "DEVICE=cpu" in line or "DEVICE=auto" in line
+    assert not (tmp_path / "r" / "optuna.db").exists()
+
+
+# --- --help ------------------------------------------------------------------------
+
+def help_text(command: str, capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        cli.main([command, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_help_names_no_code_internals(command, capsys):
+    text = help_text(command, capsys)
+    for internal in (r"\.py\b", r"\bissue \d", r"\bcnnlib\b", r"\bstudy/", "Traceback"):
+        assert not re.search(internal, text), f"{command} --help mentions {internal!r}:\n{text}"
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_help_shows_every_default(command):
+    """Every option that has a default (not None, not an off switch) says what it is in its help."""
+    parser = cli.Parser(prog="cnn-hpo", formatter_class=cli.HelpFormatter)
+    cli._load(command).add_arguments(parser)
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
+                and not isinstance(action, argparse._HelpAction):
+            assert "default" in formatter._get_help_string(action).lower(), (command, action.option_strings)
+
+
+def test_search_help_shows_the_values_it_will_use(capsys):
+    text = " ".join(help_text("search", capsys).split())
+    assert "--workers WORKERS worker processes sharing the study (env WORKERS; default: 1)" in text
+    assert "default.yaml" in text
+
+
+def test_usage_names_cnn_hpo_when_started_as_cnn_hpo(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["/somewhere/bin/cnn-hpo", "search", "--help"])
+    text = help_text("search", capsys)
+    assert text.startswith("usage: cnn-hpo search")
