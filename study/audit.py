@@ -30,14 +30,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from cnnlib.device import resolve_device
+from cnnlib.device import cpu_threads, resolve_device
 from cnnlib.metrics import confusion_matrix, macro_accuracy
 from cnnlib.sources import LabeledImages
 from cnnlib.splits import Splits
 from cnnlib.training import DeviceData, TrainConfig, predict_logits, train
 
 from . import progress
-from .bench import choose_threads
 from .errors import UserError
 from .plotly_bundle import write_bundle
 from .options import add_common_options, add_data_options, load_splits
@@ -367,7 +366,7 @@ def add_arguments(parser) -> None:
     group.add_argument("--rank-by", choices=RANK_METHODS, default="self_confidence",
                        help="cleanlab's score that orders the issues")
     # Default: one thread per core on a quiet machine, one thread when other work keeps the cores
-    # busy (study.bench.choose_threads): there 2 threads spin-wait. small_vgg at load ~4-5 on the
+    # busy (cnnlib.device.cpu_threads): there 2 threads spin-wait. small_vgg at load ~4-5 on the
     # 2-core box: 100 s per fold with 1 thread, 180-430 s with 2.
     group.add_argument("--threads", type=int, default=int(os.environ.get("THREADS") or 0) or None,
                        help="CPU threads for training (env THREADS; default: one per core, or 1 when the "
@@ -386,7 +385,7 @@ def run(args) -> int:
         raise UserError("need --top >= 0, --epochs >= 1, --flip-count >= 0 and 0 <= --flip-fraction < 1")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: need at least 1")
-    threads, threads_reason = choose_threads(args.threads)
+    threads, threads_reason = cpu_threads(args.threads)
     torch.set_num_threads(threads)
     names = [n.strip() for n in args.splits.split(",") if n.strip()]
     if not names:
