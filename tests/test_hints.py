@@ -130,6 +130,9 @@ def test_every_printed_step_after_a_search_works_as_printed(via_make, tree, spac
     results, storage = tmp_path / "results", f"sqlite:///{tmp_path / 'db' / 'hpo.db'}"
     if via_make:
         monkeypatch.setenv("MAKELEVEL", "1")
+    else:  # `make test` itself runs under make: the command-line case must not inherit it
+        for name in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS"):
+            monkeypatch.delenv(name, raising=False)
     code, out, err = run_cli("search", "--space", space, "--study", "birds", "--storage", storage,
                              "--results", results, "--data", tree, "--classes", "ship,bird,airplane",
                              "--trials", "2", "--device", "cpu", *[f"--{k.lower().replace('_', '-')}={v}" for k, v in COUNTS.items()])

@@ -72,7 +72,8 @@ def test_the_wheel_ships_the_spaces_and_its_cnn_hpo_runs_from_another_folder(tmp
     elsewhere.mkdir()
     # What the generated cnn-hpo script does, with only the unpacked wheel on the path (not this checkout).
     script = "import sys; sys.argv[0] = 'cnn-hpo'; from study.cli import main; sys.exit(main())"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SPACE", "DATA", "RESULTS", "STORAGE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SPACE", "DATA", "RESULTS", "STORAGE",
+                                                         "MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     env["PYTHONPATH"] = str(tmp_path / "site")
     done = subprocess.run([sys.executable, "-c", script, "search", "--space", "smoke", "--trials", "1",
                            "--data", str(real_data), "--device", "cpu", "--train-counts", "60,20,20",
