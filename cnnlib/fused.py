@@ -75,6 +75,8 @@ MEMBERS_PER_PASS = {"cpu": 16}
 # trial-epochs/s of unfused trials, K=64 no more than K=16. H200 (torch 2.11): K=64 25.6x.
 GROUP_SIZE = {"cpu": 16, "cuda": 64}
 CHANNELS_LAST = torch.channels_last
+# Arithmetic of the stacked training step: fp32, or bf16 autocast (AMX-BF16 CPUs, GPUs).
+PRECISIONS = ("fp32", "bf16")
 # SeedCNN's parameters in `parameters()` order; the fused forward is written
 # against exactly this layout.
 LAYOUT = ("features.0.weight", "features.0.bias", "features.3.weight", "features.3.bias",
@@ -361,7 +363,7 @@ class _Pass:
     """Members that run one stacked forward/backward together: network, optimizer, dropout, loss."""
 
     def __init__(self, members: list[int], configs: Sequence[TrainConfig], data, steps_per_epoch: int,
-                 group_seed: int):
+                 group_seed: int, precision: str = "fp32"):
         # Rows: SGD members first (stable), so each optimizer kind is one block of rows.
         self.members = sorted(members, key=lambda i: configs[i].optimizer != "sgd")
         chosen = [configs[i] for i in self.members]
@@ -373,9 +375,14 @@ class _Pass:
         self.loss = MemberLoss(chosen, data.train.y, data.n_classes)
         self.widths = [self.net.shapes[LAYOUT.index(name)][1] for name in ("classifier.1.weight", "classifier.4.weight")]
         self.total = None
+        self.autocast = dict(device_type=data.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        losses = self.loss(self.net(x, self.dropout.masks(x.shape[0], self.widths)), y)
+        # bf16: convolutions and matmuls in bfloat16 (fp32 weights stay the optimizer's master copy);
+        # the loss and its softmax in fp32.
+        with torch.autocast(**self.autocast):
+            logits = self.net(x, self.dropout.masks(x.shape[0], self.widths))
+        losses = self.loss(logits.float(), y)
         self.net.flat.grad = None
         losses.sum().backward()  # d(sum)/d(loss_k) = 1: each member gets exactly its own gradient
         self.optimizer.step(self.net.flat, self.net.flat.grad)
@@ -398,7 +405,10 @@ class StackedStep:
     """
 
     def __init__(self, configs: Sequence[TrainConfig], data, steps_per_epoch: int,
-                 make_model: Callable[[TrainConfig], nn.Module], members_per_pass: int | None = None):
+                 make_model: Callable[[TrainConfig], nn.Module], members_per_pass: int | None = None,
+                 precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         unsupported = sorted({c.model for c in configs} - {"seed_cnn"})
         if unsupported:
             raise ValueError(f"fused training is written for the seed CNN; model {unsupported[0]!r} trains one at a time")
@@ -409,7 +419,7 @@ class StackedStep:
         # Equal-sized passes (K=20 with 16 per pass: 10 + 10, not 16 + 4).
         n_passes = math.ceil(len(configs) / per_pass)
         bounds = [round(i * len(configs) / n_passes) for i in range(n_passes + 1)]
-        self.passes = [_Pass(list(range(a, b)), configs, data, steps_per_epoch, configs[0].seed)
+        self.passes = [_Pass(list(range(a, b)), configs, data, steps_per_epoch, configs[0].seed, precision)
                        for a, b in zip(bounds, bounds[1:])]
 
     @property

@@ -283,7 +283,8 @@ def check_group(configs: Sequence[TrainConfig]) -> None:
 
 def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
                   on_epoch: Callable[[int, EpochStats], bool | None] | None = None, *, fused: bool | None = None,
-                  members_per_pass: int | None = None, order_seed: int | None = None) -> Iterator[list[MemberResult]]:
+                  members_per_pass: int | None = None, order_seed: int | None = None,
+                  precision: str = "fp32") -> Iterator[list[MemberResult]]:
     """Train every config, one epoch per step, yielding all members' results after each epoch.
 
     Members share each batch: its order and augmentation come from a generator
@@ -300,6 +301,7 @@ def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
     fused: True steps the stacked network (cnnlib.fused), False the module
     (K = 1 only); default: the module for one config, stacked for several.
     members_per_pass: members per stacked forward pass (all still share every batch).
+    precision: the stacked step's arithmetic, "fp32" or "bf16" (autocast; cnnlib.fused.PRECISIONS).
     """
     configs = list(configs)
     check_group(configs)
@@ -316,8 +318,10 @@ def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
     steps = steps_per_epoch(n, shared.batch_size)
     if fused:
         stepper = StackedStep(configs, data, steps, lambda c: make_model(data.n_classes, c, data.image_size, device),
-                              members_per_pass)
+                              members_per_pass, precision)
     else:
+        if precision != "fp32":
+            raise ValueError(f"precision {precision!r} is a lever of the stacked step only; use fused=True")
         stepper = ModuleStep(shared, data, steps)
     augment = shared.crop or shared.flip or shared.jitter
     results = [MemberResult(None, config, device=str(device)) for config in configs]

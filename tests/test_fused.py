@@ -41,7 +41,7 @@ from cnnlib.schedules import lr_factors
 from cnnlib.model import SeedCNN
 from cnnlib.splits import DataConfig, prepare_splits
 from cnnlib.training import (DeviceData, EpochStats, MemberResult, TrainConfig, check_group, class_weights, evaluate,
-                             group_configs, make_criterion, make_optimizer, train, train_fused)
+                             group_configs, make_criterion, make_optimizer, train, train_fused, train_members)
 
 FIRST_EPOCH_TOLERANCE = 1e-4
 LOSS_TOLERANCE, WEIGHT_TOLERANCE = 1e-2, 5e-2
@@ -149,6 +149,26 @@ def test_every_lever_matches_separate_runs_member_by_member_with_crop_and_flip(c
     # The levers are not no-ops: the members' first-epoch losses all differ.
     first = [round(r.history[0].train_loss, 4) for r in results]
     assert len(set(first)) == len(first), first
+
+
+def test_bf16_autocast_trains_the_same_group_close_to_fp32_but_not_bitwise(cpu_data):
+    configs = configs_of(MIXED, dropout=0.0)
+    fp32 = train_fused(configs, cpu_data)
+    bf16 = list(train_members(configs, cpu_data, fused=True, precision="bf16"))[-1]
+    for a, b in zip(fp32, bf16):
+        assert b.error is None and b.model is not None
+        first_a, first_b = a.history[0].train_loss, b.history[0].train_loss
+        assert first_b != first_a  # the autocast really ran in bfloat16 ...
+        assert first_b == pytest.approx(first_a, rel=0.05)  # ... and trained the same model
+        assert next(b.model.parameters()).dtype == torch.float32  # fp32 master weights
+
+
+def test_a_precision_the_step_does_not_know_is_refused(cpu_data):
+    configs = configs_of(MIXED, dropout=0.0)
+    with pytest.raises(ValueError, match="precision"):
+        next(train_members(configs, cpu_data, fused=True, precision="fp8"))
+    with pytest.raises(ValueError, match="stacked step only"):
+        next(train_members(configs[:1], cpu_data, fused=False, precision="bf16"))
 
 
 def test_members_with_other_epochs_follow_their_own_schedules(cpu_data):
