@@ -19,10 +19,11 @@ import threading
 import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Callable
 
 import optuna
 import torch
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from cnnlib.errors import DivergedError
 from cnnlib.training import DeviceData, EpochStats, TrainConfig, TrainResult, evaluate, group_configs, train_group
@@ -215,12 +216,16 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, d
     return tell(study, trial, state=TrialState.FAIL)
 
 
-def run_trials(study: optuna.Study, trials: list[optuna.Trial], space: SearchSpace, data: DeviceData):
+def run_trials(study: optuna.Study, trials: list[optuna.Trial], space: SearchSpace, data: DeviceData,
+               on_told: Callable[[list[FrozenTrial]], None] | None = None):
     """Train the asked trials and tell each result; returns their FrozenTrials.
 
     Trials that can share a batch train as one fused group (a lone trial as
-    itself). KeyboardInterrupt marks every trial not yet told FAIL, then re-raises.
+    itself). `on_told` gets each group's FrozenTrials as soon as they are told,
+    so the trial lines of a finished group do not wait for the next group.
+    KeyboardInterrupt marks every trial not yet told FAIL, then re-raises.
     """
+    on_told = on_told or (lambda told_now: None)
     frozen, told = [], set()
     with ExitStack() as stack:
         for trial in trials:
@@ -233,12 +238,14 @@ def run_trials(study: optuna.Study, trials: list[optuna.Trial], space: SearchSpa
                 except Exception as error:  # noqa: BLE001 - recorded on the trial
                     frozen.append(finish_trial(study, trial, space, data, EpochReporter(trial, False), None, error))
                     told.add(i)
+                    on_told(frozen[-1:])
             order = list(configs)
             for group in group_configs([configs[i] for i in order]):
                 members = [order[g] for g in group]
-                frozen.extend(_train_group(study, [trials[m] for m in members], [configs[m] for m in members],
-                                           space, data))
+                group = _train_group(study, [trials[m] for m in members], [configs[m] for m in members], space, data)
+                frozen.extend(group)
                 told.update(members)
+                on_told(group)
         except KeyboardInterrupt as interrupt:
             for i, trial in enumerate(trials):
                 if i not in told:

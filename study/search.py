@@ -257,15 +257,20 @@ def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker
                 return 0
             time.sleep(POLL_SECONDS)  # others' trials are in flight; one may still die and need a retry
             continue
-        results = run_trials(study, trials, space, data)
-        progress.clear()
-        # A fused group is told all at once: count its members one by one, so each line shows its own step.
-        done = count_states(study)[0] - args._finished_at_start - sum(f.state in FINISHED for f in results)
-        for frozen in results:
-            failures = failures + 1 if frozen.state == TrialState.FAIL else 0
-            done += frozen.state in FINISHED
-            note_outcome(study, frozen)  # a pruned or failed trial's dashboard note says so, and why
-            print(format_trial_line(frozen, done, run_total, args._started, worker, deadline), flush=True)
+        def report(group: list) -> None:
+            """One line per trial as soon as its fused group is told (not when the whole ask is)."""
+            nonlocal failures
+            progress.clear()
+            # A fused group is told all at once: count its members one by one, so each line shows its own step.
+            done = count_states(study)[0] - args._finished_at_start - sum(f.state in FINISHED for f in group)
+            for frozen in group:
+                failures = failures + 1 if frozen.state == TrialState.FAIL else 0
+                done += frozen.state in FINISHED
+                note_outcome(study, frozen)  # a pruned or failed trial's dashboard note says so, and why
+                print(format_trial_line(frozen, done, run_total, args._started, worker, deadline), flush=True)
+
+        results = run_trials(study, trials, space, data, on_told=report)
+        frozen = results[-1]
         if failures >= args._max_failures:
             print(f"{worker}stopping: {failures} trials failed in a row; last reason: {frozen.user_attrs.get('fail_reason')}",
                   file=sys.stderr, flush=True)

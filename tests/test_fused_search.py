@@ -89,3 +89,32 @@ def test_fuse_defaults_to_the_devices_group_size(small_data, tmp_path, capsys): 
     assert GROUP_SIZE["cpu"] >= 2 and trials[0].user_attrs["fused_with"] == [0, 1]
     assert search(small_data, tmp_path, storage, "--trials", "2", "--fuse", "1") == 0
     assert "fused_with" not in trials_of(storage, "smoke")[2].user_attrs
+
+
+def test_a_groups_trial_lines_are_printed_when_it_is_told_not_when_the_whole_ask_is(
+        small_data, tmp_path, monkeypatch, capsys):  # noqa: F811
+    # Two enqueued points with other batch sizes: one ask, two fused groups trained one after the other.
+    space = tmp_path / "two-groups.yaml"
+    space.write_text(textwrap.dedent("""\
+        sampler: {name: RandomSampler, seed: 0}
+        enqueue:
+          - {batch_size: 64}
+          - {batch_size: 128}
+        params:
+          lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
+          batch_size: {type: categorical, choices: [64, 128]}
+          epochs: 1
+        """))
+    from study import objective
+    real, seen = objective._train_group, []
+
+    def recording(study, trials, *args):
+        seen.append(("train", [t.number for t in trials], capsys.readouterr().out))
+        return real(study, trials, *args)
+
+    monkeypatch.setattr(objective, "_train_group", recording)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert search(small_data, tmp_path, storage, "--trials", "2", "--fuse", "2", space=space) == 0
+    assert [numbers for _, numbers, _ in seen] == [[0], [1]]
+    # When the second group starts training, the first group's trial line is already out.
+    assert "trial    0 COMPLETE" in seen[1][2] and "trial    1 " not in seen[1][2]
