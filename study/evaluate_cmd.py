@@ -21,7 +21,7 @@ from cnnlib.model import flat_features
 from cnnlib.training import DeviceSplit, evaluate, make_criterion
 
 from .errors import UserError
-from .options import add_common_options, add_data_options, load_splits
+from .options import add_common_options, add_data_options, load_splits, use_cpu_threads
 
 SPLITS = ("train", "dev", "test")
 
@@ -58,6 +58,7 @@ def run(args) -> int:
         hint = f" (newest here: CHECKPOINT={newest})" if newest else " (train one with `make train`)"
         raise UserError(f"no checkpoint given: pass --checkpoint PATH or CHECKPOINT=PATH{hint}")
     device = resolve_device(args.device)
+    use_cpu_threads(device)
     model, config, classes, extra = load_checkpoint(Path(args.checkpoint), device)
     if args.classes is None:
         args.classes = ",".join(classes)

@@ -49,7 +49,7 @@ from . import hints, progress
 from .plotly_bundle import BUNDLE, write_bundle
 from .errors import UserError
 from .export import study_folder
-from .options import add_common_options, add_data_options, add_study_options, data_config, load_splits, whole_number
+from .options import add_common_options, add_data_options, add_study_options, data_config, load_splits, use_cpu_threads, whole_number
 from .storage import load_existing_study, redact
 
 FIGURES = ("accuracy_vs_epsilon", "examples_grid", "flip_example")
@@ -545,6 +545,9 @@ def run(args) -> int:
                         f"but the data options give {','.join(splits.classes)}; pass the same DATA and CLASSES "
                         "as the search")
     data = DeviceData(splits, device)
+    threads = use_cpu_threads(device)
+    if threads:
+        print(f"cpu: {threads}", flush=True)
     out = output_folder(args.results, study.study_name)
     if len(candidates) > 1:
         print(f"study {study.study_name!r}: retraining the top {len(candidates)} trials by dev macro accuracy "

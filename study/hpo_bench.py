@@ -51,7 +51,7 @@ from cnnlib.training import DeviceData, TrainConfig, evaluate, train_group
 from . import search
 from .errors import UserError
 from .final import trial_config
-from .options import add_common_options, add_data_options, load_splits
+from .options import add_common_options, add_data_options, load_splits, use_cpu_threads
 from .space import load_space
 
 SEARCHES = ("default", "random")  # the two methods that search; "recipe" is the third
@@ -159,6 +159,7 @@ def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
 def retrain(config: TrainConfig, data: DeviceData, seeds=RETRAIN_SEEDS) -> dict:
     """Train `config` with each seed as one fused group; test macro and per-class accuracy per seed and their mean."""
     configs = [TrainConfig.from_dict({**config.to_dict(), "seed": seed}) for seed in seeds]
+    use_cpu_threads(data.device)  # chosen again by the load now: a search before it set its own
     started = time.perf_counter()
     results = train_group(configs, data)
     rows = []
@@ -397,6 +398,7 @@ def run(args) -> int:
     if splits.test is None:
         raise UserError(f"{args.data}: no test split; hpo-bench scores every method on held-out test images")
     data = DeviceData(splits, settings["device"])
+    threads = use_cpu_threads(data.device)  # the retrains' threads; each search chooses its own as it starts
     run_dir = new_run_dir(Path(args.results) / "hpo-bench")
     write_atomic(run_dir / "spaces" / "recipe.yaml", settings["recipe"].path.read_text())
     budget, seeds = settings["budget_seconds"], settings["search_seeds"]
@@ -413,7 +415,7 @@ def run(args) -> int:
         "retrains": {},
     }
     print(f"hpo-bench: {run_dir}: {total} searches of {budget} s ({', '.join(SEARCHES)} x search seeds "
-          f"{', '.join(map(str, seeds))}) on {data.device}, about {total * budget / 60:.0f} min of search plus the "
+          f"{', '.join(map(str, seeds))}) on {data.device}{f' ({threads})' if threads else ''}, about {total * budget / 60:.0f} min of search plus the "
           f"trials in flight at each deadline and the {len(RETRAIN_SEEDS)}-seed retrains", flush=True)
     cache = RetrainCache(data)
     bench_started = time.perf_counter()

@@ -23,7 +23,7 @@ from cnnlib.metrics import majority_baseline
 from cnnlib.training import DeviceData, EpochStats, TrainConfig, evaluate, make_criterion, train_group
 
 from .errors import UserError
-from .options import add_common_options, add_data_options, load_splits
+from .options import add_common_options, add_data_options, load_splits, use_cpu_threads
 from .space import load_space
 
 RUN_FILES = ("metrics.json", "history.csv", "model.pt")
@@ -130,13 +130,14 @@ def run(args) -> int:
 
 def _train_and_write(args, space, config: TrainConfig, splits, run_dir: Path) -> int:
     data = DeviceData(splits, args.device)
+    threads = use_cpu_threads(data.device)
     classes = data.classes
     print(f"space:  {space.path}  ({space.description})" if space.description else f"space:  {space.path}")
     print(f"config: {json.dumps(config.to_dict())}")
     counts = splits.summary()["splits"]
     print("data:   " + "; ".join(f"{n} " + "/".join(str(v) for v in c.values()) for n, c in counts.items())
           + f"  ({'/'.join(classes)})")
-    print(f"device: {data.device}\nrun:    {run_dir}", flush=True)
+    print(f"device: {data.device}{f' ({threads})' if threads else ''}\nrun:    {run_dir}", flush=True)
 
     configs = [TrainConfig.from_dict({**config.to_dict(), "seed": config.seed + i}) for i in range(args.seeds)]
     results = train_group(configs, data, on_epoch=_progress(config.epochs, [c.seed for c in configs]))

@@ -1,0 +1,57 @@
+"""Every command that trains chooses its CPU threads (THREADS, or by load), not torch's default."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run_cli
+from study.errors import UserError
+from study.options import use_cpu_threads
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threads_set_by_the_variable_are_what_torch_then_uses(monkeypatch, restore_threads):
+    monkeypatch.setenv("THREADS", "1")
+    torch.set_num_threads(2)
+    assert use_cpu_threads(torch.device("cpu")) == "1 thread(s): requested"
+    assert torch.get_num_threads() == 1
+
+
+def test_without_the_variable_a_busy_machine_gets_one_thread(monkeypatch, restore_threads):
+    monkeypatch.delenv("THREADS", raising=False)
+    monkeypatch.setattr("os.getloadavg", lambda: (8.0, 8.0, 8.0))
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    torch.set_num_threads(2)
+    assert use_cpu_threads(torch.device("cpu")).startswith("1 thread(s): load average 8.0")
+    assert torch.get_num_threads() == 1
+
+
+def test_another_device_leaves_the_threads_alone(monkeypatch, restore_threads):
+    monkeypatch.setenv("THREADS", "1")
+    torch.set_num_threads(2)
+    assert use_cpu_threads(torch.device("cuda")) == ""
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "1.5"])
+def test_a_bad_threads_value_is_one_line_naming_it(monkeypatch, value):
+    monkeypatch.setenv("THREADS", value)
+    with pytest.raises(UserError, match=f"THREADS '{value}'"):
+        use_cpu_threads(torch.device("cpu"))
+
+
+def test_make_train_says_and_uses_the_threads_it_chose(tiny_inputs, tmp_path, monkeypatch, restore_threads):
+    monkeypatch.setenv("THREADS", "1")
+    torch.set_num_threads(2)
+    _, space, options = tiny_inputs
+    code, out, err = run_cli("train", "--space", space, "--results", tmp_path, "--device", "cpu", *options)
+    assert code == 0, err
+    assert "device: cpu (1 thread(s): requested)" in out
+    assert torch.get_num_threads() == 1
