@@ -46,6 +46,19 @@ CHANNELS_LAST = True
 EVAL_BATCH = 4096
 
 
+@dataclass(frozen=True)
+class LoopOptions:
+    """The loop's speed levers, one field each; the defaults are what ships (`make bench --levers` A/Bs them).
+
+    None of them changes what a config learns, only how fast: they are not
+    TrainConfig fields and no study records them.
+    """
+
+    channels_last: bool = CHANNELS_LAST  # model weights (and DeviceData's layout) in NHWC
+    optimizer: str = "fused"  # make_optimizer's implementation: fused, foreach or default
+    cudnn_benchmark: bool = False  # CUDA: let cuDNN time its (deterministic) kernels and keep the fastest
+
+
 @dataclass
 class EpochStats:
     epoch: int  # 1-based
@@ -93,11 +106,11 @@ class MemberResult(TrainResult):
 class DeviceSplit:
     """One split as device tensors: NCHW float images in [0, 1] and int64 labels."""
 
-    def __init__(self, split: LabeledImages, device: torch.device):
+    def __init__(self, split: LabeledImages, device: torch.device, channels_last: bool = CHANNELS_LAST):
         images = torch.from_numpy(np.ascontiguousarray(split.images)).to(device)
         # uint8 NHWC -> float NCHW view with channels-last strides: no copy of layout.
         self.x = images.permute(0, 3, 1, 2).float().div_(255.0)
-        if not CHANNELS_LAST:
+        if not channels_last:
             self.x = self.x.contiguous()
         self.y = torch.from_numpy(split.labels).to(device)
 
@@ -108,12 +121,12 @@ class DeviceSplit:
 class DeviceData:
     """Train and dev (and test) resident on the device, built once and shared by many trials."""
 
-    def __init__(self, splits: Splits, device: torch.device | str = "auto"):
+    def __init__(self, splits: Splits, device: torch.device | str = "auto", channels_last: bool = CHANNELS_LAST):
         self.device = resolve_device(device)
         self.classes = tuple(splits.classes)
-        self.train = DeviceSplit(splits.train, self.device)
-        self.dev = DeviceSplit(splits.dev, self.device)
-        self.test = DeviceSplit(splits.test, self.device) if splits.test is not None else None
+        self.train = DeviceSplit(splits.train, self.device, channels_last)
+        self.dev = DeviceSplit(splits.dev, self.device, channels_last)
+        self.test = DeviceSplit(splits.test, self.device, channels_last) if splits.test is not None else None
         self.image_size = splits.train.images.shape[1]
 
     @property
@@ -121,9 +134,10 @@ class DeviceData:
         return len(self.classes)
 
 
-def make_model(n_classes: int, config: TrainConfig, image_size: int, device) -> nn.Module:
+def make_model(n_classes: int, config: TrainConfig, image_size: int, device,
+               channels_last: bool = CHANNELS_LAST) -> nn.Module:
     model = MODELS[config.model](n_classes, config.dropout, image_size).to(device)
-    return model.to(memory_format=torch.channels_last) if CHANNELS_LAST else model
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, implementation: str = "fused") -> torch.optim.Optimizer:
@@ -182,7 +196,7 @@ def evaluate(model: nn.Module, split: DeviceSplit, classes, criterion: nn.Module
     return Evaluation(tuple(classes), matrix.cpu().numpy(), loss)
 
 
-def seed_everything(seed: int, device: torch.device) -> torch.Generator:
+def seed_everything(seed: int, device: torch.device, cudnn_benchmark: bool = False) -> torch.Generator:
     """Same seed, same device, same result: seeds everything and pins cuDNN to deterministic kernels.
 
     cuDNN's default convolution backward may accumulate with atomics (run-to-run
@@ -190,7 +204,7 @@ def seed_everything(seed: int, device: torch.device) -> torch.Generator:
     """
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.manual_seed(seed)  # weights and dropout masks
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)  # batch order and augmentation
@@ -205,10 +219,10 @@ class ModuleStep:
     Same interface as cnnlib.fused.StackedStep, for the one loop to drive.
     """
 
-    def __init__(self, config: TrainConfig, data: DeviceData, steps: int):
+    def __init__(self, config: TrainConfig, data: DeviceData, steps: int, options: LoopOptions = LoopOptions()):
         torch.manual_seed(config.seed)  # weights and dropout masks
-        self.net = make_model(data.n_classes, config, data.image_size, data.device)
-        self.optimizer = make_optimizer(self.net, config)
+        self.net = make_model(data.n_classes, config, data.image_size, data.device, options.channels_last)
+        self.optimizer = make_optimizer(self.net, config, options.optimizer)
         factors = lr_factors(config, config.epochs * steps).tolist()
         self.scheduler = None if config.schedule == "constant" and not config.warmup else \
             torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: factors[min(step, len(factors) - 1)])
@@ -283,7 +297,8 @@ def check_group(configs: Sequence[TrainConfig]) -> None:
 
 def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
                   on_epoch: Callable[[int, EpochStats], bool | None] | None = None, *, fused: bool | None = None,
-                  members_per_pass: int | None = None, order_seed: int | None = None) -> Iterator[list[MemberResult]]:
+                  members_per_pass: int | None = None, order_seed: int | None = None,
+                  options: LoopOptions = LoopOptions()) -> Iterator[list[MemberResult]]:
     """Train every config, one epoch per step, yielding all members' results after each epoch.
 
     Members share each batch: its order and augmentation come from a generator
@@ -300,6 +315,7 @@ def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
     fused: True steps the stacked network (cnnlib.fused), False the module
     (K = 1 only); default: the module for one config, stacked for several.
     members_per_pass: members per stacked forward pass (all still share every batch).
+    options: the speed levers (LoopOptions); the defaults are what ships.
     """
     configs = list(configs)
     check_group(configs)
@@ -309,20 +325,23 @@ def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
     if not isinstance(data, DeviceData):
         data = DeviceData(data)
     device, shared = data.device, configs[0]
-    generator = seed_everything(shared.seed, device)
+    generator = seed_everything(shared.seed, device, options.cudnn_benchmark)
     if order_seed is not None:
         generator.manual_seed(order_seed)
     train_x, train_y, n = data.train.x, data.train.y, len(data.train)
     steps = steps_per_epoch(n, shared.batch_size)
     if fused:
-        stepper = StackedStep(configs, data, steps, lambda c: make_model(data.n_classes, c, data.image_size, device),
+        stepper = StackedStep(configs, data, steps,
+                              lambda c: make_model(data.n_classes, c, data.image_size, device, options.channels_last),
                               members_per_pass)
     else:
-        stepper = ModuleStep(shared, data, steps)
+        stepper = ModuleStep(shared, data, steps, options)
     augment = shared.crop or shared.flip or shared.jitter
     results = [MemberResult(None, config, device=str(device)) for config in configs]
     started = time.perf_counter()
     for epoch in range(1, max(c.epochs for c in configs) + 1):
+        if device.type == "cuda":  # process-wide: set each epoch, so runs stepped in turn keep their own
+            torch.backends.cudnn.benchmark = options.cudnn_benchmark
         epoch_start = time.perf_counter()
         order = epoch_order(n, train_y, data.n_classes, shared.imbalance, generator)
         stepper.start_epoch()
@@ -356,12 +375,12 @@ def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
             break
 
 
-def train_epochs(config: TrainConfig, data: DeviceData | Splits, device="auto",
-                 order_seed: int | None = None) -> Iterator[TrainResult]:
-    """`train`, one epoch per step (`make bench` steps it in turn with the naive loop)."""
+def train_epochs(config: TrainConfig, data: DeviceData | Splits, device="auto", order_seed: int | None = None,
+                 options: LoopOptions = LoopOptions()) -> Iterator[TrainResult]:
+    """`train`, one epoch per step (`make bench` steps it in turn with the naive loop, and A/Bs `options`)."""
     if not isinstance(data, DeviceData):
-        data = DeviceData(data, device)
-    for results in train_members([config], data, fused=False, order_seed=order_seed):
+        data = DeviceData(data, device, options.channels_last)
+    for results in train_members([config], data, fused=False, order_seed=order_seed, options=options):
         if results[0].error is not None:
             raise results[0].error
         yield results[0]

@@ -38,7 +38,7 @@ from cnnlib.training import DeviceData, TrainConfig, predict_logits, train
 
 from . import progress
 from .errors import UserError
-from .plotly_bundle import write_bundle
+from .output import write_bundle
 from .options import add_common_options, add_data_options, load_splits
 
 # The fold models only need to rank images, not to win: a fixed recipe per fold model.
@@ -318,7 +318,7 @@ def write_class_distribution(folder: Path, splits: Splits) -> dict:
                         for name, row in counts.items()])
     figure.update_layout(barmode="group", title="Images per class in each split", xaxis_title="class",
                          yaxis_title="images", template="plotly_white")
-    # One plotly.min.js beside the page (study/plotly_bundle.py): it opens offline and stays small.
+    # One plotly.min.js beside the page (study/output.py): it opens offline and stays small.
     figure.write_html(folder / "class_distribution.html", include_plotlyjs=write_bundle(folder), full_html=True)
     return counts
 

@@ -46,11 +46,11 @@ from cnnlib.splits import require_every_class
 from cnnlib.training import DeviceData, TrainConfig, evaluate, make_criterion, predict_logits, train
 
 from . import hints, progress
-from .plotly_bundle import BUNDLE, write_bundle
+from .output import BUNDLE, write_bundle
 from .errors import UserError
-from .export import study_folder
+from .report.export import study_folder
 from .options import add_common_options, add_data_options, add_study_options, data_config, load_splits, whole_number
-from .storage import load_existing_study, redact
+from .search.storage import load_existing_study, redact
 
 FIGURES = ("accuracy_vs_epsilon", "examples_grid", "flip_example")
 GRID_IMAGES = 5

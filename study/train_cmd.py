@@ -24,7 +24,7 @@ from cnnlib.training import DeviceData, EpochStats, TrainConfig, evaluate, make_
 
 from .errors import UserError
 from .options import add_common_options, add_data_options, load_splits
-from .space import load_space
+from .search.space import load_space
 
 RUN_FILES = ("metrics.json", "history.csv", "model.pt")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

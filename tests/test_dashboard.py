@@ -24,9 +24,9 @@ import pytest
 from optuna.trial import TrialState
 
 from study import cli
-from study.artifacts import attach_trial_artifacts, report_svg, trial_report_data
-from study.dashboard import DEFAULT_HOST, add_arguments
-from study.storage import open_storage
+from study.search.artifacts import attach_trial_artifacts, report_svg, trial_report_data
+from study.search.dashboard import DEFAULT_HOST, add_arguments
+from study.search.storage import open_storage
 
 from test_export import smoke_study  # noqa: F401 - fixture shared with test_export
 from conftest import STUDY_ENV

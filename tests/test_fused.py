@@ -419,7 +419,7 @@ def test_batched_dropout_masks_keep_each_members_rate_independently():
 # --- the benchmark section ----------------------------------------------------------------------------
 
 def test_bench_reports_trial_epochs_per_second_and_memory_per_member(small_splits, cpu_data):
-    from study.bench_fused import format_table, measure_fused
+    from study.bench.fused import format_table, measure_fused
 
     rows = measure_fused(cpu_data, ks=(1, 2), epochs=1, warmup=0, splits=small_splits, progress=None)
     assert [row["k"] for row in rows] == [1, 2]

@@ -48,11 +48,11 @@ from cnnlib.atomic import write_atomic, write_json
 from cnnlib.device import resolve_device
 from cnnlib.training import DeviceData, TrainConfig, evaluate, train_group
 
-from . import search
-from .errors import UserError
-from .final import trial_config
-from .options import add_common_options, add_data_options, load_splits
-from .space import load_space
+from ..search import runner as search
+from ..errors import UserError
+from ..final import trial_config
+from ..options import add_common_options, add_data_options, load_splits
+from ..search.space import load_space
 
 SEARCHES = ("default", "random")  # the two methods that search; "recipe" is the third
 DEFAULT_BUDGET = {"cpu": 300, "cuda": 900}  # seconds per search; 2 x 3 searches fit in about an hour on 2 cores

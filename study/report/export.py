@@ -37,10 +37,10 @@ import pandas as pd
 
 from cnnlib.atomic import atomic_path
 
-from . import hints
-from .errors import UserError
-from .options import add_storage_option
-from .storage import load_existing_study, open_storage, redact, storage_file
+from .. import hints
+from ..errors import UserError
+from ..options import add_storage_option
+from ..search.storage import load_existing_study, open_storage, redact, storage_file
 
 BASE_COLUMNS = ["number", "state", "value", "datetime_start", "datetime_complete", "duration"]
 CURVES = ("train_loss", "dev_loss", "dev_macro_accuracy")

@@ -33,9 +33,9 @@ from plotly.subplots import make_subplots
 
 from cnnlib.atomic import write_atomic
 
-from .errors import UserError
+from ..errors import UserError
 from .export import study_folder
-from .plotly_bundle import BUNDLE, write_bundle
+from ..output import BUNDLE, write_bundle
 
 ACCURACY = "dev macro accuracy (fraction, 0-1)"
 PNG_TIMEOUT = 180  # seconds for all PNGs; kaleido drives a headless Chromium that can hang on a broken install

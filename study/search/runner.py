@@ -5,7 +5,7 @@ adds; WORKERS processes share the storage and together finish exactly that many
 (COMPLETE or PRUNED): a file lock around "count, then ask" makes the quota exact
 for workers on this machine, and heartbeats plus Optuna's retry callback
 re-run the trial of a worker that died (journal storage has no heartbeat and is
-for one machine: there a dead worker is recognised by its pid, study/storage.py).
+for one machine: there a dead worker is recognised by its pid, study/search/storage.py).
 Ctrl-C or SIGTERM marks the running trials FAIL with the reason and stops every
 worker; a storage that fails mid-run ends it with one line; the next run
 continues either way.
@@ -34,12 +34,12 @@ from cnnlib.metrics import Evaluation
 from cnnlib.fused import GROUP_SIZE
 from cnnlib.training import DeviceData
 
-from . import hints, progress
+from .. import hints, progress
 from .artifacts import note_outcome, record_artifact_dir
-from .cli import interrupt_on_sigterm
-from .errors import UserError
+from ..cli import interrupt_on_sigterm
+from ..errors import UserError
 from .objective import run_trials
-from .options import (add_common_options, add_data_options, add_study_options, describe_classes, env, load_splits,
+from ..options import (add_common_options, add_data_options, add_study_options, describe_classes, env, load_splits,
                       whole_number)
 from .space import SearchSpace, load_space
 from .storage import (
