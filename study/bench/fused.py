@@ -27,11 +27,9 @@ RESULTS/bench/fused-<time>.json); `make bench` calls `measure_fused`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +39,7 @@ from cnnlib.model import SeedCNN
 from cnnlib.splits import Splits
 from cnnlib.training import DeviceData, TrainConfig, train_epochs, train_fused_epochs
 
+from ..output import fresh_file, timestamp, write_json
 from .interleave import interleave
 
 FUSED_KS = (1, 4, 16, 64)
@@ -193,13 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER, flush=True)
     rows = measure_fused(data, ks=ks, epochs=args.epochs, warmup=args.warmup, batch_size=args.batch_size,
                          splits=splits, naive=args.naive, progress=lambda line: print(line, flush=True))
-    folder = Path(args.results) / "bench"
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = f"fused-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    path, n = folder / f"{stem}.json", 1
-    while path.exists():  # never overwrite an earlier run
-        path, n = folder / f"{stem}-{n}.json", n + 1
-    path.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    path = fresh_file(Path(args.results) / "bench", f"fused-{timestamp()}", ".json")  # never overwrite an earlier run
+    write_json(path, {"torch": torch.__version__, "rows": rows})
     print()
     print(format_table(rows))
     print(f"\nwrote {path}")

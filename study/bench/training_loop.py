@@ -23,13 +23,11 @@ import os
 import platform
 import statistics
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from cnnlib.atomic import write_json
 from cnnlib.device import cpu_threads
 from cnnlib.model import model_flops_per_image
 from cnnlib.splits import Splits
@@ -39,6 +37,7 @@ from ..errors import UserError
 from .interleave import Timed, interleave
 from .naive_loop import naive_train_epochs
 from ..options import add_common_options, add_data_options, load_splits, whole_number
+from ..output import fresh_file, timestamp, write_json
 
 # The issue's settings: the user's recipe at three batch sizes, 32 being the user's own.
 BATCH_SIZES = (16, 32, 128)
@@ -337,12 +336,8 @@ def format_table(report: dict) -> str:
 
 def write_report(report: dict, folder: Path, copy: Path | None = None) -> tuple[Path, Path]:
     """bench.json (the latest) and a timestamped copy that later runs never overwrite."""
-    folder.mkdir(parents=True, exist_ok=True)
     if copy is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        copy, n = folder / f"bench-{stamp}.json", 1
-        while copy.exists():
-            copy, n = folder / f"bench-{stamp}-{n}.json", n + 1
+        copy = fresh_file(folder, f"bench-{timestamp()}", ".json")
     write_json(copy, report)
     return write_json(folder / "bench.json", report), copy
 
