@@ -56,7 +56,7 @@ def choose_artifact_dir(args, storage) -> tuple[Path, str]:
         print(f"note: studies recorded several artifact folders ({', '.join(recorded)}); serving one; "
               "choose with --artifacts", file=sys.stderr)
         return Path(recorded[0]), "recorded by the studies (first of several)"
-    results = Path(args.results) if args.results else default_results_dir(storage)
+    results = Path(args.results) if args.results else default_results_dir(args.storage)
     return artifact_dir(results), "RESULTS/artifacts"
 
 
