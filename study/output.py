@@ -135,10 +135,16 @@ def write_pngs(figures: dict[Path, object], width: int | None = None, scale: flo
 
     def export():
         try:
-            import plotly.io as pio  # noqa: PLC0415
+            import kaleido  # noqa: PLC0415 - optional extra
 
-            heights = [int(f.layout.height or 460) for f in figs] if width is not None else None
-            pio.write_images(figs, paths, width=width, height=heights, scale=scale)
+            size = [{"width": width, "height": int(f.layout.height or 460)} if width is not None else {} for f in figs]
+            kaleido.write_fig_from_object_sync(
+                [{"fig": f, "path": path, "opts": {"format": "png", "scale": scale, **extra}}
+                 for f, path, extra in zip(figs, paths, size)],
+                kopts={"timeout": timeout})
+            missing = [Path(path).name for path in paths if not Path(path).is_file()]
+            if missing:
+                raise RuntimeError(f"kaleido wrote no {', '.join(missing)}")
         except Exception as error:  # noqa: BLE001 - no kaleido, no Chromium, a browser crash
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             outcome["error"] = f"{type(error).__name__}: {first[:200]}"
