@@ -35,7 +35,8 @@ from plotly.subplots import make_subplots
 from cnnlib.atomic import write_atomic
 
 from ..errors import UserError
-from ..output import BUNDLE, study_folder, write_bundle, write_pngs
+from .. import output
+from ..output import BUNDLE, study_folder, write_bundle
 from ..search import strict_yaml
 from .export import SPACE_FILE
 
@@ -619,7 +620,7 @@ def write_pngs(figures: list[Figure], folder: Path) -> str:
     ready = [f for f in figures if f.figure is not None]
     if not ready:
         return "no figures to export"
-    failed = write_pngs({folder / f"{f.key}.png": f.figure for f in ready}, width=1100)
+    failed = output.write_pngs({folder / f"{f.key}.png": f.figure for f in ready}, width=1100)
     if failed:
         return f"PNG export unavailable ({failed}); the HTML report does not need it"
     return f"wrote {len(ready)} PNGs to {folder}/"
