@@ -32,6 +32,7 @@ USER_TRAIN_COUNTS = (4000, 600, 400)
 USER_DEV_COUNTS = (503, 51, 71)
 USER_TEST_COUNTS = (400, 400, 400)
 SPLIT_NAMES = ("train", "dev", "test")
+RECORD_KEYS = ("data_summary", "split_cache_key", "corrections_digest")  # Splits.record(), as a study keeps it
 CACHE_FORMAT = 1
 MIN_IMAGE_SIZE = 16  # the seed CNN's two 5x5-conv + 2x2-pool stages leave nothing of less (model.flat_features)
 STALE_TMP_SECONDS = 600  # a cache temporary untouched this long lost its writer (a live one takes about a second)
@@ -71,9 +72,15 @@ class Splits:
     test: LabeledImages | None = None
     source: str = ""
     cache_path: Path | None = None
+    cache_key: str = ""  # what prepare_splits keyed the cache by: source, settings, file listing, corrections
+    corrections_digest: str | None = None  # sha256 of the corrections file applied, None without one
 
     def named(self) -> dict[str, LabeledImages]:
         return {n: s for n, s in (("train", self.train), ("dev", self.dev), ("test", self.test)) if s is not None}
+
+    def record(self) -> dict:
+        """What identifies this split for a later stage to compare (RECORD_KEYS): counts, cache key, corrections."""
+        return dict(zip(RECORD_KEYS, (self.summary(), self.cache_key, self.corrections_digest)))
 
     def summary(self) -> dict:
         return {
@@ -163,10 +170,10 @@ def _check_image_shape(part: LabeledImages | None, path: Path, train: LabeledIma
                         f"{train.images.shape[2]}x{train.images.shape[1]}; every split needs one size")
 
 
-def _cache_key(config: DataConfig, listing) -> str:
+def _cache_key(config: DataConfig, listing, corrections_digest: str | None) -> str:
     settings = asdict(config)
     settings["source"] = str(Path(config.source).resolve())
-    settings["corrections"] = _file_digest(config.corrections) if config.corrections else None
+    settings["corrections"] = corrections_digest
     settings["trust_pickle"] = None  # how we were allowed to read does not change the content
     blob = json.dumps({"format": CACHE_FORMAT, "settings": settings, "listing": listing}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -217,11 +224,14 @@ def prepare_splits(config: DataConfig, cache_dir: Path | None) -> Splits:
         raise DataError(f"{source}: data folder not found (set DATA=... to an image tree or a folder with train/dev .npz)")
     if not source.is_dir():
         raise DataError(f"{source}: DATA must be a folder (an image tree with train/ and test/, or one with train.npz and dev.npz)")
-    key = _cache_key(config, _source_listing(config))
+    digest = _file_digest(config.corrections) if config.corrections else None
+    key = _cache_key(config, _source_listing(config), digest)
     cache_path = Path(cache_dir) / f"split-{key}.npz" if cache_dir else None
     if cache_path and cache_path.is_file():
         try:
-            return _load_cache(cache_path)
+            splits = _load_cache(cache_path)
+            splits.cache_key, splits.corrections_digest = key, digest
+            return splits
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # a damaged (e.g. truncated) cache is rebuilt, never trusted
     splits = _build_from_tree(config) if _is_image_tree(source) else _build_from_files(config)
@@ -233,6 +243,7 @@ def prepare_splits(config: DataConfig, cache_dir: Path | None) -> Splits:
         _remove_stale_temporaries(cache_path.parent)
         _save_cache(splits, cache_path)
         splits.cache_path = cache_path
+    splits.cache_key, splits.corrections_digest = key, digest
     return splits
 
 

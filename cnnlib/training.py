@@ -38,12 +38,32 @@ from .schedules import lr_factors, steps_per_epoch
 from .sources import LabeledImages
 from .splits import Splits
 
-# Channels-last weights (oneDNN NHWC convolutions). A first quick probe found ~1.5x
-# on the 2-core CPU; `make bench` (`--levers`, 1 thread, machine shared with other
-# jobs) later measured no clear difference: CPU time per epoch 0.97x, wall 0.85-1.01x.
-# Kept on until a quiet-machine measurement says otherwise.
+# Channels-last weights (oneDNN NHWC convolutions): 1.46x per training step at batch 32
+# (2.63 ms against 3.84 ms) on the quiet 2-core CPU, torch 2.14.1, 1 thread, one run.
+# (`make bench --levers` on the same machine while other jobs shared it, 1 thread, one
+# run: CPU time per epoch 0.97x, wall 0.85-1.01x; a busy machine hides the difference.)
+# For comparison, same quiet machine and torch, one run: bf16 autocast 1.30x per step at
+# batch 32 and 1.90x at batch 128 (not used here).
 CHANNELS_LAST = True
 EVAL_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """The loop's speed levers, one field each; the defaults are what ships (`make bench --levers` A/Bs them).
+
+    None of them changes what a config learns, only how fast: they are not
+    TrainConfig fields and no study records them.
+    """
+
+    channels_last: bool = CHANNELS_LAST  # model weights (and DeviceData's layout) in NHWC
+    optimizer: str = "fused"  # make_optimizer's implementation: fused, foreach or default
+    cudnn_benchmark: bool = False  # CUDA: let cuDNN time its (deterministic) kernels and keep the fastest
+    # The stacked step's arithmetic: fp32, or bf16 autocast (fp32 master weights, fp32 loss).
+    # bf16 is slower on the 2-core AMX-BF16 CPU for the fused seed CNN (K=16, 1 thread, CPU time
+    # per step, torch 2.14.1, one interleaved run: 0.80x at batch 32, 0.87x at batch 128; conv1
+    # 1.35x and the grouped conv2 2.3x slower in bf16): its convs are too narrow for AMX tiles.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -93,11 +113,11 @@ class MemberResult(TrainResult):
 class DeviceSplit:
     """One split as device tensors: NCHW float images in [0, 1] and int64 labels."""
 
-    def __init__(self, split: LabeledImages, device: torch.device):
+    def __init__(self, split: LabeledImages, device: torch.device, channels_last: bool = CHANNELS_LAST):
         images = torch.from_numpy(np.ascontiguousarray(split.images)).to(device)
         # uint8 NHWC -> float NCHW view with channels-last strides: no copy of layout.
         self.x = images.permute(0, 3, 1, 2).float().div_(255.0)
-        if not CHANNELS_LAST:
+        if not channels_last:
             self.x = self.x.contiguous()
         self.y = torch.from_numpy(split.labels).to(device)
 
@@ -108,12 +128,12 @@ class DeviceSplit:
 class DeviceData:
     """Train and dev (and test) resident on the device, built once and shared by many trials."""
 
-    def __init__(self, splits: Splits, device: torch.device | str = "auto"):
+    def __init__(self, splits: Splits, device: torch.device | str = "auto", channels_last: bool = CHANNELS_LAST):
         self.device = resolve_device(device)
         self.classes = tuple(splits.classes)
-        self.train = DeviceSplit(splits.train, self.device)
-        self.dev = DeviceSplit(splits.dev, self.device)
-        self.test = DeviceSplit(splits.test, self.device) if splits.test is not None else None
+        self.train = DeviceSplit(splits.train, self.device, channels_last)
+        self.dev = DeviceSplit(splits.dev, self.device, channels_last)
+        self.test = DeviceSplit(splits.test, self.device, channels_last) if splits.test is not None else None
         self.image_size = splits.train.images.shape[1]
 
     @property
@@ -121,9 +141,10 @@ class DeviceData:
         return len(self.classes)
 
 
-def make_model(n_classes: int, config: TrainConfig, image_size: int, device) -> nn.Module:
+def make_model(n_classes: int, config: TrainConfig, image_size: int, device,
+               channels_last: bool = CHANNELS_LAST) -> nn.Module:
     model = MODELS[config.model](n_classes, config.dropout, image_size).to(device)
-    return model.to(memory_format=torch.channels_last) if CHANNELS_LAST else model
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, implementation: str = "fused") -> torch.optim.Optimizer:
@@ -182,7 +203,7 @@ def evaluate(model: nn.Module, split: DeviceSplit, classes, criterion: nn.Module
     return Evaluation(tuple(classes), matrix.cpu().numpy(), loss)
 
 
-def seed_everything(seed: int, device: torch.device) -> torch.Generator:
+def seed_everything(seed: int, device: torch.device, cudnn_benchmark: bool = False) -> torch.Generator:
     """Same seed, same device, same result: seeds everything and pins cuDNN to deterministic kernels.
 
     cuDNN's default convolution backward may accumulate with atomics (run-to-run
@@ -190,7 +211,7 @@ def seed_everything(seed: int, device: torch.device) -> torch.Generator:
     """
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.manual_seed(seed)  # weights and dropout masks
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)  # batch order and augmentation
@@ -205,10 +226,10 @@ class ModuleStep:
     Same interface as cnnlib.fused.StackedStep, for the one loop to drive.
     """
 
-    def __init__(self, config: TrainConfig, data: DeviceData, steps: int):
+    def __init__(self, config: TrainConfig, data: DeviceData, steps: int, options: LoopOptions = LoopOptions()):
         torch.manual_seed(config.seed)  # weights and dropout masks
-        self.net = make_model(data.n_classes, config, data.image_size, data.device)
-        self.optimizer = make_optimizer(self.net, config)
+        self.net = make_model(data.n_classes, config, data.image_size, data.device, options.channels_last)
+        self.optimizer = make_optimizer(self.net, config, options.optimizer)
         factors = lr_factors(config, config.epochs * steps).tolist()
         self.scheduler = None if config.schedule == "constant" and not config.warmup else \
             torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: factors[min(step, len(factors) - 1)])
@@ -284,7 +305,7 @@ def check_group(configs: Sequence[TrainConfig]) -> None:
 def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
                   on_epoch: Callable[[int, EpochStats], bool | None] | None = None, *, fused: bool | None = None,
                   members_per_pass: int | None = None, order_seed: int | None = None,
-                  precision: str = "fp32") -> Iterator[list[MemberResult]]:
+                  options: LoopOptions = LoopOptions()) -> Iterator[list[MemberResult]]:
     """Train every config, one epoch per step, yielding all members' results after each epoch.
 
     Members share each batch: its order and augmentation come from a generator
@@ -301,7 +322,7 @@ def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
     fused: True steps the stacked network (cnnlib.fused), False the module
     (K = 1 only); default: the module for one config, stacked for several.
     members_per_pass: members per stacked forward pass (all still share every batch).
-    precision: the stacked step's arithmetic, "fp32" or "bf16" (autocast; cnnlib.fused.PRECISIONS).
+    options: the speed levers (LoopOptions); the defaults are what ships.
     """
     configs = list(configs)
     check_group(configs)
@@ -311,22 +332,25 @@ def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
     if not isinstance(data, DeviceData):
         data = DeviceData(data)
     device, shared = data.device, configs[0]
-    generator = seed_everything(shared.seed, device)
+    generator = seed_everything(shared.seed, device, options.cudnn_benchmark)
     if order_seed is not None:
         generator.manual_seed(order_seed)
     train_x, train_y, n = data.train.x, data.train.y, len(data.train)
     steps = steps_per_epoch(n, shared.batch_size)
     if fused:
-        stepper = StackedStep(configs, data, steps, lambda c: make_model(data.n_classes, c, data.image_size, device),
-                              members_per_pass, precision)
+        stepper = StackedStep(configs, data, steps,
+                              lambda c: make_model(data.n_classes, c, data.image_size, device, options.channels_last),
+                              members_per_pass, options.precision)
     else:
-        if precision != "fp32":
-            raise ValueError(f"precision {precision!r} is a lever of the stacked step only; use fused=True")
-        stepper = ModuleStep(shared, data, steps)
+        if options.precision != "fp32":
+            raise ValueError(f"precision {options.precision!r} is a lever of the stacked step only; use fused=True")
+        stepper = ModuleStep(shared, data, steps, options)
     augment = shared.crop or shared.flip or shared.jitter
     results = [MemberResult(None, config, device=str(device)) for config in configs]
     started = time.perf_counter()
     for epoch in range(1, max(c.epochs for c in configs) + 1):
+        if device.type == "cuda":  # process-wide: set each epoch, so runs stepped in turn keep their own
+            torch.backends.cudnn.benchmark = options.cudnn_benchmark
         epoch_start = time.perf_counter()
         order = epoch_order(n, train_y, data.n_classes, shared.imbalance, generator)
         stepper.start_epoch()
@@ -360,12 +384,12 @@ def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
             break
 
 
-def train_epochs(config: TrainConfig, data: DeviceData | Splits, device="auto",
-                 order_seed: int | None = None) -> Iterator[TrainResult]:
-    """`train`, one epoch per step (`make bench` steps it in turn with the naive loop)."""
+def train_epochs(config: TrainConfig, data: DeviceData | Splits, device="auto", order_seed: int | None = None,
+                 options: LoopOptions = LoopOptions()) -> Iterator[TrainResult]:
+    """`train`, one epoch per step (`make bench` steps it in turn with the naive loop, and A/Bs `options`)."""
     if not isinstance(data, DeviceData):
-        data = DeviceData(data, device)
-    for results in train_members([config], data, fused=False, order_seed=order_seed):
+        data = DeviceData(data, device, options.channels_last)
+    for results in train_members([config], data, fused=False, order_seed=order_seed, options=options):
         if results[0].error is not None:
             raise results[0].error
         yield results[0]

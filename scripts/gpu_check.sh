@@ -48,14 +48,14 @@ echo "== data: $DATA"
 # The bench module is driven directly (not `python -m study`) so that commands whose
 # dependencies the device lacks (optuna, plotly, ...) cannot stop it from loading.
 # Full settings (batch 16/32/128, 1 warm-up + 3 timed epochs, seeds 0,1,2), the
-# levers A/B (channels-last, fused optimizer, cudnn.benchmark), the 100-epoch recipe, then horizontally fused trials when study.bench_fused exists;
+# levers A/B (channels-last, fused optimizer, cudnn.benchmark), the 100-epoch recipe, then horizontally fused trials when study.bench.fused exists;
 # bench.json is written before the fused part, so a slow or failing fused part loses nothing.
 # BENCH_ARGS appends options (later ones win), e.g. a dry run here:
 #     OUT=/tmp/gpu_out BENCH_ARGS="--device cpu --quick --recipe-epochs 2" bash scripts/gpu_check.sh
 PYTHONUNBUFFERED=1 timeout 400 "$PY" - "$DATA" "$OUT" <<'PYEOF'
 import argparse, os, shlex, shutil, sys, time
 from pathlib import Path
-from study import bench
+from study.bench import training_loop as bench
 data, out = sys.argv[1], Path(sys.argv[2])
 parser = argparse.ArgumentParser()
 bench.add_arguments(parser)

@@ -15,10 +15,8 @@ way to check that the audit finds label noise on this data at all.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
-import json
 import os
 import sys
 import time
@@ -38,7 +36,7 @@ from cnnlib.training import DeviceData, TrainConfig, predict_logits, train
 
 from . import progress
 from .errors import UserError
-from .plotly_bundle import write_bundle
+from .output import atomic_path, fresh_folder, write_atomic, write_csv, write_html, write_json
 from .options import add_common_options, add_data_options, load_splits
 
 # The fold models only need to rank images, not to win: a fixed recipe per fold model.
@@ -225,13 +223,6 @@ def precision_recall_at_k(ranked: np.ndarray, truth: np.ndarray, k: int) -> dict
 
 # --- outputs --------------------------------------------------------------------
 
-def _write_csv(path: Path, header: Sequence[str], rows) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
 def write_suspects(path: Path, pool: Pool, labels: np.ndarray, probs: np.ndarray, ranked: np.ndarray,
                    classes: Sequence[str]) -> None:
     suggested = suggested_labels(labels, probs)
@@ -239,7 +230,7 @@ def write_suspects(path: Path, pool: Pool, labels: np.ndarray, probs: np.ndarray
     for rank, i in enumerate(ranked, start=1):
         rows.append([rank, pool.images.ids[i], pool.split[i], classes[labels[i]], classes[suggested[i]],
                      f"{probs[i, labels[i]]:.4f}", f"{probs[i, suggested[i]]:.4f}"])
-    _write_csv(path, ["rank", "id", "split", "given_label", "suggested_label", "self_confidence",
+    write_csv(path, ["rank", "id", "split", "given_label", "suggested_label", "self_confidence",
                       "suggested_probability"], rows)
 
 
@@ -247,7 +238,7 @@ def write_corrections_draft(path: Path, pool: Pool, labels: np.ndarray, probs: n
                             classes: Sequence[str]) -> None:
     """suspects as an `id,new_label` file: delete the rows you disagree with, edit, then pass --corrections."""
     suggested = suggested_labels(labels, probs)
-    _write_csv(path, ["id", "new_label", "given_label"],
+    write_csv(path, ["id", "new_label", "given_label"],
                [[pool.images.ids[i], classes[suggested[i]], classes[labels[i]]] for i in ranked])
 
 
@@ -311,30 +302,21 @@ def write_class_distribution(folder: Path, splits: Splits) -> dict:
 
     counts = class_distribution(splits)
     classes = list(splits.classes)
-    (folder / "class_distribution.json").write_text(json.dumps(counts, indent=2) + "\n")
-    _write_csv(folder / "class_distribution.csv", ["split", *classes, "total"],
+    write_json(folder / "class_distribution.json", counts)
+    write_csv(folder / "class_distribution.csv", ["split", *classes, "total"],
                [[name, *(row[c] for c in classes), sum(row.values())] for name, row in counts.items()])
     figure = go.Figure([go.Bar(name=name, x=classes, y=[row[c] for c in classes], text=[row[c] for c in classes])
                         for name, row in counts.items()])
     figure.update_layout(barmode="group", title="Images per class in each split", xaxis_title="class",
                          yaxis_title="images", template="plotly_white")
-    # One plotly.min.js beside the page (study/plotly_bundle.py): it opens offline and stays small.
-    figure.write_html(folder / "class_distribution.html", include_plotlyjs=write_bundle(folder), full_html=True)
+    # One plotly.min.js beside the page (study/output.py): it opens offline and stays small.
+    write_html(figure, folder / "class_distribution.html")
     return counts
 
 
 def new_run_folder(root: Path, name: str | None) -> Path:
     """results/audit/<name>, never reusing an existing folder; `latest` points at the newest run."""
-    root.mkdir(parents=True, exist_ok=True)
-    base = name or time.strftime("%Y%m%d-%H%M%S")
-    folder, n = root / base, 1
-    while True:
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            n += 1
-            folder = root / f"{base}-{n}"
+    return fresh_folder(root, name or None)
 
 
 def point_latest(root: Path, folder: Path) -> None:
@@ -344,7 +326,7 @@ def point_latest(root: Path, folder: Path) -> None:
         os.symlink(folder.name, tmp)
         os.replace(tmp, link)
     except OSError:
-        (root / "LATEST").write_text(folder.name + "\n")  # file systems without symlinks
+        write_atomic(root / "LATEST", folder.name + "\n")  # file systems without symlinks
 
 
 # --- command --------------------------------------------------------------------
@@ -424,16 +406,17 @@ def run(args) -> int:
     folder = new_run_folder(root, args.run)
     write_suspects(folder / "suspects.csv", pool, labels, probs, ranked, classes)
     write_corrections_draft(folder / "corrections_draft.csv", pool, labels, probs, ranked, classes)
-    _write_csv(folder / "pred_probs.csv", ["id", "split", "given_label", "fold", *(f"p_{c}" for c in classes)],
+    write_csv(folder / "pred_probs.csv", ["id", "split", "given_label", "fold", *(f"p_{c}" for c in classes)],
                [[pool.images.ids[i], pool.split[i], classes[labels[i]], int(fold_of[i]),
                  *(f"{p:.5f}" for p in probs[i])] for i in range(len(labels))])
     top = ranked[:args.top]
     title = f"Audit {folder.name}: top {len(top)} of {len(ranked)} suspected label issues"
     if warning:  # the same warning on every output a reviewer opens
         title += " (WARNING: fold models at chance level; these are not label errors)"
-        (folder / "WARNING.txt").write_text(f"{warning}\n")
-    (folder / "contact_sheet.html").write_text(contact_sheet_html(pool, labels, probs, top, classes, title, warning))
-    contact_sheet_png(pool, labels, probs, top, classes).save(folder / "contact_sheet.png")
+        write_atomic(folder / "WARNING.txt", f"{warning}\n")
+    write_atomic(folder / "contact_sheet.html", contact_sheet_html(pool, labels, probs, top, classes, title, warning))
+    with atomic_path(folder / "contact_sheet.png") as tmp:
+        contact_sheet_png(pool, labels, probs, top, classes).save(tmp, format="PNG")
     counts = write_class_distribution(folder, splits)  # as loaded: corrections applied, no flips
 
     summary = {"run": folder.name, "source": splits.source, "corrections": args.corrections, "splits": names,
@@ -446,7 +429,7 @@ def run(args) -> int:
                "fold_models_at_chance": warning is not None}
     if flip_count:
         rank_of = {int(i): r for r, i in enumerate(ranked, start=1)}
-        _write_csv(folder / "flipped.csv", ["id", "split", "original_label", "flipped_label", "suspect_rank"],
+        write_csv(folder / "flipped.csv", ["id", "split", "original_label", "flipped_label", "suspect_rank"],
                    [[pool.images.ids[i], pool.split[i], classes[given[i]], classes[labels[i]], rank_of.get(int(i), "")]
                     for i in flipped])
         at_k = precision_recall_at_k(ranked, flipped, flip_count)
@@ -455,7 +438,7 @@ def run(args) -> int:
         print(f"flipped {flip_count} train labels on purpose: the top {flip_count} suspects hold {at_k['hits']} of them "
               f"(precision {at_k['precision']:.3f}, recall {at_k['recall']:.3f}); "
               f"all {len(ranked)} suspects hold {recovered:.1%}")
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(folder / "summary.json", summary)
     point_latest(root, folder)
     print(f"wrote {folder}: suspects.csv, contact_sheet.html/.png, class_distribution.*, summary.json")
     return 0

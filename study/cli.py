@@ -28,26 +28,26 @@ COMMANDS = {
     "evaluate": ("study.evaluate_cmd", "evaluate a checkpoint on a split (macro, per-class, confusion)",
                  "Evaluate a model.pt on one split: macro and per-class accuracy, confusion matrix, and the "
                  "majority-class baseline beside them."),
-    "search": ("study.search", "run or continue an Optuna study",
+    "search": ("study.search.runner", "run or continue an Optuna study",
                "Run or continue an Optuna study of the seed CNN. Running it again continues the same study; "
                "TRIALS counts the trials this run adds; Ctrl-C stops it and the next run continues."),
-    "export": ("study.export", "write trials.csv and epochs.csv for a study",
+    "export": ("study.report.export", "write trials.csv and epochs.csv for a study",
                "Write RESULTS/<study>/trials.csv (one row per trial), epochs.csv (one row per epoch) and data.csv "
                "(class counts) for each study in STORAGE, or only STUDY."),
-    "plots": ("study.plots", "HTML report (and PNGs) from exported CSVs",
+    "plots": ("study.report.plots", "HTML report (and PNGs) from exported CSVs",
               "Write an offline HTML report (and PNGs when Chromium is there) from the CSVs of `export`."),
-    "dashboard": ("study.dashboard", "serve the study storage with optuna-dashboard",
+    "dashboard": ("study.search.dashboard", "serve the study storage with optuna-dashboard",
                   "Serve STORAGE with optuna-dashboard, with each trial's report (note and artifacts)."),
     "final": ("study.final", "retrain the best trial with several seeds, evaluate, FGSM sweep",
               "Retrain the study's best trial (or TRIAL) with SEEDS seeds, report dev and held-out test accuracy, "
               "and attack the median-seed model; writes RESULTS/final/<study>/. Epsilons are on the [0, 1] pixel "
               "scale (the user's [-1, 1]-scale eps 0.1 is 0.05 here)."),
-    "bench": ("study.bench", "time the project training loop against a naive DataLoader loop",
+    "bench": ("study.bench.training_loop", "time the project training loop against a naive DataLoader loop",
               "Time the project's training loop against a tutorial DataLoader loop; writes RESULTS/bench/."),
     "audit": ("study.audit", "find probably mislabeled images with cross-validated confident learning",
               "Rank probably mislabeled images (K-fold out-of-fold predictions + confident learning) and write "
               "RESULTS/audit/<run>/: suspects.csv, a contact sheet and a corrections draft."),
-    "hpo-bench": ("study.hpo_bench", "default search vs random search vs the user's recipe at an equal budget, on test",
+    "hpo-bench": ("study.bench.hpo", "default search vs random search vs the user's recipe at an equal budget, on test",
                   "Compare the default search, random search and the user's recipe at an equal time budget, each "
                   "best config retrained with several seeds and judged on the held-out test split."),
 }

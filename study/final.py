@@ -46,11 +46,11 @@ from cnnlib.splits import require_every_class
 from cnnlib.training import DeviceData, TrainConfig, evaluate, make_criterion, predict_logits, train
 
 from . import hints, progress
-from .plotly_bundle import BUNDLE, write_bundle
+from .output import BUNDLE, study_folder, write_html, write_pngs
 from .errors import UserError
-from .export import study_folder
-from .options import add_common_options, add_data_options, add_study_options, data_config, load_splits, use_cpu_threads, whole_number
-from .storage import load_existing_study, redact
+from .options import (add_common_options, add_data_options, add_study_options, data_config, load_splits,
+                      use_cpu_threads, whole_number)
+from .search.storage import load_existing_study, redact
 
 FIGURES = ("accuracy_vs_epsilon", "examples_grid", "flip_example")
 GRID_IMAGES = 5
@@ -142,6 +142,35 @@ def trial_config(trial: FrozenTrial) -> tuple[TrainConfig, str]:
         return TrainConfig.from_dict(params), "trial params over TrainConfig defaults (no 'config' attribute)"
     except ValueError as error:
         raise UserError(f"trial {trial.number}: its config cannot be rebuilt ({error})") from None
+
+
+def _split_text(summary: dict) -> str:
+    """'train 4000/600/400, dev 503/51/71, test 400/400/400' in the class order."""
+    classes = summary.get("classes") or []
+    return ", ".join(f"{name} {'/'.join(str(counts.get(c, 0)) for c in classes)}"
+                     for name, counts in (summary.get("splits") or {}).items())
+
+
+def check_recorded_data(study: optuna.Study, splits, corrections: str | None = None) -> None:
+    """Refuse data options that give another split than the one the study recorded (studies that recorded
+    nothing, from before, are taken as they are): its trials' scores say nothing about another split."""
+    attrs = study.user_attrs
+    fix = "pass the same DATA, CLASSES, *_COUNTS, SPLIT_SEED and CORRECTIONS as the search"
+    if "corrections_digest" in attrs and attrs["corrections_digest"] != splits.corrections_digest:
+        def name(digest):
+            return f"corrections sha256 {digest[:12]}" if digest else "no corrections"
+        raise UserError(f"study {study.study_name!r} was searched with {name(attrs['corrections_digest'])}, but "
+                        f"CORRECTIONS={corrections or '(empty)'} is {name(splits.corrections_digest)}; {fix}")
+    summary = attrs.get("data_summary")
+    now = splits.summary()
+    if isinstance(summary, dict) and (summary.get("classes"), summary.get("splits")) != (now["classes"], now["splits"]):
+        raise UserError(f"study {study.study_name!r} was searched on split {_split_text(summary)} "
+                        f"({','.join(summary.get('classes') or [])}), but the data options give "
+                        f"{_split_text(now)} ({','.join(now['classes'])}); {fix}")
+    key = attrs.get("split_cache_key")
+    if key and key != splits.cache_key:
+        raise UserError(f"study {study.study_name!r} was searched on split cache key {key}, but the data options "
+                        f"give {splits.cache_key} (same class counts, other images or source); {fix}")
 
 
 # --- files ----------------------------------------------------------------
@@ -367,27 +396,14 @@ def flip_figure(model, split, split_name: str, classes, epsilons, attack: str, o
 
 def write_figures(figures: dict, out: Path, png: bool) -> tuple[list[str], str]:
     """HTML always (one plotly.min.js beside them, no CDN: they open offline); PNG when kaleido can start Chromium."""
-    bundle = write_bundle(out)
     for name, fig in figures.items():
-        write_atomic(out / f"{name}.html", fig.to_html(include_plotlyjs=bundle, full_html=True))
+        write_html(fig, out / f"{name}.html")
     if not png:
         return [], "skipped (--no-png)"
-    try:
-        import kaleido  # noqa: PLC0415 - optional extra
-
-        # One browser session for all figures: Chromium's start (~5 s) dominates.
-        kaleido.write_fig_from_object_sync(
-            [{"fig": fig, "path": out / f"{name}.png", "opts": {"format": "png", "scale": 2}}
-             for name, fig in figures.items()],
-            kopts={"timeout": 120})
-    except Exception as error:  # no Chromium, no kaleido, a browser crash: PNGs are optional
-        for name in figures:
-            (out / f"{name}.png").unlink(missing_ok=True)
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return [], f"unavailable ({type(error).__name__}: {first[:200]})"
+    failed = write_pngs({out / f"{name}.png": fig for name, fig in figures.items()}, scale=2)
+    if failed:
+        return [], f"unavailable ({failed})"
     written = [name for name in figures if (out / f"{name}.png").is_file()]
-    for name in written:
-        os.chmod(out / f"{name}.png", FILE_MODE)
     return written, "written" if written else "kaleido wrote nothing"
 
 
@@ -540,6 +556,7 @@ def run(args) -> int:
     splits = load_splits(args)
     if splits.test is not None:  # judged on every class of it: an empty or partial test split fails in the figures
         require_every_class(splits, ("test",), data_config(args))
+    check_recorded_data(study, splits, args.corrections)
     if trial.user_attrs.get("classes") and list(trial.user_attrs["classes"]) != list(splits.classes):
         raise UserError(f"trial {trial.number} was trained on classes {','.join(trial.user_attrs['classes'])}, "
                         f"but the data options give {','.join(splits.classes)}; pass the same DATA and CLASSES "

@@ -36,9 +36,16 @@ def default_data() -> str:
     return "data"
 
 
+STORAGE_FILE = "optuna.db"  # the default study database, inside RESULTS
+
+
+def sqlite_url(path: str | Path) -> str:
+    return f"sqlite:///{path}"
+
+
 def default_storage(results: str | Path) -> str:
-    """SQLite inside RESULTS, as the Makefile's STORAGE default: a study lives beside its outputs."""
-    return f"sqlite:///{Path(results) / 'optuna.db'}"
+    """SQLite inside RESULTS (the Makefile leaves STORAGE empty for this): a study lives beside its outputs."""
+    return sqlite_url(Path(results) / STORAGE_FILE)
 
 
 # --- value types: each names its variable, so `make X=typo` reads like `--x typo` -----------
@@ -141,7 +148,7 @@ def add_study_options(parser: argparse.ArgumentParser) -> None:
 def add_storage_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", default=env("STORAGE"),
                         help="Optuna storage URL: sqlite:///..., postgresql+psycopg2://..., or journal:PATH "
-                             "(env STORAGE; default: sqlite:///RESULTS/optuna.db)")
+                             f"(env STORAGE; default: {default_storage('RESULTS')})")
 
 
 # --- the data ---------------------------------------------------------------------------------

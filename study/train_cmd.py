@@ -12,9 +12,7 @@ import csv
 import io
 import json
 import os
-import re
 import statistics
-import time
 from pathlib import Path
 
 from cnnlib.atomic import write_atomic, write_json
@@ -24,10 +22,10 @@ from cnnlib.training import DeviceData, EpochStats, TrainConfig, evaluate, make_
 
 from .errors import UserError
 from .options import add_common_options, add_data_options, load_splits, use_cpu_threads
-from .space import load_space
+from .output import fresh_folder, is_plain_name, timestamp
+from .search.space import load_space
 
 RUN_FILES = ("metrics.json", "history.csv", "model.pt")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def add_arguments(parser) -> None:
@@ -60,7 +58,7 @@ def reserve_run_dir(runs: Path, name: str | None, default_stem: str, overwrite: 
     """The run's folder, created now so that two runs never share one; (path, created)."""
     runs.mkdir(parents=True, exist_ok=True)
     if name is not None:
-        if not NAME_PATTERN.fullmatch(name):
+        if not is_plain_name(name):
             raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only (it becomes a folder name)")
         path = runs / name
         try:
@@ -72,15 +70,7 @@ def reserve_run_dir(runs: Path, name: str | None, default_stem: str, overwrite: 
             for stale in RUN_FILES:  # a failed rerun must not leave the old run's files looking new
                 (path / stale).unlink(missing_ok=True)
             return path, False
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for attempt in range(1, 1000):
-        path = runs / (f"{default_stem}-{stamp}" + (f"-{attempt}" if attempt > 1 else ""))
-        try:
-            path.mkdir()
-            return path, True
-        except FileExistsError:
-            continue  # another run started in the same second
-    raise UserError(f"{runs}: could not find a free run folder name for {default_stem}-{stamp}")
+    return fresh_folder(runs, f"{default_stem}-{timestamp()}"), True
 
 
 # --- the run --------------------------------------------------------------

@@ -11,9 +11,9 @@ from cnnlib import training
 from cnnlib.model import INPUT_MEAN, INPUT_STD, model_flops_per_image
 from cnnlib.splits import DataConfig, prepare_splits
 from cnnlib.training import DeviceData, TrainConfig, make_model, train, train_epochs
-from study import bench
+from study.bench import training_loop as bench
 from study.cli import main
-from study.naive_loop import make_naive_model, naive_train_epochs
+from study.bench.naive_loop import make_naive_model, naive_train_epochs
 
 # Tinted classes (see conftest) are separable by colour: a loop that learns at all
 # gets far above chance (1/3) in a few epochs; one that is broken stays near it.
@@ -61,7 +61,7 @@ def test_a_flipped_lever_holds_inside_its_own_run_only(tiny_splits):
     config = TrainConfig(epochs=1, batch_size=16)
     data = DeviceData(tiny_splits, "cpu")
     shipped = training.CHANNELS_LAST
-    run = bench._with_settings(train_epochs(config, data, "cpu"), {"CHANNELS_LAST": not shipped})
+    run = train_epochs(config, data, "cpu", options=training.LoopOptions(channels_last=not shipped))
     conv = next(run).model.features[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) is (not shipped)
     assert training.CHANNELS_LAST is shipped

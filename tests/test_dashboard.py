@@ -24,9 +24,9 @@ import pytest
 from optuna.trial import TrialState
 
 from study import cli
-from study.artifacts import attach_trial_artifacts, report_svg, trial_report_data
-from study.dashboard import DEFAULT_HOST, add_arguments
-from study.storage import open_storage
+from study.search.artifacts import attach_trial_artifacts, report_svg, trial_report_data
+from study.search.dashboard import DEFAULT_HOST, add_arguments
+from study.search.storage import open_storage
 
 from test_export import smoke_study  # noqa: F401 - fixture shared with test_export
 from conftest import STUDY_ENV
@@ -75,7 +75,7 @@ def running_trial(tmp_path: Path) -> tuple[optuna.Study, optuna.Trial]:
 
 def test_a_trial_gets_a_figure_and_its_numbers_as_optuna_artifacts(tmp_path):
     study, trial = running_trial(tmp_path)
-    ids = attach_trial_artifacts(study, trial)
+    ids = attach_trial_artifacts(study, trial, tmp_path)  # the results folder, beside the SQLite file here
     study.tell(trial, 0.6)
     metas = optuna.artifacts.get_all_artifact_meta(study.trials[0], storage=study._storage)
     assert sorted(m.filename for m in metas) == ["trial-0-metrics.json", "trial-0-report.svg"]
@@ -92,7 +92,7 @@ def test_a_trial_gets_a_note_with_its_per_class_table(tmp_path):
     from optuna_dashboard._note import get_note_from_system_attrs  # noqa: PLC0415
 
     study, trial = running_trial(tmp_path)
-    attach_trial_artifacts(study, trial)
+    attach_trial_artifacts(study, trial, tmp_path)
     note = get_note_from_system_attrs(study._storage.get_study_system_attrs(study._study_id), trial._trial_id)
     assert "| truck | 0.400 | 0.550 | 20 |" in note["body"]
     assert "dev macro accuracy 0.600" in note["body"]

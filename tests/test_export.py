@@ -16,8 +16,8 @@ import pytest
 from optuna.trial import TrialState
 
 from study import cli
-from study.export import export_study, study_folder, trials_table
-from study.storage import open_storage
+from study.report.export import export_study, study_folder, trials_table
+from study.search.storage import open_storage
 from conftest import STUDY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]

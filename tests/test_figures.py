@@ -14,7 +14,8 @@ import pytest
 from plotly.colors import hex_to_rgb, unlabel_rgb
 
 from cnnlib.metrics import Evaluation
-from study import final, plots
+from study import final
+from study.report import plots
 
 CLASSES = ["car", "truck", "cat"]
 SMALL_HTML = 100_000  # bytes: a figure's own data; plotly.js alone is ~4.6 MB

@@ -40,7 +40,7 @@ from cnnlib.losses import member_losses
 from cnnlib.schedules import lr_factors
 from cnnlib.model import SeedCNN
 from cnnlib.splits import DataConfig, prepare_splits
-from cnnlib.training import (DeviceData, EpochStats, MemberResult, TrainConfig, check_group, class_weights, evaluate,
+from cnnlib.training import (DeviceData, EpochStats, LoopOptions, MemberResult, TrainConfig, check_group, class_weights, evaluate,
                              group_configs, make_criterion, make_optimizer, train, train_fused, train_members)
 
 FIRST_EPOCH_TOLERANCE = 1e-4
@@ -154,7 +154,7 @@ def test_every_lever_matches_separate_runs_member_by_member_with_crop_and_flip(c
 def test_bf16_autocast_trains_the_same_group_close_to_fp32_but_not_bitwise(cpu_data):
     configs = configs_of(MIXED, dropout=0.0)
     fp32 = train_fused(configs, cpu_data)
-    bf16 = list(train_members(configs, cpu_data, fused=True, precision="bf16"))[-1]
+    bf16 = list(train_members(configs, cpu_data, fused=True, options=LoopOptions(precision="bf16")))[-1]
     for a, b in zip(fp32, bf16):
         assert b.error is None and b.model is not None
         first_a, first_b = a.history[0].train_loss, b.history[0].train_loss
@@ -166,9 +166,9 @@ def test_bf16_autocast_trains_the_same_group_close_to_fp32_but_not_bitwise(cpu_d
 def test_a_precision_the_step_does_not_know_is_refused(cpu_data):
     configs = configs_of(MIXED, dropout=0.0)
     with pytest.raises(ValueError, match="precision"):
-        next(train_members(configs, cpu_data, fused=True, precision="fp8"))
+        next(train_members(configs, cpu_data, fused=True, options=LoopOptions(precision="fp8")))
     with pytest.raises(ValueError, match="stacked step only"):
-        next(train_members(configs[:1], cpu_data, fused=False, precision="bf16"))
+        next(train_members(configs[:1], cpu_data, fused=False, options=LoopOptions(precision="bf16")))
 
 
 def test_members_with_other_epochs_follow_their_own_schedules(cpu_data):
@@ -439,7 +439,7 @@ def test_batched_dropout_masks_keep_each_members_rate_independently():
 # --- the benchmark section ----------------------------------------------------------------------------
 
 def test_bench_reports_trial_epochs_per_second_and_memory_per_member(small_splits, cpu_data):
-    from study.bench_fused import format_table, measure_fused
+    from study.bench.fused import format_table, measure_fused
 
     rows = measure_fused(cpu_data, ks=(1, 2), epochs=1, warmup=0, splits=small_splits, progress=None)
     assert [row["k"] for row in rows] == [1, 2]

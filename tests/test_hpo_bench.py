@@ -19,8 +19,8 @@ import yaml
 
 from cnnlib.splits import DataConfig, prepare_splits
 from cnnlib.training import DeviceData, TrainConfig
-from study import hpo_bench
-from study.space import load_space
+from study.bench import hpo as hpo_bench
+from study.search.space import load_space
 from conftest import STUDY_ENV, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def bench_args(data: Path, results: Path, recipe: Path, *extra) -> list:
 
 @pytest.fixture(scope="module")
 def bench(small_data, recipe, tmp_path_factory):
-    """One whole bench, with every retrain counted (study.hpo_bench.train_group, the retrains' only trainer)."""
+    """One whole bench, with every retrain counted (study.bench.hpo.train_group, the retrains' only trainer)."""
     results = tmp_path_factory.mktemp("bench")
     calls = []
     real_train_group = hpo_bench.train_group

@@ -27,7 +27,7 @@ from PIL import Image
 
 from study import cli
 from study.errors import UserError
-from study.plots import make_report, param_importances, read_csv, rebuild_study
+from study.report.plots import make_report, param_importances, read_csv, rebuild_study
 
 from test_export import smoke_export, smoke_study  # noqa: F401 - fixtures shared with test_export
 

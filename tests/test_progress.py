@@ -16,7 +16,8 @@ import pytest
 from cnnlib.splits import DataConfig, prepare_splits
 from cnnlib.training import DeviceData, TrainConfig
 from conftest import build_image_tree, run_cli
-from study import audit, final, search
+from study import audit, final
+from study.search import runner as search
 from study.progress import Progress
 
 pytestmark = pytest.mark.usefixtures("no_study_env")  # conftest: no Makefile variable leaks in

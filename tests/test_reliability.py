@@ -37,9 +37,9 @@ from conftest import class_image
 from postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
 from study import cli
 from study import final as final_module
-from study import objective as objective_module
-from study import search as search_module
-from study import storage as storage_module
+from study.search import objective as objective_module
+from study.search import runner as search_module
+from study.search import storage as storage_module
 from test_search import FINISHED, SMOKE, small_data, sqlite_url, subprocess_env, trials_of  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,9 +341,9 @@ KILL_BEFORE_FIRST_BEAT = """\
 # Every Python process of this test loads this: the first trial anywhere dies (SIGKILL) after
 # `ask` made it RUNNING and before its heartbeat thread starts.
 import os, signal
-import study.objective
+import study.search.objective
 
-_real_enter = study.objective.Heartbeat.__enter__
+_real_enter = study.search.objective.Heartbeat.__enter__
 CLAIM = {claim!r}
 
 
@@ -356,7 +356,7 @@ def enter_or_die(self):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-study.objective.Heartbeat.__enter__ = enter_or_die
+study.search.objective.Heartbeat.__enter__ = enter_or_die
 """
 
 

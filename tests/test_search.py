@@ -26,7 +26,7 @@ from cnnlib.splits import DataConfig, prepare_splits
 import postgres
 from postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
 from study import cli
-from study import objective as objective_module
+from study.search import objective as objective_module
 from conftest import STUDY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ import torch
 from cnnlib.checkpoint import FORMAT
 from cnnlib.training import TrainConfig
 from conftest import STUDY_ENV, build_image_tree, class_image, run_cli
-from study.storage import open_storage
+from study.search.storage import open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("car", "truck", "cat")

@@ -9,7 +9,7 @@ import optuna
 import pytest
 
 from study import cli
-from study.space import SpaceError, load_space
+from study.search.space import SpaceError, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "search_spaces").rglob("*.yaml"))
@@ -200,7 +200,7 @@ def test_enqueued_points_are_read_and_must_lie_in_the_space(tmp_path):
 
 
 def test_a_new_study_evaluates_the_enqueued_points_first(tmp_path):
-    from study.search import create_study
+    from study.search.runner import create_study
     from types import SimpleNamespace
 
     space = load_space(write_space(tmp_path, WARM, "warm.yaml"))

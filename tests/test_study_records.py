@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from optuna_dashboard import get_note
 
 from conftest import build_image_tree, run_cli
-from study.artifacts import attach_trial_artifacts, note_outcome, pruning_explanation
+from study.search.artifacts import attach_trial_artifacts, note_outcome, pruning_explanation
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("car", "truck", "cat")

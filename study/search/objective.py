@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from cnnlib.errors import DivergedError
 from cnnlib.training import DeviceData, EpochStats, TrainConfig, TrainResult, evaluate, group_configs, train_group
 
-from . import progress
+from .. import progress
 from .artifacts import attach_trial_artifacts
 from .space import SearchSpace
 

@@ -13,10 +13,13 @@ For every study in STORAGE (or only STUDY) this writes, under RESULTS/<study>/:
 - epochs.csv: one row per trial and epoch (trial, state, epoch, train_loss,
   dev_loss, dev_macro_accuracy) plus the trial's params_* and
   user_attrs_config_* columns, so a plot can group curves by learning rate.
-- data.csv: images per class in each split (split, class, count, source), when
-  the study's split can be identified: the study's "data_summary" attribute,
-  RESULTS/data/summary.json, or a split cache in RESULTS/data whose dev counts
-  match the trials' confusion matrices; else the dev counts alone.
+- data.csv: images per class in each split (split, class, count, source), from
+  the split the study recorded when `make search` created it ("data_summary");
+  a study from before that record gives the dev counts of its trials alone.
+- data.json: what the study recorded it ran on: that split summary, the split
+  cache key and the corrections file's digest (absent for older studies).
+- space.yaml: the search-space file the study began with, as recorded on it;
+  `make plots` reads its ranges (log scale or not) from there.
 
 `make plots` reads only these files, so they can be copied off the machine
 that ran the study and plotted elsewhere.
@@ -24,32 +27,29 @@ that ran the study and plotted elsewhere.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import re
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pandas as pd
 
-from cnnlib.atomic import atomic_path
+from cnnlib.atomic import atomic_path, write_atomic, write_json
+from cnnlib.splits import RECORD_KEYS
 
-from . import hints
-from .errors import UserError
-from .options import add_storage_option
-from .storage import load_existing_study, open_storage, redact, storage_file
+from .. import hints
+from ..errors import UserError
+from ..options import add_storage_option
+from ..output import study_folder  # noqa: F401 - where export writes: RESULTS/<study>
+from ..search.storage import load_existing_study, open_storage, redact, storage_file
 
 BASE_COLUMNS = ["number", "state", "value", "datetime_start", "datetime_complete", "duration"]
 CURVES = ("train_loss", "dev_loss", "dev_macro_accuracy")
+SPACE_FILE = "space.yaml"  # beside the CSVs: the space the study recorded
 # Scalar user attributes, in the order a reader wants them; any other scalar attribute follows.
 KNOWN_ATTRS = ("dev_macro_accuracy", "train_macro_accuracy", "robust_macro_accuracy", "robust_attack", "epochs_run",
                "train_seconds", "seconds_per_epoch", "device", "pruned_reason", "fail_reason")
 SKIPPED_ATTRS = {"traceback", "classes", "config", "dev_per_class", "train_per_class", "dev_confusion_matrix"}
-PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-RESULTS_FOLDERS = {"data", "runs", "final", "bench", "audit", "artifacts"}  # what other commands write in RESULTS
 
 
 def add_arguments(parser) -> None:
@@ -57,19 +57,6 @@ def add_arguments(parser) -> None:
     add_storage_option(parser)
     parser.add_argument("--results", default=os.environ.get("RESULTS") or "results",
                         help="output folder; files go to RESULTS/<study>/ (env RESULTS)")
-
-
-def study_folder(results: Path, study_name: str) -> Path:
-    """RESULTS/<study>: the name itself when it is a plain folder name, else a safe form of it plus a hash.
-
-    Replacing unsafe characters alone maps `a/b` and `a_b` to one folder, where
-    one study's files replace the other's. The hash keeps names apart; the `+`
-    before it is never in a plain name, so no plain name can take that folder.
-    """
-    if PLAIN_NAME.fullmatch(study_name) and study_name not in RESULTS_FOLDERS:
-        return Path(results) / study_name
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", study_name).strip("._")[:80] or "study"
-    return Path(results) / f"{safe}+{hashlib.sha256(study_name.encode()).hexdigest()[:10]}"
 
 
 # --- trials.csv ---------------------------------------------------------------
@@ -164,49 +151,24 @@ def _summary_rows(summary: dict, source: str) -> list[dict]:
             for split, counts in summary["splits"].items() for name, count in counts.items()]
 
 
-def _cache_summary(path: Path) -> dict:
-    with np.load(path, allow_pickle=False) as arrays:
-        classes = arrays["classes"].tolist()
-        splits = {}
-        for split in ("train", "dev", "test"):
-            if f"{split}_labels" in arrays.files:
-                counts = np.bincount(arrays[f"{split}_labels"], minlength=len(classes))
-                splits[split] = {c: int(n) for c, n in zip(classes, counts)}
-    return {"classes": classes, "splits": splits}
-
-
-def _matches(summary: dict, dev: tuple[list[str], list[int]] | None) -> bool:
-    if dev is None:
-        return True
-    classes, counts = dev
-    return summary.get("splits", {}).get("dev") == dict(zip(classes, counts))
-
-
-def data_table(study: optuna.Study, results: Path) -> tuple[pd.DataFrame, str]:
-    """Class counts per split and where they came from."""
+def data_table(study: optuna.Study) -> tuple[pd.DataFrame, str]:
+    """Class counts per split, from the split the study recorded, and where they came from."""
     columns = ["split", "class", "count", "source"]
-    dev = _trial_dev_counts(study)
     summary = study.user_attrs.get("data_summary")
     if isinstance(summary, dict) and "splits" in summary:
         return pd.DataFrame(_summary_rows(summary, "study attribute data_summary"), columns=columns), "the study"
-    candidates = []
-    summary_json = Path(results) / "data" / "summary.json"
-    if summary_json.is_file():
-        candidates.append((summary_json, lambda p: json.loads(p.read_text())))
-    caches = sorted((Path(results) / "data").glob("split-*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
-    candidates += [(path, _cache_summary) for path in caches]
-    for path, read in candidates:
-        try:
-            summary = read(path)
-        except (OSError, ValueError, KeyError):
-            continue
-        if _matches(summary, dev):
-            return pd.DataFrame(_summary_rows(summary, str(path)), columns=columns), str(path)
+    dev = _trial_dev_counts(study)  # a study from before the record: its trials' dev confusion matrices
     if dev is not None:
         rows = [{"split": "dev", "class": c, "count": n, "source": "dev confusion matrix (train/test unknown)"}
                 for c, n in zip(*dev)]
-        return pd.DataFrame(rows, columns=columns), "the dev confusion matrices only (no matching split in RESULTS/data)"
+        return pd.DataFrame(rows, columns=columns), "the dev confusion matrices only (the study recorded no split)"
     return pd.DataFrame(columns=columns), "nowhere (no trial recorded a confusion matrix)"
+
+
+def data_record(study: optuna.Study) -> dict | None:
+    """data.json: what the study recorded it ran on; None for a study that recorded nothing."""
+    record = {name: study.user_attrs[name] for name in RECORD_KEYS if name in study.user_attrs}
+    return record or None
 
 
 # --- the command -------------------------------------------------------------------
@@ -221,11 +183,16 @@ def export_study(study: optuna.Study, results: Path) -> dict[str, Path]:
     folder = study_folder(results, study.study_name)
     trials = trials_table(study)
     epochs = epochs_table(study, trials)
-    data, data_source = data_table(study, results)
+    data, data_source = data_table(study)
     paths = {"trials": folder / "trials.csv", "epochs": folder / "epochs.csv", "data": folder / "data.csv"}
     write_csv(trials, paths["trials"])
     write_csv(epochs, paths["epochs"])
     write_csv(data, paths["data"])
+    record, space_text = data_record(study), study.user_attrs.get("space_text")
+    if record is not None:
+        paths["record"] = write_json(folder / "data.json", record)
+    if space_text is not None:  # the file as the study began with it, comments and all
+        paths["space"] = write_atomic(folder / SPACE_FILE, space_text)
     states = trials["state"].value_counts().to_dict() if len(trials) else {}
     print(f"study {study.study_name!r}: {len(trials)} trials ({', '.join(f'{n} {s}' for s, n in states.items()) or 'none'}), "
           f"{len(epochs)} epoch rows; class counts from {data_source}")

@@ -4,7 +4,7 @@ For each K the same K configs (both optimizers, spread learning rates and
 weight decays, dropout 0.1, seeds 0..K-1: what a search asks for) are trained
 as one fused group (`cnnlib.fused`) next to one of them trained alone in the
 project's unfused loop (`cnnlib.training.train_epochs`) and, optionally, in
-the naive DataLoader loop (`study.naive_loop`). The runs take turns epoch by
+the naive DataLoader loop (`study.bench.naive_loop`). The runs take turns epoch by
 epoch (the leader alternating each round) so that a neighbour's load falls on
 all of them alike. Per epoch, dev evaluation included, the bench records wall
 seconds and process CPU seconds; figures are medians over the epochs after
@@ -20,29 +20,27 @@ max_memory_allocated above what was allocated before (the resident data); on
 the CPU the growth of the process's RSS (a lower bound: the allocator reuses
 memory that earlier runs freed).
 
-Standalone: `python -m study.bench_fused --ks 1,4,16 --naive` (writes
+Standalone: `python -m study.bench.fused --ks 1,4,16 --naive` (writes
 RESULTS/bench/fused-<time>.json); `make bench` calls `measure_fused`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
 import sys
-import threading
-import time
-from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from cnnlib.model import SeedCNN
 from cnnlib.splits import Splits
 from cnnlib.training import DeviceData, TrainConfig, train_epochs, train_fused_epochs
+
+from ..output import fresh_file, timestamp, write_json
+from .interleave import interleave
 
 FUSED_KS = (1, 4, 16, 64)
 # One warm-up epoch (oneDNN/cuDNN pick their kernels in the first steps), then two timed.
@@ -62,51 +60,7 @@ def member_configs(k: int, epochs: int, batch_size: int = BATCH_SIZE) -> list[Tr
     return configs
 
 
-# --- memory --------------------------------------------------------------------------------
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakMemory:
-    """Peak memory of the code run inside: CUDA allocator peak, or sampled RSS on the CPU."""
-
-    def __init__(self, device: torch.device, interval: float = 0.005):
-        self.device, self.interval = device, interval
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        elif Path("/proc/self/statm").exists():
-            self.base = self.peak = _rss_bytes()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        else:
-            self.base = None
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, _rss_bytes())
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        elif self.base is not None:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, _rss_bytes())
-
-    @property
-    def growth(self) -> int | None:
-        return None if self.base is None else self.peak - self.base
-
+# --- memory ------------------------------------------------------------------------------
 
 def state_bytes_per_member(configs: list[TrainConfig], n_params: int) -> float:
     """Parameters + gradients + optimizer state (SGD: momentum; Adam: two moments), float32."""
@@ -115,39 +69,6 @@ def state_bytes_per_member(configs: list[TrainConfig], n_params: int) -> float:
 
 
 # --- timing ----------------------------------------------------------------------------------
-
-def interleave_epochs(runs: dict[str, Iterator], device: torch.device,
-                      probe: str | None = None) -> tuple[dict[str, dict[str, list[float]]], int | None]:
-    """Step the runs one epoch each in turn (the leader alternating by round) until all are done.
-
-    Returns each run's wall and CPU (process) seconds per epoch, and the
-    memory growth during the `probe` run's first epoch (PeakMemory).
-    """
-    times = {name: {"wall": [], "cpu": []} for name in runs}
-    growth = None
-    live, round_ = list(runs), 0
-    while live:
-        for name in list(live if round_ % 2 == 0 else live[::-1]):
-            first_probe = name == probe and not times[name]["wall"]
-            memory = PeakMemory(device) if first_probe else None
-            wall, cpu = time.perf_counter(), time.process_time()
-            try:
-                if memory is not None:
-                    with memory:
-                        next(runs[name])
-                    growth = memory.growth
-                else:
-                    next(runs[name])
-            except StopIteration:
-                live.remove(name)
-                continue
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name]["wall"].append(time.perf_counter() - wall)
-            times[name]["cpu"].append(time.process_time() - cpu)
-        round_ += 1
-    return times, growth
-
 
 def _summary(times: dict[str, list[float]], warmup: int, trials: int) -> dict:
     out = {}
@@ -179,7 +100,9 @@ def measure_fused(data: DeviceData, device=None, ks=FUSED_KS, epochs: int = EPOC
             from .naive_loop import naive_train_epochs
 
             runs["naive"] = naive_train_epochs(configs[0], splits, device)
-        times, growth = interleave_epochs(runs, device, probe="fused")
+        timed = interleave(runs, device, probe="fused")
+        times = {name: {"wall": run.wall_seconds, "cpu": run.cpu_seconds} for name, run in timed.items()}
+        growth = timed["fused"].memory_growth
         row = {"k": k, "device": str(device), "threads": torch.get_num_threads(), "batch_size": batch_size,
                "warmup_epochs": warmup, "timed_epochs": epochs, "train_images": len(data.train)}
         for name in runs:
@@ -244,15 +167,15 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .options import add_common_options, add_data_options, load_splits
+    from ..options import add_common_options, add_data_options, load_splits
 
-    parser = argparse.ArgumentParser(prog="python -m study.bench_fused", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m study.bench.fused", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ks", default=",".join(map(str, FUSED_KS)), help="comma-separated group sizes K")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="timed epochs per run")
     parser.add_argument("--warmup", type=int, default=WARMUP, help="untimed warm-up epochs per run")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--naive", action="store_true", help="also time the naive DataLoader loop (study.naive_loop)")
+    parser.add_argument("--naive", action="store_true", help="also time the naive DataLoader loop (study.bench.naive_loop)")
     add_data_options(parser)
     add_common_options(parser)
     args = parser.parse_args(argv)
@@ -269,13 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER, flush=True)
     rows = measure_fused(data, ks=ks, epochs=args.epochs, warmup=args.warmup, batch_size=args.batch_size,
                          splits=splits, naive=args.naive, progress=lambda line: print(line, flush=True))
-    folder = Path(args.results) / "bench"
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = f"fused-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    path, n = folder / f"{stem}.json", 1
-    while path.exists():  # never overwrite an earlier run
-        path, n = folder / f"{stem}-{n}.json", n + 1
-    path.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    path = fresh_file(Path(args.results) / "bench", f"fused-{timestamp()}", ".json")  # never overwrite an earlier run
+    write_json(path, {"torch": torch.__version__, "rows": rows})
     print()
     print(format_table(rows))
     print(f"\nwrote {path}")

@@ -8,7 +8,7 @@ from another machine, an SSH tunnel (`ssh -L 8080:127.0.0.1:8080 host`) keeps it
 
 Each trial's page shows a note (per-class accuracy, confusion matrix) and,
 under Artifacts, the report figure (SVG) and its numbers (JSON) that
-`make search` attached (study/artifacts.py). They live in a file-system
+`make search` attached (study/search/artifacts.py). They live in a file-system
 artifact store: the folder the studies recorded, else RESULTS/artifacts.
 """
 
@@ -25,8 +25,8 @@ from pathlib import Path
 import optuna
 
 from .artifacts import artifact_dir, default_results_dir, recorded_artifact_dirs
-from .errors import UserError
-from .options import add_storage_option, whole_number
+from ..errors import UserError
+from ..options import add_storage_option, whole_number
 from .storage import open_storage, redact, storage_file
 
 DEFAULT_HOST = "127.0.0.1"
@@ -56,7 +56,7 @@ def choose_artifact_dir(args, storage) -> tuple[Path, str]:
         print(f"note: studies recorded several artifact folders ({', '.join(recorded)}); serving one; "
               "choose with --artifacts", file=sys.stderr)
         return Path(recorded[0]), "recorded by the studies (first of several)"
-    results = Path(args.results) if args.results else default_results_dir(storage)
+    results = Path(args.results) if args.results else default_results_dir(args.storage)
     return artifact_dir(results), "RESULTS/artifacts"
 
 

@@ -6,9 +6,10 @@ self-contained file, <csv folder>/plots/index.html, with plotly.js embedded
 once: it opens without a network connection and needs no server.
 
 Parameter importances come from Optuna's own fANOVA evaluator, run on an
-in-memory study rebuilt from the CSV; the CSV does not say which ranges were
-sampled on a log scale, so a positive float parameter spanning a factor of 10
-or more is treated as log-scaled. Accuracy is always dev macro accuracy (mean
+in-memory study rebuilt from the CSV. Which ranges were sampled on a log scale
+comes from the space.yaml that `make export` writes beside the CSVs (the space
+the study recorded); for an export without one, a positive float parameter
+spanning a factor of 10 or more is taken as log-scaled. Accuracy is always dev macro accuracy (mean
 of per-class accuracies, a fraction from 0 to 1), higher is better.
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import html
 import math
 import os
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,20 +28,21 @@ import optuna
 import pandas as pd
 import plotly
 import plotly.graph_objects as go
+import yaml
 from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
 from cnnlib.atomic import write_atomic
 
-from .errors import UserError
-from .export import study_folder
-from .plotly_bundle import BUNDLE, write_bundle
+from ..errors import UserError
+from .. import output
+from ..output import BUNDLE, study_folder, write_bundle
+from ..search import strict_yaml
+from .export import SPACE_FILE
 
 ACCURACY = "dev macro accuracy (fraction, 0-1)"
-PNG_TIMEOUT = 180  # seconds for all PNGs; kaleido drives a headless Chromium that can hang on a broken install
 TOP_TRIALS = 10
 DISCRETE_MAX = 8  # a parameter with at most this many distinct values is plotted as categories
-DEBIAN_CHROMIUM = "/usr/bin/chromium"
 OPTIMIZER_COLOURS = {"sgd": "#d95f02", "adam": "#1b9e77"}
 # Plasma without its pale yellow end (luminance < 0.6 throughout): worst trials orange, best dark blue-violet.
 PARCOORDS_COLOURS = [[i / 4, c] for i, c in enumerate(sample_colorscale("Plasma", [0.75, 0.6, 0.45, 0.25, 0.0]))]
@@ -241,24 +242,61 @@ def trial_ticks(numbers: pd.Series) -> int:
     return max(1, math.ceil((int(numbers.max()) + 1) / 10))
 
 
-def _distribution(series: pd.Series) -> optuna.distributions.BaseDistribution:
+def recorded_log_scales(folder: Path) -> dict[str, bool] | None:
+    """{param name and config field: sampled on a log scale}, from the space.yaml beside the CSVs; None without one.
+
+    A field that two params set (weight_decay_l2 and weight_decay_decoupled set
+    weight_decay) is log-scaled when either of them is.
+    """
+    path = Path(folder) / SPACE_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = strict_yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as error:
+        raise UserError(f"{path}: not the space file `make export` writes ({type(error).__name__})") from None
+    params = raw.get("params") if isinstance(raw, dict) else None
+    scales: dict[str, bool] = {}
+    for name, spec in (params or {}).items():
+        if isinstance(spec, dict) and spec.get("type") in ("float", "int"):
+            log = spec.get("log") is True
+            scales[str(name)] = log
+            field = str(spec.get("field") or name)
+            scales[field] = scales.get(field, False) or log
+    return scales
+
+
+def _log_scale(name: str, values: pd.Series, log_scales: dict[str, bool] | None) -> bool:
+    """The recorded scale of a param or config field, else the guess from its values (an export without space.yaml)."""
+    if log_scales is not None and name in log_scales:
+        return log_scales[name]
+    return is_log_scale(values)
+
+
+def _distribution(series: pd.Series, log: bool | None = None) -> optuna.distributions.BaseDistribution:
     values = series.dropna()
     if pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values):
         return optuna.distributions.CategoricalDistribution(sorted(values.unique().tolist(), key=str))
     if np.all(np.equal(np.mod(values, 1), 0)):
         return optuna.distributions.IntDistribution(int(values.min()), int(values.max()))
-    return optuna.distributions.FloatDistribution(float(values.min()), float(values.max()), log=is_log_scale(values))
+    return optuna.distributions.FloatDistribution(float(values.min()), float(values.max()),
+                                                  log=is_log_scale(values) if log is None else log)
 
 
 def _python(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def rebuild_study(trials: pd.DataFrame, values: list[str]) -> optuna.Study:
-    """An in-memory study holding the CSV's complete trials, for Optuna's evaluators and plots."""
+def rebuild_study(trials: pd.DataFrame, values: list[str], log_scales: dict[str, bool] | None = None) -> optuna.Study:
+    """An in-memory study holding the CSV's complete trials, for Optuna's evaluators and plots.
+
+    `log_scales` (recorded_log_scales): which params were sampled on a log scale; else guessed from the values.
+    """
     params = [c for c in trials.columns if c.startswith("params_")]
     done = complete(trials).dropna(subset=values)
-    distributions = {c.removeprefix("params_"): _distribution(trials[c]) for c in params if trials[c].notna().any()}
+    distributions = {c.removeprefix("params_"): _distribution(trials[c], _log_scale(c.removeprefix("params_"), trials[c],
+                                                                                     log_scales))
+                     for c in params if trials[c].notna().any()}
     study = optuna.create_study(directions=["maximize"] * len(values))
     if len(values) > 1:
         study.set_metric_names([v.removeprefix("values_") for v in values])
@@ -276,8 +314,8 @@ def rebuild_study(trials: pd.DataFrame, values: list[str]) -> optuna.Study:
     return study
 
 
-def param_importances(trials: pd.DataFrame, values: list[str]) -> go.Figure:
-    study = rebuild_study(trials, values)
+def param_importances(trials: pd.DataFrame, values: list[str], log_scales: dict[str, bool] | None = None) -> go.Figure:
+    study = rebuild_study(trials, values, log_scales)
     if len(study.trials) < 2:
         raise Unavailable(f"needs at least 2 COMPLETE trials, trials.csv has {len(study.trials)}")
     distributions = {name: d for t in study.trials for name, d in t.distributions.items()}
@@ -302,8 +340,8 @@ def param_importances(trials: pd.DataFrame, values: list[str]) -> go.Figure:
     return style(fig, f"Parameter importances over {len(study.trials)} complete trials{note}", 120 + 45 * len(names))
 
 
-def parallel_coordinates(trials: pd.DataFrame, values: list[str]) -> go.Figure:
-    study = rebuild_study(trials, values)
+def parallel_coordinates(trials: pd.DataFrame, values: list[str], log_scales: dict[str, bool] | None = None) -> go.Figure:
+    study = rebuild_study(trials, values, log_scales)
     if not study.trials:
         raise Unavailable("no COMPLETE trial in trials.csv")
     if not any(t.params for t in study.trials):
@@ -331,7 +369,8 @@ def recolour_lines(fig: go.Figure) -> None:
             trace.marker.colorscale, trace.marker.reversescale = PARCOORDS_COLOURS, False
 
 
-def accuracy_against(trials: pd.DataFrame, values: list[str], name: str, label: str, title: str) -> go.Figure:
+def accuracy_against(trials: pd.DataFrame, values: list[str], name: str, label: str, title: str,
+                     log_scales: dict[str, bool] | None = None) -> go.Figure:
     done = complete(trials)
     x = parameter(done, name)
     if done.empty or x is None:
@@ -355,7 +394,7 @@ def accuracy_against(trials: pd.DataFrame, values: list[str], name: str, label: 
     if discrete:
         fig.update_layout(boxmode="group", xaxis={"type": "category", "categoryorder": "array",
                                                   "categoryarray": [short(v) for v in order]})
-    elif is_log_scale(x):
+    elif _log_scale(name, x, log_scales):
         decades = math.log10(x.max() / x.min())
         fig.update_xaxes(type="log", dtick=1 if decades >= 2 else "D2", exponentformat="power")
     fig.update_layout(xaxis_title=label, yaxis_title=ACCURACY, legend_title="optimizer", showlegend=True)
@@ -488,7 +527,7 @@ def top_trials(trials: pd.DataFrame, values: list[str]) -> go.Figure:
 # --- the report ---------------------------------------------------------------------
 
 def build_figures(trials: pd.DataFrame, values: list[str], epochs: pd.DataFrame | None,
-                  data: pd.DataFrame | None) -> list[Figure]:
+                  data: pd.DataFrame | None, log_scales: dict[str, bool] | None = None) -> list[Figure]:
     data_note = ""
     if data is not None and "source" in data.columns and len(data):
         data_note = f" Counts from {data['source'].iloc[0]}."
@@ -501,22 +540,22 @@ def build_figures(trials: pd.DataFrame, values: list[str], epochs: pd.DataFrame 
          lambda: optimization_history(trials, values)),
         ("param-importances", "Parameter importances",
          "Optuna's fANOVA evaluator on the complete trials (a study rebuilt from trials.csv).",
-         lambda: param_importances(trials, values)),
+         lambda: param_importances(trials, values, log_scales)),
         ("parallel-coordinates", "Parallel coordinates",
          "Each line is a complete trial; log-scaled parameters are shown on log axes.",
-         lambda: parallel_coordinates(trials, values)),
+         lambda: parallel_coordinates(trials, values, log_scales)),
         ("accuracy-vs-batch-size", "Dev macro accuracy vs batch size (Figure 2, left)",
          "Complete trials only: a pruned trial stopped early, so its accuracy is not comparable.",
          lambda: accuracy_against(trials, values, "batch_size", "batch size (images per step)",
-                                  "Dev macro accuracy vs batch size (Figure 2, left)")),
+                                  "Dev macro accuracy vs batch size (Figure 2, left)", log_scales)),
         ("accuracy-vs-epochs", "Dev macro accuracy vs epochs (Figure 2, right)",
          "Complete trials only; accuracy after the last epoch, the study's objective.",
          lambda: accuracy_against(trials, values, "epochs", "epochs (passes over the train split)",
-                                  "Dev macro accuracy vs epochs (Figure 2, right)")),
+                                  "Dev macro accuracy vs epochs (Figure 2, right)", log_scales)),
         ("accuracy-vs-weight-decay", "Dev macro accuracy vs weight decay (Figure 3)",
          "Complete trials only.",
          lambda: accuracy_against(trials, values, "weight_decay", "weight decay (L2 coefficient)",
-                                  "Dev macro accuracy vs weight decay (Figure 3)")),
+                                  "Dev macro accuracy vs weight decay (Figure 3)", log_scales)),
         ("sgd-vs-adam", "SGD vs Adam (Table 2)",
          "Distribution of dev macro accuracy per optimizer, and counts of complete, pruned and failed trials.",
          lambda: optimizer_comparison(trials, values)),
@@ -581,26 +620,9 @@ def write_pngs(figures: list[Figure], folder: Path) -> str:
     ready = [f for f in figures if f.figure is not None]
     if not ready:
         return "no figures to export"
-    if Path(DEBIAN_CHROMIUM).exists():  # kaleido (choreographer) looks for Chrome first; point it at Debian's
-        os.environ.setdefault("BROWSER_PATH", DEBIAN_CHROMIUM)
-    outcome = {}
-
-    def export():
-        try:
-            import plotly.io as pio  # noqa: PLC0415
-            pio.write_images([f.figure for f in ready], [folder / f"{f.key}.png" for f in ready],
-                             width=1100, height=[int(f.figure.layout.height or 460) for f in ready], scale=1)
-            outcome["ok"] = True
-        except Exception as error:  # noqa: BLE001 - PNGs are optional; the HTML report is the product
-            outcome["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-
-    worker = threading.Thread(target=export, daemon=True)
-    worker.start()
-    worker.join(PNG_TIMEOUT)
-    if worker.is_alive():
-        return f"PNG export unavailable (kaleido did not finish in {PNG_TIMEOUT} s); the HTML report does not need it"
-    if "error" in outcome:
-        return f"PNG export unavailable ({outcome['error']}); the HTML report does not need it"
+    failed = output.write_pngs({folder / f"{f.key}.png": f.figure for f in ready}, width=1100)
+    if failed:
+        return f"PNG export unavailable ({failed}); the HTML report does not need it"
     return f"wrote {len(ready)} PNGs to {folder}/"
 
 
@@ -614,7 +636,7 @@ def make_report(csv_path: Path, out: Path | None = None, png: bool = True) -> tu
     if trials.empty:
         raise UserError(f"{csv_path}: no trials yet (header only); run `make search` then `make export`")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    figures = build_figures(trials, values, epochs, data)
+    figures = build_figures(trials, values, epochs, data, recorded_log_scales(folder))
     out = Path(out) if out else folder / "plots"
     out.mkdir(parents=True, exist_ok=True)
     index = out / "index.html"

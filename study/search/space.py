@@ -36,7 +36,8 @@ CONFIG_TYPES = typing.get_type_hints(TrainConfig)  # lr: float, epochs: int, fli
 SHARED_SEED_SAMPLERS = {"GridSampler", "QMCSampler", "BruteForceSampler"}  # see SearchSpace.make_sampler
 # Where the shipped spaces are: inside the package when installed from a wheel (pyproject.toml maps
 # search_spaces/ to study/search_spaces), at the checkout's top level when run from source.
-SHIPPED_SPACE_DIRS = (Path(__file__).parent / "search_spaces", Path(__file__).resolve().parents[1] / "search_spaces")
+_PACKAGE = Path(__file__).resolve().parents[1]  # study/
+SHIPPED_SPACE_DIRS = (_PACKAGE / "search_spaces", _PACKAGE.parent / "search_spaces")
 
 
 class SpaceError(CnnlibError, ValueError):

@@ -44,15 +44,15 @@ import torch
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from cnnlib.atomic import write_atomic, write_json
 from cnnlib.device import resolve_device
 from cnnlib.training import DeviceData, TrainConfig, evaluate, train_group
 
-from . import search
-from .errors import UserError
-from .final import trial_config
-from .options import add_common_options, add_data_options, load_splits, use_cpu_threads
-from .space import load_space
+from ..search import runner as search
+from ..errors import UserError
+from ..final import trial_config
+from ..options import add_common_options, add_data_options, load_splits, sqlite_url, use_cpu_threads
+from ..output import fresh_folder, write_atomic, write_json, write_pngs
+from ..search.space import load_space
 
 SEARCHES = ("default", "random")  # the two methods that search; "recipe" is the third
 DEFAULT_BUDGET = {"cpu": 300, "cuda": 900}  # seconds per search; 2 x 3 searches fit in about an hour on 2 cores
@@ -111,16 +111,7 @@ def settings_from(args) -> dict:
 
 def new_run_dir(parent: Path) -> Path:
     """RESULTS/hpo-bench/<timestamp>/, created now: two runs never share one."""
-    parent.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for attempt in range(1, 1000):
-        path = parent / (stamp if attempt == 1 else f"{stamp}-{attempt}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise UserError(f"{parent}: no free run folder name for {stamp}")
+    return fresh_folder(parent)
 
 
 def derived_space_text(space_path: Path, method: str, seed: int) -> str:
@@ -251,7 +242,7 @@ def run_search(args, settings: dict, run_dir: Path, method: str, seed: int, cach
     name = f"{method}-seed{seed}"
     db = run_dir / "studies" / f"{name}.db"
     db.parent.mkdir(parents=True, exist_ok=True)
-    storage = f"sqlite:///{db}"
+    storage = sqlite_url(db)
     budget = settings["budget_seconds"]
     started, clock = datetime.now(), time.perf_counter()
     code = search.run(search_args(args, space_file, storage, name, budget, settings["fuse"]))
@@ -385,9 +376,10 @@ def write_figure(fig, run_dir: Path, png: bool) -> str:
     write_atomic(run_dir / "test_vs_budget.html", fig.to_html(include_plotlyjs=True, full_html=True))
     if not png:
         return "PNG skipped (--no-png)"
-    from . import plots  # noqa: PLC0415 - its PNG export finds Debian's Chromium and gives up on a hung one
-
-    return plots.write_pngs([plots.Figure("test_vs_budget", "test vs budget", "", fig)], run_dir)
+    failed = write_pngs({run_dir / "test_vs_budget.png": fig}, width=1100)
+    if failed:
+        return f"PNG export unavailable ({failed}); the HTML report does not need it"
+    return f"wrote 1 PNGs to {run_dir}/"
 
 
 # --- the command ----------------------------------------------------------------------

@@ -29,7 +29,8 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import TrialState
 
-from .errors import UserError
+from ..errors import UserError
+from ..options import default_storage
 
 HEARTBEAT_INTERVAL = int(os.environ.get("HEARTBEAT_INTERVAL", 10))  # seconds between "still alive" writes
 GRACE_PERIOD = int(os.environ.get("HEARTBEAT_GRACE", 30))  # silence after which a running trial is declared dead
@@ -54,7 +55,7 @@ def storage_file(url: str) -> Path | None:
 def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorage:
     """RDB (SQLite, PostgreSQL, MySQL...) or `journal:PATH` storage; errors say what was wrong with the URL."""
     if not url:
-        raise UserError("empty storage URL; use e.g. sqlite:///results/optuna.db")
+        raise UserError(f"empty storage URL; use e.g. {default_storage('results')}")
     path = storage_file(url)
     if path is not None:
         try:

@@ -5,7 +5,7 @@ adds; WORKERS processes share the storage and together finish exactly that many
 (COMPLETE or PRUNED): a file lock around "count, then ask" makes the quota exact
 for workers on this machine, and heartbeats plus Optuna's retry callback
 re-run the trial of a worker that died (journal storage has no heartbeat and is
-for one machine: there a dead worker is recognised by its pid, study/storage.py).
+for one machine: there a dead worker is recognised by its pid, study/search/storage.py).
 Ctrl-C or SIGTERM marks the running trials FAIL with the reason and stops every
 worker; a storage that fails mid-run ends it with one line; the next run
 continues either way.
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import fcntl
 import multiprocessing
-import os
 import signal
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import warnings
@@ -34,12 +34,12 @@ from cnnlib.metrics import Evaluation
 from cnnlib.fused import GROUP_SIZE
 from cnnlib.training import DeviceData
 
-from . import hints, progress
+from .. import hints, progress
 from .artifacts import note_outcome, record_artifact_dir
-from .cli import interrupt_on_sigterm
-from .errors import UserError
+from ..cli import interrupt_on_sigterm
+from ..errors import UserError
 from .objective import run_trials
-from .options import (add_common_options, add_data_options, add_study_options, describe_classes, env, load_splits,
+from ..options import (add_common_options, add_data_options, add_study_options, describe_classes, env, load_splits,
                       whole_number)
 from .space import SearchSpace, load_space
 from .storage import (
@@ -76,6 +76,22 @@ def add_arguments(parser) -> None:
                              "; 1: one at a time)")
     add_data_options(parser)
     add_common_options(parser)
+
+
+# --- the run's plan -------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What this run set out to do, fixed before the first trial and handed to every worker process."""
+
+    target: float  # finished trials the study holds when the run is done (inf: no trial limit)
+    deadline: float  # time.time() after which no new trial starts (inf: none)
+    started: float  # time.time() at the start of the run
+    finished_at_start: int  # finished trials before this run: what it adds is counted from here
+    trials_at_start: int  # all trials before this run: with the worker's number, its sampler's seed stream
+    max_failures: int  # trials failing in a row after which a worker stops
+    fuse: int  # trials asked and trained together as one fused group
+    threads: int  # torch CPU threads per worker process
 
 
 # --- quota and locking ----------------------------------------------------
@@ -147,8 +163,10 @@ def check_space_fits_study(study: optuna.Study, space: SearchSpace) -> None:
 def record_data(study: optuna.Study, args, splits) -> None:
     """The class order and split a study was searched on, stated once and kept on the study.
 
-    Later commands (`make final`, `make export`) read them back; a run on
-    another class order would make its trials incomparable, so it is refused.
+    Later commands read them back: `make export` writes them beside the CSVs,
+    `make final` refuses another split. A run on another class order would
+    make its trials incomparable, so it is refused; a continued run on
+    another split is noted and keeps the record of the first.
     """
     recorded = study.user_attrs.get("classes")
     if recorded is not None and list(recorded) != list(splits.classes):
@@ -156,7 +174,13 @@ def record_data(study: optuna.Study, args, splits) -> None:
                         f"{','.join(splits.classes)} (check DATA and CLASSES, or use another STUDY name)")
     if recorded is None:
         study.set_user_attr("classes", list(splits.classes))
-    study.set_user_attr("data_summary", splits.summary())
+    key = study.user_attrs.get("split_cache_key")
+    if key is None:  # a new study, or one from before the split was recorded
+        for name, value in splits.record().items():  # cnnlib.splits.RECORD_KEYS
+            study.set_user_attr(name, value)
+    elif key != splits.cache_key:
+        print(f"note: study {study.study_name!r} began on split {key}; this run's data options give split "
+              f"{splits.cache_key}; the study keeps the record of the first", file=sys.stderr)
 
 
 # --- progress ---------------------------------------------------------------
@@ -227,19 +251,20 @@ def ask_trials(study: optuna.Study, space: SearchSpace, count: int) -> list[optu
     return trials
 
 
-def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker: str = "", number: int = 0) -> int:
-    """Ask, train and tell trials until the study holds `target` finished trials or time is up.
+def worker_loop(args, space: SearchSpace, plan: RunPlan, worker: str = "", number: int = 0) -> int:
+    """Ask, train and tell trials until the study holds `plan.target` finished trials or time is up.
 
     `number` (0, 1, ... for each worker process this run starts) and the study's
     trial count at the start of the run pick the sampler's seed stream, so
     neither parallel workers nor a resumed run re-propose existing trials.
     """
     storage = open_storage(args.storage)
-    study = create_study(args, space, storage, stream=(args._trials_at_start, number))
+    study = create_study(args, space, storage, stream=(plan.trials_at_start, number))
+    target, deadline = plan.target, plan.deadline
     data = DeviceData(load_splits(args), resolve_device(args.device))
     lock = lock_path(args.storage, study.study_name, Path(args.results))
     failures = 0
-    run_total = None if target == float("inf") else int(target - args._finished_at_start)
+    run_total = None if target == float("inf") else int(target - plan.finished_at_start)
     while True:
         with file_lock(lock):
             # Under the lock: two local workers never both fail, and both re-queue, one dead worker's trial.
@@ -248,7 +273,7 @@ def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker
             fail_unclaimed_trials(study)  # RUNNING without an owner: study.ask() failed after storing it
             finished, running = count_states(study)
             room = target - finished - running
-            count = int(min(args.fuse, room)) if room >= 1 and time.time() < deadline else 0
+            count = int(min(plan.fuse, room)) if room >= 1 and time.time() < deadline else 0
             trials = ask_trials(study, space, count) if count else []
             for trial in trials:
                 claim_trial(study, trial)
@@ -262,30 +287,30 @@ def worker_loop(args, space: SearchSpace, target: float, deadline: float, worker
             nonlocal failures
             progress.clear()
             # A fused group is told all at once: count its members one by one, so each line shows its own step.
-            done = count_states(study)[0] - args._finished_at_start - sum(f.state in FINISHED for f in group)
+            done = count_states(study)[0] - plan.finished_at_start - sum(f.state in FINISHED for f in group)
             for frozen in group:
                 failures = failures + 1 if frozen.state == TrialState.FAIL else 0
                 done += frozen.state in FINISHED
                 note_outcome(study, frozen)  # a pruned or failed trial's dashboard note says so, and why
-                print(format_trial_line(frozen, done, run_total, args._started, worker, deadline), flush=True)
+                print(format_trial_line(frozen, done, run_total, plan.started, worker, deadline), flush=True)
 
         results = run_trials(study, trials, space, data, on_told=report)
         frozen = results[-1]
-        if failures >= args._max_failures:
+        if failures >= plan.max_failures:
             print(f"{worker}stopping: {failures} trials failed in a row; last reason: {frozen.user_attrs.get('fail_reason')}",
                   file=sys.stderr, flush=True)
             return 3
 
 
-def _worker_process(args, index: int, number: int, target: float, deadline: float) -> None:
+def _worker_process(args, index: int, number: int, plan: RunPlan) -> None:
     """Entry point of one worker process; threads split the cores so workers do not oversubscribe them."""
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)  # run_workers passes SIGTERM on: stop as on Ctrl-C
-    torch.set_num_threads(args._threads)
+    torch.set_num_threads(plan.threads)
     progress.configure(bar=False, prefix=f"[w{index}] ")  # workers share the terminal: lines, each tagged
     space = load_space(args.space)
     try:
         with storage_failures(args.storage):
-            sys.exit(worker_loop(args, space, target, deadline, worker=f"[w{index}] ", number=number))
+            sys.exit(worker_loop(args, space, plan, worker=f"[w{index}] ", number=number))
     except KeyboardInterrupt:
         sys.exit(130)
     except (UserError, CnnlibError) as error:
@@ -293,7 +318,7 @@ def _worker_process(args, index: int, number: int, target: float, deadline: floa
         sys.exit(2)
 
 
-def run_workers(args, space: SearchSpace, target: float, deadline: float) -> int:
+def run_workers(args, space: SearchSpace, plan: RunPlan) -> int:
     """N processes on the shared storage; a worker that dies is replaced while the quota is unmet.
 
     Returns the first error exit code of a worker (3: too many failed trials,
@@ -304,7 +329,7 @@ def run_workers(args, space: SearchSpace, target: float, deadline: float) -> int
     procs = {}
     respawns, started, code = 0, 0, 0
     for i in range(args.workers):
-        procs[i] = ctx.Process(target=_worker_process, args=(args, i, started, target, deadline), daemon=False)
+        procs[i] = ctx.Process(target=_worker_process, args=(args, i, started, plan), daemon=False)
         procs[i].start()
         started += 1
     storage = open_storage(args.storage, heartbeat=False)
@@ -318,12 +343,12 @@ def run_workers(args, space: SearchSpace, target: float, deadline: float) -> int
                 del procs[i]
                 if proc.exitcode and proc.exitcode < 0:  # killed by a signal
                     finished, _ = count_states(optuna.load_study(study_name=name, storage=storage))
-                    if finished >= target or time.time() >= deadline:
+                    if finished >= plan.target or time.time() >= plan.deadline:
                         continue  # its work is done anyway
                     if respawns < MAX_RESPAWNS_PER_WORKER * args.workers:
                         print(f"worker {i} died (signal {-proc.exitcode}); starting a replacement", file=sys.stderr)
                         respawns += 1
-                        procs[i] = ctx.Process(target=_worker_process, args=(args, i, started, target, deadline))
+                        procs[i] = ctx.Process(target=_worker_process, args=(args, i, started, plan))
                         procs[i].start()
                         started += 1
                         continue
@@ -393,9 +418,7 @@ def print_best(study: optuna.Study) -> None:
 def run(args) -> int:
     space = load_space(args.space)  # fails here, before any training, on a bad file
     device = resolve_device(args.device)  # and here on a device this machine does not have
-    args._fuse_asked = args.fuse  # what the user asked for, for the printed next steps
-    if args.fuse is None:
-        args.fuse = GROUP_SIZE.get(device.type, 1)
+    fuse = args.fuse if args.fuse is not None else GROUP_SIZE.get(device.type, 1)
     splits = load_splits(args)  # build the cached split once, before workers race for it
     storage = open_storage(args.storage)
     study = create_study(args, space, storage)
@@ -414,28 +437,27 @@ def run(args) -> int:
     timeout = args.timeout if args.timeout is not None else space.budget.get("timeout")
     if timeout is None:
         timeout = None if trials is not None else DEFAULT_TIMEOUT
-    target = finished + trials if trials is not None else float("inf")
-    args._started = time.time()
-    deadline = args._started + timeout if timeout else float("inf")
-    args._finished_at_start = finished
-    args._trials_at_start = len(study.get_trials(deepcopy=False))
-    args._max_failures = max(3, 2 * (trials or 5))
+    started = time.time()
     threads = env("THREADS")
-    args._threads, why = cpu_threads(int(threads) if threads and threads.isdigit() else None, args.workers) \
+    threads, why = cpu_threads(int(threads) if threads and threads.isdigit() else None, args.workers) \
         if device.type == "cpu" else (1, "")
+    plan = RunPlan(target=finished + trials if trials is not None else float("inf"),
+                   deadline=started + timeout if timeout else float("inf"), started=started,
+                   finished_at_start=finished, trials_at_start=len(study.get_trials(deepcopy=False)),
+                   max_failures=max(3, 2 * (trials or 5)), fuse=fuse, threads=threads)
     if args.workers == 1:
-        torch.set_num_threads(args._threads)
+        torch.set_num_threads(threads)
     budget = " and ".join(filter(None, [f"{trials} trials" if trials is not None else "",
                                         f"{timeout / 60:.1f} min ({timeout} s)" if timeout else ""]))
     print(f"study {study.study_name!r} in {redact(args.storage)}: {finished} finished trials so far; "
           f"this run adds up to {budget} with {args.workers} worker(s) on {device}"
-          + (f", {args._threads} thread(s) each ({why})" if why else ""), flush=True)
+          + (f", {threads} thread(s) each ({why})" if why else ""), flush=True)
     print(f"space: {space.path}\n{describe_classes(args, splits.classes)}", flush=True)
     with storage_failures(args.storage):
         if args.workers == 1:
-            code = worker_loop(args, space, target, deadline)
+            code = worker_loop(args, space, plan)
         else:
-            code = run_workers(args, space, target, deadline)
+            code = run_workers(args, space, plan)
         study = optuna.load_study(study_name=study.study_name, storage=open_storage(args.storage, heartbeat=False))
         total, _ = count_states(study)
     print(f"\nstudy {study.study_name!r}: {total} finished trials ({total - finished} added by this run)")
@@ -449,7 +471,7 @@ def print_next_steps(args, study_name: str) -> None:
     place = hints.settings_of(args, "STORAGE", "RESULTS")
     data = hints.settings_of(args, *hints.DATA_SETTINGS, "DEVICE")
     study = {"STUDY": study_name}
-    search = hints.settings_of(args, "SPACE", "STUDY", "TRIALS", "TIMEOUT", "WORKERS", FUSE=args._fuse_asked)
+    search = hints.settings_of(args, "SPACE", "STUDY", "TRIALS", "TIMEOUT", "WORKERS", FUSE=args.fuse)
     print()
     print(f"continue this study:  {hints.command('search', {**search, **place, **data})}")
     print(f"browse it:            {hints.command('dashboard', place)}")

@@ -3,7 +3,7 @@
 Both loops train the same SeedCNN from the same initial weights with the same
 TrainConfig (the user's recipe: Adam, lr 1e-3, weighted loss; batch sizes
 16, 32, 128), 5,000 train images and dev evaluated every epoch; the naive loop
-is `study/naive_loop.py` (per-sample torchvision transforms, DataLoader). They
+is `study/bench/naive_loop.py` (per-sample torchvision transforms, DataLoader). They
 run in one process and take turns epoch by epoch (the leader alternates each
 round), so a neighbour's load on a shared machine falls on both alike; each run
 keeps its own global RNG stream, so an interleaved run draws exactly what it
@@ -23,23 +23,21 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from cnnlib import training
-from cnnlib.atomic import write_json
 from cnnlib.device import cpu_threads
 from cnnlib.model import model_flops_per_image
 from cnnlib.splits import Splits
-from cnnlib.training import DeviceData, TrainConfig, TrainResult, make_optimizer, train_epochs
+from cnnlib.training import DeviceData, LoopOptions, TrainConfig, TrainResult, train_epochs
 
-from .errors import UserError
+from ..errors import UserError
+from .interleave import Timed, interleave
 from .naive_loop import naive_train_epochs
-from .options import add_common_options, add_data_options, load_splits, whole_number
+from ..options import add_common_options, add_data_options, load_splits, whole_number
+from ..output import fresh_file, timestamp, write_json
 
 # The issue's settings: the user's recipe at three batch sizes, 32 being the user's own.
 BATCH_SIZES = (16, 32, 128)
@@ -152,7 +150,7 @@ def gpu_peak(name: str) -> dict:
 
 def device_facts(device: torch.device) -> dict:
     facts = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-             "python": platform.python_version(), "channels_last": training.CHANNELS_LAST}
+             "python": platform.python_version(), "channels_last": LoopOptions().channels_last}
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         facts.update(device_name=name, cuda=torch.version.cuda, peak=gpu_peak(name))
@@ -163,70 +161,7 @@ def device_facts(device: torch.device) -> dict:
     return facts
 
 
-# --- interleaved runs --------------------------------------------------------
-
-class OwnRng:
-    """The global torch RNG state of one run, swapped in around each of its epochs.
-
-    Dropout and weight init draw from the global generator; without this two
-    interleaved runs would steal each other's draws and neither would be the
-    run a user gets alone for that seed.
-    """
-
-    def __init__(self, device: torch.device):
-        self.cuda = device if device.type == "cuda" else None
-        self.state = self.cuda_state = None
-
-    def step(self, run: Iterator[TrainResult]) -> TrainResult:
-        outside = torch.get_rng_state()
-        outside_cuda = torch.cuda.get_rng_state(self.cuda) if self.cuda else None
-        if self.state is not None:
-            torch.set_rng_state(self.state)
-            if self.cuda:
-                torch.cuda.set_rng_state(self.cuda_state, self.cuda)
-        try:
-            return next(run)
-        finally:
-            self.state = torch.get_rng_state()
-            torch.set_rng_state(outside)
-            if self.cuda:
-                self.cuda_state = torch.cuda.get_rng_state(self.cuda)
-                torch.cuda.set_rng_state(outside_cuda, self.cuda)
-
-
-@dataclass
-class Timed:
-    """One interleaved run: its result (wall seconds per epoch in its history) and the CPU seconds of each epoch.
-
-    Process CPU time counts only while this process runs, so with one thread it
-    is what a neighbour's load cannot inflate (wall time can, by 2x here); with
-    more threads it also counts threads spinning while they wait for each other.
-    """
-
-    result: TrainResult
-    cpu_seconds: list[float] = field(default_factory=list)
-
-
-def interleave(runs: dict[str, Iterator[TrainResult]], device: torch.device) -> dict[str, Timed]:
-    """Step the runs one epoch each in turn, the leader alternating by round, until all are done."""
-    rngs = {name: OwnRng(device) for name in runs}
-    timed: dict[str, Timed] = {}
-    live = list(runs)
-    round_ = 0
-    while live:
-        order = live if round_ % 2 == 0 else live[::-1]
-        for name in list(order):
-            started = time.process_time()
-            try:
-                result = rngs[name].step(runs[name])
-            except StopIteration:
-                live.remove(name)
-                continue
-            cpu = time.process_time() - started
-            timed.setdefault(name, Timed(result)).cpu_seconds.append(cpu)
-        round_ += 1
-    return timed
-
+# --- interleaved runs (study/bench/interleave.py) ---------------------------
 
 def _median_after(values: list[float], warmup: int) -> float:
     return statistics.median(values[warmup:] or values)
@@ -308,55 +243,27 @@ def recipe_run(splits: Splits, data: DeviceData, device, epochs: int) -> dict:
 
 # --- levers of the project loop (A/B, interleaved like the main comparison) ------
 
-def _foreach_optimizer(model, config):
-    """The optimizer before fused kernels were adopted: foreach (one launch per op for all parameters)."""
-    return make_optimizer(model, config, implementation="foreach")
-
-
-def _lever_settings(device: torch.device) -> dict[str, dict]:
-    """Each lever as the module settings it flips, relative to the project loop as shipped."""
-    flip = {"channels_last off": {"CHANNELS_LAST": not training.CHANNELS_LAST},
-            "foreach optimizer (not fused)": {"make_optimizer": _foreach_optimizer}}
+def _lever_options(device: torch.device) -> dict[str, LoopOptions]:
+    """Each lever flipped, as the loop options of the flipped run; the shipped run takes the defaults."""
+    shipped = LoopOptions()
+    flip = {"channels_last off": LoopOptions(channels_last=not shipped.channels_last),
+            # the optimizer before fused kernels were adopted: foreach (one launch per op for all parameters)
+            "foreach optimizer (not fused)": LoopOptions(optimizer="foreach")}
     if device.type == "cuda":
-        flip["cudnn.benchmark on"] = {"cudnn_benchmark": True}
+        flip["cudnn.benchmark on"] = LoopOptions(cudnn_benchmark=True)
     return flip
-
-
-def _with_settings(run: Iterator[TrainResult], settings: dict) -> Iterator[TrainResult]:
-    """Step `run` with cnnlib.training's module settings (and cudnn.benchmark) flipped during its epochs only."""
-    while True:
-        saved = {name: getattr(training, name) for name in settings if name != "cudnn_benchmark"}
-        saved_benchmark = torch.backends.cudnn.benchmark
-        for name, value in settings.items():
-            if name == "cudnn_benchmark":
-                torch.backends.cudnn.benchmark = value
-            else:
-                setattr(training, name, value)
-        try:
-            result = next(run)
-        except StopIteration:
-            return
-        finally:
-            for name, value in saved.items():
-                setattr(training, name, value)
-            torch.backends.cudnn.benchmark = saved_benchmark
-        yield result
 
 
 def measure_levers(splits: Splits, data: DeviceData, device: torch.device, epochs: int, warmup: int) -> dict:
     """Seconds per epoch of the shipped loop against each lever flipped, at batch 32, two runs at a time."""
     config = TrainConfig(batch_size=REFERENCE_BATCH, epochs=warmup + epochs)
     out = {}
-    for name, settings in _lever_settings(device).items():
-        flipped_data = data
-        if "CHANNELS_LAST" in settings:  # the resident copy's layout follows the flag too
-            saved, training.CHANNELS_LAST = training.CHANNELS_LAST, settings["CHANNELS_LAST"]
-            try:
-                flipped_data = DeviceData(splits, device)
-            finally:
-                training.CHANNELS_LAST = saved
+    for name, options in _lever_options(device).items():
+        # the resident copy's layout follows the channels-last lever too
+        flipped_data = data if options.channels_last == LoopOptions().channels_last else \
+            DeviceData(splits, device, options.channels_last)
         results = interleave({"shipped": train_epochs(config, data, device),
-                              "flipped": _with_settings(train_epochs(config, flipped_data, device), settings)}, device)
+                              "flipped": train_epochs(config, flipped_data, device, options=options)}, device)
         wall = {k: _median_after([h.seconds for h in results[k].result.history], warmup) for k in results}
         cpu = {k: _median_after(results[k].cpu_seconds, warmup) for k in results}
         out[name] = {"shipped_seconds_per_epoch": wall["shipped"], "flipped_seconds_per_epoch": wall["flipped"],
@@ -369,14 +276,14 @@ def measure_levers(splits: Splits, data: DeviceData, device: torch.device, epoch
     return out
 
 
-# --- horizontally fused trials (issue 7: cnnlib/fused.py, study/bench_fused.py) ---
+# --- horizontally fused trials (issue 7: cnnlib/fused.py, study/bench/fused.py) ---
 
 def fused_section(ks: tuple[int, ...], splits: Splits, data: DeviceData, device, epochs: int, warmup: int) -> dict:
-    """Whatever study.bench_fused measures for K fused trials; a failure there is recorded, never fatal."""
+    """Whatever study.bench.fused measures for K fused trials; a failure there is recorded, never fatal."""
     try:
-        from .bench_fused import measure_fused
+        from .fused import measure_fused
     except ImportError as error:
-        return {"skipped": f"study.bench_fused is not importable ({error})"}
+        return {"skipped": f"study.bench.fused is not importable ({error})"}
     try:
         return measure_fused(splits=splits, data=data, device=device, ks=ks, epochs=epochs, warmup=warmup,
                              batch_size=REFERENCE_BATCH)
@@ -429,12 +336,8 @@ def format_table(report: dict) -> str:
 
 def write_report(report: dict, folder: Path, copy: Path | None = None) -> tuple[Path, Path]:
     """bench.json (the latest) and a timestamped copy that later runs never overwrite."""
-    folder.mkdir(parents=True, exist_ok=True)
     if copy is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        copy, n = folder / f"bench-{stamp}.json", 1
-        while copy.exists():
-            copy, n = folder / f"bench-{stamp}-{n}.json", n + 1
+        copy = fresh_file(folder, f"bench-{timestamp()}", ".json")
     write_json(copy, report)
     return write_json(folder / "bench.json", report), copy
 

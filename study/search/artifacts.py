@@ -17,8 +17,8 @@ results are recorded and before it tells the outcome. The store is a
 FileSystemArtifactStore in RESULTS/artifacts: `make search` records that
 absolute path on the study before its first trial (record_artifact_dir), so
 reports land there wherever the database lives, and `make dashboard` finds
-them. A study without the record (made elsewhere) uses the folder holding its
-SQLite/journal file, else $RESULTS, else `results`.
+them. A study without the record (made elsewhere) needs the results folder
+passed in.
 
 Notes live on the study, not the trial, so they can still change after
 `tell`: the search loop rewrites a pruned or failed trial's note to open with
@@ -39,29 +39,16 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from .storage import storage_file
+
 ARTIFACT_DIR_ATTR = "cnn_hpo:artifact_dir"  # study system attribute: where this study's artifacts were written
 
 
 # --- where the store lives ------------------------------------------------
 
-def storage_file(storage) -> Path | None:
-    """The file behind a SQLite or journal-file storage, else None (PostgreSQL, in-memory)."""
-    for _ in range(4):  # Optuna wraps storages (_CachedStorage -> RDBStorage, JournalStorage -> file backend)
-        url = getattr(getattr(storage, "engine", None), "url", None)
-        if url is not None:
-            if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-                return Path(url.database)
-            return None
-        if getattr(storage, "_file_path", None):
-            return Path(storage._file_path)
-        storage = getattr(storage, "_backend", None)
-        if storage is None:
-            return None
-    return None
-
-
-def default_results_dir(storage) -> Path:
-    path = storage_file(storage)
+def default_results_dir(url: str) -> Path:
+    """Where a study made elsewhere keeps its results: the folder of its SQLite/journal file, else $RESULTS."""
+    path = storage_file(url)
     if path is not None:
         return path.parent
     return Path(os.environ.get("RESULTS") or "results")
@@ -303,10 +290,12 @@ def _attach(study: optuna.Study, trial: optuna.Trial, results_dir) -> list[str]:
 
     storage = study._storage
     recorded = storage.get_study_system_attrs(study._study_id).get(ARTIFACT_DIR_ATTR)
-    if results_dir is not None or not recorded:
-        folder = artifact_dir(results_dir if results_dir is not None else default_results_dir(storage)).resolve()
-    else:
+    if results_dir is not None:
+        folder = artifact_dir(results_dir).resolve()
+    elif recorded:
         folder = Path(recorded)  # `make search` recorded RESULTS/artifacts before the first trial
+    else:
+        raise ValueError("the study records no artifact folder (record_artifact_dir) and no results folder was given")
     folder.mkdir(parents=True, exist_ok=True)
     store = FileSystemArtifactStore(folder)
     if storage.get_study_system_attrs(study._study_id).get(ARTIFACT_DIR_ATTR) != str(folder):

@@ -1,0 +1,1 @@
+"""Benchmarks: the training loop against a naive one, fused trials, and search against no search (hpo)."""

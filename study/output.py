@@ -1,0 +1,164 @@
+"""The output toolkit: every command writes its files through these.
+
+- Writes are write-then-rename (cnnlib.atomic): a crash leaves the old file or none.
+- A run gets a fresh folder (or file) of its own, named by time: two runs never share one.
+- A study name becomes a folder name that no other study name maps to.
+- Figures: plotly.js once per output folder, beside the HTML figures that load it
+  with <script src="plotly.min.js">; PNG copies through kaleido when it can start
+  a headless Chromium.
+
+Embedding plotly.js made every figure ~4.6 MB (three figures of `make final`:
+14 MB); one copy per folder keeps each HTML file to its own data (kilobytes) and
+still opens offline, from file://, with no server or network, as long as the
+folder is copied whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from cnnlib.atomic import FILE_MODE, atomic_path, json_safe, write_atomic, write_json  # noqa: F401 - the toolkit's writes
+
+from .errors import UserError
+
+BUNDLE = "plotly.min.js"
+PNG_TIMEOUT = 180  # seconds for all PNGs of one call; kaleido drives a headless Chromium that can hang on a broken install
+DEBIAN_CHROMIUM = "/usr/bin/chromium"
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a name that is its own folder name
+
+
+# --- files ------------------------------------------------------------------------
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
+    """A CSV of `header` and `rows`, written then renamed."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return Path(path)
+
+
+# --- names and run folders -------------------------------------------------------------
+
+def is_plain_name(name: str) -> bool:
+    return bool(PLAIN_NAME.fullmatch(name))
+
+
+def safe_name(name: str, reserved: Iterable[str] = ()) -> str:
+    """`name` itself when it is a plain folder name (at most 100 characters, not reserved), else a safe form plus a hash.
+
+    Replacing unsafe characters alone maps `a/b` and `a_b` to one folder, where
+    one's files replace the other's. The hash keeps names apart; the `+`
+    before it is never in a plain name, so no plain name can take that folder.
+    """
+    if is_plain_name(name) and len(name) <= 100 and name not in set(reserved):
+        return name
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:80] or "study"
+    return f"{safe}+{hashlib.sha256(name.encode()).hexdigest()[:10]}"
+
+
+RESULTS_FOLDERS = {"data", "runs", "final", "bench", "audit", "artifacts"}  # what commands other than export write in RESULTS
+
+
+def study_folder(results: Path, study_name: str) -> Path:
+    """RESULTS/<study>: the name itself when it is a plain folder name, else a safe form of it plus a hash."""
+    return Path(results) / safe_name(study_name, RESULTS_FOLDERS)
+
+
+def _fresh(parent: Path, stem: str | None, suffix: str, make) -> Path:
+    parent.mkdir(parents=True, exist_ok=True)
+    base = stem if stem is not None else time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1, 1000):
+        path = parent / (f"{base}{suffix}" if attempt == 1 else f"{base}-{attempt}{suffix}")
+        try:
+            make(path)
+            return path
+        except FileExistsError:
+            continue  # another run started in the same second
+    raise UserError(f"{parent}: no free name for {base}{suffix}")
+
+
+def fresh_folder(parent: Path, stem: str | None = None) -> Path:
+    """parent/<stem> (default: the time, YYYYmmdd-HHMMSS), else <stem>-2, -3, ...: created now, never shared."""
+    return _fresh(Path(parent), stem, "", Path.mkdir)
+
+
+def fresh_file(parent: Path, stem: str, suffix: str) -> Path:
+    """parent/<stem><suffix>, else <stem>-2<suffix>, ...: reserved now (empty), for a run's copy that later runs keep."""
+    return _fresh(Path(parent), stem, suffix, lambda path: path.touch(exist_ok=False))
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+# --- figures ---------------------------------------------------------------------------
+
+def write_bundle(folder: Path) -> str:
+    """Write folder/plotly.min.js unless an identical copy is there; returns the src to use."""
+    import plotly  # noqa: PLC0415 - only figure writers need it
+
+    text = plotly.offline.get_plotlyjs()
+    path = Path(folder) / BUNDLE
+    if not path.is_file() or path.stat().st_size != len(text.encode()) or path.read_text() != text:
+        write_atomic(path, text)
+    return BUNDLE
+
+
+def write_html(fig, path: Path) -> Path:
+    """A whole HTML page of one figure, loading plotly.js from the copy beside it."""
+    path = Path(path)
+    return write_atomic(path, fig.to_html(include_plotlyjs=write_bundle(path.parent), full_html=True))
+
+
+def write_pngs(figures: dict[Path, object], width: int | None = None, scale: float = 1,
+               timeout: float = PNG_TIMEOUT) -> str | None:
+    """PNG copies of {path: figure} through kaleido, one browser session for all; None, or why there are none.
+
+    Never raises: PNGs are optional, the HTML is the product. Chromium's start
+    (~5 s) dominates, hence one call for all figures. Heights are the figures'
+    own (460 px when unset); `width` None takes each figure's own too.
+    """
+    if not figures:
+        return None
+    if Path(DEBIAN_CHROMIUM).exists():  # kaleido (choreographer) looks for Chrome first; point it at Debian's
+        os.environ.setdefault("BROWSER_PATH", DEBIAN_CHROMIUM)
+    paths, figs = list(figures), list(figures.values())
+    outcome = {}
+
+    def export():
+        try:
+            import kaleido  # noqa: PLC0415 - optional extra
+
+            size = [{"width": width, "height": int(f.layout.height or 460)} if width is not None else {} for f in figs]
+            kaleido.write_fig_from_object_sync(
+                [{"fig": f, "path": path, "opts": {"format": "png", "scale": scale, **extra}}
+                 for f, path, extra in zip(figs, paths, size)],
+                kopts={"timeout": timeout})
+            missing = [Path(path).name for path in paths if not Path(path).is_file()]
+            if missing:
+                raise RuntimeError(f"kaleido wrote no {', '.join(missing)}")
+        except Exception as error:  # noqa: BLE001 - no kaleido, no Chromium, a browser crash
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            outcome["error"] = f"{type(error).__name__}: {first[:200]}"
+
+    worker = threading.Thread(target=export, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        return f"kaleido did not finish in {timeout:g} s"
+    if "error" in outcome:
+        for path in paths:  # none half-written beside the HTML
+            Path(path).unlink(missing_ok=True)
+        return outcome["error"]
+    for path in paths:
+        if Path(path).is_file():
+            os.chmod(path, FILE_MODE)
+    return None
