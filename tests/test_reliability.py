@@ -53,56 +53,55 @@ pytestmark = pytest.mark.usefixtures("no_study_env")  # conftest: no Makefile va
 
 # --- helpers ------------------------------------------------------------------------
 
-KILL_ONE_TRIAL = """\
-# Every Python process of this test loads this: the first trial anywhere to finish
-# its first epoch SIGKILLs its own process (no cleanup, no `finally`, no last words).
-import os, signal
+WRAPPED_TRAINING = """\
+# Every Python process of this test loads this: {purpose}
+import os, signal, time
 import cnnlib.training
 
 _real_train = cnnlib.training.train_group
-CLAIM = {claim!r}
 
 
 def train_group(configs, data, on_epoch=None, **options):
-    def on_epoch_then_die(member, stats):
+    def on_epoch_then(member, stats):
         stop = on_epoch(member, stats) if on_epoch else False
+@ACTION@
+        return stop
+    return _real_train(configs, data, on_epoch_then, **options)
+
+
+cnnlib.training.train_group = train_group
+"""
+
+
+def after_each_epoch(purpose: str, action: str) -> str:
+    """A sitecustomize that runs `action` (Python, may `return stop`) after every epoch's own callback."""
+    body = "\n".join(" " * 8 + line for line in textwrap.dedent(action).strip().splitlines())
+    return WRAPPED_TRAINING.format(purpose=purpose).replace("@ACTION@", body)
+
+
+def kill_one_trial(claim: Path) -> str:
+    return after_each_epoch(
+        "the first trial anywhere to finish its first epoch SIGKILLs its own process "
+        "(no cleanup, no `finally`, no last words).", f"""
         try:
-            fd = os.open(CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open({str(claim)!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return stop
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
         os.kill(os.getpid(), signal.SIGKILL)
-    return _real_train(configs, data, on_epoch_then_die, **options)
+        """)
 
 
-cnnlib.training.train_group = train_group
-"""
-
-HANG_IN_TRAINING = """\
-# Every Python process of this test loads this: after its first epoch, a trial
-# announces itself in a file and then trains "forever" (60 s) until interrupted.
-import os, time
-import cnnlib.training
-
-_real_train = cnnlib.training.train_group
-FLAG = {flag!r}
-
-
-def train_group(configs, data, on_epoch=None, **options):
-    def on_epoch_then_hang(member, stats):
-        stop = on_epoch(member, stats) if on_epoch else False
-        with open(FLAG, "a") as handle:
+def hang_in_training(flag: Path) -> str:
+    return after_each_epoch(
+        'after its first epoch, a trial announces itself in a file and then trains "forever" (60 s).', f"""
+        with open({str(flag)!r}, "a") as handle:
             handle.write(f"{{os.getpid()}}\\n")
         deadline = time.time() + 60
         while time.time() < deadline:
             time.sleep(0.05)
-        return stop
-    return _real_train(configs, data, on_epoch_then_hang, **options)
-
-
-cnnlib.training.train_group = train_group
-"""
+        """)
 
 
 def inject(folder: Path, code: str) -> dict:
@@ -152,7 +151,7 @@ def assert_killed_trial_was_retried(trials, output: str) -> None:
 def run_four_workers_with_a_kill(data: Path, results: Path, storage: str, study: str) -> SimpleNamespace:
     """`search --trials 6 --workers 4`; the first trial to finish an epoch kills its worker with SIGKILL."""
     claim = results / "killed.pid"
-    env = subprocess_env(**FAST_HEARTBEAT, **inject(results / "inject", KILL_ONE_TRIAL.format(claim=str(claim))))
+    env = subprocess_env(**FAST_HEARTBEAT, **inject(results / "inject", kill_one_trial(claim)))
     started = time.monotonic()
     done = subprocess.run(search_command(data, results, storage, "--study", study, "--trials", "6", "--workers", "4"),
                           capture_output=True, text=True, timeout=600, env=env, cwd=results)
@@ -176,13 +175,17 @@ def postgres_kill_run(small_data, tmp_path_factory, postgres_server):  # noqa: F
 
 
 @pytest.mark.slow
-def test_four_sqlite_workers_finish_exactly_the_requested_trials_despite_a_killed_worker(sqlite_kill_run):
-    run = sqlite_kill_run
+def assert_the_killed_worker_was_replaced_and_the_quota_met(run) -> None:
     assert run.done.returncode == 0, run.output[-4000:]
     assert run.killed_pid, "no worker was killed: the fault was not injected"
     assert "died (signal 9); starting a replacement" in run.done.stderr
+    assert "Traceback" not in run.output, run.output[-4000:]
     assert_quota_with_retries(run.trials, 6)
-    assert "study 'four_workers': 6 finished trials (6 added by this run)" in run.done.stdout
+
+
+def test_four_sqlite_workers_finish_exactly_the_requested_trials_despite_a_killed_worker(sqlite_kill_run):
+    assert_the_killed_worker_was_replaced_and_the_quota_met(sqlite_kill_run)
+    assert "study 'four_workers': 6 finished trials (6 added by this run)" in sqlite_kill_run.done.stdout
 
 
 @pytest.mark.slow
@@ -199,12 +202,7 @@ def test_four_workers_on_one_sqlite_file_never_hit_database_is_locked(sqlite_kil
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_four_postgresql_workers_finish_exactly_the_requested_trials_despite_a_killed_worker(postgres_kill_run):
-    run = postgres_kill_run
-    assert run.done.returncode == 0, run.output[-4000:]
-    assert run.killed_pid, "no worker was killed: the fault was not injected"
-    assert "died (signal 9); starting a replacement" in run.done.stderr
-    assert "Traceback" not in run.output, run.output[-4000:]
-    assert_quota_with_retries(run.trials, 6)
+    assert_the_killed_worker_was_replaced_and_the_quota_met(postgres_kill_run)
 
 
 @pytest.mark.slow
@@ -225,7 +223,7 @@ def _as_in_a_terminal() -> None:
 def interrupt_search(data: Path, results: Path, storage: str, *extra: str, training: int = 1) -> SimpleNamespace:
     """Start a search whose trials hang in training, wait until `training` trials are mid-epoch, then Ctrl-C it."""
     flag = results / "training.pids"
-    env = subprocess_env(**inject(results / "inject", HANG_IN_TRAINING.format(flag=str(flag))))
+    env = subprocess_env(**inject(results / "inject", hang_in_training(flag)))
     process = subprocess.Popen(search_command(data, results, storage, "--trials", "3", *extra), env=env, cwd=results,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                                preexec_fn=_as_in_a_terminal)
@@ -321,7 +319,7 @@ def test_a_journal_study_whose_worker_was_killed_mid_trial_retries_that_trial_on
     """Journal storage has no heartbeat: without the pid check the dead trial stays RUNNING and holds a slot forever."""
     storage = f"journal:{tmp_path / 'journal.log'}"
     claim = tmp_path / "killed.pid"
-    env = subprocess_env(**inject(tmp_path / "inject", KILL_ONE_TRIAL.format(claim=str(claim))))
+    env = subprocess_env(**inject(tmp_path / "inject", kill_one_trial(claim)))
     killed = subprocess.run(search_command(small_data, tmp_path, storage, "--trials", "2"),
                             capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
@@ -610,7 +608,7 @@ def worker_pids(flag: Path) -> set[int]:
 def terminate_search(command: list[str], flag: Path, results: Path, training: int) -> SimpleNamespace:
     """Start `command` with trials that hang in training; once `training` are mid-epoch, SIGTERM its first process only
     (as `make` passes SIGTERM on to its recipe); then see how long until every process that trained is gone."""
-    env = subprocess_env(**inject(results / "inject", HANG_IN_TRAINING.format(flag=str(flag))))
+    env = subprocess_env(**inject(results / "inject", hang_in_training(flag)))
     process = subprocess.Popen(command, env=env, cwd=results, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
