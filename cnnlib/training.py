@@ -425,9 +425,10 @@ def train_group(configs: Sequence[TrainConfig], data: DeviceData | Splits,
 
 def train_fused_epochs(configs: Sequence[TrainConfig], data: DeviceData | Splits,
                        on_epoch: Callable[[int, EpochStats], bool | None] | None = None,
-                       members_per_pass: int | None = None) -> Iterator[list[MemberResult]]:
+                       members_per_pass: int | None = None,
+                       options: LoopOptions = LoopOptions()) -> Iterator[list[MemberResult]]:
     """A group as one stacked network, one epoch per step (even for K = 1: the benchmark's fused K=1)."""
-    return train_members(configs, data, on_epoch, fused=True, members_per_pass=members_per_pass)
+    return train_members(configs, data, on_epoch, fused=True, members_per_pass=members_per_pass, options=options)
 
 
 def train_fused(configs: Sequence[TrainConfig], data: DeviceData | Splits,

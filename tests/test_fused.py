@@ -453,3 +453,16 @@ def test_bench_reports_trial_epochs_per_second_and_memory_per_member(small_split
         # SeedCNN has 61,411 parameters (3 classes): parameters + gradients + 1 (SGD) or 2 (Adam) state tensors.
         assert 61_411 * 4 * 3 <= row["memory_per_member"]["state_bytes"] <= 61_411 * 4 * 4
     assert "vs naive" in format_table(rows)
+
+
+def test_bench_times_bf16_autocast_beside_fp32_when_asked(small_splits, cpu_data):
+    from study.bench.fused import format_table, measure_fused
+
+    (row,) = measure_fused(cpu_data, ks=(2,), epochs=1, warmup=0, splits=small_splits, naive=False, progress=None,
+                           bf16=True)
+    for clock in ("wall", "cpu"):
+        ratio = row["fused bf16"][clock]["trial_epochs_per_second"] / row["fused"][clock]["trial_epochs_per_second"]
+        assert row[f"bf16_speedup_{clock}"] == pytest.approx(ratio)
+    dev = row["mean_last_dev_macro"]
+    assert set(dev) == {"fused", "fused bf16"} and all(0.0 <= v <= 1.0 for v in dev.values())
+    assert "bf16 autocast, same groups: K=2" in format_table([row])

@@ -37,7 +37,7 @@ import torch
 
 from cnnlib.model import SeedCNN
 from cnnlib.splits import Splits
-from cnnlib.training import DeviceData, TrainConfig, train_epochs, train_fused_epochs
+from cnnlib.training import DeviceData, LoopOptions, TrainConfig, train_epochs, train_fused_epochs
 
 from ..output import fresh_file, timestamp, write_json
 from .interleave import interleave
@@ -81,9 +81,10 @@ def _summary(times: dict[str, list[float]], warmup: int, trials: int) -> dict:
 
 def measure_fused(data: DeviceData, device=None, ks=FUSED_KS, epochs: int = EPOCHS, warmup: int = WARMUP,
                   batch_size: int = BATCH_SIZE, splits: Splits | None = None, naive: bool | None = None,
-                  progress: Callable[[str], None] | None = print) -> list[dict]:
+                  progress: Callable[[str], None] | None = print, bf16: bool = False) -> list[dict]:
     """One row per K: fused vs one trial at a time in the unfused project loop (and the naive loop:
-    by default when `splits` is given), stepped epoch by epoch in turn."""
+    by default when `splits` is given), stepped epoch by epoch in turn. bf16: also the same group
+    under bf16 autocast (LoopOptions.precision), its rate beside fp32's and its last dev accuracy."""
     naive = splits is not None if naive is None else naive
     if naive and splits is None:
         raise ValueError("timing the naive loop needs the splits")
@@ -96,17 +97,25 @@ def measure_fused(data: DeviceData, device=None, ks=FUSED_KS, epochs: int = EPOC
     for k in ks:
         configs = member_configs(k, warmup + epochs, batch_size)
         runs = {"fused": train_fused_epochs(configs, data), "unfused": train_epochs(configs[0], data)}
+        if bf16:
+            runs["fused bf16"] = train_fused_epochs(configs, data, options=LoopOptions(precision="bf16"))
         if naive:
             from .naive_loop import naive_train_epochs
 
             runs["naive"] = naive_train_epochs(configs[0], splits, device)
         timed = interleave(runs, device, probe="fused")
+        last = {name: run for name, run in timed.items() if name.startswith("fused")}
         times = {name: {"wall": run.wall_seconds, "cpu": run.cpu_seconds} for name, run in timed.items()}
         growth = timed["fused"].memory_growth
         row = {"k": k, "device": str(device), "threads": torch.get_num_threads(), "batch_size": batch_size,
                "warmup_epochs": warmup, "timed_epochs": epochs, "train_images": len(data.train)}
         for name in runs:
-            row[name] = _summary(times[name], warmup, k if name == "fused" else 1)
+            row[name] = _summary(times[name], warmup, k if name.startswith("fused") else 1)
+        if bf16:
+            for clock in ("wall", "cpu"):
+                row[f"bf16_speedup_{clock}"] = (row["fused bf16"][clock]["trial_epochs_per_second"]
+                                                / row["fused"][clock]["trial_epochs_per_second"])
+            row["mean_last_dev_macro"] = {name: _mean_last_dev(run) for name, run in last.items()}
         for clock in ("wall", "cpu"):
             fused_rate = row["fused"][clock]["trial_epochs_per_second"]
             row[f"speedup_vs_unfused_{clock}"] = fused_rate / row["unfused"][clock]["trial_epochs_per_second"]
@@ -125,6 +134,12 @@ def measure_fused(data: DeviceData, device=None, ks=FUSED_KS, epochs: int = EPOC
         if progress is not None:
             progress(format_row(row))
     return rows
+
+
+def _mean_last_dev(run) -> float | None:
+    """The members' mean dev macro accuracy after the run's last epoch (a sanity check, not an accuracy study)."""
+    scores = [r.history[-1].dev.macro_accuracy for r in run.result or () if r.history]
+    return statistics.fmean(scores) if scores else None
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -163,6 +178,12 @@ def format_table(rows: list[dict]) -> str:
              "by wall clock, then by process CPU time; memory in MiB per member (parameters + gradients + "
              "optimizer state; peak growth)", HEADER]
     lines += [format_row(row) for row in rows]
+    if any("bf16_speedup_wall" in row for row in rows):
+        lines.append("bf16 autocast, same groups: " + "; ".join(
+            f"K={row['k']} {row['bf16_speedup_wall']:.2f}x wall, {row['bf16_speedup_cpu']:.2f}x cpu"
+            + "".join(f", {name} dev {score:.3f}" for name, score in row["mean_last_dev_macro"].items()
+                      if score is not None)
+            for row in rows if "bf16_speedup_wall" in row))
     return "\n".join(lines)
 
 
@@ -176,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--naive", action="store_true", help="also time the naive DataLoader loop (study.bench.naive_loop)")
+    parser.add_argument("--bf16", action="store_true", help="also time each group under bf16 autocast")
     add_data_options(parser)
     add_common_options(parser)
     args = parser.parse_args(argv)
@@ -191,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     data = DeviceData(splits, args.device)
     print(HEADER, flush=True)
     rows = measure_fused(data, ks=ks, epochs=args.epochs, warmup=args.warmup, batch_size=args.batch_size,
-                         splits=splits, naive=args.naive, progress=lambda line: print(line, flush=True))
+                         splits=splits, naive=args.naive, progress=lambda line: print(line, flush=True), bf16=args.bf16)
     path = fresh_file(Path(args.results) / "bench", f"fused-{timestamp()}", ".json")  # never overwrite an earlier run
     write_json(path, {"torch": torch.__version__, "rows": rows})
     print()

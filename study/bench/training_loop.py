@@ -93,6 +93,8 @@ def add_arguments(parser) -> None:
                              "cudnn.benchmark on CUDA) at batch 32")
     parser.add_argument("--fused-ks", default=os.environ.get("FUSED_KS") or None,
                         help="also time K horizontally fused trials for each K, e.g. 1,4,16,64 (env FUSED_KS)")
+    parser.add_argument("--fused-bf16", action="store_true",
+                        help="with --fused-ks: also time each fused group under bf16 autocast, beside fp32")
     add_data_options(parser)
     add_common_options(parser)
 
@@ -278,7 +280,8 @@ def measure_levers(splits: Splits, data: DeviceData, device: torch.device, epoch
 
 # --- horizontally fused trials (issue 7: cnnlib/fused.py, study/bench/fused.py) ---
 
-def fused_section(ks: tuple[int, ...], splits: Splits, data: DeviceData, device, epochs: int, warmup: int) -> dict:
+def fused_section(ks: tuple[int, ...], splits: Splits, data: DeviceData, device, epochs: int, warmup: int,
+                  bf16: bool = False) -> dict:
     """Whatever study.bench.fused measures for K fused trials; a failure there is recorded, never fatal."""
     try:
         from .fused import measure_fused
@@ -286,7 +289,7 @@ def fused_section(ks: tuple[int, ...], splits: Splits, data: DeviceData, device,
         return {"skipped": f"study.bench.fused is not importable ({error})"}
     try:
         return measure_fused(splits=splits, data=data, device=device, ks=ks, epochs=epochs, warmup=warmup,
-                             batch_size=REFERENCE_BATCH)
+                             batch_size=REFERENCE_BATCH, bf16=bf16)
     except Exception as error:  # noqa: BLE001 - another issue's code must not cost this report
         return {"error": f"{type(error).__name__}: {error}"}
 
@@ -430,7 +433,7 @@ def run(args) -> int:
     print(f"\nwrote {path} (and {copy.name})", flush=True)
     if args.fused_ks:
         report["fused"] = fused_section(_ints(args.fused_ks), splits, data, device,
-                                        settings["timed_epochs"], settings["warmup_epochs"])
+                                        settings["timed_epochs"], settings["warmup_epochs"], args.fused_bf16)
         write_report(report, folder, copy)
         print(f"fused trials: {report['fused'] if isinstance(report['fused'], dict) else 'see above'}; updated {path}")
     return 0
