@@ -105,7 +105,7 @@ def test_a_groups_trial_lines_are_printed_when_it_is_told_not_when_the_whole_ask
           batch_size: {type: categorical, choices: [64, 128]}
           epochs: 1
         """))
-    from study import objective
+    from study.search import objective
     real, seen = objective._train_group, []
 
     def recording(study, trials, *args):
