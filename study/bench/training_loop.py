@@ -435,5 +435,9 @@ def run(args) -> int:
         report["fused"] = fused_section(_ints(args.fused_ks), splits, data, device,
                                         settings["timed_epochs"], settings["warmup_epochs"], args.fused_bf16)
         write_report(report, folder, copy)
+        if isinstance(report["fused"], list) and args.fused_bf16:
+            from .fused import format_bf16
+
+            print(format_bf16(report["fused"]))
         print(f"fused trials: {report['fused'] if isinstance(report['fused'], dict) else 'see above'}; updated {path}")
     return 0
