@@ -364,8 +364,9 @@ def figure(report: dict):
                       annotation_text=f"recipe alone ({recipe['test_macro_mean']:.3f})", annotation_position="bottom right")
     budget = report["settings"]["budget_seconds"]
     fig.add_vline(x=budget, line=dict(color="grey", dash="dot"), annotation_text="budget", annotation_position="top left")
-    fig.update_layout(title=f"Held-out test macro accuracy of the best config so far (retrained with "
-                            f"{len(RETRAIN_SEEDS)} seeds) against search time; budget {budget} s per search",
+    fig.update_layout(title=f"Held-out test macro accuracy of the best config so far against search time<br>"
+                            f"<sup>retrained with {len(RETRAIN_SEEDS)} seeds; budget {budget} s per search; "
+                            "the group in flight at the deadline finishes</sup>",
                       xaxis_title="elapsed search time (s)", yaxis_title="test macro accuracy (fraction, 0-1)",
                       height=500, width=1000, template="plotly_white")
     return fig
