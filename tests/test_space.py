@@ -193,7 +193,8 @@ def test_enqueued_points_are_read_and_must_lie_in_the_space(tmp_path):
     assert space.enqueue == [{"optimizer": "adamw", "lr": 3e-3}, {"optimizer": "sgd", "lr": 0.05}]
     for bad, detail in (("{optimizer: adam, lr: 3.0e-3}", "not one of its choices"),
                         ("{optimizer: sgd, lr: 2.0}", "outside its range"),
-                        ("{epochs: 5}", "not a searched param"), ("{optimizer: sgd, momentum: 0.9}", "not a searched")):
+                        ("{epochs: 0}", "not usable"), ("{epochs: 2.5}", "expected an integer"),
+                        ("{optimizer: sgd, momentum: 0.9}", "not a param of this file")):
         text = WARM.replace("{optimizer: sgd, lr: 0.05}", bad)
         with pytest.raises(SpaceError, match=detail):
             load_space(write_space(tmp_path, text, "bad.yaml"))
@@ -211,6 +212,19 @@ def test_a_new_study_evaluates_the_enqueued_points_first(tmp_path):
     assert [space.suggest(t).optimizer for t in (first, second)] == ["adamw", "sgd"]
     assert first.params["lr"] == 3e-3 and second.params["lr"] == 0.05
     assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 0
+
+
+def test_an_enqueued_point_may_give_a_fixed_param_its_own_value_for_that_trial_alone(tmp_path):
+    from study.search.runner import create_study
+    from types import SimpleNamespace
+
+    text = WARM.replace("{optimizer: sgd, lr: 0.05}", "{optimizer: sgd, lr: 0.05, epochs: 5}")
+    space = load_space(write_space(tmp_path, text, "warm.yaml"))
+    study = create_study(SimpleNamespace(study=None, storage="in-memory"), space, optuna.storages.InMemoryStorage())
+    configs = [space.suggest(study.ask()) for _ in range(3)]
+    assert [(c.optimizer, c.lr, c.epochs) for c in configs[:2]] == [("adamw", 3e-3, 3), ("sgd", 0.05, 5)]
+    assert configs[2].epochs == 3  # a sampled trial keeps the file's fixed value
+    assert space.config_from_params(space.enqueue[1]).epochs == 5
 
 
 def test_the_default_space_enqueues_the_users_recipe():

@@ -129,8 +129,7 @@ def create_study(args, space: SearchSpace, storage, stream: tuple[int, ...] = ()
         study.set_user_attr("space_file", str(space.path))
         study.set_user_attr("space_text", text)
         study.set_user_attr("objectives", space.objectives)
-        for point in space.enqueue:  # warm start: the known points are the first trials of a new study
-            study.enqueue_trial(point, skip_if_exists=True)
+        space.enqueue_into(study)  # warm start: the known points are the first trials of a new study
     elif previous != text:
         print(f"note: {space.path} differs from the space file study {name!r} began with "
               f"({study.user_attrs.get('space_file')}); new trials use its ranges", file=sys.stderr)

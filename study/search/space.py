@@ -33,6 +33,8 @@ TOP_KEYS = {"description", "objective", "objective_epochs", "robust", "sampler",
 PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "value", "when", "field"}
 CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
 CONFIG_TYPES = typing.get_type_hints(TrainConfig)  # lr: float, epochs: int, flip: bool, ...
+# The user attribute that carries an enqueued point's values for fixed params (SearchSpace.enqueue_into).
+ENQUEUED_FIXED_ATTR = "enqueued_fixed_params"
 SHARED_SEED_SAMPLERS = {"GridSampler", "QMCSampler", "BruteForceSampler"}  # see SearchSpace.make_sampler
 # Where the shipped spaces are: inside the package when installed from a wheel (pyproject.toml maps
 # search_spaces/ to study/search_spaces), at the checkout's top level when run from source.
@@ -109,12 +111,28 @@ class SearchSpace:
         return all(values.get(k) in (v if isinstance(v, list) else [v]) for k, v in self.params[name].when.items())
 
     def suggest(self, trial: optuna.Trial) -> TrainConfig:
-        """Ask the trial for every active param; fixed ones are constants, inactive ones keep defaults."""
+        """Ask the trial for every active param; fixed ones are constants, inactive ones keep defaults.
+
+        An enqueued point's own value for a fixed param (enqueue_into) wins over the file's.
+        """
         values: dict = {}
+        overrides = trial.user_attrs.get(ENQUEUED_FIXED_ATTR) or {}
         for name, param in self.params.items():  # file order: a condition's parent comes first
             if self.active(name, values):
-                values[name] = param.suggest(trial)
+                values[name] = overrides[name] if name in overrides else param.suggest(trial)
         return self._config(values)
+
+    def enqueue_into(self, study: optuna.Study) -> None:
+        """Queue the file's known points (Optuna's enqueue_trial) as the study's next trials.
+
+        Optuna fixes only the params a trial suggests; a point's values for
+        this file's fixed params travel as a user attribute that `suggest` reads.
+        """
+        for point in self.enqueue:
+            searched = {k: v for k, v in point.items() if self.params[k].type != "fixed"}
+            fixed = {k: v for k, v in point.items() if self.params[k].type == "fixed" and v != self.params[k].value}
+            study.enqueue_trial(searched, user_attrs={ENQUEUED_FIXED_ATTR: fixed} if fixed else None,
+                                skip_if_exists=True)
 
     def _config(self, values: dict) -> TrainConfig:
         """TrainConfig from {param name: value}, each param setting its field."""
@@ -319,11 +337,14 @@ def _parse_param_spec(path: Path, name: str, key: str, spec: dict, field_name: s
 
 
 def _parse_enqueue(path: Path, spec, params: dict[str, Param]) -> list[dict]:
-    """`enqueue:` a list of points, each {param: value} for searched params, evaluated first.
+    """`enqueue:` a list of points, each {param: value}, evaluated first.
 
-    Each value must be one the param can take (inside its range, among its
-    choices), so a warm-start point is a point of this space, not a typo that
-    Optuna would quietly replace with a sample.
+    A searched param's value must be one it can take (inside its range, among
+    its choices), so a warm-start point is a point of this space, not a typo
+    that Optuna would quietly replace with a sample. A point may also give a
+    fixed param another value (the default space fixes flip on, and the
+    user's recipe, enqueued so that a search never ends below it, had none);
+    SearchSpace.enqueue_into records that on the trial.
     """
     if spec is None:
         return []
@@ -336,10 +357,15 @@ def _parse_enqueue(path: Path, spec, params: dict[str, Param]) -> list[dict]:
             raise _fail(path, key, f"expected a mapping of searched params to values, got {point!r}")
         for name, value in point.items():
             param = params.get(name)
-            if param is None or param.type == "fixed":
-                searched = ", ".join(n for n, p in params.items() if p.type != "fixed")
-                raise _fail(path, f"{key}.{name}", f"not a searched param of this file (searched: {searched})")
-            if param.type == "categorical":
+            if param is None:
+                raise _fail(path, f"{key}.{name}", f"not a param of this file (its params: {', '.join(params)})")
+            if param.type == "fixed":
+                _check_kind(path, f"{key}.{name}", param.field, value)
+                try:
+                    TrainConfig.from_dict({param.field: value})
+                except (ValueError, TypeError) as error:
+                    raise _fail(path, f"{key}.{name}", f"value {value!r} is not usable: {error}") from None
+            elif param.type == "categorical":
                 if value not in param.choices:
                     raise _fail(path, f"{key}.{name}", f"{value!r} is not one of its choices {param.choices}")
             else:
