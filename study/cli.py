@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 
+from cnnlib.allocator import keep_freed_memory
 from cnnlib.errors import CnnlibError
 
 from .errors import UserError
@@ -110,6 +111,7 @@ def main(argv=None) -> int:
         if name == chosen:
             _load(name).add_arguments(command)
     args = parser.parse_args(argv)
+    keep_freed_memory()  # every command that trains: each step then reuses resident pages (cnnlib.allocator)
     if hasattr(args, "storage") and not args.storage:  # STORAGE follows RESULTS, as in the Makefile
         from .options import default_storage  # noqa: PLC0415 - only commands with a storage need it
 
