@@ -37,7 +37,7 @@ from cnnlib.training import DeviceData, TrainConfig, predict_logits, train
 from . import progress
 from .errors import UserError
 from .output import atomic_path, fresh_folder, write_atomic, write_csv, write_html, write_json
-from .options import add_common_options, add_data_options, load_splits
+from .options import add_common_options, add_data_options, load_splits, whole_number
 
 # The fold models only need to rank images, not to win: a fixed recipe per fold model.
 # Unweighted loss on purpose (imbalance "none"): confident learning wants probabilities
@@ -350,7 +350,7 @@ def add_arguments(parser) -> None:
     # Default: one thread per core on a quiet machine, one thread when other work keeps the cores
     # busy (cnnlib.device.cpu_threads): there 2 threads spin-wait. small_vgg at load ~4-5 on the
     # 2-core box: 100 s per fold with 1 thread, 180-430 s with 2.
-    group.add_argument("--threads", type=int, default=int(os.environ.get("THREADS") or 0) or None,
+    group.add_argument("--threads", type=whole_number("THREADS", 1), default=os.environ.get("THREADS") or None,
                        help="CPU threads for training (env THREADS; default: one per core, or 1 when the "
                             "machine is already busy)")
     group.add_argument("--top", type=int, default=48, help="suspects shown on the contact sheet")
@@ -365,8 +365,6 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if args.top < 0 or (args.epochs is not None and args.epochs < 1) or args.flip_count < 0 or not 0 <= args.flip_fraction < 1:
         raise UserError("need --top >= 0, --epochs >= 1, --flip-count >= 0 and 0 <= --flip-fraction < 1")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads {args.threads}: need at least 1")
     threads, threads_reason = cpu_threads(args.threads)
     torch.set_num_threads(threads)
     names = [n.strip() for n in args.splits.split(",") if n.strip()]

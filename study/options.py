@@ -95,6 +95,16 @@ def env_flag(name: str) -> bool:
 
 # --- option groups ----------------------------------------------------------------------------
 
+def choose_cpu_threads(device, processes: int = 1) -> tuple[int, str]:
+    """Torch CPU threads per process: THREADS, or chosen by load (cnnlib.device.cpu_threads); (1, "") off the CPU."""
+    if getattr(device, "type", device) != "cpu":
+        return 1, ""
+    text = env("THREADS")
+    if text is not None and not (text.isdigit() and int(text) >= 1):
+        raise UserError(f"THREADS {text!r}: expected a whole number >= 1")
+    return cpu_threads(int(text) if text else None, processes)
+
+
 def use_cpu_threads(device, processes: int = 1) -> str:
     """Set torch's CPU threads for this process (THREADS, or chosen by load) and say what was chosen.
 
@@ -102,12 +112,9 @@ def use_cpu_threads(device, processes: int = 1) -> str:
     busy 2-core machine made `make final` take 25 s per epoch instead of ~2 (its
     OpenMP threads wait for each other; see cnnlib.device.cpu_threads).
     """
-    if getattr(device, "type", device) != "cpu":
+    threads, why = choose_cpu_threads(device, processes)
+    if not why:
         return ""
-    text = env("THREADS")
-    if text is not None and not (text.isdigit() and int(text) >= 1):
-        raise UserError(f"THREADS {text!r}: expected a whole number >= 1")
-    threads, why = cpu_threads(int(text) if text else None, processes)
     torch.set_num_threads(threads)
     return f"{threads} thread(s): {why}"
 

@@ -47,6 +47,23 @@ def test_a_bad_threads_value_is_one_line_naming_it(monkeypatch, value):
         use_cpu_threads(torch.device("cpu"))
 
 
+@pytest.mark.parametrize("command", ["search", "audit"])
+def test_every_command_refuses_a_bad_threads_value_before_it_starts(command, tiny_inputs, tmp_path, monkeypatch,
+                                                                    capsys):
+    """make search once ignored THREADS=abc (and chose by load) where make train refused it."""
+    _, _, data = tiny_inputs
+    monkeypatch.setenv("THREADS", "abc")
+    monkeypatch.setenv("RESULTS", str(tmp_path))
+    from study.cli import main
+
+    try:
+        code = main([command, *data, "--device", "cpu"])
+    except SystemExit as exit_:  # argparse's own one-line error
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and "THREADS" in err and "'abc'" in err and "Traceback" not in err
+
+
 def test_make_train_says_and_uses_the_threads_it_chose(tiny_inputs, tmp_path, monkeypatch, restore_threads):
     monkeypatch.setenv("THREADS", "1")
     torch.set_num_threads(2)

@@ -29,7 +29,7 @@ import torch
 from optuna.trial import TrialState
 
 from cnnlib.allocator import keep_freed_memory
-from cnnlib.device import cpu_threads, resolve_device
+from cnnlib.device import resolve_device
 from cnnlib.errors import CnnlibError
 from cnnlib.metrics import Evaluation
 from cnnlib.fused import GROUP_SIZE
@@ -40,8 +40,8 @@ from .artifacts import note_outcome, record_artifact_dir
 from ..cli import interrupt_on_sigterm
 from ..errors import UserError
 from .objective import run_trials
-from ..options import (add_common_options, add_data_options, add_study_options, describe_classes, env, load_splits,
-                      whole_number)
+from ..options import (add_common_options, add_data_options, add_study_options, choose_cpu_threads, describe_classes,
+                       env, load_splits, whole_number)
 from .space import SearchSpace, load_space
 from .storage import (
     claim_trial, fail_dead_local_trials, fail_unclaimed_trials, lock_path, open_storage, redact, storage_failures,
@@ -439,9 +439,7 @@ def run(args) -> int:
     if timeout is None:
         timeout = None if trials is not None else DEFAULT_TIMEOUT
     started = time.time()
-    threads = env("THREADS")
-    threads, why = cpu_threads(int(threads) if threads and threads.isdigit() else None, args.workers) \
-        if device.type == "cpu" else (1, "")
+    threads, why = choose_cpu_threads(device, args.workers)  # workers share the cores out
     plan = RunPlan(target=finished + trials if trials is not None else float("inf"),
                    deadline=started + timeout if timeout else float("inf"), started=started,
                    finished_at_start=finished, trials_at_start=len(study.get_trials(deepcopy=False)),
