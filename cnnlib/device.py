@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -44,7 +45,35 @@ def cpu_threads(requested: int | None = None, processes: int = 1) -> tuple[int, 
     if requested:
         return requested, "requested"
     cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if cores > 1 and load >= cores - 0.5:
-        return 1, f"load average {load:.1f} on {cores} cores: other processes keep the cores busy"
+    busy = busy_cores() if cores > 1 else None
+    if busy is not None and busy >= cores - 0.5:
+        return 1, f"{busy:.1f} of {cores} cores busy with other work"
+    if busy is None and cores > 1 and hasattr(os, "getloadavg"):
+        load = os.getloadavg()[0]
+        if load >= cores - 0.5:
+            return 1, f"load average {load:.1f} on {cores} cores: other processes keep the cores busy"
     return max(1, cores // processes), f"{cores} cores shared by {processes} process(es)"
+
+
+def busy_cores(interval: float = 0.3) -> float | None:
+    """Cores that other work keeps busy now: the non-idle share of /proc/stat over `interval` (Linux; else None).
+
+    The 1-minute load average lags: `make final` started right after `make
+    search` saw the search's load (about 2 on 2 cores) and trained at 1
+    thread on a machine gone quiet. This process sleeps while it samples, so
+    what it counts is other work.
+    """
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            ticks = [int(value) for value in stat.readline().split()[1:9]]  # user .. steal
+        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)

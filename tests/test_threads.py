@@ -26,11 +26,38 @@ def test_threads_set_by_the_variable_are_what_torch_then_uses(monkeypatch, resto
 
 def test_without_the_variable_a_busy_machine_gets_one_thread(monkeypatch, restore_threads):
     monkeypatch.delenv("THREADS", raising=False)
-    monkeypatch.setattr("os.getloadavg", lambda: (8.0, 8.0, 8.0))
+    monkeypatch.setattr("cnnlib.device.busy_cores", lambda: 1.9)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     torch.set_num_threads(2)
-    assert use_cpu_threads(torch.device("cpu")).startswith("1 thread(s): load average 8.0")
+    assert use_cpu_threads(torch.device("cpu")) == "1 thread(s): 1.9 of 2 cores busy with other work"
     assert torch.get_num_threads() == 1
+
+
+def test_a_machine_gone_quiet_gets_its_cores_whatever_the_load_average_still_says(monkeypatch, restore_threads):
+    monkeypatch.delenv("THREADS", raising=False)
+    monkeypatch.setattr("cnnlib.device.busy_cores", lambda: 0.1)
+    monkeypatch.setattr("os.getloadavg", lambda: (2.0, 2.0, 2.0))  # a search that just ended
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert use_cpu_threads(torch.device("cpu")).startswith("2 thread(s)")
+    assert torch.get_num_threads() == 2
+
+
+def test_busy_cores_counts_another_process_spinning():
+    import subprocess
+    import sys
+
+    from cnnlib.device import busy_cores
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("busy_cores reads /proc/stat; elsewhere the load average decides")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy_cores(0.2)  # the spinner starts up
+        busy = busy_cores(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy is not None and 0.8 <= busy <= (__import__("os").cpu_count() or 1) + 0.01
 
 
 def test_another_device_leaves_the_threads_alone(monkeypatch, restore_threads):
