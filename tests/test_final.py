@@ -142,21 +142,22 @@ def test_interrupted_run_keeps_old_outputs_and_a_rerun_finishes_without_redoing_
     assert cli.main(final_args(smoke_study, results, real_data, device, *quick, "--epsilons", "0,0.1")) == 0
     first = json.loads((out / "metrics.json").read_text())
 
-    real_train, calls = final.train, []
+    real_train, calls = final.train_group, []
 
-    def train_then_interrupt(*args, **kwargs):
-        calls.append(args[0].seed)
+    def train_then_interrupt(configs, *args, **kwargs):
+        calls.extend(c.seed for c in configs)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_train(*args, **kwargs)
+        return real_train(configs, *args, **kwargs)
 
-    monkeypatch.setattr(final, "train", train_then_interrupt)
+    monkeypatch.setattr(final, "train_group", train_then_interrupt)
     assert cli.main(final_args(smoke_study, results, real_data, device, *quick, "--epsilons", "0,0.05")) == 130
     assert json.loads((out / "metrics.json").read_text()) == first, "an interrupted run leaves the last outputs whole"
     assert (out / ".partial" / "trial-1" / "seed-0.json").is_file()
 
     calls.clear()
-    monkeypatch.setattr(final, "train", lambda *a, **k: calls.append(a[0].seed) or real_train(*a, **k))
+    monkeypatch.setattr(final, "train_group",
+                        lambda configs, *a, **k: calls.extend(c.seed for c in configs) or real_train(configs, *a, **k))
     assert cli.main(final_args(smoke_study, results, real_data, device, *quick, "--epsilons", "0,0.05")) == 0
     assert calls == [1], "seed 0 finished before the interruption and is reused"
     assert [float(r["epsilon"]) for r in read_rows(out / "fgsm.csv")] == [0.0, 0.05, 0.0, 0.05]
@@ -164,6 +165,31 @@ def test_interrupted_run_keeps_old_outputs_and_a_rerun_finishes_without_redoing_
 
 
 # --- choosing the trial and its config -------------------------------------
+
+def test_candidates_sharing_batch_settings_retrain_fused_seed_by_seed_as_their_own_runs(real_data, tmp_path,
+                                                                                       monkeypatch):
+    """One fused group per seed (make final's 9 retrains ~1.8x faster); each member is its unfused run."""
+    from cnnlib.splits import DataConfig, prepare_splits
+    from cnnlib.training import TrainConfig, train
+
+    splits = prepare_splits(DataConfig(real_data, train_counts=(80, 24, 16), dev_counts=(20, 20, 20),
+                                       test_counts=(10, 10, 10)), tmp_path / "cache")
+    data = DeviceData(splits, "cpu")
+    configs = [TrainConfig.from_dict(smoke_config(epochs=2, batch_size=16, lr=lr)) for lr in (3e-3, 1e-3)]
+    configs.append(TrainConfig.from_dict(smoke_config(epochs=2, batch_size=32)))  # other batches: its own group
+    real, groups = final.train_group, []
+    monkeypatch.setattr(final, "train_group", lambda cs, *a, **k: groups.append([c.seed for c in cs]) or real(cs, *a, **k))
+    retrains = [final.Retrain(f"trial {i} ", c, tmp_path / f"trial-{i}", {"trial": i}) for i, c in enumerate(configs)]
+    final.retrain_seeds(retrains, data, 2)
+    assert groups == [[0, 0], [0], [1, 1], [1]]
+    for seed in (0, 1):
+        alone = train(TrainConfig.from_dict({**configs[1].to_dict(), "seed": seed}), data)
+        fused = retrains[1].runs[seed]
+        assert fused.evaluations["dev"].loss == pytest.approx(evaluate(alone.model, data.dev, data.classes,
+                                                                       final.make_criterion(configs[1], data.train.y, 3)).loss,
+                                                              rel=1e-3)
+        assert (tmp_path / "trial-1" / f"seed-{seed}.pt").is_file()
+
 
 @pytest.mark.slow
 def test_without_trial_the_top_candidates_are_retrained_and_the_best_mean_dev_is_kept(
