@@ -173,7 +173,12 @@ class StackedOptimizer:
     Mirrors torch.optim's implementations operation by operation where per-row
     values allow it; differences are rounding-level (tests/test_fused.py states
     the tolerance). `lr_table[k, s]` is member k's lr at step s (its lr times
-    its schedule's factor), so the lr costs one column slice per step.
+    its schedule's factor), so the lr costs one column gather per step.
+
+    The step count lives on the device (`step_index`), and so does everything
+    computed from it (the lr column, Adam's bias corrections): a step reads
+    no Python number that changes between steps, so a CUDA graph captured
+    once replays every later step as it is (GraphedStep).
     """
 
     def __init__(self, configs: Sequence[TrainConfig], n_params: int, device, steps_per_epoch: int = 1):
@@ -203,13 +208,12 @@ class StackedOptimizer:
         self.momentum_buffer = torch.zeros(self.n_sgd, n_params, device=device)
         self.exp_avg = torch.zeros(n_adam, n_params, device=device)
         self.exp_avg_sq = torch.zeros(n_adam, n_params, device=device)
-        self.steps = 0
+        self.step_index = torch.zeros(1, dtype=torch.long, device=device)  # steps taken so far
 
     @torch.no_grad()
     def step(self, params: torch.Tensor, grads: torch.Tensor) -> None:
-        column = self.steps
-        self.steps += 1
-        lr32, lr64 = self.lr32[:, column:column + 1], self.lr64[:, column:column + 1]
+        lr32, lr64 = self.lr32.index_select(1, self.step_index), self.lr64.index_select(1, self.step_index)
+        self.step_index += 1
         s = self.n_sgd
         if self.any_coupled:
             grads = torch.addcmul(grads, params, self.coupled_decay)  # L2: grad + wd * p
@@ -230,10 +234,11 @@ class StackedOptimizer:
                 params[s:].mul_((1 - lr64[s:] * self.decoupled_decay[s:]).float())
             self.exp_avg.lerp_(g, 1 - beta1)
             self.exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            bias_correction1 = 1 - beta1 ** self.steps
-            bias_correction2_sqrt = (1 - beta2 ** self.steps) ** 0.5
+            steps = self.step_index.double()  # float64, as torch.optim's Python-float bias corrections
+            bias_correction1 = 1 - beta1 ** steps
+            bias_correction2_sqrt = (1 - beta2 ** steps).sqrt_()
             step_size = (lr64[s:] / bias_correction1).neg_().float()
-            denom = self.exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(ADAM_EPS)
+            denom = self.exp_avg_sq.sqrt().div_(bias_correction2_sqrt.float()).add_(ADAM_EPS)
             params[s:].add_(self.exp_avg.mul(step_size).div_(denom))  # addcdiv's (value * m) / denom
 
     def select(self, rows: list[int]) -> None:
@@ -351,6 +356,16 @@ def evaluate_members(net: StackedSeedCNN, split, classes, loss: MemberLoss) -> l
 
 # --- the stacked step: what the one loop calls for a fused group -----------------------
 
+# Eager steps before a pass captures its CUDA graph (torch.cuda.graphs' whole-network example warms up 3).
+GRAPH_WARMUP_STEPS = 3
+
+
+def can_capture(device: torch.device, dropout: "MemberDropout") -> bool:
+    """CUDA graphs need CUDA, and dropout's generator must be one a graph can carry (register_generator_state)."""
+    if device.type != "cuda":
+        return False  # the CPU fallback: the same eager step
+    return not dropout.active or (not dropout.exact and hasattr(torch.cuda.CUDAGraph, "register_generator_state"))
+
 def _init_member(config: TrainConfig, n_classes: int, image_size: int) -> tuple[SeedCNN, torch.Tensor]:
     """The initial weights the unfused run starts from, and the RNG state its dropout then draws from."""
     with torch.random.fork_rng(devices=[]):
@@ -360,10 +375,17 @@ def _init_member(config: TrainConfig, n_classes: int, image_size: int) -> tuple[
 
 
 class _Pass:
-    """Members that run one stacked forward/backward together: network, optimizer, dropout, loss."""
+    """Members that run one stacked forward/backward together: network, optimizer, dropout, loss.
+
+    graphs (CUDA only): after GRAPH_WARMUP_STEPS eager steps, capture one
+    whole step (forward, backward, optimizer) as a CUDA graph and replay it
+    for every later full batch: one launch a step instead of a few hundred,
+    and no Python in between. The batch is copied into the graph's static
+    input; a short last batch runs eagerly; a member leaving re-captures.
+    """
 
     def __init__(self, members: list[int], configs: Sequence[TrainConfig], data, steps_per_epoch: int,
-                 group_seed: int, precision: str = "fp32"):
+                 group_seed: int, precision: str = "fp32", graphs: bool = False):
         # Rows: SGD members first (stable), so each optimizer kind is one block of rows.
         self.members = sorted(members, key=lambda i: configs[i].optimizer != "sgd")
         chosen = [configs[i] for i in self.members]
@@ -375,9 +397,54 @@ class _Pass:
         self.loss = MemberLoss(chosen, data.train.y, data.n_classes)
         self.widths = [self.net.shapes[LAYOUT.index(name)][1] for name in ("classifier.1.weight", "classifier.4.weight")]
         self.total = None
-        self.autocast = dict(device_type=data.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        self.graphs = graphs and can_capture(data.device, self.dropout)
+        # A captured graph must not hold autocast's cached weight casts from outside it.
+        self.autocast = dict(device_type=data.device.type, dtype=torch.bfloat16, enabled=precision == "bf16",
+                             cache_enabled=not self.graphs)
+        self.graph, self.side, self.full_batch, self.eager_steps = None, None, 0, 0
+
+    def start_epoch(self) -> None:
+        # The graph adds into this very tensor: zero it in place while the members stay the same.
+        if self.total is None or self.total.shape[0] != len(self.members):
+            self.total = torch.zeros(len(self.members), device=self.net.flat.device)
+        else:
+            self.total.zero_()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if not self.graphs:
+            return self.eager_step(x, y)
+        self.full_batch = self.full_batch or x.shape[0]  # an epoch's first batch is a full one
+        full = x.shape[0] == self.full_batch
+        if full and self.graph is not None:
+            self.static_x.copy_(x)
+            self.static_y.copy_(y)
+            self.graph.replay()
+        elif full and self.eager_steps >= GRAPH_WARMUP_STEPS:
+            self.capture(x, y)
+        else:
+            # Warm-up on a side stream, as torch.cuda.graphs asks: lazy initialisations
+            # (cuBLAS handles, autograd's streams) must not happen during capture.
+            self.side = self.side or torch.cuda.Stream(self.net.flat.device)
+            side = self.side
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.eager_step(x, y)
+            torch.cuda.current_stream().wait_stream(side)
+            self.eager_steps += 1
+
+    def capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Record one step on static copies of this batch, then replay it: capturing runs nothing."""
+        self.static_x, self.static_y = x.clone(), y.clone()
+        self.net.flat.grad = None  # backward then writes the graph's own gradient buffer, replay after replay
+        graph = torch.cuda.CUDAGraph()
+        if self.dropout.active:
+            graph.register_generator_state(self.dropout.generator)
+        with torch.cuda.graph(graph):
+            self.eager_step(self.static_x, self.static_y)
+        self.graph = graph
+        graph.replay()
+
+    def eager_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         # bf16: convolutions and matmuls in bfloat16 (fp32 weights stay the optimizer's master copy);
         # the loss and its softmax in fp32.
         with torch.autocast(**self.autocast):
@@ -390,6 +457,7 @@ class _Pass:
 
     def keep(self, rows: list[int]) -> None:
         rows = sorted(rows)  # rows stay SGD-first
+        self.graph = None  # it points at the old rows; the next full batch captures again (no warm-up needed)
         self.net.select(rows)
         self.optimizer.select(rows)
         self.dropout.select(rows)
@@ -406,7 +474,7 @@ class StackedStep:
 
     def __init__(self, configs: Sequence[TrainConfig], data, steps_per_epoch: int,
                  make_model: Callable[[TrainConfig], nn.Module], members_per_pass: int | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", graphs: bool = False):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         unsupported = sorted({c.model for c in configs} - {"seed_cnn"})
@@ -419,7 +487,7 @@ class StackedStep:
         # Equal-sized passes (K=20 with 16 per pass: 10 + 10, not 16 + 4).
         n_passes = math.ceil(len(configs) / per_pass)
         bounds = [round(i * len(configs) / n_passes) for i in range(n_passes + 1)]
-        self.passes = [_Pass(list(range(a, b)), configs, data, steps_per_epoch, configs[0].seed, precision)
+        self.passes = [_Pass(list(range(a, b)), configs, data, steps_per_epoch, configs[0].seed, precision, graphs)
                        for a, b in zip(bounds, bounds[1:])]
 
     @property
@@ -428,7 +496,7 @@ class StackedStep:
 
     def start_epoch(self) -> None:
         for group in self.passes:
-            group.total = torch.zeros(len(group.members), device=group.net.flat.device)
+            group.start_epoch()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         for group in self.passes:

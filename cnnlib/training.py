@@ -64,6 +64,9 @@ class LoopOptions:
     # per step, torch 2.14.1, one interleaved run: 0.80x at batch 32, 0.87x at batch 128; conv1
     # 1.35x and the grouped conv2 2.3x slower in bf16): its convs are too narrow for AMX tiles.
     precision: str = "fp32"
+    # CUDA: capture the stacked step once per pass and replay it (cnnlib.fused._Pass); the CPU
+    # ignores it. Off until a GPU run measures it: built and unit-tested on the CPU fallback only.
+    cuda_graphs: bool = False
 
 
 @dataclass
@@ -340,7 +343,7 @@ def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
     if fused:
         stepper = StackedStep(configs, data, steps,
                               lambda c: make_model(data.n_classes, c, data.image_size, device, options.channels_last),
-                              members_per_pass, options.precision)
+                              members_per_pass, options.precision, options.cuda_graphs)
     else:
         if options.precision != "fp32":
             raise ValueError(f"precision {options.precision!r} is a lever of the stacked step only; use fused=True")

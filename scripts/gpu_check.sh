@@ -26,6 +26,15 @@ out.mkdir(parents=True, exist_ok=True)
 for name, split in splits.named().items():
     np.savez(out / f"{name}.npz", images=split.images, labels=split.labels, ids=split.ids)
     print(f"{out / (name + '.npz')}: {len(split)} images")
+# A small image tree for the tests that read the real set (TEST_DATA): enough for tests/test_fused.py.
+import shutil
+for folder, counts in (("train", {"car": 600, "truck": 200, "cat": 200}), ("test", {"car": 20, "truck": 20, "cat": 20})):
+    for cls, count in counts.items():
+        target = out / "tree" / folder / cls
+        target.mkdir(parents=True, exist_ok=True)
+        for image in sorted((source / folder / cls).iterdir())[:count]:
+            shutil.copy(image, target / image.name)
+print(f"{out / 'tree'}: a 1,060-image tree for the tests")
 PYEOF
 fi
 
@@ -45,6 +54,15 @@ DATA=${DATA:-../shared/data/cifar10-cars-trucks-cats}
 [ -f "$DATA/train.npz" ] || [ -d "$DATA/train" ] || { echo "FAILED: no data at $DATA (run --prepare and carry results/gpu_data)"; exit 4; }
 echo "== data: $DATA"
 
+# Issue 17: the fused step's CUDA path, eager and as a CUDA graph, against separate runs (where pytest exists).
+if "$PY" -c "import pytest" 2>/dev/null; then
+    echo "== fused equivalence on cuda"
+    TEST_DATA=results/gpu_data/tree timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused.py \
+        -k "graphs or runs_on_the_test_device or matches_separate" 2>&1 | tail -5
+else
+    echo "== fused equivalence: pytest is not installed here; the bench's eager-vs-graph dev accuracies stand in"
+fi
+
 # The bench module is driven directly (not `python -m study`) so that commands whose
 # dependencies the device lacks (optuna, plotly, ...) cannot stop it from loading.
 # Full settings (batch 16/32/128, 1 warm-up + 3 timed epochs, seeds 0,1,2), the
@@ -60,7 +78,8 @@ data, out = sys.argv[1], Path(sys.argv[2])
 parser = argparse.ArgumentParser()
 bench.add_arguments(parser)
 args = parser.parse_args(["--device", "cuda", "--data", data, "--results", "/tmp/gpu_check_results",
-                          "--epochs", "5", "--levers", "--recipe-epochs", "100", "--fused-ks", "1,4,16,64",
+                          "--epochs", "5", "--levers", "--recipe-epochs", "100", "--fused-ks", "1,64,256,1024",
+                          "--fused-graphs",
                           *shlex.split(os.environ.get("BENCH_ARGS", ""))])
 started = time.perf_counter()
 code = bench.run(args)

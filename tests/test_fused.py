@@ -213,6 +213,37 @@ def test_fused_training_runs_on_the_test_device(small_splits, device, monkeypatc
         assert_same_run(result, separate, loss_tolerance=tolerance, weight_tolerance=5 * tolerance)
 
 
+def test_cuda_graphs_train_what_the_eager_step_trains(small_splits, device):
+    """LoopOptions.cuda_graphs: on CUDA the step is captured after its warm-up, re-captured when a member
+    leaves (one member stops after epoch 2), and the short last batch of every epoch (500 = 15 x 32 + 20)
+    runs eagerly; it must train what the eager step trains. On the CPU it is the fallback: the same eager step."""
+    data = DeviceData(small_splits, device)
+    configs = [TrainConfig(**{**SHARED, **member, "dropout": 0.1, "epochs": 2 if i == 0 else 3})
+               for i, member in enumerate(LEVERS[:3])]
+
+    def last(options):
+        for results in train_members(configs, data, fused=True, options=options):
+            pass
+        return results
+
+    eager, graphed = last(LoopOptions()), last(LoopOptions(cuda_graphs=True))
+    for a, b in zip(eager, graphed):
+        assert [s.epoch for s in a.history] == [s.epoch for s in b.history]
+        if device.type == "cpu":
+            assert [s.train_loss for s in a.history] == [s.train_loss for s in b.history]
+            for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
+                assert torch.equal(x, y)
+        else:  # the same kernels in another order of launch: rounding, and dropout draws that may differ
+            assert abs(a.history[-1].dev_macro_accuracy - b.history[-1].dev_macro_accuracy) < 0.1
+            assert a.history[-1].train_loss == pytest.approx(b.history[-1].train_loss, rel=0.1)
+
+
+def test_only_a_cuda_device_captures_graphs():
+    dropout = MemberDropout([0.1], [torch.get_rng_state()], 0, CPU)
+    assert not fused.can_capture(CPU, dropout)
+    assert not fused.can_capture(CPU, MemberDropout([0.0], [torch.get_rng_state()], 0, CPU))
+
+
 # --- results look exactly like train's ------------------------------------------
 
 def test_each_result_is_a_train_result_with_a_real_seed_cnn_holding_its_weights(cpu_data):

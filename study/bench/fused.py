@@ -81,10 +81,12 @@ def _summary(times: dict[str, list[float]], warmup: int, trials: int) -> dict:
 
 def measure_fused(data: DeviceData, device=None, ks=FUSED_KS, epochs: int = EPOCHS, warmup: int = WARMUP,
                   batch_size: int = BATCH_SIZE, splits: Splits | None = None, naive: bool | None = None,
-                  progress: Callable[[str], None] | None = print, bf16: bool = False) -> list[dict]:
+                  progress: Callable[[str], None] | None = print, bf16: bool = False,
+                  graphs: bool = False) -> list[dict]:
     """One row per K: fused vs one trial at a time in the unfused project loop (and the naive loop:
-    by default when `splits` is given), stepped epoch by epoch in turn. bf16: also the same group
-    under bf16 autocast (LoopOptions.precision), its rate beside fp32's and its last dev accuracy."""
+    by default when `splits` is given), stepped epoch by epoch in turn. bf16 / graphs: also the same
+    group under bf16 autocast (LoopOptions.precision) / with its step replayed as a CUDA graph
+    (LoopOptions.cuda_graphs; CUDA only), its rate beside the shipped step's and its last dev accuracy."""
     naive = splits is not None if naive is None else naive
     if naive and splits is None:
         raise ValueError("timing the naive loop needs the splits")
@@ -93,12 +95,15 @@ def measure_fused(data: DeviceData, device=None, ks=FUSED_KS, epochs: int = EPOC
             raise ValueError(f"data lives on {data.device}, not on {device}; pass splits to move it")
         data = DeviceData(splits, device)
     device = data.device
+    variants = {name: options for name, options, wanted in
+                (("bf16", LoopOptions(precision="bf16"), bf16),
+                 ("graphs", LoopOptions(cuda_graphs=True), graphs and device.type == "cuda")) if wanted}
     rows = []
     for k in ks:
         configs = member_configs(k, warmup + epochs, batch_size)
         runs = {"fused": train_fused_epochs(configs, data), "unfused": train_epochs(configs[0], data)}
-        if bf16:
-            runs["fused bf16"] = train_fused_epochs(configs, data, options=LoopOptions(precision="bf16"))
+        for name, options in variants.items():
+            runs[f"fused {name}"] = train_fused_epochs(configs, data, options=options)
         if naive:
             from .naive_loop import naive_train_epochs
 
@@ -111,10 +116,11 @@ def measure_fused(data: DeviceData, device=None, ks=FUSED_KS, epochs: int = EPOC
                "warmup_epochs": warmup, "timed_epochs": epochs, "train_images": len(data.train)}
         for name in runs:
             row[name] = _summary(times[name], warmup, k if name.startswith("fused") else 1)
-        if bf16:
+        for name in variants:
             for clock in ("wall", "cpu"):
-                row[f"bf16_speedup_{clock}"] = (row["fused bf16"][clock]["trial_epochs_per_second"]
-                                                / row["fused"][clock]["trial_epochs_per_second"])
+                row[f"{name}_speedup_{clock}"] = (row[f"fused {name}"][clock]["trial_epochs_per_second"]
+                                                  / row["fused"][clock]["trial_epochs_per_second"])
+        if variants:
             row["mean_last_dev_macro"] = {name: _mean_last_dev(run) for name, run in last.items()}
         for clock in ("wall", "cpu"):
             fused_rate = row["fused"][clock]["trial_epochs_per_second"]
@@ -178,19 +184,25 @@ def format_table(rows: list[dict]) -> str:
              "by wall clock, then by process CPU time; memory in MiB per member (parameters + gradients + "
              "optimizer state; peak growth)", HEADER]
     lines += [format_row(row) for row in rows]
-    bf16 = format_bf16(rows)
-    return "\n".join(lines + ([bf16] if bf16 else []))
+    variants = format_variants(rows)
+    return "\n".join(lines + ([variants] if variants else []))
 
 
-def format_bf16(rows: list[dict]) -> str:
-    """One line: bf16 autocast's trial-epochs/s over fp32's for the same groups, and both last dev accuracies."""
-    timed = [row for row in rows if "bf16_speedup_wall" in row]
-    if not timed:
-        return ""
-    return "bf16 autocast, same groups: " + "; ".join(
-        f"K={row['k']} {row['bf16_speedup_wall']:.2f}x wall, {row['bf16_speedup_cpu']:.2f}x cpu"
-        + "".join(f", {name} dev {score:.3f}" for name, score in row["mean_last_dev_macro"].items() if score is not None)
-        for row in timed)
+VARIANT_TITLES = {"bf16": "bf16 autocast", "graphs": "CUDA graphs"}
+
+
+def format_variants(rows: list[dict]) -> str:
+    """A line per variant: its trial-epochs/s over the shipped step's for the same groups, and the last dev accuracies."""
+    lines = []
+    for name, title in VARIANT_TITLES.items():
+        timed = [row for row in rows if f"{name}_speedup_wall" in row]
+        if timed:
+            lines.append(f"{title}, same groups: " + "; ".join(
+                f"K={row['k']} {row[f'{name}_speedup_wall']:.2f}x wall, {row[f'{name}_speedup_cpu']:.2f}x cpu"
+                + "".join(f", {run} dev {score:.3f}" for run, score in row["mean_last_dev_macro"].items()
+                          if score is not None and run in ("fused", f"fused {name}"))
+                for row in timed))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--naive", action="store_true", help="also time the naive DataLoader loop (study.bench.naive_loop)")
     parser.add_argument("--bf16", action="store_true", help="also time each group under bf16 autocast")
+    parser.add_argument("--graphs", action="store_true", help="CUDA: also time each group with its step replayed as a CUDA graph")
     add_data_options(parser)
     add_common_options(parser)
     args = parser.parse_args(argv)
@@ -219,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     data = DeviceData(splits, args.device)
     print(HEADER, flush=True)
     rows = measure_fused(data, ks=ks, epochs=args.epochs, warmup=args.warmup, batch_size=args.batch_size,
-                         splits=splits, naive=args.naive, progress=lambda line: print(line, flush=True), bf16=args.bf16)
+                         splits=splits, naive=args.naive, progress=lambda line: print(line, flush=True), bf16=args.bf16,
+                         graphs=args.graphs)
     path = fresh_file(Path(args.results) / "bench", f"fused-{timestamp()}", ".json")  # never overwrite an earlier run
     write_json(path, {"torch": torch.__version__, "rows": rows})
     print()

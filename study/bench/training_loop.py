@@ -95,6 +95,9 @@ def add_arguments(parser) -> None:
                         help="also time K horizontally fused trials for each K, e.g. 1,4,16,64 (env FUSED_KS)")
     parser.add_argument("--fused-bf16", action="store_true",
                         help="with --fused-ks: also time each fused group under bf16 autocast, beside fp32")
+    parser.add_argument("--fused-graphs", action="store_true",
+                        help="with --fused-ks on CUDA: also time each fused group with its step replayed as a CUDA "
+                             "graph (LoopOptions.cuda_graphs), beside the eager step")
     add_data_options(parser)
     add_common_options(parser)
 
@@ -281,7 +284,7 @@ def measure_levers(splits: Splits, data: DeviceData, device: torch.device, epoch
 # --- horizontally fused trials (issue 7: cnnlib/fused.py, study/bench/fused.py) ---
 
 def fused_section(ks: tuple[int, ...], splits: Splits, data: DeviceData, device, epochs: int, warmup: int,
-                  bf16: bool = False) -> dict:
+                  bf16: bool = False, graphs: bool = False) -> dict:
     """Whatever study.bench.fused measures for K fused trials; a failure there is recorded, never fatal."""
     try:
         from .fused import measure_fused
@@ -289,7 +292,7 @@ def fused_section(ks: tuple[int, ...], splits: Splits, data: DeviceData, device,
         return {"skipped": f"study.bench.fused is not importable ({error})"}
     try:
         return measure_fused(splits=splits, data=data, device=device, ks=ks, epochs=epochs, warmup=warmup,
-                             batch_size=REFERENCE_BATCH, bf16=bf16)
+                             batch_size=REFERENCE_BATCH, bf16=bf16, graphs=graphs)
     except Exception as error:  # noqa: BLE001 - another issue's code must not cost this report
         return {"error": f"{type(error).__name__}: {error}"}
 
@@ -433,11 +436,12 @@ def run(args) -> int:
     print(f"\nwrote {path} (and {copy.name})", flush=True)
     if args.fused_ks:
         report["fused"] = fused_section(_ints(args.fused_ks), splits, data, device,
-                                        settings["timed_epochs"], settings["warmup_epochs"], args.fused_bf16)
+                                        settings["timed_epochs"], settings["warmup_epochs"], args.fused_bf16,
+                                        args.fused_graphs)
         write_report(report, folder, copy)
-        if isinstance(report["fused"], list) and args.fused_bf16:
-            from .fused import format_bf16
+        if isinstance(report["fused"], list) and (args.fused_bf16 or args.fused_graphs):
+            from .fused import format_variants
 
-            print(format_bf16(report["fused"]))
+            print(format_variants(report["fused"]) or "CUDA graphs: not timed on this device (CUDA only)")
         print(f"fused trials: {report['fused'] if isinstance(report['fused'], dict) else 'see above'}; updated {path}")
     return 0
