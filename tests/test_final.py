@@ -166,6 +166,39 @@ def test_interrupted_run_keeps_old_outputs_and_a_rerun_finishes_without_redoing_
 
 # --- choosing the trial and its config -------------------------------------
 
+def _retrained(number, devs, warm_start=False):
+    """A retrained candidate as retrain_candidates builds it: (trial, config, source, runs)."""
+    trial = create_trial(state=TrialState.COMPLETE, value=max(devs), params={}, distributions={},
+                         user_attrs={"warm_start_point": 0} if warm_start else {})
+    trial.number = number
+    runs = [final.SeedRun(seed, {"dev": Evaluation(("a", "b"), [[round(100 * d), 100 - round(100 * d)], [0, 100]])},
+                          1.0, 1, Path("x")) for seed, d in enumerate(devs)]
+    return trial, None, "test", runs
+
+
+def test_a_search_trial_within_the_seeds_noise_of_a_warm_start_point_leaves_it_the_choice():
+    # Mean dev (macro over two classes, the second always right): 0.90 vs 0.895; seed spread ~0.03.
+    lucky, known = _retrained(31, [0.84, 0.86, 0.90]), _retrained(0, [0.82, 0.86, 0.89], warm_start=True)
+    chosen = final.choose_retrained([lucky, known])
+    assert chosen[0].number == 0 and "within the seeds' noise" in chosen[4]
+    clear = _retrained(31, [0.96, 0.98, 0.97])
+    chosen = final.choose_retrained([clear, known])
+    assert chosen[0].number == 31 and "more than the seeds' noise" in chosen[4]
+    one_seed = final.choose_retrained([_retrained(31, [0.9]), _retrained(0, [0.88], warm_start=True)])
+    assert one_seed[0].number == 31, "one seed shows no spread: the best mean dev stands"
+
+
+def test_completed_warm_start_points_join_the_top_trials_as_candidates():
+    study = optuna.create_study(direction="maximize")
+    for value, attrs in ((0.86, {"warm_start_point": 0}), (0.90, {}), (0.89, {}), (0.88, {}),
+                         (0.70, {"warm_start_point": 1})):
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=value, user_attrs=attrs))
+    study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs={"warm_start_point": 2}))
+    top = final.top_trials(study, 3)
+    assert [t.number for t in top] == [1, 2, 3]
+    assert [t.number for t in final.warm_start_trials(study, top)] == [0, 4]
+
+
 def test_candidates_sharing_batch_settings_retrain_fused_seed_by_seed_as_their_own_runs(real_data, tmp_path,
                                                                                        monkeypatch):
     """One fused group per seed (make final's 9 retrains ~1.8x faster); each member is its unfused run."""

@@ -211,6 +211,7 @@ def test_a_new_study_evaluates_the_enqueued_points_first(tmp_path):
     first, second = study.ask(), study.ask()
     assert [space.suggest(t).optimizer for t in (first, second)] == ["adamw", "sgd"]
     assert first.params["lr"] == 3e-3 and second.params["lr"] == 0.05
+    assert [t.user_attrs["warm_start_point"] for t in (first, second)] == [0, 1]  # make final retrains them
     assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 0
 
 

@@ -35,6 +35,9 @@ CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
 CONFIG_TYPES = typing.get_type_hints(TrainConfig)  # lr: float, epochs: int, flip: bool, ...
 # The user attribute that carries an enqueued point's values for fixed params (SearchSpace.enqueue_into).
 ENQUEUED_FIXED_ATTR = "enqueued_fixed_params"
+# The user attribute that marks a trial of a space file's known point: its index in `enqueue:`.
+# make final always retrains these beside the search's top trials (study.final.warm_start_trials).
+WARM_START_ATTR = "warm_start_point"
 SHARED_SEED_SAMPLERS = {"GridSampler", "QMCSampler", "BruteForceSampler"}  # see SearchSpace.make_sampler
 # Where the shipped spaces are: inside the package when installed from a wheel (pyproject.toml maps
 # search_spaces/ to study/search_spaces), at the checkout's top level when run from source.
@@ -128,10 +131,10 @@ class SearchSpace:
         Optuna fixes only the params a trial suggests; a point's values for
         this file's fixed params travel as a user attribute that `suggest` reads.
         """
-        for point in self.enqueue:
+        for index, point in enumerate(self.enqueue):
             searched = {k: v for k, v in point.items() if self.params[k].type != "fixed"}
             fixed = {k: v for k, v in point.items() if self.params[k].type == "fixed" and v != self.params[k].value}
-            study.enqueue_trial(searched, user_attrs={ENQUEUED_FIXED_ATTR: fixed} if fixed else None,
+            study.enqueue_trial(searched, user_attrs={WARM_START_ATTR: index, **({ENQUEUED_FIXED_ATTR: fixed} if fixed else {})},
                                 skip_if_exists=True)
 
     def _config(self, values: dict) -> TrainConfig:
