@@ -443,21 +443,22 @@ def test_a_postgresql_server_that_goes_away_ends_the_run_with_one_line_and_keeps
 # --- `make final` killed, then run again ------------------------------------------------------------
 
 KILL_IN_SECOND_SEED = """\
-# Every Python process of this test loads this: the second seed's training dies with SIGKILL.
+# Every Python process of this test loads this: the second seed's training dies with SIGKILL
+# (make final trains each seed's candidates as one group: one train_group call a seed).
 import os, signal
 import cnnlib.training
 
-_real_train, _calls = cnnlib.training.train, []
+_real_train, _calls = cnnlib.training.train_group, []
 
 
-def train(*args, **kwargs):
+def train_group(*args, **kwargs):
     _calls.append(1)
     if len(_calls) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     return _real_train(*args, **kwargs)
 
 
-cnnlib.training.train = train
+cnnlib.training.train_group = train_group
 """
 
 KILL_MID_PUBLISH = """\
