@@ -45,11 +45,11 @@ def cpu_threads(requested: int | None = None, processes: int = 1) -> tuple[int, 
     if requested:
         return requested, "requested"
     cores = os.cpu_count() or 1
-    busy = busy_cores() if cores > 1 else None
-    if busy is not None and busy >= cores - 0.5:
-        return 1, f"{busy:.1f} of {cores} cores busy with other work"
-    if busy is None and cores > 1 and hasattr(os, "getloadavg"):
-        load = os.getloadavg()[0]
+    if cores > 1:
+        busy = busy_cores()
+        if busy is not None and busy >= cores - 0.5:
+            return 1, f"{busy:.1f} of {cores} cores busy with other work"
+        load = os.getloadavg()[0] if busy is None and hasattr(os, "getloadavg") else 0.0  # no /proc/stat
         if load >= cores - 0.5:
             return 1, f"load average {load:.1f} on {cores} cores: other processes keep the cores busy"
     return max(1, cores // processes), f"{cores} cores shared by {processes} process(es)"

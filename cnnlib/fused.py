@@ -178,7 +178,7 @@ class StackedOptimizer:
     The step count lives on the device (`step_index`), and so does everything
     computed from it (the lr column, Adam's bias corrections): a step reads
     no Python number that changes between steps, so a CUDA graph captured
-    once replays every later step as it is (GraphedStep).
+    once replays every later step as it is (_Pass.capture).
     """
 
     def __init__(self, configs: Sequence[TrainConfig], n_params: int, device, steps_per_epoch: int = 1):
@@ -366,6 +366,7 @@ def can_capture(device: torch.device, dropout: "MemberDropout") -> bool:
         return False  # the CPU fallback: the same eager step
     return not dropout.active or (not dropout.exact and hasattr(torch.cuda.CUDAGraph, "register_generator_state"))
 
+
 def _init_member(config: TrainConfig, n_classes: int, image_size: int) -> tuple[SeedCNN, torch.Tensor]:
     """The initial weights the unfused run starts from, and the RNG state its dropout then draws from."""
     with torch.random.fork_rng(devices=[]):
@@ -425,11 +426,10 @@ class _Pass:
             # Warm-up on a side stream, as torch.cuda.graphs asks: lazy initialisations
             # (cuBLAS handles, autograd's streams) must not happen during capture.
             self.side = self.side or torch.cuda.Stream(self.net.flat.device)
-            side = self.side
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
                 self.eager_step(x, y)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.side)
             self.eager_steps += 1
 
     def capture(self, x: torch.Tensor, y: torch.Tensor) -> None:

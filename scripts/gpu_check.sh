@@ -2,7 +2,8 @@
 # One short GPU check of `make bench` (issue 6), sized for a ~5 minute slot on one H200.
 #
 # Prepare on the CPU machine (the device machine has no network and no ../shared/data):
-#     bash scripts/gpu_check.sh --prepare      # writes results/gpu_data/{train,dev,test}.npz (~21 MB) from the split
+#     bash scripts/gpu_check.sh --prepare      # writes results/gpu_data/{train,dev,test}.npz from the split,
+#                                              # and a 1,060-image tree for the tests (25 MB in all)
 # Then on the device machine, from the repository root, carrying that folder:
 #     run(command="bash scripts/gpu_check.sh", carry=["results/gpu_data"], timeout_s=420)
 # What comes back is in $OUT (default ./gpu_out): gpu_check.log, bench.json, env.txt.

@@ -238,6 +238,7 @@ def retrain_seeds(retrains: list[Retrain], data: DeviceData, seeds: int) -> None
     """
     for retrain in retrains:
         retrain.reuse(data.classes)
+    criteria = {id(r): make_criterion(r.config, data.train.y, data.n_classes) for r in retrains}  # once each
     for seed in range(seeds):
         for retrain in retrains:
             if seed in retrain.runs:
@@ -254,8 +255,7 @@ def retrain_seeds(retrains: list[Retrain], data: DeviceData, seeds: int) -> None
             for retrain, config, result in zip(members, configs, train_group(configs, data, report)):
                 if result.error is not None:
                     raise result.error
-                criterion = make_criterion(config, data.train.y, data.n_classes)
-                evaluations = {name: evaluate(result.model, split, data.classes, criterion)
+                evaluations = {name: evaluate(result.model, split, data.classes, criteria[id(retrain)])
                                for name, split in eval_splits(data).items()}
                 checkpoint = retrain.partial / f"seed-{seed}.pt"
                 run = SeedRun(seed, evaluations, result.seconds, len(result.history), checkpoint)
@@ -265,13 +265,6 @@ def retrain_seeds(retrains: list[Retrain], data: DeviceData, seeds: int) -> None
                 print(f"{retrain.label}seed {seed}: {_scores(run)}  ({result.seconds:.1f} s, {len(result.history)} "
                       f"epochs{together})", flush=True)
                 retrain.runs[seed] = run
-
-
-def run_seeds(config: TrainConfig, data: DeviceData, seeds: int, partial: Path, fingerprint: dict) -> list[SeedRun]:
-    """One candidate's seeds 0..k-1 (retrain_seeds), reusing those an interrupted run already finished."""
-    retrain = Retrain("", config, partial, fingerprint)
-    retrain_seeds([retrain], data, seeds)
-    return [retrain.runs[seed] for seed in range(seeds)]
 
 
 def _scores(run: SeedRun) -> str:
@@ -582,10 +575,10 @@ def retrain_candidates(study, candidates, data, args, out: Path, splits) -> tupl
     (dev 0.844) retrains to 0.867 dev / 0.883 test. Averaging seeds takes the
     seed's luck out of the choice; the test split still plays no part in it.
     """
-    configs, retrains = [], []
+    sources, retrains = [], []
     for candidate in candidates:
         config, source = trial_config(candidate)
-        configs.append((config, source))
+        sources.append(source)
         if len(candidates) > 1:
             print(f"candidate trial {candidate.number} (search value {candidate.value:.4f}): "
                   f"{args.seeds} seed(s)", flush=True)
@@ -596,8 +589,8 @@ def retrain_candidates(study, candidates, data, args, out: Path, splits) -> tupl
         label = f"trial {candidate.number} " if len(candidates) > 1 else ""
         retrains.append(Retrain(label, config, out / ".partial" / f"trial-{candidate.number}", fingerprint))
     retrain_seeds(retrains, data, args.seeds)
-    retrained = [(candidate, config, source, [retrain.runs[seed] for seed in range(args.seeds)])
-                 for candidate, (config, source), retrain in zip(candidates, configs, retrains)]
+    retrained = [(candidate, retrain.config, source, [retrain.runs[seed] for seed in range(args.seeds)])
+                 for candidate, source, retrain in zip(candidates, sources, retrains)]
     summary = [{"trial": c.number, "search_value": c.value, "mean_dev_macro_accuracy": mean_dev(runs),
                 "mean_test_macro_accuracy": statistics.fmean(r.evaluations["test"].macro_accuracy for r in runs)
                 if all("test" in r.evaluations for r in runs) else None} for c, _, _, runs in retrained]

@@ -112,7 +112,7 @@ def test_search_reports_epochs_inside_each_trial(tiny_data, tmp_path):
 def test_final_reports_epochs_while_each_seed_trains(tiny_data, tmp_path, capsys):
     _, splits = tiny_data
     config = TrainConfig(epochs=2, batch_size=8)
-    final.run_seeds(config, DeviceData(splits, "cpu"), 2, tmp_path / ".partial", {"test": 1})
+    final.retrain_seeds([final.Retrain("", config, tmp_path / ".partial", {"test": 1})], DeviceData(splits, "cpu"), 2)
     err = capsys.readouterr().err
     assert "seed 0: epoch 1/2" in err and "seed 1: epoch 2/2" in err
 

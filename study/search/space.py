@@ -134,8 +134,8 @@ class SearchSpace:
         for index, point in enumerate(self.enqueue):
             searched = {k: v for k, v in point.items() if self.params[k].type != "fixed"}
             fixed = {k: v for k, v in point.items() if self.params[k].type == "fixed" and v != self.params[k].value}
-            study.enqueue_trial(searched, user_attrs={WARM_START_ATTR: index, **({ENQUEUED_FIXED_ATTR: fixed} if fixed else {})},
-                                skip_if_exists=True)
+            attrs = {WARM_START_ATTR: index, **({ENQUEUED_FIXED_ATTR: fixed} if fixed else {})}
+            study.enqueue_trial(searched, user_attrs=attrs, skip_if_exists=True)
 
     def _config(self, values: dict) -> TrainConfig:
         """TrainConfig from {param name: value}, each param setting its field."""
@@ -257,11 +257,7 @@ def _check_values(path: Path, params: dict[str, Param]) -> None:
         else:
             values = [param.low, param.high]
         for value in values:
-            _check_kind(path, f"params.{name}", param.field, value)
-            try:
-                TrainConfig.from_dict({param.field: value})
-            except (ValueError, TypeError) as error:
-                raise _fail(path, f"params.{name}", f"value {value!r} is not usable: {error}") from None
+            _check_usable(path, f"params.{name}", param.field, value)
         for parent, wanted in param.when.items():
             possible = params[parent].choices if params[parent].type == "categorical" else (
                 [params[parent].value] if params[parent].type == "fixed" else None)
@@ -269,6 +265,15 @@ def _check_values(path: Path, params: dict[str, Param]) -> None:
                 if possible is not None and value not in possible:
                     raise _fail(path, f"params.{name}.when",
                                 f"{parent} is never {value!r} (its values: {', '.join(map(str, possible))})")
+
+
+def _check_usable(path: Path, key: str, name: str, value) -> None:
+    """`value` is of setting `name`'s kind and one TrainConfig accepts for it."""
+    _check_kind(path, key, name, value)
+    try:
+        TrainConfig.from_dict({name: value})
+    except (ValueError, TypeError) as error:
+        raise _fail(path, key, f"value {value!r} is not usable: {error}") from None
 
 
 def _check_kind(path: Path, key: str, name: str, value) -> None:
@@ -363,11 +368,7 @@ def _parse_enqueue(path: Path, spec, params: dict[str, Param]) -> list[dict]:
             if param is None:
                 raise _fail(path, f"{key}.{name}", f"not a param of this file (its params: {', '.join(params)})")
             if param.type == "fixed":
-                _check_kind(path, f"{key}.{name}", param.field, value)
-                try:
-                    TrainConfig.from_dict({param.field: value})
-                except (ValueError, TypeError) as error:
-                    raise _fail(path, f"{key}.{name}", f"value {value!r} is not usable: {error}") from None
+                _check_usable(path, f"{key}.{name}", param.field, value)
             elif param.type == "categorical":
                 if value not in param.choices:
                     raise _fail(path, f"{key}.{name}", f"{value!r} is not one of its choices {param.choices}")
