@@ -244,14 +244,17 @@ class ModuleStep:
         self.net.train()
         self.total = torch.zeros((), device=self.device)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        loss = self.criterion(self.net(x), y)
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step; returns the batch's logits from this step's forward (detached)."""
+        logits = self.net(x)
+        loss = self.criterion(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.total += loss.detach() * x.shape[0]
+        return logits.detach()
 
     def train_loss_sums(self) -> dict[int, float]:
         return {0: self.total.item()} if self.members else {}
@@ -308,7 +311,9 @@ def check_group(configs: Sequence[TrainConfig]) -> None:
 def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
                   on_epoch: Callable[[int, EpochStats], bool | None] | None = None, *, fused: bool | None = None,
                   members_per_pass: int | None = None, order_seed: int | None = None,
-                  options: LoopOptions = LoopOptions()) -> Iterator[list[MemberResult]]:
+                  options: LoopOptions = LoopOptions(),
+                  on_batch: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                  ) -> Iterator[list[MemberResult]]:
     """Train every config, one epoch per step, yielding all members' results after each epoch.
 
     Members share each batch: its order and augmentation come from a generator
@@ -326,12 +331,19 @@ def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
     (K = 1 only); default: the module for one config, stacked for several.
     members_per_pass: members per stacked forward pass (all still share every batch).
     options: the speed levers (LoopOptions); the defaults are what ships.
+    on_batch(epoch, index, logits): after every step of the per-model step
+    (one config), the batch's positions in the train split and the logits
+    its training forward gave (augmented, train mode, before the update):
+    what the label audit's training dynamics average. The stacked step does
+    not hand its logits out, so a fused group refuses it.
     """
     configs = list(configs)
     check_group(configs)
     fused = len(configs) > 1 if fused is None else fused
     if not fused and len(configs) > 1:
         raise ValueError(f"the per-model step trains one config, got {len(configs)}; use fused=True")
+    if on_batch is not None and fused:
+        raise ValueError("on_batch records one model's training predictions; train the config alone (fused=False)")
     if not isinstance(data, DeviceData):
         data = DeviceData(data)
     device, shared = data.device, configs[0]
@@ -362,7 +374,9 @@ def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
             x = train_x.index_select(0, index)
             if augment:
                 x = augment_batch(x, shared.crop, shared.flip, shared.jitter, generator)
-            stepper.step(x, train_y.index_select(0, index))
+            logits = stepper.step(x, train_y.index_select(0, index))
+            if on_batch is not None:
+                on_batch(epoch, index, logits)
         sums = stepper.train_loss_sums()
         devs = stepper.evaluate(data.dev, data.classes)
         seconds = time.perf_counter() - epoch_start
@@ -399,17 +413,18 @@ def train_epochs(config: TrainConfig, data: DeviceData | Splits, device="auto", 
 
 
 def train(config: TrainConfig, data: DeviceData | Splits, device="auto",
-          on_epoch: Callable[[EpochStats], bool | None] | None = None, order_seed: int | None = None) -> TrainResult:
+          on_epoch: Callable[[EpochStats], bool | None] | None = None, order_seed: int | None = None,
+          on_batch: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> TrainResult:
     """Train one config; `on_epoch` is called after every epoch and may return True to stop.
 
     Raises DivergedError when the training loss is not finite: a NaN model is
-    never returned as if it were a result.
+    never returned as if it were a result. on_batch: see train_members.
     """
     if not isinstance(data, DeviceData):
         data = DeviceData(data, device)
     result = None
     for results in train_members([config], data, None if on_epoch is None else lambda _, stats: on_epoch(stats),
-                                 fused=False, order_seed=order_seed):
+                                 fused=False, order_seed=order_seed, on_batch=on_batch):
         result = results[0]
     if result.error is not None:
         raise result.error

@@ -47,10 +47,11 @@ class Progress:
         rate = f"{per_epoch:.2f}" if per_epoch < 10 else f"{per_epoch:.0f}"
         return f", {rate} s/epoch" + (f", ~{_minutes(left)} left" if left > 0 else "")
 
-    def epoch(self, label: str, epoch: int, total_epochs: int | None, dev_macro_accuracy: float) -> None:
+    def epoch(self, label: str, epoch: int, total_epochs: int | None, macro_accuracy: float,
+              metric: str = "dev macro") -> None:
         out = self._out()
         of = f"/{total_epochs}" if total_epochs else ""
-        detail = f"epoch {epoch}{of}, dev macro {dev_macro_accuracy:.3f}{self._eta(label, epoch, total_epochs)}"
+        detail = f"epoch {epoch}{of}, {metric} {macro_accuracy:.3f}{self._eta(label, epoch, total_epochs)}"
         done = bool(total_epochs) and epoch >= total_epochs
         if self._use_bar(out):
             filled = round(BAR_WIDTH * epoch / total_epochs) if total_epochs else 0
@@ -81,9 +82,12 @@ def _minutes(seconds: float) -> str:
 _progress = Progress()
 
 
-def epoch(label: str, epoch: int, total_epochs: int | None, dev_macro_accuracy: float) -> None:
-    """Report one finished epoch of the work called `label` ("trial 12", "seed 0", "fold 2/5")."""
-    _progress.epoch(label, epoch, total_epochs, dev_macro_accuracy)
+def epoch(label: str, epoch: int, total_epochs: int | None, macro_accuracy: float, metric: str = "dev macro") -> None:
+    """Report one finished epoch of the work called `label` ("trial 12", "seed 0", "fold 2/5").
+
+    metric names what macro_accuracy measures (the audit's training dynamics: "in-sample macro").
+    """
+    _progress.epoch(label, epoch, total_epochs, macro_accuracy, metric)
 
 
 def clear() -> None:

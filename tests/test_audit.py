@@ -1,4 +1,5 @@
-"""`study audit`: cross-validated confident learning finds labels flipped on purpose, and writes a reviewable run."""
+"""`study audit`: training dynamics (and cross-validation) ranked by cleanlab find labels flipped on purpose,
+and the command writes a reviewable run."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from cnnlib.sources import LabeledImages, list_class_folders, read_images
 from cnnlib.splits import DataConfig, prepare_splits
 from cnnlib.training import TrainConfig
 from study.audit import (
-    DEFAULT_FOLD_MODEL, FOLD_RECIPES, flip_labels, near_chance, out_of_fold_macro_accuracy, out_of_fold_probabilities,
-    precision_recall_at_k, rank_label_issues, stratified_folds, suggested_labels,
+    DEFAULT_MODEL, EPOCHS, METHODS, RECIPES, DynamicsRecorder, agreement_macro_accuracy, flip_labels, near_chance,
+    out_of_fold_probabilities, precision_recall_at_k, rank_label_issues, stratified_folds, suggested_labels,
+    training_dynamics_probabilities, window_start,
 )
 from study.errors import UserError
 
@@ -48,21 +50,25 @@ def read_real_subset(root, counts, seed) -> LabeledImages:
     return read_images(paths, labels, root)
 
 
-def audit_flipped(images: LabeledImages, n_flipped: int, seed: int, device) -> dict:
+def audit_flipped(images: LabeledImages, n_flipped: int, seed: int, device, method: str) -> dict:
     rng = np.random.default_rng(seed)
     noisy, flipped = flip_labels(images.labels, np.arange(len(images)), n_flipped, len(CLASSES), rng)
-    fold_of = stratified_folds(noisy, 5, seed)
-    probs, _ = out_of_fold_probabilities(LabeledImages(images.images, noisy, images.ids), CLASSES, fold_of,
-                                         TrainConfig.from_dict(FOLD_RECIPES[DEFAULT_FOLD_MODEL]), device)
-    ranked = rank_label_issues(noisy, probs)
+    noisy_images = LabeledImages(images.images, noisy, images.ids)
+    config = TrainConfig.from_dict({**RECIPES[DEFAULT_MODEL], "epochs": EPOCHS[DEFAULT_MODEL, method], "seed": seed})
+    if method == "training_dynamics":
+        probs, _ = training_dynamics_probabilities(noisy_images, CLASSES, config, device=device)
+    else:
+        probs, _ = out_of_fold_probabilities(noisy_images, CLASSES, stratified_folds(noisy, 5, seed), config, device)
+    ranked, _ = rank_label_issues(noisy, probs)
     return precision_recall_at_k(ranked, flipped, n_flipped)
 
 
 @pytest.mark.slow
-def test_labels_flipped_on_purpose_rank_near_the_top(real_data, device):
+@pytest.mark.parametrize("method", METHODS)
+def test_labels_flipped_on_purpose_rank_near_the_top(real_data, device, method):
     images = read_real_subset(real_data, SUBSET_COUNTS, seed=7)
 
-    found = audit_flipped(images, FLIPPED, seed=7, device=device)
+    found = audit_flipped(images, FLIPPED, seed=7, device=device, method=method)
 
     assert found["suspects_considered"] == FLIPPED
     assert found["precision"] >= PRECISION_FLOOR, found
@@ -109,27 +115,54 @@ def test_precision_and_recall_at_k_count_a_short_list_honestly():
     assert result == {"k": 4, "suspects_considered": 3, "hits": 2, "precision": 2 / 3, "recall": 0.5}
 
 
-def test_fold_models_at_chance_are_near_chance_and_useful_ones_are_not():
+def test_models_at_chance_are_near_chance_and_useful_ones_are_not():
     assert near_chance(1 / 3, 3) and near_chance(0.45, 3) and near_chance(float("nan"), 3)
     assert not near_chance(0.55, 3) and not near_chance(0.80, 3)
     assert near_chance(0.60, 2) and not near_chance(0.70, 2)  # chance is 1/2 for two classes
 
 
-def test_out_of_fold_macro_accuracy_averages_per_class_accuracy_against_the_given_labels():
+def test_agreement_macro_accuracy_averages_per_class_accuracy_against_the_given_labels():
     labels = np.array([0, 0, 0, 0, 1, 1])
     probs = np.eye(3)[[0, 0, 0, 1, 1, 0]]  # car 3/4 right, truck 1/2, no cat given
 
-    assert out_of_fold_macro_accuracy(labels, probs) == pytest.approx((3 / 4 + 1 / 2) / 2)
+    assert agreement_macro_accuracy(labels, probs) == pytest.approx((3 / 4 + 1 / 2) / 2)
 
 
-def test_every_fold_recipe_is_a_valid_training_config_of_a_registered_model():
-    for name, recipe in FOLD_RECIPES.items():
-        config = TrainConfig.from_dict(recipe)
-        assert config.model == name and config.model in MODELS
-        assert config.imbalance == "none"  # confident learning wants the data's own class mix
+def test_every_recipe_is_a_valid_training_config_of_a_registered_model_for_every_method():
+    for name, recipe in RECIPES.items():
+        for method in METHODS:
+            config = TrainConfig.from_dict({**recipe, "epochs": EPOCHS[name, method]})
+            assert config.model == name and config.model in MODELS
+            assert config.imbalance == "none"  # the ranking wants the data's own class mix
 
 
-def test_the_audit_fold_model_gives_one_logit_per_class_at_any_image_size_its_pools_allow():
+def test_the_window_is_the_last_share_of_the_epochs_and_at_least_the_last_epoch():
+    assert window_start(30, 0.25) == 23  # epochs 23..30: round(7.5) = 8 epochs
+    assert window_start(30, 1.0) == 1 and window_start(4, 0.1) == 4 and window_start(1, 0.25) == 1
+    with pytest.raises(UserError, match="--window 0"):
+        window_start(30, 0)
+
+
+def test_the_recorder_averages_each_images_softmax_over_its_visits_in_the_window_only():
+    labels = torch.tensor([0, 1, 2, 0])
+    recorder = DynamicsRecorder(labels, 3, first_epoch=2)
+    sure = lambda cls, n: torch.eye(3)[[cls] * n] * 50  # noqa: E731 - logits whose softmax is one-hot
+
+    recorder(1, torch.tensor([0, 1]), sure(2, 2))  # before the window: only counted for progress
+    recorder(1, torch.tensor([2, 3]), sure(2, 2))
+    assert recorder.epoch_macro_accuracy() == pytest.approx((0 + 0 + 1) / 3)  # car 0/2, truck 0/1, cat 1/1
+    recorder(2, torch.tensor([3, 0]), sure(0, 2))
+    recorder(2, torch.tensor([2, 1]), torch.zeros(2, 3))  # uniform
+    recorder(3, torch.tensor([0, 1, 2, 3]), sure(1, 4))
+
+    probs = recorder.probabilities()
+    assert probs[0] == pytest.approx([0.5, 0.5, 0.0], abs=1e-9)  # epoch 2 car, epoch 3 truck
+    assert probs[1] == pytest.approx([1 / 6, 2 / 3, 1 / 6], abs=1e-9)  # uniform, then truck
+    assert probs.sum(axis=1) == pytest.approx(np.ones(4))
+    assert DynamicsRecorder(labels, 3, 5).probabilities() == pytest.approx(np.full((4, 3), 1 / 3))
+
+
+def test_the_audit_model_gives_one_logit_per_class_at_any_image_size_its_pools_allow():
     for size in (4, 16, 32):
         model = MODELS["small_vgg"](5, 0.0, size).eval()
         assert model(torch.rand(2, 3, size, size)).shape == (2, 5)
@@ -137,15 +170,20 @@ def test_the_audit_fold_model_gives_one_logit_per_class_at_any_image_size_its_po
         MODELS["small_vgg"](3, 0.0, 2)
 
 
-def test_confident_learning_flags_the_images_the_models_disagree_with():
-    # Out-of-fold probabilities that are sure of the true class; two labels contradict them.
+def test_cleanlab_ranks_every_image_and_flags_the_ones_the_models_disagree_with():
+    # Probabilities that are sure of the true class; two labels contradict them, one less surely.
     true = np.repeat(np.arange(3), 10)
     probs = np.full((30, 3), 0.05)
     probs[np.arange(30), true] = 0.9
+    probs[25] = [0.1, 0.05, 0.85]
     given = true.copy()
     given[[3, 25]] = [2, 0]
 
-    assert sorted(rank_label_issues(given, probs).tolist()) == [3, 25]
+    ranked, flagged = rank_label_issues(given, probs)
+
+    assert sorted(ranked.tolist()) == list(range(30))  # every image, once
+    assert ranked[:2].tolist() == [3, 25]  # self-confidence 0.05, then 0.1
+    assert np.flatnonzero(flagged).tolist() == [3, 25]
 
 
 # --- the command ------------------------------------------------------------------
@@ -158,8 +196,8 @@ def audited(tmp_path_factory):
     root = build_image_tree(base / "data", {"car": 24, "truck": 12, "cat": 12}, {c: 8 for c in CLASSES})
     counts = [",".join(map(str, TINY_COUNTS[k])) for k in ("train_counts", "dev_counts", "test_counts")]
     options = ["--data", root, "--train-counts", counts[0], "--dev-counts", counts[1], "--test-counts", counts[2],
-               "--results", base / "results", "--device", "cpu", "--folds", "3", "--epochs", "30", "--top", "5",
-               "--seed", "0", "--threads", "1"]  # explicit: module-scoped, so no_study_env cannot clear SEED etc.
+               "--results", base / "results", "--device", "cpu", "--method", "training_dynamics", "--epochs", "30",
+               "--top", "5", "--seed", "0", "--threads", "1"]  # explicit: module-scoped, no_study_env cannot clear SEED etc.
     first = run_cli("audit", *options, "--run", "check", "--flip-count", "4")
     second = run_cli("audit", *options, "--run", "check", "--flip-count", "0")
     return base / "results" / "audit", first, second
@@ -178,8 +216,9 @@ def test_audit_writes_ranked_suspects_with_given_and_suggested_labels(audited):
     rows = read_csv(folder / "check" / "suspects.csv")
 
     assert list(rows[0]) == ["rank", "id", "split", "given_label", "suggested_label", "self_confidence",
-                             "suggested_probability"]
+                             "suggested_probability", "flagged"]
     assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    assert len(rows) == 48 + 14 and {r["flagged"] for r in rows} == {"yes", "no"}  # every image; some flagged
     assert all(r["given_label"] != r["suggested_label"] and r["split"] in ("train", "dev") for r in rows)
     confidences = [float(r["self_confidence"]) for r in rows]
     assert confidences == sorted(confidences)  # worst first
@@ -270,6 +309,46 @@ def test_a_bad_corrections_file_stops_the_audit_with_a_one_line_error(image_tree
 def test_the_learnable_tree_is_not_flagged_as_near_chance(audited):
     summary = json.loads((audited[0] / "check" / "summary.json").read_text())
 
-    assert summary["fold_model"] == DEFAULT_FOLD_MODEL and summary["recipe"]["model"] == DEFAULT_FOLD_MODEL
-    assert summary["fold_models_at_chance"] is False and summary["warning"] is None
-    assert summary["out_of_fold_macro_accuracy"] > 0.8
+    assert summary["model"] == DEFAULT_MODEL and summary["recipe"]["model"] == DEFAULT_MODEL
+    assert summary["method"] == "training_dynamics" and summary["window"] == 0.25 and summary["folds"] is None
+    assert summary["models_at_chance"] is False and summary["warning"] is None
+    assert summary["macro_accuracy_vs_given_labels"] > 0.8
+
+
+@pytest.mark.slow
+def test_the_out_of_fold_method_predicts_each_image_from_the_fold_that_held_it_out(tmp_path):
+    root = build_image_tree(tmp_path / "data", {"car": 24, "truck": 12, "cat": 12}, {c: 8 for c in CLASSES})
+    counts = [",".join(map(str, TINY_COUNTS[k])) for k in ("train_counts", "dev_counts", "test_counts")]
+
+    code, out, err = run_cli("audit", "--data", root, "--train-counts", counts[0], "--dev-counts", counts[1],
+                             "--test-counts", counts[2], "--results", tmp_path / "results", "--device", "cpu",
+                             "--method", "out_of_fold", "--folds", "3", "--epochs", "30", "--run", "cv",
+                             "--flip-count", "4", "--threads", "1")
+
+    assert code == 0, err
+    folder = tmp_path / "results" / "audit" / "cv"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["method"] == "out_of_fold" and summary["folds"] == 3 and summary["window"] is None
+    assert summary["macro_accuracy_kind"] == "out-of-fold" and len(summary["model_stats"]) == 3
+    probs = read_csv(folder / "pred_probs.csv")
+    assert len(probs) == 62 and {r["fold"] for r in probs} == {"0", "1", "2"}
+    assert "3-fold cross-validation" in out and summary["flip_evaluation"]["k"] == 4
+
+
+def test_an_unknown_audit_method_from_the_environment_is_a_one_line_error(image_tree, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUDIT_METHOD", "oracle")
+    code, out, err = run_cli("audit", "--data", image_tree(), "--train-counts", "6,6,6", "--dev-counts", "3,3,3",
+                             "--test-counts", "3,3,3", "--results", tmp_path / "results", "--threads", "1")
+
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == ["error: AUDIT_METHOD / --method 'oracle': choose training_dynamics or out_of_fold"]
+
+
+@pytest.mark.parametrize("method, option", [("training_dynamics", ["--folds", "3"]), ("out_of_fold", ["--window", "0.5"])])
+def test_an_option_of_the_other_method_is_refused_not_ignored(image_tree, tmp_path, method, option):
+    code, out, err = run_cli("audit", "--data", image_tree(), "--train-counts", "6,6,6", "--dev-counts", "3,3,3",
+                             "--test-counts", "3,3,3", "--results", tmp_path / "results", "--threads", "1",
+                             "--method", method, *option)
+
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().startswith(f"error: {option[0]} is an option of --method ") and len(err.strip().splitlines()) == 1

@@ -119,8 +119,16 @@ def test_final_reports_epochs_while_each_seed_trains(tiny_data, tmp_path, capsys
 
 def test_audit_reports_epochs_while_each_fold_trains(tiny_data, capsys):
     _, splits = tiny_data
-    config = TrainConfig.from_dict({**audit.FOLD_RECIPES["seed_cnn"], "epochs": 2})
+    config = TrainConfig.from_dict({**audit.RECIPES["seed_cnn"], "epochs": 2})
     fold_of = audit.stratified_folds(splits.train.labels, 2, 0)
     audit.out_of_fold_probabilities(splits.train, splits.classes, fold_of, config, "cpu")
     err = capsys.readouterr().err
     assert "fold 1/2: epoch 1/2" in err and "fold 2/2: epoch 2/2" in err
+
+
+def test_audit_reports_epochs_and_in_sample_agreement_while_its_model_trains(tiny_data, capsys):
+    _, splits = tiny_data
+    config = TrainConfig.from_dict({**audit.RECIPES["seed_cnn"], "epochs": 2})
+    audit.training_dynamics_probabilities(splits.train, splits.classes, config, device="cpu")
+    err = capsys.readouterr().err
+    assert "model: epoch 1/2, in-sample macro" in err and "model: epoch 2/2, in-sample macro" in err

@@ -11,7 +11,7 @@ from torch import nn
 
 from cnnlib.errors import DivergedError
 from cnnlib.splits import DataConfig, prepare_splits
-from cnnlib.training import DeviceData, TrainConfig, class_weights, epoch_order, evaluate, train
+from cnnlib.training import DeviceData, TrainConfig, class_weights, epoch_order, evaluate, train, train_members
 
 # Quick settings: a few epochs on a few hundred images, enough to see each behaviour.
 QUICK = dict(optimizer="adam", lr=3e-3, weight_decay=0.0, batch_size=32, epochs=3)
@@ -75,6 +75,26 @@ def test_on_epoch_sees_every_epoch_and_can_stop_training(imbalanced, device):
     assert [epoch for epoch, _, _ in seen] == [1, 2]
     assert result.stopped_early and len(result.history) == 2
     assert all(0 <= macro <= 1 and classes == {"car", "truck", "cat"} for _, macro, classes in seen)
+
+
+def test_on_batch_sees_every_train_image_once_an_epoch_with_the_logits_of_its_training_forward(imbalanced, device):
+    seen = {}
+
+    def on_batch(epoch, index, logits):
+        assert logits.shape == (len(index), 3) and not logits.requires_grad and torch.isfinite(logits).all()
+        seen.setdefault(epoch, []).append(index.cpu())
+
+    train(TrainConfig(**{**QUICK, "epochs": 2}), imbalanced, device, on_batch=on_batch)
+
+    assert sorted(seen) == [1, 2]
+    for indices in seen.values():
+        assert torch.cat(indices).sort().values.tolist() == list(range(len(imbalanced.train)))
+
+
+def test_on_batch_is_refused_for_a_fused_group_rather_than_ignored(imbalanced, device):
+    configs = [TrainConfig(**{**QUICK, "epochs": 1, "seed": s}) for s in (0, 1)]
+    with pytest.raises(ValueError, match="on_batch records one model's training predictions"):
+        next(train_members(configs, imbalanced, on_batch=lambda *_: None))
 
 
 def test_history_reports_finite_losses_and_the_dev_evaluation(imbalanced, device):
