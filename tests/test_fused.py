@@ -377,8 +377,9 @@ def test_group_configs_splits_by_shared_settings_and_caps_the_size():
 
 # --- the pieces: optimizer math, loss, dropout ---------------------------------------------------
 
+@pytest.mark.parametrize("kernels", ["rows", "block"])
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
-def test_stacked_optimizer_matches_torch_optim_row_by_row(kind):
+def test_stacked_optimizer_matches_torch_optim_row_by_row(kind, kernels):
     torch.manual_seed(0)
     rows = [dict(lr=0.1, momentum=0.9, weight_decay=0.01), dict(lr=0.003, momentum=0.0, weight_decay=0.0),
             dict(lr=0.5, momentum=0.5, weight_decay=0.1)]
@@ -389,7 +390,7 @@ def test_stacked_optimizer_matches_torch_optim_row_by_row(kind):
     optimizers = [torch.optim.SGD([p], lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, foreach=True)
                   if kind == "sgd" else torch.optim.Adam([p], lr=c.lr, weight_decay=c.weight_decay, foreach=True)
                   for p, c in zip(references, configs)]
-    ours = StackedOptimizer(configs, 50, CPU)
+    ours = StackedOptimizer(configs, 50, CPU, kernels=kernels)
     for _ in range(20):
         grads = torch.randn(len(rows), 50)
         ours.step(stacked, grads)
@@ -400,11 +401,43 @@ def test_stacked_optimizer_matches_torch_optim_row_by_row(kind):
     assert torch.allclose(stacked, expected, atol=1e-6, rtol=1e-6), (stacked - expected).abs().max()
 
 
+@pytest.mark.parametrize("kernels", ["rows", "block"])
+def test_stacked_optimizer_rows_that_stay_keep_their_state_when_others_leave(kernels):
+    torch.manual_seed(0)
+    configs = [TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+               TrainConfig(optimizer="sgd", lr=0.05, momentum=0.5), TrainConfig(optimizer="adam", lr=0.01),
+               TrainConfig(optimizer="adamw", lr=0.003, weight_decay=0.1)]
+    start = torch.randn(len(configs), 40)
+    stacked = start.clone()
+    references = [nn.Parameter(start[i].clone()) for i in range(len(configs))]
+    optimizers = [make_optimizer(nn.ParameterList([p]), c, implementation="foreach") for p, c in zip(references, configs)]
+    ours = StackedOptimizer(configs, 40, CPU, kernels=kernels)
+    kept = [0, 3]
+    for step in range(12):
+        if step == 6:  # members 1 and 2 stop
+            ours.select(kept)
+            stacked, references, optimizers = stacked[kept].clone(), [references[i] for i in kept], \
+                [optimizers[i] for i in kept]
+        grads = torch.randn(stacked.shape)
+        ours.step(stacked, grads)
+        for p, optimizer, g in zip(references, optimizers, grads):
+            p.grad = g.clone()
+            optimizer.step()
+    expected = torch.stack([p.detach() for p in references])
+    assert torch.allclose(stacked, expected, atol=1e-6, rtol=1e-5), (stacked - expected).abs().max()
+
+
+def test_the_stacked_optimizer_refuses_kernels_it_does_not_have():
+    with pytest.raises(ValueError, match="kernels must be 'rows' or 'block'"):
+        StackedOptimizer([TrainConfig()], 4, CPU, kernels="magic")
+
+
 @pytest.mark.parametrize("member", [dict(optimizer="adamw", weight_decay=0.05, schedule="one_cycle", warmup=0.25),
                                     dict(optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=1e-3,
                                          schedule="cosine"),
                                     dict(optimizer="adam", weight_decay=1e-2, schedule="cosine", warmup=0.5)])
-def test_stacked_optimizer_follows_torch_optim_and_lambda_lr_row_by_row(member):
+@pytest.mark.parametrize("kernels", ["rows", "block"])
+def test_stacked_optimizer_follows_torch_optim_and_lambda_lr_row_by_row(member, kernels):
     torch.manual_seed(0)
     configs = [TrainConfig(**{**member, "lr": lr, "epochs": 1}) for lr in (0.1, 0.003, 0.02)]
     configs.sort(key=lambda c: c.optimizer != "sgd")
@@ -418,7 +451,7 @@ def test_stacked_optimizer_follows_torch_optim_and_lambda_lr_row_by_row(member):
         factors = lr_factors(c, steps).tolist()
         optimizers.append(optimizer)
         schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, f=factors: f[min(s, steps - 1)]))
-    ours = StackedOptimizer(configs, 50, CPU, steps_per_epoch=steps)
+    ours = StackedOptimizer(configs, 50, CPU, steps_per_epoch=steps, kernels=kernels)
     for _ in range(steps):
         grads = torch.randn(len(configs), 50)
         ours.step(stacked, grads)
