@@ -112,6 +112,9 @@ def main(argv=None) -> int:
             _load(name).add_arguments(command)
     args = parser.parse_args(argv)
     keep_freed_memory()  # every command that trains: each step then reuses resident pages (cnnlib.allocator)
+    from cnnlib.device import flush_denormals  # noqa: PLC0415 - torch loads only once a command runs
+
+    flush_denormals()  # before the first parallel op: the OpenMP threads inherit it (cnnlib.device)
     if hasattr(args, "storage") and not args.storage:  # STORAGE follows RESULTS, as in the Makefile
         from .options import default_storage  # noqa: PLC0415 - only commands with a storage need it
 

@@ -114,3 +114,22 @@ def test_bench_writes_the_documented_report_and_both_loops_learn(image_tree, tmp
     assert accuracy["seeds"] == [0, 1] and accuracy["noise"] is not None and "within_noise" in accuracy
     assert min(accuracy["naive"]) > 0.6 and min(accuracy["project"]) > 0.6  # chance is 1/3
     assert "speedup" in capsys.readouterr().out
+
+
+def test_the_denormals_section_times_one_group_flushed_and_kept_in_child_processes(image_tree, tmp_path):
+    from study.bench.denormals import format_denormals, measure_denormals
+
+    root = image_tree(train=TINY, test=TINY_TEST)
+    config = DataConfig(root, train_counts=(48, 48, 48), dev_counts=(12, 12, 12), test_counts=(4, 4, 4))
+
+    report = measure_denormals(config, tmp_path / "cache", epochs=4, threads=1, k=2, log=lambda line: None)
+
+    assert "error" not in report, report
+    assert set(report["runs"]) == {"flushed", "kept"} and report["k"] == 2 and report["epochs"] == 4
+    for name in ("flushed", "kept"):
+        run = report["runs"][name]
+        assert len(run["epoch_seconds"]) == 4 and all(s > 0 for s in run["epoch_seconds"])
+        assert len(run["last_dev_macro"]) == 2 and all(0 <= m <= 1 for m in run["last_dev_macro"])
+        assert report[name]["total_s"] == pytest.approx(sum(run["epoch_seconds"]))
+    assert report["speedup_total"] == pytest.approx(report["kept"]["total_s"] / report["flushed"]["total_s"])
+    assert "flushed" in format_denormals(report) and "kept" in format_denormals(report)

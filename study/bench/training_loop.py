@@ -36,7 +36,7 @@ from cnnlib.training import DeviceData, LoopOptions, TrainConfig, TrainResult, t
 from ..errors import UserError
 from .interleave import Timed, interleave
 from .naive_loop import naive_train_epochs
-from ..options import add_common_options, add_data_options, load_splits, whole_number
+from ..options import add_common_options, add_data_options, data_config, load_splits, whole_number
 from ..output import fresh_file, timestamp, write_json
 
 # The settings: the user's recipe at three batch sizes, 32 being the user's own.
@@ -98,6 +98,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fused-graphs", action="store_true",
                         help="with --fused-ks on CUDA: also time each fused group with its step replayed as a CUDA "
                              "graph (LoopOptions.cuda_graphs), beside the eager step")
+    parser.add_argument("--denormals", type=int, default=0, metavar="EPOCHS",
+                        help="also train the search's CPU group (16 fused trials) for this many epochs twice, in "
+                             "child processes with denormal floats flushed (what every command does) and kept, "
+                             "and compare (30: about 5 min on 2 CPU cores)")
     add_data_options(parser)
     add_common_options(parser)
 
@@ -444,4 +448,15 @@ def run(args) -> int:
 
             print(format_variants(report["fused"]) or "CUDA graphs: not timed on this device (CUDA only)")
         print(f"fused trials: {report['fused'] if isinstance(report['fused'], dict) else 'see above'}; updated {path}")
+    if args.denormals > 0:
+        if device.type != "cpu":
+            report["denormals"] = {"skipped": "denormal floats slow CPUs; this device is not one"}
+        else:
+            from .denormals import format_denormals, measure_denormals  # noqa: PLC0415
+
+            report["denormals"] = measure_denormals(data_config(args), Path(args.results) / "data", args.denormals,
+                                                    torch.get_num_threads())
+            print(format_denormals(report["denormals"]))
+        write_report(report, folder, copy)
+        print(f"updated {path}")
     return 0

@@ -29,6 +29,7 @@ import torch
 from optuna.trial import TrialState
 
 from cnnlib.allocator import keep_freed_memory
+from cnnlib.device import flush_denormals
 from cnnlib.device import resolve_device
 from cnnlib.errors import CnnlibError
 from cnnlib.metrics import Evaluation
@@ -306,6 +307,7 @@ def _worker_process(args, index: int, number: int, plan: RunPlan) -> None:
     """Entry point of one worker process; threads split the cores so workers do not oversubscribe them."""
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)  # run_workers passes SIGTERM on: stop as on Ctrl-C
     keep_freed_memory()  # a spawned process starts with the C library's defaults
+    flush_denormals()  # and with the CPU's: before its first parallel op
     torch.set_num_threads(plan.threads)
     progress.configure(bar=False, prefix=f"[w{index}] ")  # workers share the terminal: lines, each tagged
     space = load_space(args.space)
