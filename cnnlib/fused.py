@@ -193,8 +193,8 @@ class StackedOptimizer:
     k's lr at step s (its lr times its schedule's factor), so the lr costs one
     column gather per step.
 
-    The step count lives on the device (`step_index`, and each Adam row's
-    count), and so does everything computed from it (the lr column, Adam's
+    The step count lives on the device (`step_index`, and the float copy
+    the Adam kernels read), and so does everything computed from it (the lr column, Adam's
     bias corrections): a step reads no Python number that changes between
     steps, so a CUDA graph captured once replays every later step as it is
     (_Pass.capture).
@@ -234,7 +234,8 @@ class StackedOptimizer:
         self.momentum_buffer = torch.zeros(self.n_sgd, n_params, device=device)
         self.exp_avg = torch.zeros(n_adam, n_params, device=device)
         self.exp_avg_sq = torch.zeros(n_adam, n_params, device=device)
-        self.adam_steps = torch.zeros(n_adam, device=device)  # float, as torch.optim keeps a step count
+        # Adam's step count for the kernels (float, as torch.optim keeps it): members step together, so one.
+        self.adam_step = torch.zeros((), device=device)
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)  # steps taken so far
 
     @torch.no_grad()
@@ -247,7 +248,7 @@ class StackedOptimizer:
     def _step_rows(self, params: torch.Tensor, grads: torch.Tensor) -> None:
         lr = self.lr64.index_select(1, self.step_index)
         self.step_index += 1
-        self.adam_steps += 1  # torch.optim advances the count before the kernel reads it
+        self.adam_step += 1  # torch.optim advances the count before the kernel reads it
         s = self.n_sgd
         for row, c in enumerate(self.configs):
             if row < s:
@@ -258,7 +259,7 @@ class StackedOptimizer:
             else:
                 kernel = torch._fused_adamw_ if c.optimizer == "adamw" else torch._fused_adam_
                 kernel([params[row]], [grads[row]], [self.exp_avg[row - s]], [self.exp_avg_sq[row - s]], [],
-                       [self.adam_steps[row - s]], lr=lr[row, 0], beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1],
+                       [self.adam_step], lr=lr[row, 0], beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1],
                        weight_decay=c.weight_decay, eps=ADAM_EPS, amsgrad=False, maximize=False)
 
     def _step_block(self, params: torch.Tensor, grads: torch.Tensor) -> None:
@@ -297,7 +298,6 @@ class StackedOptimizer:
         adam = [r - self.n_sgd for r in rows if r >= self.n_sgd]
         self.momentum_buffer = self.momentum_buffer[sgd]
         self.exp_avg, self.exp_avg_sq = self.exp_avg[adam], self.exp_avg_sq[adam]
-        self.adam_steps = self.adam_steps[adam]
         for name in ("lr32", "lr64", "coupled_decay", "decoupled_decay", "momentum", "nesterov"):
             setattr(self, name, getattr(self, name).index_select(0, index))
         self.configs = [self.configs[r] for r in rows]

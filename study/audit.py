@@ -499,20 +499,17 @@ def run(args) -> int:
     recipe = RECIPES[args.model]
     epochs = args.epochs or EPOCHS[args.model, args.method]
     config = TrainConfig.from_dict({**recipe, "epochs": epochs, "seed": args.seed})
-    if args.method == "training_dynamics":
-        first = window_start(epochs, args.window)
-        print(f"auditing {len(labels)} images ({', '.join(names)}) by training dynamics: one {args.model} model, "
-              f"{epochs} epochs, predictions averaged over epochs {first}-{epochs}, {threads} thread(s) "
-              f"({threads_reason})")
-    else:
-        print(f"auditing {len(labels)} images ({', '.join(names)}) with {args.folds}-fold cross-validation: "
-              f"{args.folds} {args.model} models, {epochs} epochs each, {threads} thread(s) ({threads_reason})")
     started = time.perf_counter()
     fold_of = None
     if args.method == "training_dynamics":
+        print(f"auditing {len(labels)} images ({', '.join(names)}) by training dynamics: one {args.model} model, "
+              f"{epochs} epochs, predictions averaged over epochs {window_start(epochs, args.window)}-{epochs}, "
+              f"{threads} thread(s) ({threads_reason})")
         probs, model_stats = training_dynamics_probabilities(pool.images, classes, config, args.window, args.device,
                                                              log=print)
     else:
+        print(f"auditing {len(labels)} images ({', '.join(names)}) with {args.folds}-fold cross-validation: "
+              f"{args.folds} {args.model} models, {epochs} epochs each, {threads} thread(s) ({threads_reason})")
         fold_of = stratified_folds(labels, args.folds, args.seed)
         probs, model_stats = out_of_fold_probabilities(pool.images, classes, fold_of, config, args.device, log=print)
     ranked, flagged = rank_label_issues(labels, probs, args.filter_by, args.rank_by)

@@ -377,6 +377,17 @@ def test_group_configs_splits_by_shared_settings_and_caps_the_size():
 
 # --- the pieces: optimizer math, loss, dropout ---------------------------------------------------
 
+def _step_both(ours, stacked, references, optimizers, schedulers=()) -> None:
+    """One step of the stacked optimizer and of each row's torch.optim reference, on the same random gradients."""
+    grads = torch.randn(stacked.shape)
+    ours.step(stacked, grads)
+    for p, optimizer, g in zip(references, optimizers, grads):
+        p.grad = g.clone()
+        optimizer.step()
+    for scheduler in schedulers:
+        scheduler.step()
+
+
 @pytest.mark.parametrize("kernels", ["rows", "block"])
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_stacked_optimizer_matches_torch_optim_row_by_row(kind, kernels):
@@ -392,11 +403,7 @@ def test_stacked_optimizer_matches_torch_optim_row_by_row(kind, kernels):
                   for p, c in zip(references, configs)]
     ours = StackedOptimizer(configs, 50, CPU, kernels=kernels)
     for _ in range(20):
-        grads = torch.randn(len(rows), 50)
-        ours.step(stacked, grads)
-        for p, optimizer, g in zip(references, optimizers, grads):
-            p.grad = g.clone()
-            optimizer.step()
+        _step_both(ours, stacked, references, optimizers)
     expected = torch.stack([p.detach() for p in references])
     assert torch.allclose(stacked, expected, atol=1e-6, rtol=1e-6), (stacked - expected).abs().max()
 
@@ -418,11 +425,7 @@ def test_stacked_optimizer_rows_that_stay_keep_their_state_when_others_leave(ker
             ours.select(kept)
             stacked, references, optimizers = stacked[kept].clone(), [references[i] for i in kept], \
                 [optimizers[i] for i in kept]
-        grads = torch.randn(stacked.shape)
-        ours.step(stacked, grads)
-        for p, optimizer, g in zip(references, optimizers, grads):
-            p.grad = g.clone()
-            optimizer.step()
+        _step_both(ours, stacked, references, optimizers)
     expected = torch.stack([p.detach() for p in references])
     assert torch.allclose(stacked, expected, atol=1e-6, rtol=1e-5), (stacked - expected).abs().max()
 
@@ -453,12 +456,7 @@ def test_stacked_optimizer_follows_torch_optim_and_lambda_lr_row_by_row(member, 
         schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, f=factors: f[min(s, steps - 1)]))
     ours = StackedOptimizer(configs, 50, CPU, steps_per_epoch=steps, kernels=kernels)
     for _ in range(steps):
-        grads = torch.randn(len(configs), 50)
-        ours.step(stacked, grads)
-        for p, optimizer, scheduler, g in zip(references, optimizers, schedulers, grads):
-            p.grad = g.clone()
-            optimizer.step()
-            scheduler.step()
+        _step_both(ours, stacked, references, optimizers, schedulers)
     expected = torch.stack([p.detach() for p in references])
     assert torch.allclose(stacked, expected, atol=1e-6, rtol=1e-5), (stacked - expected).abs().max()
     assert not torch.allclose(stacked, start, atol=1e-3)

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from cnnlib.fused import GROUP_SIZE
 from cnnlib.splits import DataConfig, prepare_splits
 
-GROUP = 16  # the search's fused group on a CPU (cnnlib.fused.GROUP_SIZE)
+GROUP = GROUP_SIZE["cpu"]  # the search's fused group on a CPU
 EDGE = 3  # epochs averaged at the start and at the end of a run
 
 
