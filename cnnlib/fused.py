@@ -16,6 +16,13 @@ only: batch order, augmentation, evaluation and stopping are the one loop's
 - Pooling comes before ReLU here (the unfused net does ReLU then pool): both
   are monotone so the values are identical, and ReLU and its backward then run
   on a quarter of the elements (~1.2x per step at K=16 on the CPU).
+- Each conv's bias is added after its pool, not inside the conv: a bias is
+  constant over a pooling window and rounding is monotone, so
+  max(a + b, c + b) is max(a, c) + b in floats too, and the values are the
+  same bits. The bias gradient then sums the pooled gradient, a quarter of
+  conv1's 9.6 MB output gradient at K=16 that oneDNN would read once more.
+  (Where a + b and c + b round to one float but a != c, the pool may pass
+  the gradient to the other of the two: a rounding-level difference.)
 - Each member keeps its own optimizer (SGD with or without Nesterov, Adam,
   AdamW), lr and schedule, momentum, weight decay, loss (class weights,
   logit adjustment, label smoothing), dropout rate and seed. The optimizers
@@ -47,6 +54,7 @@ same, not bitwise.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import torch
@@ -133,11 +141,11 @@ class StackedSeedCNN:
         h = (x - self.mean) / self.std
         # Channels-last weights make oneDNN run channels-last whatever the batch's layout
         # (index_select hands back NCHW): pooling 10x and the whole step 2.4x faster on the CPU (K=16).
-        h = F.conv2d(h, w1.reshape(-1, *w1.shape[2:]).contiguous(memory_format=CHANNELS_LAST), b1.reshape(-1))
-        h = F.relu(F.max_pool2d(h, 2))
-        h = F.conv2d(h, w2.reshape(-1, *w2.shape[2:]).contiguous(memory_format=CHANNELS_LAST), b2.reshape(-1),
-                     groups=k)
-        h = F.relu(F.max_pool2d(h, 2))
+        # Each conv's bias is added after its pool (see the module docstring): the same values.
+        h = F.conv2d(h, w1.reshape(-1, *w1.shape[2:]).contiguous(memory_format=CHANNELS_LAST))
+        h = F.relu_(F.max_pool2d(h, 2) + b1.reshape(1, -1, 1, 1))
+        h = F.conv2d(h, w2.reshape(-1, *w2.shape[2:]).contiguous(memory_format=CHANNELS_LAST), groups=k)
+        h = F.relu_(F.max_pool2d(h, 2) + b2.reshape(1, -1, 1, 1))
         # (B, K*16, s, s) -> (K, B, 16*s*s): member k's features in nn.Flatten's (c, y, x) order.
         h = h.reshape(b, k, -1).transpose(0, 1)
         h = F.relu(torch.baddbmm(c1.unsqueeze(1), h, f1))
@@ -313,10 +321,18 @@ class MemberDropout:
     `rng_states` (CPU RNG states), bit for bit the masks of the unfused run.
     Otherwise one draw per layer for all members from a generator seeded
     with `group_seed` (the default on CUDA, where exact is not possible).
+
+    The exact masks are drawn ahead, `ahead` draws per member at a time
+    (what _Pass asks for: one epoch's), the members' generators in parallel
+    threads. The CPU's bernoulli_ is a serial loop over one generator: drawn
+    step by step, the 32 calls per step at K=16 ran on one core while the
+    other waited (1.6 ms of a 24 ms step). One call fills a member's stream
+    in the order the unfused run draws it (each layer's batch x width, layer
+    after layer, step after step), so slices of it are the same bits.
     """
 
     def __init__(self, rates: list[float], rng_states: list[torch.Tensor], group_seed: int, device,
-                 exact: bool | None = None):
+                 exact: bool | None = None, ahead: int = 1 << 16):
         self.rates = list(rates)
         self.device = torch.device(device)
         self.exact = self.device.type == "cpu" if exact is None else exact
@@ -326,6 +342,9 @@ class MemberDropout:
                 generator = torch.Generator()
                 generator.set_state(state)
                 self.generators.append(generator)
+            self.ahead = max(1, ahead)
+            self.drawn = torch.empty(len(self.rates), 0, dtype=torch.uint8)  # row k: member k's next draws
+            self.scale = self._scale()
         else:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(group_seed)
@@ -338,23 +357,52 @@ class MemberDropout:
     def masks(self, batch: int, widths: Sequence[int]) -> list[torch.Tensor] | None:
         if not self.active:
             return None
-        return [self._mask(batch, width) for width in widths]
-
-    def _mask(self, batch: int, width: int) -> torch.Tensor:
-        k = len(self.rates)
         if not self.exact:
-            u = torch.rand(k, batch, width, generator=self.generator, device=self.device)
-            return (u < self.keep).float().div_(self.keep)
-        mask = torch.ones(k, batch, width)
-        for row, (p, generator) in enumerate(zip(self.rates, self.generators)):
-            if p > 0:  # the unfused F.dropout: empty_like(x).bernoulli_(1 - p).div_(1 - p); p == 0 draws nothing
-                mask[row].bernoulli_(1 - p, generator=generator).div_(1 - p)
-        return mask.to(self.device)
+            return [self._batched_mask(batch, width) for width in widths]
+        need = batch * sum(widths)
+        if self.drawn.shape[1] < need:
+            self._draw(max(need, self.ahead))
+        masks, start = [], 0
+        for width in widths:
+            kept = self.drawn[:, start:start + batch * width].view(-1, batch, width)
+            masks.append(kept.to(torch.float32).mul_(self.scale).to(self.device))
+            start += batch * width
+        self.drawn = self.drawn[:, need:]
+        return masks
+
+    def _batched_mask(self, batch: int, width: int) -> torch.Tensor:
+        u = torch.rand(len(self.rates), batch, width, generator=self.generator, device=self.device)
+        return (u < self.keep).float().div_(self.keep)
+
+    def _scale(self) -> torch.Tensor:
+        # The unfused F.dropout: empty_like(x).bernoulli_(1 - p).div_(1 - p), so a kept unit is
+        # multiplied by float32(1) / float32(1 - p); p == 0 draws nothing and keeps every unit.
+        return torch.tensor([1.0] * len(self.rates)).div_(torch.tensor([1 - p for p in self.rates])).view(-1, 1, 1)
+
+    def _draw(self, count: int) -> None:
+        """Append `count` draws to every member's stream, the members' generators in parallel."""
+        fresh = torch.ones(len(self.rates), count, dtype=torch.uint8)
+
+        def draw(row: int) -> None:
+            if self.rates[row] > 0:
+                fresh[row].bernoulli_(1 - self.rates[row], generator=self.generators[row])
+
+        rows = range(len(self.rates))
+        workers = min(torch.get_num_threads(), len(self.rates))
+        if workers > 1:  # each generator is drawn by one thread, in order: the same bits whatever the timing
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(draw, rows))
+        else:
+            for row in rows:
+                draw(row)
+        self.drawn = torch.cat([self.drawn, fresh], 1) if self.drawn.shape[1] else fresh
 
     def select(self, rows: list[int]) -> None:
         self.rates = [self.rates[r] for r in rows]
         if self.exact:
             self.generators = [self.generators[r] for r in rows]
+            self.drawn = self.drawn[rows]
+            self.scale = self._scale()
         else:
             self.keep = self.keep[rows]
 
@@ -445,10 +493,11 @@ class _Pass:
         inits = [_init_member(c, data.n_classes, data.image_size) for c in chosen]
         self.net = StackedSeedCNN.from_models([model for model, _ in inits], data.device)
         self.optimizer = StackedOptimizer(chosen, self.net.flat.shape[1], data.device, steps_per_epoch)
-        self.dropout = MemberDropout([c.dropout for c in chosen], [state for _, state in inits], group_seed,
-                                     data.device)
-        self.loss = MemberLoss(chosen, data.train.y, data.n_classes)
         self.widths = [self.net.shapes[LAYOUT.index(name)][1] for name in ("classifier.1.weight", "classifier.4.weight")]
+        # Exact masks are drawn an epoch ahead: every train image passes each dropout layer once an epoch.
+        self.dropout = MemberDropout([c.dropout for c in chosen], [state for _, state in inits], group_seed,
+                                     data.device, ahead=len(data.train.y) * sum(self.widths))
+        self.loss = MemberLoss(chosen, data.train.y, data.n_classes)
         self.total = None
         self.graphs = graphs and can_capture(data.device, self.dropout)
         # A captured graph must not hold autocast's cached weight casts from outside it.
