@@ -258,21 +258,23 @@ class StackedOptimizer:
             self._step_block(params, grads)
 
     def _step_rows(self, params: torch.Tensor, grads: torch.Tensor) -> None:
-        lr = self.lr64.index_select(1, self.step_index)
+        lrs = self.lr64.index_select(1, self.step_index).view(-1).unbind(0)
         self.step_index += 1
         self.adam_step += 1  # torch.optim advances the count before the kernel reads it
         s = self.n_sgd
-        for row, c in enumerate(self.configs):
+        # Rows as views, one unbind per tensor: K selects each cost more than the small kernels they feed.
+        rows = zip(self.configs, params.unbind(0), grads.unbind(0), lrs)
+        momenta, exp_avgs, exp_avg_sqs = self.momentum_buffer.unbind(0), self.exp_avg.unbind(0), self.exp_avg_sq.unbind(0)
+        for row, (c, param, grad, lr) in enumerate(rows):
             if row < s:
-                buffers = [self.momentum_buffer[row]] if c.momentum else []  # the kernel wants none without momentum
-                torch._fused_sgd_([params[row]], [grads[row]], buffers, weight_decay=c.weight_decay,
-                                  momentum=c.momentum, lr=lr[row, 0], dampening=0.0, nesterov=c.nesterov,
-                                  maximize=False, is_first_step=False)
+                buffers = [momenta[row]] if c.momentum else []  # the kernel wants none without momentum
+                torch._fused_sgd_([param], [grad], buffers, weight_decay=c.weight_decay, momentum=c.momentum, lr=lr,
+                                  dampening=0.0, nesterov=c.nesterov, maximize=False, is_first_step=False)
             else:
                 kernel = torch._fused_adamw_ if c.optimizer == "adamw" else torch._fused_adam_
-                kernel([params[row]], [grads[row]], [self.exp_avg[row - s]], [self.exp_avg_sq[row - s]], [],
-                       [self.adam_step], lr=lr[row, 0], beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1],
-                       weight_decay=c.weight_decay, eps=ADAM_EPS, amsgrad=False, maximize=False)
+                kernel([param], [grad], [exp_avgs[row - s]], [exp_avg_sqs[row - s]], [], [self.adam_step], lr=lr,
+                       beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], weight_decay=c.weight_decay, eps=ADAM_EPS,
+                       amsgrad=False, maximize=False)
 
     def _step_block(self, params: torch.Tensor, grads: torch.Tensor) -> None:
         lr32, lr64 = self.lr32.index_select(1, self.step_index), self.lr64.index_select(1, self.step_index)
