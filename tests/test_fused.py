@@ -481,6 +481,76 @@ def test_member_losses_are_each_members_weighted_cross_entropy():
     assert torch.allclose(member_losses(logits, y, weights), expected, atol=1e-6)
 
 
+def _unfused_masks(rate, state, steps):
+    """What the unfused run's two dropout layers draw, step by step: F.dropout's bernoulli_ then div_."""
+    generator = torch.Generator()
+    generator.set_state(state)
+    out = []
+    for batch in steps:
+        out.append([torch.empty(batch, width).bernoulli_(1 - rate, generator=generator).div_(1 - rate)
+                    if rate > 0 else torch.ones(batch, width) for width in (120, 84)])
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_exact_masks_drawn_ahead_are_the_unfused_runs_step_by_step(threads):
+    # Drawn a few steps ahead (ahead=5000 draws: refills mid-stream, leftovers carried over),
+    # the members' generators in parallel threads or not, across a short last batch and a
+    # member leaving: every mask is the one the member's unfused run draws at that step.
+    rates, seeds = [0.1, 0.0, 0.5, 0.3], [11, 12, 13, 14]
+    states = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        states.append(torch.get_rng_state())
+    steps = [32, 32, 7, 32, 32, 32, 16]
+    expected = [_unfused_masks(rate, state, steps) for rate, state in zip(rates, states)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dropout = MemberDropout(rates, states, group_seed=0, device=CPU, ahead=5000)
+        rows = list(range(len(rates)))
+        for step, batch in enumerate(steps):
+            if step == 4:  # member 1 leaves
+                dropout.select([0, 2, 3])
+                rows = [0, 2, 3]
+            masks = dropout.masks(batch, [120, 84])
+            for layer, mask in enumerate(masks):
+                assert mask.shape == (len(rows), batch, (120, 84)[layer])
+                for row, member in enumerate(rows):
+                    assert torch.equal(mask[row], expected[member][step][layer]), (step, layer, member)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_the_fused_forward_adds_each_conv_bias_after_its_pool_with_the_same_values():
+    # max(a + b, c + b) == max(a, c) + b in floats: the stacked network's logits are each
+    # member's SeedCNN's (eval mode), to float32 rounding.
+    torch.manual_seed(0)
+    models = [SeedCNN(3, 0.0, 32) for _ in range(3)]
+    for model in models:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias"):
+                    param.uniform_(-0.5, 0.5)  # biases large enough to matter
+    net = fused.StackedSeedCNN.from_models(models, CPU)
+    x = torch.rand(16, 3, 32, 32)
+    with torch.no_grad():
+        stacked = net(x)
+        for row, model in enumerate(models):
+            assert torch.allclose(stacked[row], model.eval()(x), atol=1e-5, rtol=1e-5), row
+
+
+def test_fused_evaluation_does_not_depend_on_its_chunk_size(cpu_data, monkeypatch):
+    configs = configs_of(MIXED[:3], epochs=1)
+    step = fused.StackedStep(configs, cpu_data, 4, lambda c: SeedCNN(3, c.dropout, 32))
+    whole = step.evaluate(cpu_data.dev, cpu_data.classes)
+    monkeypatch.setitem(fused.EVAL_ACTIVATION_FLOATS, "cpu", 7 * 3 * 6 * 28 * 28)  # chunks of 7 images
+    chunked = step.evaluate(cpu_data.dev, cpu_data.classes)
+    for member in whole:
+        assert np.array_equal(whole[member].confusion, chunked[member].confusion)
+        assert whole[member].loss == pytest.approx(chunked[member].loss, rel=1e-5)
+
+
 def test_batched_dropout_masks_keep_each_members_rate_independently():
     # The CUDA path (one draw for the group), checked on the CPU: 120 x 4096
     # draws per member put the kept share within 0.005 of 1 - p (> 10 sigma).
