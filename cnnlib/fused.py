@@ -54,6 +54,8 @@ same, not bitwise.
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
@@ -573,16 +575,77 @@ class _Pass:
         self.members = [self.members[row] for row in rows]
 
 
+class _PassWorker:
+    """A thread that runs the jobs given to it in order, with one intra-op thread (see StackedStep).
+
+    A job that raises is kept: later jobs are skipped (they would step a
+    network in an unknown state) and `wait` raises it in the caller's thread.
+    """
+
+    def __init__(self):
+        # Unbounded: the loop makes a whole epoch's batches (at most one copy of the train split) and
+        # then waits. Bounded at 4, the loop woke up for every batch and its OpenMP threads spun after
+        # each index_select, on the cores the passes run on: 0.92x the one-pass step instead of 1.11x.
+        self.jobs: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="fused-pass", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        # This thread's own OpenMP and MKL thread counts (the caller's stay as they are).
+        torch.set_num_threads(1)
+        while True:
+            job = self.jobs.get()
+            try:
+                if job is None:
+                    return
+                if self.error is None:
+                    job()
+            except BaseException as error:  # noqa: BLE001 - handed to the caller by wait()
+                self.error = error
+            finally:
+                self.jobs.task_done()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.jobs.put(job)
+
+    def wait(self) -> None:
+        self.jobs.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def close(self) -> None:
+        self.jobs.put(None)
+
+
+def _step_passes(passes: list["_Pass"], x: torch.Tensor, y: torch.Tensor) -> None:
+    for group in passes:
+        group.step(x, y)
+
+
 class StackedStep:
     """The step of a fused group: its members split over passes that each take every batch.
 
     The interface the one loop drives (ModuleStep has the same): `members`,
-    `start_epoch`, `step`, `train_loss_sums`, `evaluate`, `model`, `keep`.
+    `start_epoch`, `step`, `train_loss_sums`, `evaluate`, `model`, `keep`,
+    `close`.
+
+    On the CPU the passes step at the same time, one thread each with one
+    intra-op thread (pass_threads of them, by default torch's thread count):
+    a group of 16 on 2 cores is two passes of 8 side by side rather than one
+    pass of 16 whose every op is split over both cores. About a tenth of a
+    step is serial (Python, small ops, the dropout draws) and one pass's
+    serial part now overlaps the other's kernels. `step` hands the batch to
+    the pass threads and returns, so the loop makes the next batch meanwhile;
+    the loss sums, evaluation, models and `keep` wait for them. A pass left
+    alone (the other's members all stopped) steps in the caller's thread
+    with all its intra-op threads.
     """
 
     def __init__(self, configs: Sequence[TrainConfig], data, steps_per_epoch: int,
                  make_model: Callable[[TrainConfig], nn.Module], members_per_pass: int | None = None,
-                 precision: str = "fp32", graphs: bool = False):
+                 precision: str = "fp32", graphs: bool = False, pass_threads: int | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         unsupported = sorted({c.model for c in configs} - {"seed_cnn"})
@@ -591,35 +654,66 @@ class StackedStep:
         per_pass = members_per_pass or MEMBERS_PER_PASS.get(data.device.type) or len(configs)
         if per_pass < 1:
             raise ValueError(f"members_per_pass must be at least 1, got {members_per_pass}")
+        if pass_threads is not None and pass_threads < 1:
+            raise ValueError(f"pass_threads must be at least 1, got {pass_threads}")
+        threads = (pass_threads or torch.get_num_threads()) if data.device.type == "cpu" else 1
         self.make_model, self.configs = make_model, list(configs)
-        # Equal-sized passes (K=20 with 16 per pass: 10 + 10, not 16 + 4).
-        n_passes = math.ceil(len(configs) / per_pass)
+        # Equal-sized passes (K=20 with 16 per pass: 10 + 10, not 16 + 4), at least one per pass thread.
+        n_passes = max(math.ceil(len(configs) / per_pass), min(threads, len(configs)))
         bounds = [round(i * len(configs) / n_passes) for i in range(n_passes + 1)]
         self.passes = [_Pass(list(range(a, b)), configs, data, steps_per_epoch, configs[0].seed, precision, graphs)
                        for a, b in zip(bounds, bounds[1:])]
+        self.workers = [_PassWorker() for _ in range(min(threads, n_passes))] if threads > 1 else []
 
     @property
     def members(self) -> list[int]:
         return sorted(m for group in self.passes for m in group.members)
 
+    def _concurrent(self) -> bool:
+        return bool(self.workers) and len(self.passes) > 1
+
+    def _dispatch(self, job: Callable[[list[_Pass]], None]) -> None:
+        """Worker i runs job(its passes: every len(workers)-th one from the i-th)."""
+        for i, worker in enumerate(self.workers):
+            if self.passes[i::len(self.workers)]:
+                worker.submit(lambda mine=self.passes[i::len(self.workers)]: job(mine))
+
+    def _wait(self) -> None:
+        for worker in self.workers:
+            worker.wait()
+
     def start_epoch(self) -> None:
+        self._wait()
         for group in self.passes:
             group.start_epoch()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        for group in self.passes:
-            group.step(x, y)
+        if self._concurrent():
+            self._dispatch(lambda mine: _step_passes(mine, x, y))
+        else:
+            _step_passes(self.passes, x, y)
 
     def train_loss_sums(self) -> dict[int, float]:
+        self._wait()
         return {m: t for group in self.passes for m, t in zip(group.members, group.total.tolist())}
 
     def evaluate(self, split, classes) -> dict[int, Evaluation]:
         out = {}
-        for group in self.passes:
-            out.update(zip(group.members, evaluate_members(group.net, split, classes, group.loss)))
+
+        def evaluate_passes(mine: list[_Pass]) -> None:
+            for group in mine:
+                out.update(zip(group.members, evaluate_members(group.net, split, classes, group.loss)))
+
+        self._wait()
+        if self._concurrent():
+            self._dispatch(evaluate_passes)
+            self._wait()
+        else:
+            evaluate_passes(self.passes)
         return out
 
     def model(self, member: int) -> nn.Module:
+        self._wait()
         for group in self.passes:
             if member in group.members:
                 with torch.random.fork_rng(devices=[]):  # its throwaway init must not move the caller's RNG
@@ -629,6 +723,7 @@ class StackedStep:
 
     def keep(self, members: set[int]) -> None:
         """Drop every member not in `members` (stopped members stop costing compute)."""
+        self._wait()
         for group in self.passes:
             rows = [row for row, m in enumerate(group.members) if m in members]
             if not rows:
@@ -636,3 +731,9 @@ class StackedStep:
             elif len(rows) != len(group.members):
                 group.keep(rows)
         self.passes = [group for group in self.passes if group.members]
+
+    def close(self) -> None:
+        """Let the pass threads go (the loop calls it when the group is done, or on an error)."""
+        workers, self.workers = self.workers, []
+        for worker in workers:
+            worker.close()

@@ -67,6 +67,9 @@ class LoopOptions:
     # CUDA: capture the stacked step once per pass and replay it (cnnlib.fused._Pass); the CPU
     # ignores it. Off until a GPU run measures it: built and unit-tested on the CPU fallback only.
     cuda_graphs: bool = False
+    # CPU: a fused group's passes step at the same time, this many threads of one intra-op thread
+    # each (cnnlib.fused.StackedStep; None: torch's thread count, 1: one pass whose ops use every thread).
+    pass_threads: int | None = None
 
 
 @dataclass
@@ -268,6 +271,9 @@ class ModuleStep:
     def keep(self, members: set[int]) -> None:
         self.members = [m for m in self.members if m in members]
 
+    def close(self) -> None:
+        pass
+
 
 # --- groups ------------------------------------------------------------------------------
 
@@ -355,7 +361,7 @@ def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
     if fused:
         stepper = StackedStep(configs, data, steps,
                               lambda c: make_model(data.n_classes, c, data.image_size, device, options.channels_last),
-                              members_per_pass, options.precision, options.cuda_graphs)
+                              members_per_pass, options.precision, options.cuda_graphs, options.pass_threads)
     else:
         if options.precision != "fp32":
             raise ValueError(f"precision {options.precision!r} is a lever of the stacked step only; use fused=True")
@@ -363,42 +369,45 @@ def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
     augment = shared.crop or shared.flip or shared.jitter
     results = [MemberResult(None, config, device=str(device)) for config in configs]
     started = time.perf_counter()
-    for epoch in range(1, max(c.epochs for c in configs) + 1):
-        if device.type == "cuda":  # process-wide: set each epoch, so runs stepped in turn keep their own
-            torch.backends.cudnn.benchmark = options.cudnn_benchmark
-        epoch_start = time.perf_counter()
-        order = epoch_order(n, train_y, data.n_classes, shared.imbalance, generator)
-        stepper.start_epoch()
-        for start in range(0, n, shared.batch_size):
-            index = order[start:start + shared.batch_size]
-            x = train_x.index_select(0, index)
-            if augment:
-                x = augment_batch(x, shared.crop, shared.flip, shared.jitter, generator)
-            logits = stepper.step(x, train_y.index_select(0, index))
-            if on_batch is not None:
-                on_batch(epoch, index, logits)
-        sums = stepper.train_loss_sums()
-        devs = stepper.evaluate(data.dev, data.classes)
-        seconds = time.perf_counter() - epoch_start
-        still = set()
-        for member in sorted(sums):  # callbacks in member order
-            result, train_loss = results[member], sums[member] / n
-            result.seconds = time.perf_counter() - started
-            if not math.isfinite(train_loss):
-                result.error = DivergedError(epoch, train_loss)
-                continue
-            stats = EpochStats(epoch, train_loss, devs[member].loss, devs[member], seconds)
-            result.history.append(stats)
-            if on_epoch is not None and on_epoch(member, stats):
-                result.stopped_early = True
-            if result.stopped_early or epoch == configs[member].epochs:
-                result.model = stepper.model(member)
-            else:
-                still.add(member)
-        yield results
-        stepper.keep(still)
-        if not stepper.members:
-            break
+    try:
+        for epoch in range(1, max(c.epochs for c in configs) + 1):
+            if device.type == "cuda":  # process-wide: set each epoch, so runs stepped in turn keep their own
+                torch.backends.cudnn.benchmark = options.cudnn_benchmark
+            epoch_start = time.perf_counter()
+            order = epoch_order(n, train_y, data.n_classes, shared.imbalance, generator)
+            stepper.start_epoch()
+            for start in range(0, n, shared.batch_size):
+                index = order[start:start + shared.batch_size]
+                x = train_x.index_select(0, index)
+                if augment:
+                    x = augment_batch(x, shared.crop, shared.flip, shared.jitter, generator)
+                logits = stepper.step(x, train_y.index_select(0, index))
+                if on_batch is not None:
+                    on_batch(epoch, index, logits)
+            sums = stepper.train_loss_sums()
+            devs = stepper.evaluate(data.dev, data.classes)
+            seconds = time.perf_counter() - epoch_start
+            still = set()
+            for member in sorted(sums):  # callbacks in member order
+                result, train_loss = results[member], sums[member] / n
+                result.seconds = time.perf_counter() - started
+                if not math.isfinite(train_loss):
+                    result.error = DivergedError(epoch, train_loss)
+                    continue
+                stats = EpochStats(epoch, train_loss, devs[member].loss, devs[member], seconds)
+                result.history.append(stats)
+                if on_epoch is not None and on_epoch(member, stats):
+                    result.stopped_early = True
+                if result.stopped_early or epoch == configs[member].epochs:
+                    result.model = stepper.model(member)
+                else:
+                    still.add(member)
+            yield results
+            stepper.keep(still)
+            if not stepper.members:
+                break
+    finally:
+        stepper.close()  # a fused group's pass threads go with it
 
 
 def train_epochs(config: TrainConfig, data: DeviceData | Splits, device="auto", order_seed: int | None = None,

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -309,6 +311,64 @@ def test_members_split_over_several_passes_share_batches_and_still_match_separat
     separate = separate_runs(configs, cpu_data)
     for i in (0, 2, 3):
         assert_same_run(results[i], separate[i])
+
+
+def _last_results(configs, data, **kwargs):
+    for results in train_members(configs, data, fused=True, **kwargs):
+        pass
+    return results
+
+
+def test_passes_stepped_at_the_same_time_train_what_they_train_one_after_the_other(cpu_data):
+    # pass_threads=2 splits 4 members into passes {0, 1} and {2, 3}, each stepped in its own thread
+    # with one intra-op thread; the same two passes stepped in turn by the caller (1 thread, as the
+    # tests run) must give the same bits. Member 2 stops after epoch 1 (its pass goes on concurrently),
+    # members 0 and 1 after epoch 2 (pass {2, 3} is then alone and steps in the caller's thread).
+    configs = configs_of(MIXED, epochs=3, dropout=0.1)
+    stops = {(2, 1), (0, 2), (1, 2)}
+
+    def on_epoch(member, stats):
+        return (member, stats.epoch) in stops
+
+    threads = torch.get_num_threads()
+    together = _last_results(configs, cpu_data, on_epoch=on_epoch, options=LoopOptions(pass_threads=2))
+    assert torch.get_num_threads() == threads  # the pass threads' own count is theirs
+    in_turn = _last_results(configs, cpu_data, on_epoch=on_epoch, members_per_pass=2,
+                            options=LoopOptions(pass_threads=1))
+    assert [len(r.history) for r in together] == [2, 2, 1, 3]
+    for a, b in zip(together, in_turn):
+        assert [s.train_loss for s in a.history] == [s.train_loss for s in b.history]
+        assert [s.dev_loss for s in a.history] == [s.dev_loss for s in b.history]
+        for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
+            assert torch.equal(x, y)
+
+
+def test_an_error_in_a_pass_thread_reaches_the_caller_and_the_threads_go(cpu_data, monkeypatch):
+    configs = configs_of(MIXED[:2], epochs=2)
+    step = fused._Pass.step
+    calls = []
+
+    def failing_step(self, x, y):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 3:
+            raise RuntimeError("a kernel failed")
+        return step(self, x, y)
+
+    monkeypatch.setattr(fused._Pass, "step", failing_step)
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="a kernel failed"):
+        _last_results(configs, cpu_data, options=LoopOptions(pass_threads=2))
+    assert set(calls) == {"fused-pass"}  # the passes did step in their own threads
+    for _ in range(100):  # the pass threads end once they see the loop closed them
+        if threading.active_count() <= before:
+            break
+        time.sleep(0.01)
+    assert threading.active_count() <= before
+
+
+def test_pass_threads_must_be_positive(cpu_data):
+    with pytest.raises(ValueError, match="pass_threads must be at least 1"):
+        fused.StackedStep(configs_of(MIXED[:2]), cpu_data, 4, lambda c: SeedCNN(3, c.dropout, 32), pass_threads=0)
 
 
 def test_a_diverging_member_is_reported_alone_and_the_others_are_untouched(cpu_data):
