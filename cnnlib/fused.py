@@ -53,6 +53,7 @@ same, not bitwise.
 
 from __future__ import annotations
 
+import copy
 import math
 import queue
 import threading
@@ -574,6 +575,65 @@ class _Pass:
         self.loss.select(rows)
         self.members = [self.members[row] for row in rows]
 
+    def take(self, rows: list[int]) -> "_Pass":
+        """A new pass of these rows, with their weights and state; this one is left as it was."""
+        other = copy.copy(self)
+        for name in ("net", "optimizer", "dropout", "loss"):
+            setattr(other, name, copy.copy(getattr(self, name)))  # select() replaces what it changes
+        # Stepped in place every step: each pass its own.
+        other.optimizer.adam_step = self.optimizer.adam_step.clone()
+        other.optimizer.step_index = self.optimizer.step_index.clone()
+        other.members, other.total, other.graph, other.side = list(self.members), None, None, None
+        other.keep(rows)
+        return other
+
+    @staticmethod
+    def merged(passes: list["_Pass"]) -> "_Pass":
+        """One pass holding every member of these (between epochs, on the CPU): rows and state, SGD rows first."""
+        first = passes[0]
+        if not all(g.dropout.exact for g in passes) or any(g.graphs for g in passes):
+            raise ValueError("only the CPU's passes (exact dropout, no CUDA graphs) can be merged")
+        splits = [g.optimizer.n_sgd for g in passes]
+
+        def rows(get):  # every pass's per-member rows, the SGD members of all passes first
+            parts = [get(g) for g in passes]
+            return [part[:s] for part, s in zip(parts, splits)] + [part[s:] for part, s in zip(parts, splits)]
+
+        def cat(get):
+            return torch.cat(rows(get))
+
+        def join(get):
+            return [item for part in rows(get) for item in part]
+
+        out = first.take(list(range(len(first.members))))
+        out.members = join(lambda g: g.members)
+        out.net.flat = cat(lambda g: g.net.flat.detach()).requires_grad_(True)
+        optimizer = out.optimizer
+        width = max(g.optimizer.lr64.shape[1] for g in passes)  # each pass's table spans its own longest member
+        optimizer.lr64 = cat(lambda g: F.pad(g.optimizer.lr64, (0, width - g.optimizer.lr64.shape[1])))
+        optimizer.lr32 = optimizer.lr64.float()
+        for name in ("coupled_decay", "decoupled_decay", "momentum", "nesterov"):
+            setattr(optimizer, name, cat(lambda g, name=name: getattr(g.optimizer, name)))
+        for name in ("any_coupled", "any_decoupled", "any_nesterov"):
+            setattr(optimizer, name, any(getattr(g.optimizer, name) for g in passes))
+        optimizer.configs = join(lambda g: g.optimizer.configs)
+        optimizer.n_sgd = sum(splits)
+        for name in ("momentum_buffer", "exp_avg", "exp_avg_sq"):  # SGD-only and Adam-only rows already
+            setattr(optimizer, name, torch.cat([getattr(g.optimizer, name) for g in passes]))
+        dropout = out.dropout
+        dropout.rates = join(lambda g: g.dropout.rates)
+        dropout.generators = join(lambda g: g.dropout.generators)
+        dropout.drawn = cat(lambda g: g.dropout.drawn)
+        dropout.scale = dropout._scale()
+        loss = out.loss
+        loss.weight = cat(lambda g: g.loss.weight)
+        if any(g.loss.offset is not None for g in passes):  # None: every member's offsets are zero
+            loss.offset = cat(lambda g: torch.zeros_like(g.loss.weight) if g.loss.offset is None else g.loss.offset)
+        if any(g.loss.smoothing is not None for g in passes):
+            loss.smoothing = cat(lambda g: torch.zeros(len(g.members), device=g.loss.weight.device)
+                                 if g.loss.smoothing is None else g.loss.smoothing)
+        return out
+
 
 class _PassWorker:
     """A thread that runs the jobs given to it in order, with one intra-op thread (see StackedStep).
@@ -657,13 +717,13 @@ class StackedStep:
         if pass_threads is not None and pass_threads < 1:
             raise ValueError(f"pass_threads must be at least 1, got {pass_threads}")
         threads = (pass_threads or torch.get_num_threads()) if data.device.type == "cpu" else 1
-        self.make_model, self.configs = make_model, list(configs)
+        self.make_model, self.configs, self.per_pass = make_model, list(configs), per_pass
         # Equal-sized passes (K=20 with 16 per pass: 10 + 10, not 16 + 4), at least one per pass thread.
         n_passes = max(math.ceil(len(configs) / per_pass), min(threads, len(configs)))
         bounds = [round(i * len(configs) / n_passes) for i in range(n_passes + 1)]
         self.passes = [_Pass(list(range(a, b)), configs, data, steps_per_epoch, configs[0].seed, precision, graphs)
                        for a, b in zip(bounds, bounds[1:])]
-        self.workers = [_PassWorker() for _ in range(min(threads, n_passes))] if threads > 1 else []
+        self.workers = [_PassWorker() for _ in range(min(threads, n_passes))] if threads > 1 and n_passes > 1 else []
 
     @property
     def members(self) -> list[int]:
@@ -731,6 +791,24 @@ class StackedStep:
             elif len(rows) != len(group.members):
                 group.keep(rows)
         self.passes = [group for group in self.passes if group.members]
+        self._rebalance()
+
+    def _rebalance(self) -> None:
+        """Concurrent passes: re-split the members evenly when stopping left the passes uneven.
+
+        The slowest pass sets a step's time: 6 and 2 members left would take the time of 6.
+        Members keep their weights and state (their training goes on as it would have).
+        """
+        if not self.workers or not self.passes:
+            return
+        sizes = [len(group.members) for group in self.passes]
+        total = sum(sizes)
+        wanted = max(math.ceil(total / self.per_pass), min(len(self.workers), total))
+        if len(sizes) == wanted and max(sizes) - min(sizes) <= 1:
+            return
+        merged = _Pass.merged(self.passes)
+        bounds = [round(i * total / wanted) for i in range(wanted + 1)]
+        self.passes = [merged.take(list(range(a, b))) for a, b in zip(bounds, bounds[1:])]
 
     def close(self) -> None:
         """Let the pass threads go (the loop calls it when the group is done, or on an error)."""

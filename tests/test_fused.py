@@ -343,6 +343,34 @@ def test_passes_stepped_at_the_same_time_train_what_they_train_one_after_the_oth
             assert torch.equal(x, y)
 
 
+def test_uneven_concurrent_passes_are_re_split_and_their_members_train_on_as_alone(cpu_data, monkeypatch):
+    # 6 members in passes {0, 1, 2} and {3, 4, 5}; members 0 and 1 stop after epoch 1, leaving 1 + 3:
+    # the step re-splits them 2 + 2, moving a member's weights, optimizer state, lr schedule,
+    # dropout stream and loss terms. Mixed optimizers, epochs (lr tables of other widths), logit
+    # adjustment and smoothing on some members only: each survivor still trains as its unfused run.
+    members = [{**MIXED[0], "epochs": 3}, {**MIXED[1], "epochs": 3},
+               {**MIXED[2], "epochs": 2, "imbalance": "logit_adjusted", "tau": 1.0},
+               {**MIXED[3], "epochs": 3, "label_smoothing": 0.1},
+               {**MIXED[0], "seed": 21, "optimizer": "adamw", "weight_decay": 0.05, "epochs": 3},
+               {**MIXED[1], "seed": 22, "nesterov": True, "epochs": 3}]
+    configs = configs_of(members, dropout=0.1)
+    sizes = []
+    keep = fused.StackedStep.keep
+
+    def recording_keep(self, members):
+        keep(self, members)
+        sizes.append(sorted(len(group.members) for group in self.passes))
+
+    monkeypatch.setattr(fused.StackedStep, "keep", recording_keep)
+    results = _last_results(configs, cpu_data, on_epoch=lambda member, stats: member in (0, 1),
+                            options=LoopOptions(pass_threads=2))
+    assert sizes[0] == [2, 2]  # 1 + 3 re-split
+    assert sizes[1] == [1, 2]  # member 2 reached its epochs: 1 + 2 differ by one, left as they are
+    assert [len(r.history) for r in results] == [1, 1, 2, 3, 3, 3]
+    for result, separate in zip(results[2:], separate_runs(configs, cpu_data)[2:]):
+        assert_same_run(result, separate, DROPOUT_LOSS_TOLERANCE, DROPOUT_WEIGHT_TOLERANCE)
+
+
 def test_an_error_in_a_pass_thread_reaches_the_caller_and_the_threads_go(cpu_data, monkeypatch):
     configs = configs_of(MIXED[:2], epochs=2)
     step = fused._Pass.step
