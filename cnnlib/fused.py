@@ -39,7 +39,10 @@ only: batch order, augmentation, evaluation and stopping are the one loop's
   epoch: it stops costing compute.
 - On the CPU a large group runs as several stacked passes of at most 16
   members per batch (MEMBERS_PER_PASS): the batch is still shared, and a
-  pass of 16 fits the caches that one of 64 overflows.
+  pass of 16 fits the caches that one of 64 overflows. The passes step at
+  the same time, one thread each with one intra-op thread, at least one
+  pass per torch thread (StackedStep): 16 members on 2 cores are two passes
+  of 8 side by side, re-split evenly when stopping leaves them uneven.
 
 A member's own seed sets its initial weights (the same weights the unfused
 run starts from) and its dropout masks. On the CPU the masks are drawn member

@@ -90,7 +90,8 @@ def cpu_data(small_splits):
 
 @pytest.fixture
 def pass_widths(monkeypatch):
-    """The number of members of every stacked forward pass, in order."""
+    """The number of members of every stacked forward pass, in order (one torch thread: one pass at a
+    time, split by members_per_pass alone, whatever thread count an earlier test left behind)."""
     widths = []
     forward = fused.StackedSeedCNN.forward
 
@@ -99,7 +100,10 @@ def pass_widths(monkeypatch):
         return forward(self, x, masks)
 
     monkeypatch.setattr(fused.StackedSeedCNN, "forward", counting_forward)
-    return widths
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield widths
+    torch.set_num_threads(threads)
 
 
 def configs_of(members, **shared):
@@ -331,10 +335,14 @@ def test_passes_stepped_at_the_same_time_train_what_they_train_one_after_the_oth
         return (member, stats.epoch) in stops
 
     threads = torch.get_num_threads()
-    together = _last_results(configs, cpu_data, on_epoch=on_epoch, options=LoopOptions(pass_threads=2))
-    assert torch.get_num_threads() == threads  # the pass threads' own count is theirs
-    in_turn = _last_results(configs, cpu_data, on_epoch=on_epoch, members_per_pass=2,
-                            options=LoopOptions(pass_threads=1))
+    torch.set_num_threads(1)  # the passes in turn: the caller's kernels on one thread, as a pass thread's
+    try:
+        together = _last_results(configs, cpu_data, on_epoch=on_epoch, options=LoopOptions(pass_threads=2))
+        assert torch.get_num_threads() == 1  # the pass threads' own count is theirs
+        in_turn = _last_results(configs, cpu_data, on_epoch=on_epoch, members_per_pass=2,
+                                options=LoopOptions(pass_threads=1))
+    finally:
+        torch.set_num_threads(threads)
     assert [len(r.history) for r in together] == [2, 2, 1, 3]
     for a, b in zip(together, in_turn):
         assert [s.train_loss for s in a.history] == [s.train_loss for s in b.history]
