@@ -667,7 +667,7 @@ def test_batched_dropout_masks_keep_each_members_rate_independently():
 # --- the benchmark section ----------------------------------------------------------------------------
 
 def test_bench_reports_trial_epochs_per_second_and_memory_per_member(small_splits, cpu_data):
-    from study.bench.fused import format_table, measure_fused
+    from study.bench.fused import format_summary, format_table, measure_fused, summary
 
     rows = measure_fused(cpu_data, ks=(1, 2), epochs=1, warmup=0, splits=small_splits, progress=None)
     assert [row["k"] for row in rows] == [1, 2]
@@ -681,6 +681,12 @@ def test_bench_reports_trial_epochs_per_second_and_memory_per_member(small_split
         # SeedCNN has 61,411 parameters (3 classes): parameters + gradients + 1 (SGD) or 2 (Adam) state tensors.
         assert 61_411 * 4 * 3 <= row["memory_per_member"]["state_bytes"] <= 61_411 * 4 * 4
     assert "vs naive" in format_table(rows)
+    assert all(0.0 <= row["mean_last_dev_macro"]["fused"] <= 1.0 for row in rows)
+    best = summary(rows)
+    fastest = max(rows, key=lambda row: row["fused"]["wall"]["trial_epochs_per_second"])
+    assert best["k"] == fastest["k"]
+    assert best["seconds_for_user_tuning"] == pytest.approx(100 * 100 / fastest["fused"]["wall"]["trial_epochs_per_second"])
+    assert f"K={best['k']}" in format_summary(best) and "100 trials x 100 epochs would take" in format_table(rows)
 
 
 def test_bench_times_bf16_autocast_beside_fp32_when_asked(small_splits, cpu_data):

@@ -99,6 +99,8 @@ def measure_fused(data: DeviceData, device=None, ks=FUSED_KS, epochs: int = EPOC
                 (("bf16", LoopOptions(precision="bf16"), bf16),
                  ("graphs", LoopOptions(cuda_graphs=True), graphs and device.type == "cuda")) if wanted}
     rows = []
+    if progress is not None:
+        progress(HEADER)
     for k in ks:
         configs = member_configs(k, warmup + epochs, batch_size)
         runs = {"fused": train_fused_epochs(configs, data), "unfused": train_epochs(configs[0], data)}
@@ -120,8 +122,7 @@ def measure_fused(data: DeviceData, device=None, ks=FUSED_KS, epochs: int = EPOC
             for clock in ("wall", "cpu"):
                 row[f"{name}_speedup_{clock}"] = (row[f"fused {name}"][clock]["trial_epochs_per_second"]
                                                   / row["fused"][clock]["trial_epochs_per_second"])
-        if variants:
-            row["mean_last_dev_macro"] = {name: _mean_last_dev(run) for name, run in last.items()}
+        row["mean_last_dev_macro"] = {name: _mean_last_dev(run) for name, run in last.items()}
         for clock in ("wall", "cpu"):
             fused_rate = row["fused"][clock]["trial_epochs_per_second"]
             row[f"speedup_vs_unfused_{clock}"] = fused_rate / row["unfused"][clock]["trial_epochs_per_second"]
@@ -185,7 +186,35 @@ def format_table(rows: list[dict]) -> str:
              "optimizer state; peak growth)", HEADER]
     lines += [format_row(row) for row in rows]
     variants = format_variants(rows)
-    return "\n".join(lines + ([variants] if variants else []))
+    return "\n".join(lines + ([variants] if variants else []) + [format_summary(summary(rows))])
+
+
+# The user's hand tuning, one sweep at a time: about 100 trials of 100 epochs.
+USER_TRIALS, USER_EPOCHS = 100, 100
+
+
+def summary(rows: list[dict]) -> dict | None:
+    """The K that trains the most trial-epochs per second (wall clock), and the user's tuning at that rate."""
+    if not rows:
+        return None
+    best = max(rows, key=lambda row: row["fused"]["wall"]["trial_epochs_per_second"])
+    rate = best["fused"]["wall"]["trial_epochs_per_second"]
+    return {"device": best["device"], "k": best["k"], "trial_epochs_per_second": rate,
+            "speedup_vs_naive_wall": best.get("speedup_vs_naive_wall"),
+            "speedup_vs_naive_cpu": best.get("speedup_vs_naive_cpu"),
+            "mean_last_dev_macro": best.get("mean_last_dev_macro", {}).get("fused"),
+            "trials": USER_TRIALS, "epochs": USER_EPOCHS,
+            "seconds_for_user_tuning": USER_TRIALS * USER_EPOCHS / rate}
+
+
+def format_summary(best: dict | None) -> str:
+    if best is None:
+        return "no fused measurements"
+    naive = (f", {best['speedup_vs_naive_wall']:.2f}x the naive loop (CPU time "
+             f"{best['speedup_vs_naive_cpu']:.2f}x)") if best.get("speedup_vs_naive_wall") else ""
+    seconds = best["seconds_for_user_tuning"]
+    return (f"fastest on {best['device']}: K={best['k']}, {best['trial_epochs_per_second']:.2f} trial-epochs/s{naive}; "
+            f"{best['trials']} trials x {best['epochs']} epochs would take {seconds:,.0f} s ({seconds / 60:.1f} min)")
 
 
 VARIANT_TITLES = {"bf16": "bf16 autocast", "graphs": "CUDA graphs"}

@@ -442,11 +442,14 @@ def run(args) -> int:
         report["fused"] = fused_section(_ints(args.fused_ks), splits, data, device,
                                         settings["timed_epochs"], settings["warmup_epochs"], args.fused_bf16,
                                         args.fused_graphs)
-        write_report(report, folder, copy)
-        if isinstance(report["fused"], list) and (args.fused_bf16 or args.fused_graphs):
-            from .fused import format_variants
+        if isinstance(report["fused"], list):
+            from .fused import format_summary, format_variants, summary
 
-            print(format_variants(report["fused"]) or "CUDA graphs: not timed on this device (CUDA only)")
+            report["fused_summary"] = summary(report["fused"])
+            if args.fused_bf16 or args.fused_graphs:
+                print(format_variants(report["fused"]) or "CUDA graphs: not timed on this device (CUDA only)")
+            print(format_summary(report["fused_summary"]))
+        write_report(report, folder, copy)
         print(f"fused trials: {report['fused'] if isinstance(report['fused'], dict) else 'see above'}; updated {path}")
     if args.denormals > 0:
         if device.type != "cpu":
