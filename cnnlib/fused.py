@@ -643,6 +643,8 @@ class _PassWorker:
 
     A job that raises is kept: later jobs are skipped (they would step a
     network in an unknown state) and `wait` raises it in the caller's thread.
+    After `close` the jobs still queued are skipped too (the loop stopped:
+    an error or an interrupt between two batches).
     """
 
     def __init__(self):
@@ -651,6 +653,7 @@ class _PassWorker:
         # each index_select, on the cores the passes run on: 0.92x the one-pass step instead of 1.11x.
         self.jobs: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
+        self.closed = False
         self.thread = threading.Thread(target=self._run, name="fused-pass", daemon=True)
         self.thread.start()
 
@@ -662,7 +665,7 @@ class _PassWorker:
             try:
                 if job is None:
                     return
-                if self.error is None:
+                if self.error is None and not self.closed:
                     job()
             except BaseException as error:  # noqa: BLE001 - handed to the caller by wait()
                 self.error = error
@@ -679,6 +682,7 @@ class _PassWorker:
             raise error
 
     def close(self) -> None:
+        self.closed = True
         self.jobs.put(None)
 
 
@@ -701,9 +705,10 @@ class StackedStep:
     step is serial (Python, small ops, the dropout draws) and one pass's
     serial part now overlaps the other's kernels. `step` hands the batch to
     the pass threads and returns, so the loop makes the next batch meanwhile;
-    the loss sums, evaluation, models and `keep` wait for them. A pass left
-    alone (the other's members all stopped) steps in the caller's thread
-    with all its intra-op threads.
+    the loss sums, evaluation, models and `keep` wait for them. When
+    stopping leaves the passes uneven, `keep` re-splits the members evenly
+    (`_rebalance`); a pass left alone steps in the caller's thread with all
+    its intra-op threads.
     """
 
     def __init__(self, configs: Sequence[TrainConfig], data, steps_per_epoch: int,
