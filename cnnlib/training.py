@@ -68,7 +68,8 @@ class LoopOptions:
     # ignores it. Off until a GPU run measures it: built and unit-tested on the CPU fallback only.
     cuda_graphs: bool = False
     # CPU: a fused group's passes step at the same time, this many threads of one intra-op thread
-    # each (cnnlib.fused.StackedStep; None: torch's thread count, 1: one pass whose ops use every thread).
+    # each (cnnlib.fused.StackedStep; None: torch's thread count where cnnlib.fused.concurrent_passes_pay,
+    # else 1: one pass whose ops use every thread).
     pass_threads: int | None = None
 
 

@@ -700,3 +700,34 @@ def test_bench_times_bf16_autocast_beside_fp32_when_asked(small_splits, cpu_data
     dev = row["mean_last_dev_macro"]
     assert set(dev) == {"fused", "fused bf16"} and all(0.0 <= v <= 1.0 for v in dev.values())
     assert "bf16 autocast, same groups: K=2" in format_table([row])
+
+
+def test_passes_step_at_the_same_time_by_default_only_where_that_measured_faster(restore_torch_threads):
+    torch.set_num_threads(2)
+    plain = [TrainConfig(batch_size=32, seed=i) for i in range(16)]
+    assert fused.concurrent_passes_pay(plain)
+    assert not fused.concurrent_passes_pay(plain[:8])  # 4 a pass: one pass on every thread is faster
+    assert not fused.concurrent_passes_pay([dataclasses.replace(c, batch_size=64) for c in plain])
+    assert not fused.concurrent_passes_pay([dataclasses.replace(c, crop=4, flip=True) for c in plain])
+    torch.set_num_threads(1)
+    assert not fused.concurrent_passes_pay(plain)
+
+
+@pytest.fixture
+def restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_default_concurrent_passes_merge_into_one_when_too_few_members_are_left(cpu_data, restore_torch_threads):
+    torch.set_num_threads(2)
+    configs = [TrainConfig(batch_size=32, seed=i, optimizer="sgd" if i % 2 else "adam") for i in range(16)]
+    step = fused.StackedStep(configs, cpu_data, 4, lambda c: SeedCNN(3, c.dropout, 32))
+    try:
+        assert [len(group.members) for group in step.passes] == [8, 8] and len(step.workers) == 2
+        step.keep(set(range(2, 16)))  # 14 left: fewer than 8 a pass, one pass on every thread
+        assert [len(group.members) for group in step.passes] == [14] and step.members == list(range(2, 16))
+        assert not step._concurrent()
+    finally:
+        step.close()
