@@ -772,8 +772,9 @@ class StackedStep:
     def _dispatch(self, job: Callable[[list[_Pass]], None]) -> None:
         """Worker i runs job(its passes: every len(workers)-th one from the i-th)."""
         for i, worker in enumerate(self.workers):
-            if self.passes[i::len(self.workers)]:
-                worker.submit(lambda mine=self.passes[i::len(self.workers)]: job(mine))
+            mine = self.passes[i::len(self.workers)]
+            if mine:
+                worker.submit(lambda mine=mine: job(mine))
 
     def _wait(self) -> None:
         for worker in self.workers:

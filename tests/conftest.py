@@ -158,3 +158,11 @@ def no_study_env(monkeypatch):
     """Modules that run commands use it (pytestmark) so only their own arguments count."""
     for name in STUDY_ENV:
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def restore_threads():
+    """torch's thread count as it was before the test (tests set 1 or 2 to check what follows from it)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

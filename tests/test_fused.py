@@ -702,7 +702,7 @@ def test_bench_times_bf16_autocast_beside_fp32_when_asked(small_splits, cpu_data
     assert "bf16 autocast, same groups: K=2" in format_table([row])
 
 
-def test_passes_step_at_the_same_time_by_default_only_where_that_measured_faster(restore_torch_threads):
+def test_passes_step_at_the_same_time_by_default_only_where_that_measured_faster(restore_threads):
     torch.set_num_threads(2)
     plain = [TrainConfig(batch_size=32, seed=i) for i in range(16)]
     assert fused.concurrent_passes_pay(plain)
@@ -713,14 +713,7 @@ def test_passes_step_at_the_same_time_by_default_only_where_that_measured_faster
     assert not fused.concurrent_passes_pay(plain)
 
 
-@pytest.fixture
-def restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_default_concurrent_passes_merge_into_one_when_too_few_members_are_left(cpu_data, restore_torch_threads):
+def test_default_concurrent_passes_merge_into_one_when_too_few_members_are_left(cpu_data, restore_threads):
     torch.set_num_threads(2)
     configs = [TrainConfig(batch_size=32, seed=i, optimizer="sgd" if i % 2 else "adam") for i in range(16)]
     step = fused.StackedStep(configs, cpu_data, 4, lambda c: SeedCNN(3, c.dropout, 32))

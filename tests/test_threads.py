@@ -10,13 +10,6 @@ from study.errors import UserError
 from study.options import use_cpu_threads
 
 
-@pytest.fixture
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def test_threads_set_by_the_variable_are_what_torch_then_uses(monkeypatch, restore_threads):
     monkeypatch.setenv("THREADS", "1")
     torch.set_num_threads(2)
