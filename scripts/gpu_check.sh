@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short GPU check of `make bench` (issue 6), sized for a ~5 minute slot on one H200.
+# One short GPU check of `make bench`, sized for a ~5 minute slot on one H200.
 #
 # Prepare on the CPU machine (the device machine has no network and no ../shared/data):
 #     bash scripts/gpu_check.sh --prepare      # writes results/gpu_data/{train,dev,test}.npz from the split,
@@ -55,7 +55,7 @@ DATA=${DATA:-../shared/data/cifar10-cars-trucks-cats}
 [ -f "$DATA/train.npz" ] || [ -d "$DATA/train" ] || { echo "FAILED: no data at $DATA (run --prepare and carry results/gpu_data)"; exit 4; }
 echo "== data: $DATA"
 
-# Issue 17: the fused step's CUDA path, eager and as a CUDA graph, against separate runs (where pytest exists).
+# The fused step's CUDA path, eager and as a CUDA graph, against separate runs (where pytest exists).
 if "$PY" -c "import pytest" 2>/dev/null; then
     echo "== fused equivalence on cuda"
     TEST_DATA=results/gpu_data/tree timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused.py \

@@ -65,7 +65,7 @@ DEFAULT_FOLDS = 5  # out_of_fold
 # calibrated to the data's own class mix. Class weights inflate truck/cat probabilities,
 # so a car labelled "cat" keeps a high self-confidence and hides.
 RECIPES = {
-    # The default (issue 18). out_of_fold, `make audit FLIP_COUNT=100 SEED=0/1/2 AUDIT_METHOD=out_of_fold`
+    # The default. out_of_fold, `make audit FLIP_COUNT=100 SEED=0/1/2 AUDIT_METHOD=out_of_fold`
     # on the user's train+dev (5625 images, 5 folds, 2-core CPU shared with other jobs, torch
     # 2.14.1): precision@100 0.66/0.72/0.79 (mean 0.72), out-of-fold macro accuracy
     # 0.81/0.81/0.80, 8.5 min with one thread. Two more fold draws on flip draw 0: 0.65 and
@@ -76,12 +76,12 @@ RECIPES = {
     # SGD-Nesterov, 0.829 at batch 256 (one run each).
     "small_vgg": dict(model="small_vgg", optimizer="adamw", lr=3e-3, weight_decay=5e-2, schedule="one_cycle",
                       warmup=0.2, batch_size=128, imbalance="none", dropout=0.0, crop=2, flip=True, jitter=0.0),
-    # The user's CNN, as the audit first trained it (out_of_fold). Measured on the real train+dev
+    # The user's CNN, trained out_of_fold. Measured on the real train+dev
     # (5625 images, 100 train labels flipped, 5 folds, one H200, one seed each): hits in the
     # top 100 suspects were 45/54/57 (seeds 0/1/2) at 12 epochs, 51 and 55 at 20 epochs,
     # 29 with weighted_loss and 34 with weighted_sampler; weight decay, dropout, batch size,
     # lr, jitter and 10 folds moved it less than the seed does. It plateaus near 0.6
-    # precision whatever its recipe (issue 18): too weak a model to rank well.
+    # precision whatever its recipe: too weak a model to rank well.
     "seed_cnn": dict(model="seed_cnn", optimizer="adam", lr=1e-3, weight_decay=5e-4, batch_size=64,
                      imbalance="none", dropout=0.1, flip=True, jitter=0.0),
 }

@@ -34,7 +34,7 @@ TINY_COUNTS = dict(train_counts=(24, 12, 12), dev_counts=(6, 4, 4), test_counts=
 FLIPPED = 30
 # Random ranking puts 5 % of the flipped images in the top 30 (1.5 hits). With the default
 # fold model (small_vgg), draws 7 and 8 of such a set gave 15 and 21 hits on this 2-core CPU
-# (the seed CNN: 14 and 12; over 14 earlier draws 8..17). The floor, 6 hits, is 4x chance and
+# (the seed CNN: 14 and 12; over 14 other draws 8..17). The floor, 6 hits, is 4x chance and
 # below every draw, so other hardware (other float rounding, another trajectory) still passes.
 PRECISION_FLOOR = 0.2
 

@@ -198,7 +198,7 @@ BAD_SPACES = {
                                    "params.lr.high: expected a finite number"),
     "impossible: negative budget": ("budget: {trials: -3}\nparams:\n  lr: 0.01\n", "budget.trials: cannot be negative"),
     "not text": (b"\xff\xfe\x00\x01 binary", "not a UTF-8 text file"),
-    # issue 16: YAML that loads but means something other than what the file says
+    # YAML that loads but means something other than what the file says
     "an alias": ("params:\n  lr: &rate 1.0e-3\n  weight_decay: *rate\n",
                  "line 3, column 17: alias *rate refused"),
     "an alias bomb": (ALIAS_BOMB, "line 1, column 51: alias *a refused"),
@@ -345,7 +345,7 @@ def test_evaluate_refuses_a_model_trained_on_another_image_size(tmp_path):
                           f"{checkpoint}: model was trained on other image sizes; the dev images are 32x32")
 
 
-# --- issue 16: data that loaded but meant something else, or crashed later ------------------------
+# --- data that loaded but meant something else, or crashed later ---------------------------------
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)

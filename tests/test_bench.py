@@ -1,4 +1,4 @@
-"""`make bench`: the naive and project loops train the same function, the report has what the issue asks for."""
+"""`make bench`: the naive and project loops train the same function, the report has every section it promises."""
 
 from __future__ import annotations
 

@@ -105,4 +105,4 @@ def test_the_confusion_matrix_keeps_long_class_names_apart():
 
     text = Evaluation(("ship", "bird", "airplane"), np.eye(3, dtype=int)).format()
     header = text.splitlines()[-4]
-    assert header.split() == ["ship", "bird", "airplane"], header  # was "    ship    birdairplane"
+    assert header.split() == ["ship", "bird", "airplane"], header  # not run together: "    ship    birdairplane"

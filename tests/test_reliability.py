@@ -565,7 +565,7 @@ def test_make_final_killed_leaves_whole_files_and_a_rerun_finishes_the_job(final
     assert not (out / ".partial").exists() and not (out / ".next").exists()
 
 
-# --- issue 16: a trial left RUNNING that no worker owns, and SIGTERM ------------------------------
+# --- a trial left RUNNING that no worker owns, and SIGTERM ---------------------------------------
 
 def add_unowned_running_trial(url: str, started_seconds_ago: float) -> int:
     """A RUNNING trial as `study.ask()` leaves it when it raises after storing the trial: no heartbeat, no owner."""
@@ -670,7 +670,7 @@ def test_sigterm_to_a_single_worker_search_marks_its_trial_failed_and_exits_143(
     assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted (SIGTERM) during training"
 
 
-# --- issue 16: a torn journal, a full disk, a read-only database ----------------------------------
+# --- a torn journal, a full disk, a read-only database -------------------------------------------
 
 TORN = b'{"op_code": 5, "sta'  # a record cut mid-write (kill -9, a full disk)
 

@@ -378,7 +378,7 @@ def test_a_healthy_trial_is_not_called_a_constant_predictor():
     assert objective_module.collapsed(EpochStats(1, 1.0, 1.0, constant, 0.1)) == "predicts only a"
 
 
-# --- issue 16: what a run must refuse, and trials no worker owns -----------------------------------
+# --- what a run must refuse, and trials no worker owns --------------------------------------------
 
 @pytest.mark.parametrize("variable", ["WORKERS", "FUSE"])
 def test_workers_or_fuse_zero_from_the_environment_is_refused_not_read_as_one(tmp_path, monkeypatch, capsys, variable):

@@ -1,4 +1,4 @@
-"""Late-training slowdown from denormal floats: one fused group, denormals flushed and not (issue 17).
+"""Late-training slowdown from denormal floats: one fused group, denormals flushed and not.
 
 As training goes on, some optimizer states and gradients of the seed CNN
 shrink below float32's normal range, and each operation on them takes the

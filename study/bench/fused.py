@@ -1,4 +1,4 @@
-"""Trial-epochs per second: K horizontally fused trials against one trial at a time (issue 7).
+"""Trial-epochs per second: K horizontally fused trials against one trial at a time.
 
 For each K the same K configs (both optimizers, spread learning rates and
 weight decays, dropout 0.1, seeds 0..K-1: what a search asks for) are trained

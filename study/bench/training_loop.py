@@ -13,7 +13,7 @@ a busy machine). Writes RESULTS/bench/bench.json and a timestamped copy.
 
 `--levers` also A/Bs the project loop against each speed lever switched off,
 `--recipe-epochs 100` times the user's full recipe (the GPU check:
-scripts/gpu_check.sh), `--fused-ks` adds issue 7's fused trials.
+scripts/gpu_check.sh), `--fused-ks` adds fused trials (study/bench/fused.py).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from .naive_loop import naive_train_epochs
 from ..options import add_common_options, add_data_options, data_config, load_splits, whole_number
 from ..output import fresh_file, timestamp, write_json
 
-# The issue's settings: the user's recipe at three batch sizes, 32 being the user's own.
+# The user's recipe at three batch sizes, 32 being the user's own.
 BATCH_SIZES = (16, 32, 128)
 REFERENCE_BATCH = 32
 ACCURACY_SEEDS = (0, 1, 2)
@@ -256,7 +256,7 @@ def _lever_options(device: torch.device) -> dict[str, LoopOptions]:
     """Each lever flipped, as the loop options of the flipped run; the shipped run takes the defaults."""
     shipped = LoopOptions()
     flip = {"channels_last off": LoopOptions(channels_last=not shipped.channels_last),
-            # the optimizer before fused kernels were adopted: foreach (one launch per op for all parameters)
+            # torch's foreach optimizer (one launch per op for all parameters) instead of its fused kernel
             "foreach optimizer (not fused)": LoopOptions(optimizer="foreach")}
     if device.type == "cuda":
         flip["cudnn.benchmark on"] = LoopOptions(cudnn_benchmark=True)
@@ -285,7 +285,7 @@ def measure_levers(splits: Splits, data: DeviceData, device: torch.device, epoch
     return out
 
 
-# --- horizontally fused trials (issue 7: cnnlib/fused.py, study/bench/fused.py) ---
+# --- horizontally fused trials (cnnlib/fused.py, study/bench/fused.py) ---
 
 def fused_section(ks: tuple[int, ...], splits: Splits, data: DeviceData, device, epochs: int, warmup: int,
                   bf16: bool = False, graphs: bool = False) -> dict:
@@ -297,7 +297,7 @@ def fused_section(ks: tuple[int, ...], splits: Splits, data: DeviceData, device,
     try:
         return measure_fused(splits=splits, data=data, device=device, ks=ks, epochs=epochs, warmup=warmup,
                              batch_size=REFERENCE_BATCH, bf16=bf16, graphs=graphs)
-    except Exception as error:  # noqa: BLE001 - another issue's code must not cost this report
+    except Exception as error:  # noqa: BLE001 - a failing fused bench must not cost this report
         return {"error": f"{type(error).__name__}: {error}"}
 
 

@@ -65,7 +65,7 @@ class Heartbeat:
 # A trial whose dev predictions are one class, or whose macro accuracy is within
 # COLLAPSE_MARGIN of chance (1/K), for COLLAPSE_EPOCHS epochs in a row after its lr
 # warm-up has collapsed (e.g. Adam with L2 decay 0.07: 91 epochs of a constant predictor
-# in the search issue's run). It is pruned at once, whatever the pruner's start-up
+# in one default search). It is pruned at once, whatever the pruner's start-up
 # rules. Warm-up epochs do not count: at a near-zero lr every net still predicts one
 # class (the first default search pruned four warming-up trials in epochs 1-3).
 COLLAPSE_EPOCHS = 3
