@@ -14,7 +14,7 @@ import pytest
 from plotly.colors import hex_to_rgb, unlabel_rgb
 
 from cnnlib.metrics import Evaluation
-from study import final
+from study import final, final_report
 from study.report import plots
 
 CLASSES = ["car", "truck", "cat"]
@@ -92,14 +92,14 @@ def test_the_plots_report_is_small_and_shares_one_plotly_js_beside_it(tmp_path):
 # --- make final ------------------------------------------------------------------------------
 
 def test_final_figures_are_small_and_share_one_plotly_js(tmp_path):
-    figures = {name: go.Figure(go.Scatter(x=[0, 1], y=[1, 0])) for name in final.FIGURES}
+    figures = {name: go.Figure(go.Scatter(x=[0, 1], y=[1, 0])) for name in final_report.FIGURES}
     final.write_figures(figures, tmp_path, png=False)
-    for name in final.FIGURES:
+    for name in final_report.FIGURES:
         html = tmp_path / f"{name}.html"
         assert html.stat().st_size < SMALL_HTML, name
         assert 'src="plotly.min.js"' in html.read_text()
     assert (tmp_path / "plotly.min.js").read_text() == plotly.offline.get_plotlyjs()
-    assert "plotly.min.js" in final.OUTPUTS, "publish() must move it into place with the figures"
+    assert "plotly.min.js" in final_report.OUTPUTS, "publish() must move it into place with the figures"
 
 
 def report_metrics(seeds: int, attacks: list[str]) -> dict:

@@ -24,7 +24,7 @@ from optuna.trial import TrialState, create_trial
 from cnnlib.checkpoint import load_checkpoint
 from cnnlib.metrics import Evaluation
 from cnnlib.training import DeviceData, evaluate
-from study import cli, final
+from study import cli, final, final_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["car", "truck", "cat"]
@@ -130,7 +130,7 @@ def test_final_on_a_smoke_study_writes_every_file(smoke_study, tmp_path, real_da
     for name in FILES:
         assert name in ("report.md", "plotly.min.js") or f"({name})" in report, f"report.md links {name}"
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == sorted(f"{f}.png" for f in final.FIGURES) or "PNG export: unavailable" in report
+    assert pngs == sorted(f"{f}.png" for f in final_report.FIGURES) or "PNG export: unavailable" in report
 
 
 @pytest.mark.slow
