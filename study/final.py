@@ -221,13 +221,7 @@ def run(args) -> int:
     if threads:
         print(f"cpu: {threads}", flush=True)
     out = output_folder(args.results, study.study_name)
-    if len(candidates) > 1:
-        print(f"study {study.study_name!r}: retraining {what} to choose by the mean over seeds", flush=True)
-    else:
-        print(f"study {study.study_name!r}: trial {trial.number} ({selection})", flush=True)
-    print(f"config: {json.dumps({k: v for k, v in config.to_dict().items() if k != 'seed'})}", flush=True)
-    print(f"classes: {', '.join(f'{i} {c}' for i, c in enumerate(data.classes))}"
-          f"{' (as recorded on the study)' if recorded else ''}", flush=True)
+    announce(study, trial, selection if len(candidates) == 1 else None, what, config, data.classes, recorded)
 
     (trial, config, config_source, runs, why), candidate_summary = retrain_candidates(study, candidates, data, args,
                                                                                       out, splits)
@@ -253,20 +247,28 @@ def run(args) -> int:
                   "values": trial.values, "config_source": config_source},
         "config": config.to_dict(), "device": str(device), "data": splits.summary(),
         "seeds": [r.to_dict() for r in runs], "median_seed": chosen.seed, "candidates": candidate_summary,
-        "summary": seed_summary(runs, data),
-        "attack": {"attacks": list(args.attack), "epsilons": list(args.epsilons), "pgd_steps": args.pgd_steps,
-                   "epsilon_scale": "[0, 1] pixels; on [-1, 1] inputs the same perturbation is 2 x epsilon",
-                   "seconds": sweep_seconds},
+        "summary": seed_summary(runs, data), "attack": attack_record(args, sweep_seconds),
         "figure_split": figure_name, "flip_example": flip,
+        **{name: {**chosen.evaluations[name].to_dict(), "majority_baseline": baseline[name].to_dict()}
+           for name in eval_splits(data)},
     }
-    for name in eval_splits(data):
-        metrics[name] = {**chosen.evaluations[name].to_dict(), "majority_baseline": baseline[name].to_dict()}
     write_json(stage / "metrics.json", metrics)
     write_atomic(stage / "report.md", format_report(metrics, rows, {"png": png, "png_status": png_status}))
     publish(stage, out)
     shutil.rmtree(out / ".partial", ignore_errors=True)  # done: a later run retrains from scratch
     print_outcome(metrics, baseline, data, out, args)
     return 0
+
+
+def announce(study, trial, selection: str | None, what: str, config: TrainConfig, classes, recorded) -> None:
+    """What is retrained, with which config and class order; `selection` None: several candidates."""
+    if selection is None:
+        print(f"study {study.study_name!r}: retraining {what} to choose by the mean over seeds", flush=True)
+    else:
+        print(f"study {study.study_name!r}: trial {trial.number} ({selection})", flush=True)
+    print(f"config: {json.dumps({k: v for k, v in config.to_dict().items() if k != 'seed'})}", flush=True)
+    print(f"classes: {', '.join(f'{i} {c}' for i, c in enumerate(classes))}"
+          f"{' (as recorded on the study)' if recorded else ''}", flush=True)
 
 
 def pick_candidates(study, args) -> tuple:
@@ -364,6 +366,12 @@ def draw_figures(model, data: DeviceData, splits, args, rows: list[dict], baseli
                                                 attack_options)
     flip["id"] = str(getattr(splits, figure_name).ids[flip["index"]])
     return figures, flip, figure_name
+
+
+def attack_record(args, seconds: float) -> dict:
+    return {"attacks": list(args.attack), "epsilons": list(args.epsilons), "pgd_steps": args.pgd_steps,
+            "epsilon_scale": "[0, 1] pixels; on [-1, 1] inputs the same perturbation is 2 x epsilon",
+            "seconds": seconds}
 
 
 def seed_summary(runs: list[SeedRun], data: DeviceData) -> dict:
