@@ -11,6 +11,7 @@ from cnnlib import training
 from cnnlib.model import INPUT_MEAN, INPUT_STD, model_flops_per_image
 from cnnlib.splits import DataConfig, prepare_splits
 from cnnlib.training import DeviceData, TrainConfig, make_model, train, train_epochs
+from study.bench import machine
 from study.bench import training_loop as bench
 from study.cli import main
 from study.bench.naive_loop import make_naive_model, naive_train_epochs
@@ -76,8 +77,8 @@ def test_accuracy_check_calls_a_gap_wider_than_the_seed_spread_a_difference():
 
 def test_cpu_peak_is_cores_times_clock_times_fma_width(monkeypatch):
     core = {"model name": "Test CPU", "cpu MHz": "2000.000", "flags": "fpu sse avx fma avx2", "physical id": "0"}
-    monkeypatch.setattr(bench, "_cpuinfo", lambda: [{**core, "core id": "0"}, {**core, "core id": "1"}])
-    peak = bench.cpu_peak()
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: [{**core, "core id": "0"}, {**core, "core id": "1"}])
+    peak = machine.cpu_peak()
     assert peak["flops"] == 2 * 2000e6 * 32
     assert "/proc/cpuinfo" in peak["source"]
 

@@ -18,9 +18,7 @@ scripts/gpu_check.sh), `--fused-ks` adds fused trials (study/bench/fused.py).
 
 from __future__ import annotations
 
-import math
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ from cnnlib.training import DeviceData, LoopOptions, TrainConfig, TrainResult, t
 
 from ..errors import UserError
 from .interleave import Timed, interleave
+from .machine import device_facts
 from .naive_loop import naive_train_epochs
 from ..options import add_common_options, add_data_options, data_config, load_splits, whole_number
 from ..output import fresh_file, timestamp, write_json
@@ -50,14 +49,6 @@ EPOCHS, WARMUP = 3, 1
 RECIPE_EPOCHS = 100  # the user's final recipe (TrainConfig default)
 # A backward pass costs about two forward passes (input and weight gradients).
 TRAIN_FLOPS_PER_FORWARD = 3
-# FP32 (non-tensor-core) peaks from NVIDIA's datasheets, by a substring of the device name.
-GPU_FP32_PEAKS = (
-    ("H200 NVL", 60e12, "NVIDIA H200 datasheet: FP32 60 TFLOPS (H200 NVL)"),
-    ("H200", 67e12, "NVIDIA H200 datasheet: FP32 67 TFLOPS (H200 SXM)"),
-    ("H100 PCIe", 51e12, "NVIDIA H100 datasheet: FP32 51 TFLOPS (H100 PCIe)"),
-    ("H100", 67e12, "NVIDIA H100 datasheet: FP32 67 TFLOPS (H100 SXM)"),
-    ("A100", 19.5e12, "NVIDIA A100 datasheet: FP32 19.5 TFLOPS"),
-)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -105,69 +96,6 @@ def add_arguments(parser) -> None:
     add_data_options(parser)
     add_common_options(parser)
 
-
-# --- device facts and peak FLOP/s ------------------------------------------
-
-def _cpuinfo() -> list[dict[str, str]]:
-    """One dict per logical CPU from /proc/cpuinfo (empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    cpus = []
-    for block in text.strip().split("\n\n"):
-        fields = {}
-        for line in block.splitlines():
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-        cpus.append(fields)
-    return cpus
-
-
-def cpu_peak() -> dict:
-    """FP32 peak of the whole CPU: cores x clock x FLOPs per cycle per core, read from /proc/cpuinfo.
-
-    FLOPs per cycle assume two FMA pipes per core (Zen 2+, Haswell+ and server
-    Skylake+): AVX-512 2 x 16 lanes x 2 = 64, AVX2+FMA 2 x 8 x 2 = 32, SSE 8.
-    The clock is the one /proc/cpuinfo reports (nominal under a hypervisor);
-    boost clocks would raise the peak.
-    """
-    cpus = _cpuinfo()
-    if not cpus:
-        return {"flops": None, "source": "no /proc/cpuinfo: peak unknown"}
-    flags = set(cpus[0].get("flags", "").split())
-    cores = len({(c.get("physical id"), c.get("core id")) for c in cpus}) if "core id" in cpus[0] else len(cpus)
-    mhz = max(float(c.get("cpu MHz", "nan")) for c in cpus)
-    if "avx512f" in flags:
-        per_cycle, isa = 64, "AVX-512 (2 FMA x 16 FP32 lanes x 2)"
-    elif "avx2" in flags and "fma" in flags:
-        per_cycle, isa = 32, "AVX2+FMA (2 FMA x 8 FP32 lanes x 2)"
-    else:
-        per_cycle, isa = 8, "SSE (4 lanes x 2 ops)"
-    flops = cores * mhz * 1e6 * per_cycle if math.isfinite(mhz) else None
-    return {"flops": flops, "cores": cores, "mhz": mhz, "flops_per_cycle_per_core": per_cycle,
-            "source": f"derived from /proc/cpuinfo: {cores} cores x {mhz:.0f} MHz x {per_cycle} FLOP/cycle "
-                      f"({isa}); an assumption, not a measurement"}
-
-
-def gpu_peak(name: str) -> dict:
-    for key, flops, source in GPU_FP32_PEAKS:
-        if key.lower() in name.lower():
-            return {"flops": flops, "source": source}
-    return {"flops": None, "source": f"no datasheet FP32 figure on file for {name!r}"}
-
-
-def device_facts(device: torch.device) -> dict:
-    facts = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-             "python": platform.python_version(), "channels_last": LoopOptions().channels_last}
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        facts.update(device_name=name, cuda=torch.version.cuda, peak=gpu_peak(name))
-    else:
-        cpus = _cpuinfo()
-        facts.update(device_name=cpus[0].get("model name", platform.processor()) if cpus else platform.processor(),
-                     cpu_capability=torch.backends.cpu.get_cpu_capability(), peak=cpu_peak())
-    return facts
 
 
 # --- interleaved runs (study/bench/interleave.py) ---------------------------
@@ -374,6 +302,8 @@ def choose_threads(requested: int | None) -> tuple[int, str]:
     return threads, why
 
 
+# --- the command: settings -> loops compared per batch -> accuracy -> extra sections -> report ---
+
 def run(args) -> int:
     settings = settings_from(args)
     threads, why = choose_threads(args.threads)
@@ -382,53 +312,14 @@ def run(args) -> int:
     splits = load_splits(args)
     data = DeviceData(splits, args.device)
     device = data.device
-    facts = device_facts(device)
-    peak = facts["peak"]["flops"]
-    n_train, n_dev = len(splits.train), len(splits.dev)
-    flops = model_flops_per_image(data.image_size, data.n_classes)
-    flops_per_epoch = float(n_train * TRAIN_FLOPS_PER_FORWARD * flops + n_dev * flops)
-    epochs = settings["warmup_epochs"] + settings["timed_epochs"]
-    base = TrainConfig(epochs=epochs)  # the user's recipe, shortened
-    report = {
-        "device": facts, "settings": settings, "config": base.to_dict(),
-        "split": {"train": n_train, "dev": n_dev},
-        "flops_per_image": flops, "flops_per_epoch": flops_per_epoch,
-        "flops_note": f"forward FLOPs (2 x multiply-adds of convs and linears) x{TRAIN_FLOPS_PER_FORWARD} per "
-                      "train image plus one forward per dev image; share_of_peak = that / seconds_per_epoch / peak",
-        "images_per_second_note": "train images per second of epoch wall time, dev evaluation included",
-        "batch_sizes": {},
-    }
+    report = report_header(settings, splits, data)
     print(f"bench on {device}: {settings['warmup_epochs']} warm-up + {settings['timed_epochs']} timed epochs, "
           f"batch sizes {settings['batch_sizes']}, accuracy seeds {settings['accuracy_seeds']}", flush=True)
-    accuracies = {}
-    for batch in settings["batch_sizes"]:
-        config = TrainConfig.from_dict({**base.to_dict(), "batch_size": batch, "seed": settings["accuracy_seeds"][0]})
-        row = compare(config, splits, data, device, settings["warmup_epochs"], flops_per_epoch, peak,
-                      args.naive_workers)
-        report["batch_sizes"][str(batch)] = row
-        print(f"  batch {batch}: naive {row['naive']['seconds_per_epoch']:.3f} s/epoch, "
-              f"project {row['project']['seconds_per_epoch']:.3f} s/epoch, {row['speedup']:.2f}x", flush=True)
-        if batch == REFERENCE_BATCH:
-            accuracies[config.seed] = {k: row[k]["final_dev_macro_accuracy"] for k in ("naive", "project")}
-    for seed in settings["accuracy_seeds"]:
-        if seed in accuracies:
-            continue
-        config = TrainConfig.from_dict({**base.to_dict(), "batch_size": REFERENCE_BATCH, "seed": seed})
-        row = compare(config, splits, data, device, settings["warmup_epochs"], flops_per_epoch, peak,
-                      args.naive_workers)
-        accuracies[seed] = {k: row[k]["final_dev_macro_accuracy"] for k in ("naive", "project")}
-        print(f"  accuracy seed {seed}: naive {accuracies[seed]['naive']:.3f}, "
-              f"project {accuracies[seed]['project']:.3f}", flush=True)
-    report["accuracy"] = accuracy_check(accuracies)
-    report["accuracy"]["epochs"] = epochs
+    accuracies = compare_batch_sizes(report, splits, data, args.naive_workers)
+    report["accuracy"] = accuracy_check(compare_accuracy_seeds(report, accuracies, splits, data, args.naive_workers))
+    report["accuracy"]["epochs"] = report["config"]["epochs"]
     if device.type == "cuda":
-        config = TrainConfig(batch_size=REFERENCE_BATCH, epochs=2)
-        run_ = train_epochs(config, data, device)
-        next(run_)  # warm-up epoch
-        try:
-            report["gpu_busy"] = gpu_busy_fraction(run_, device)
-        except Exception as error:  # noqa: BLE001 - the profiler (CUPTI) is optional; the timings are not
-            report["gpu_busy_error"] = f"{type(error).__name__}: {error}"
+        profile_gpu(report, data, device)
     if args.levers:
         report["levers"] = measure_levers(splits, data, device, settings["timed_epochs"], settings["warmup_epochs"])
     if args.recipe_epochs > 0:
@@ -439,27 +330,97 @@ def run(args) -> int:
     print(format_table(report))
     print(f"\nwrote {path} (and {copy.name})", flush=True)
     if args.fused_ks:
-        report["fused"] = fused_section(_ints(args.fused_ks), splits, data, device,
-                                        settings["timed_epochs"], settings["warmup_epochs"], args.fused_bf16,
-                                        args.fused_graphs)
-        if isinstance(report["fused"], list):
-            from .fused import format_summary, format_variants, summary
-
-            report["fused_summary"] = summary(report["fused"])
-            if args.fused_bf16 or args.fused_graphs:
-                print(format_variants(report["fused"]) or "CUDA graphs: not timed on this device (CUDA only)")
-            print(format_summary(report["fused_summary"]))
+        add_fused_section(report, args, splits, data)
         write_report(report, folder, copy)
         print(f"fused trials: {report['fused'] if isinstance(report['fused'], dict) else 'see above'}; updated {path}")
     if args.denormals > 0:
-        if device.type != "cpu":
-            report["denormals"] = {"skipped": "denormal floats slow CPUs; this device is not one"}
-        else:
-            from .denormals import format_denormals, measure_denormals  # noqa: PLC0415
-
-            report["denormals"] = measure_denormals(data_config(args), Path(args.results) / "data", args.denormals,
-                                                    torch.get_num_threads())
-            print(format_denormals(report["denormals"]))
+        add_denormals_section(report, args, device)
         write_report(report, folder, copy)
         print(f"updated {path}")
     return 0
+
+
+def report_header(settings: dict, splits: Splits, data: DeviceData) -> dict:
+    """The report before any timing: device, settings, the shortened recipe and the FLOPs an epoch costs."""
+    facts = device_facts(data.device)
+    n_train, n_dev = len(splits.train), len(splits.dev)
+    flops = model_flops_per_image(data.image_size, data.n_classes)
+    base = TrainConfig(epochs=settings["warmup_epochs"] + settings["timed_epochs"])  # the user's recipe, shortened
+    return {
+        "device": facts, "settings": settings, "config": base.to_dict(),
+        "split": {"train": n_train, "dev": n_dev},
+        "flops_per_image": flops, "flops_per_epoch": float(n_train * TRAIN_FLOPS_PER_FORWARD * flops + n_dev * flops),
+        "flops_note": f"forward FLOPs (2 x multiply-adds of convs and linears) x{TRAIN_FLOPS_PER_FORWARD} per "
+                      "train image plus one forward per dev image; share_of_peak = that / seconds_per_epoch / peak",
+        "images_per_second_note": "train images per second of epoch wall time, dev evaluation included",
+        "batch_sizes": {},
+    }
+
+
+def _compare(report: dict, batch: int, seed: int, splits: Splits, data: DeviceData, naive_workers: int) -> dict:
+    """Both loops on the report's recipe at this batch size and seed."""
+    config = TrainConfig.from_dict({**report["config"], "batch_size": batch, "seed": seed})
+    return compare(config, splits, data, data.device, report["settings"]["warmup_epochs"], report["flops_per_epoch"],
+                   report["device"]["peak"]["flops"], naive_workers)
+
+
+def compare_batch_sizes(report: dict, splits: Splits, data: DeviceData, naive_workers: int) -> dict[int, dict]:
+    """Each batch size's row of the report; the reference batch's final accuracies, by seed."""
+    settings, accuracies = report["settings"], {}
+    seed = settings["accuracy_seeds"][0]
+    for batch in settings["batch_sizes"]:
+        row = _compare(report, batch, seed, splits, data, naive_workers)
+        report["batch_sizes"][str(batch)] = row
+        print(f"  batch {batch}: naive {row['naive']['seconds_per_epoch']:.3f} s/epoch, "
+              f"project {row['project']['seconds_per_epoch']:.3f} s/epoch, {row['speedup']:.2f}x", flush=True)
+        if batch == REFERENCE_BATCH:
+            accuracies[seed] = {k: row[k]["final_dev_macro_accuracy"] for k in ("naive", "project")}
+    return accuracies
+
+
+def compare_accuracy_seeds(report: dict, accuracies: dict[int, dict], splits: Splits, data: DeviceData,
+                           naive_workers: int) -> dict[int, dict]:
+    """Both loops' final dev accuracy at the reference batch for every accuracy seed not measured yet."""
+    for seed in report["settings"]["accuracy_seeds"]:
+        if seed in accuracies:
+            continue
+        row = _compare(report, REFERENCE_BATCH, seed, splits, data, naive_workers)
+        accuracies[seed] = {k: row[k]["final_dev_macro_accuracy"] for k in ("naive", "project")}
+        print(f"  accuracy seed {seed}: naive {accuracies[seed]['naive']:.3f}, "
+              f"project {accuracies[seed]['project']:.3f}", flush=True)
+    return accuracies
+
+
+def profile_gpu(report: dict, data: DeviceData, device: torch.device) -> None:
+    """How busy the GPU is during one epoch at the reference batch (after a warm-up epoch)."""
+    epochs = train_epochs(TrainConfig(batch_size=REFERENCE_BATCH, epochs=2), data, device)
+    next(epochs)  # warm-up epoch
+    try:
+        report["gpu_busy"] = gpu_busy_fraction(epochs, device)
+    except Exception as error:  # noqa: BLE001 - the profiler (CUPTI) is optional; the timings are not
+        report["gpu_busy_error"] = f"{type(error).__name__}: {error}"
+
+
+def add_fused_section(report: dict, args, splits: Splits, data: DeviceData) -> None:
+    settings = report["settings"]
+    report["fused"] = fused_section(_ints(args.fused_ks), splits, data, data.device, settings["timed_epochs"],
+                                    settings["warmup_epochs"], args.fused_bf16, args.fused_graphs)
+    if isinstance(report["fused"], list):
+        from .fused import format_summary, format_variants, summary  # noqa: PLC0415
+
+        report["fused_summary"] = summary(report["fused"])
+        if args.fused_bf16 or args.fused_graphs:
+            print(format_variants(report["fused"]) or "CUDA graphs: not timed on this device (CUDA only)")
+        print(format_summary(report["fused_summary"]))
+
+
+def add_denormals_section(report: dict, args, device: torch.device) -> None:
+    if device.type != "cpu":
+        report["denormals"] = {"skipped": "denormal floats slow CPUs; this device is not one"}
+        return
+    from .denormals import format_denormals, measure_denormals  # noqa: PLC0415
+
+    report["denormals"] = measure_denormals(data_config(args), Path(args.results) / "data", args.denormals,
+                                            torch.get_num_threads())
+    print(format_denormals(report["denormals"]))
+
