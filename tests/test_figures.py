@@ -15,7 +15,7 @@ from plotly.colors import hex_to_rgb, unlabel_rgb
 
 from cnnlib.metrics import Evaluation
 from study import final, final_report
-from study.report import plots
+from study.report import figures, plots
 
 CLASSES = ["car", "truck", "cat"]
 SMALL_HTML = 100_000  # bytes: a figure's own data; plotly.js alone is ~4.6 MB
@@ -57,7 +57,7 @@ def luminance(colour: str) -> float:
 
 def test_parallel_coordinates_draw_every_trial_visibly_on_white():
     trials = trials_frame(5).assign(value=[0.30, 0.31, 0.5, 0.7, 0.8])
-    figure = plots.parallel_coordinates(trials, ["value"])
+    figure = figures.parallel_coordinates(trials, ["value"])
     lines = [t for t in figure.data if t.mode == "lines"]
     assert len(lines) == 5
     shades = {round(float(t.y[0]), 3): luminance(t.line.color) for t in lines}  # first axis: scaled accuracy
@@ -67,13 +67,13 @@ def test_parallel_coordinates_draw_every_trial_visibly_on_white():
 
 
 def test_the_trial_number_axis_has_whole_number_ticks_only():
-    figure = plots.optimization_history(trials_frame(4), ["value"])
+    figure = figures.optimization_history(trials_frame(4), ["value"])
     axis = figure.layout.xaxis
     assert axis.tickformat == "d" and axis.dtick is not None and float(axis.dtick).is_integer() and axis.dtick >= 1
 
 
 def test_a_long_study_keeps_about_ten_trial_number_ticks():
-    figure = plots.optimization_history(trials_frame(4).assign(number=[0, 40, 80, 119]), ["value"])
+    figure = figures.optimization_history(trials_frame(4).assign(number=[0, 40, 80, 119]), ["value"])
     assert figure.layout.xaxis.dtick == 12
 
 
