@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from datetime import datetime
 from pathlib import Path
@@ -53,12 +52,12 @@ from ..final import trial_config
 from ..options import add_common_options, add_data_options, load_splits, sqlite_url, use_cpu_threads
 from ..output import fresh_folder, write_atomic, write_json, write_pngs
 from ..search.space import load_space
+from .hpo_report import _f, figure, format_table, mean_sd, method_summary
 
 SEARCHES = ("default", "random")  # the two methods that search; "recipe" is the third
 DEFAULT_BUDGET = {"cpu": 300, "cuda": 900}  # seconds per search; 2 x 3 searches fit in about an hour on 2 cores
 CHECKPOINTS = (1 / 3, 2 / 3, 1.0)  # fractions of the budget; a last checkpoint ("end") takes every finished trial
 RETRAIN_SEEDS = (0, 1, 2)
-COLOURS = {"default": "#1f77b4", "random": "#ff7f0e", "recipe": "#555555"}
 
 
 def add_arguments(parser) -> None:
@@ -139,12 +138,6 @@ def write_search_space(run_dir: Path, space_path: Path, method: str, seed: int) 
 
 
 # --- retraining on the held-out test split ------------------------------------
-
-def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
-    values = [float(v) for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def retrain(config: TrainConfig, data: DeviceData, seeds=RETRAIN_SEEDS) -> dict:
@@ -288,88 +281,7 @@ def run_search(args, settings: dict, run_dir: Path, method: str, seed: int, cach
     return record
 
 
-# --- summary, table, figure ---------------------------------------------------------
-
-def method_summary(searches: list[dict], classes) -> dict:
-    """Mean over search seeds of each search's end checkpoint (the sd is over search seeds)."""
-    ends = [s["checkpoints"][-1] for s in searches]
-    scored = [e for e in ends if e["test_macro_mean"] is not None]
-    test_mean, test_sd = mean_sd([e["test_macro_mean"] for e in scored])
-    return {"search_seeds": len(searches), "scored_seeds": len(scored),
-            "trials_finished_mean": mean_sd([s["trials_finished"] for s in searches])[0],
-            "best_dev_mean": mean_sd([s["best_dev"] for s in searches])[0],
-            "wall_seconds_mean": mean_sd([s["wall_seconds"] for s in searches])[0],
-            "test_macro_mean": test_mean, "test_macro_sd_over_search_seeds": test_sd,
-            "test_per_class": {c: mean_sd([e["test_per_class"][c] for e in scored])[0] for c in classes}}
-
-
-def _f(value, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def format_table(report: dict) -> str:
-    classes = report["settings"]["classes"]
-    head = ["method", "search seeds", "trials (mean)", "search s (mean)", "best dev (mean)",
-            "test macro (mean ± sd)", *classes]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    methods = report["methods"]
-    for method in SEARCHES:
-        if method not in methods or "summary" not in methods[method]:
-            continue
-        s = methods[method]["summary"]
-        sd = f" ± {s['test_macro_sd_over_search_seeds']:.3f}" if s["test_macro_sd_over_search_seeds"] is not None else ""
-        lines.append("| " + " | ".join([method, str(s["search_seeds"]), _f(s["trials_finished_mean"], 1),
-                                         _f(s["wall_seconds_mean"], 0), _f(s["best_dev_mean"]),
-                                         _f(s["test_macro_mean"]) + sd,
-                                         *(_f(s["test_per_class"][c]) for c in classes)]) + " |")
-    recipe = methods.get("recipe")
-    if recipe:
-        sd = f" ± {recipe['test_macro_sd']:.3f}*" if recipe["test_macro_sd"] is not None else ""
-        lines.append("| " + " | ".join(["recipe", "–", "–", "–", "–", _f(recipe["test_macro_mean"]) + sd,
-                                         *(_f(recipe["test_per_class"][c]) for c in classes)]) + " |")
-    budget = report["settings"]["budget_seconds"]
-    lines.append("")
-    lines.append(f"Budget {budget} s per search (no trial starts after it; the group in flight finishes: "
-                 f"'search s'). Test: held-out test macro accuracy of the best trial's config at the search's end, "
-                 f"retrained with seeds {', '.join(map(str, RETRAIN_SEEDS))}; mean over search seeds ± sd over "
-                 f"search seeds (*recipe: sd over its training seeds). Per-class: test accuracy, mean.")
-    return "\n".join(lines)
-
-
-def figure(report: dict):
-    import plotly.graph_objects as go  # noqa: PLC0415 - plotting only here
-
-    fig = go.Figure()
-    for method in SEARCHES:
-        searches = report["methods"].get(method, {}).get("searches", [])
-        for s in searches:  # each search seed faint
-            points = [c for c in s["checkpoints"] if c["test_macro_mean"] is not None]
-            fig.add_trace(go.Scatter(x=[c["elapsed_seconds"] for c in points], y=[c["test_macro_mean"] for c in points],
-                                     mode="lines+markers", line=dict(color=COLOURS[method], width=1), opacity=0.3,
-                                     name=f"{method} seed {s['search_seed']}", legendgroup=method, showlegend=False))
-        if not searches:
-            continue
-        xs, ys = [], []
-        for index in range(len(searches[0]["checkpoints"])):  # the mean over search seeds, checkpoint by checkpoint
-            points = [s["checkpoints"][index] for s in searches]
-            y = mean_sd([p["test_macro_mean"] for p in points])[0]
-            if y is not None:
-                xs.append(statistics.fmean(p["elapsed_seconds"] for p in points))
-                ys.append(y)
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", line=dict(color=COLOURS[method], width=3),
-                                 name=f"{method} (mean of {len(searches)} search seeds)", legendgroup=method))
-    recipe = report["methods"].get("recipe")
-    if recipe and recipe["test_macro_mean"] is not None:
-        fig.add_hline(y=recipe["test_macro_mean"], line=dict(color=COLOURS["recipe"], dash="dash"),
-                      annotation_text=f"recipe alone ({recipe['test_macro_mean']:.3f})", annotation_position="bottom right")
-    budget = report["settings"]["budget_seconds"]
-    fig.add_vline(x=budget, line=dict(color="grey", dash="dot"), annotation_text="budget", annotation_position="top left")
-    fig.update_layout(title=f"Held-out test macro accuracy of the best config so far against search time<br>"
-                            f"<sup>retrained with {len(RETRAIN_SEEDS)} seeds; budget {budget} s per search; "
-                            "the group in flight at the deadline finishes</sup>",
-                      xaxis_title="elapsed search time (s)", yaxis_title="test macro accuracy (fraction, 0-1)",
-                      height=500, width=1000, template="plotly_white")
-    return fig
+# --- writing the figure ---------------------------------------------------------------
 
 
 def write_figure(fig, run_dir: Path, png: bool) -> str:
@@ -383,7 +295,7 @@ def write_figure(fig, run_dir: Path, png: bool) -> str:
     return f"wrote 1 PNGs to {run_dir}/"
 
 
-# --- the command ----------------------------------------------------------------------
+# --- the command: settings -> the recipe -> the searches, seed by seed -> summary, table, figure ---
 
 def run(args) -> int:
     settings = settings_from(args)  # every option and file is checked before data, folders or training
@@ -396,17 +308,7 @@ def run(args) -> int:
     write_atomic(run_dir / "spaces" / "recipe.yaml", settings["recipe"].path.read_text())
     budget, seeds = settings["budget_seconds"], settings["search_seeds"]
     total = len(SEARCHES) * len(seeds)
-    report = {
-        "complete": False,
-        "settings": {"budget_seconds": budget, "search_seeds": seeds, "checkpoints": [*CHECKPOINTS, "end"],
-                     "retrain_seeds": list(RETRAIN_SEEDS), "space": str(settings["space"].path),
-                     "recipe": str(settings["recipe"].path), "fuse": settings["fuse"], "device": str(data.device),
-                     "classes": list(data.classes), "data": splits.summary(), "torch": torch.__version__,
-                     "optuna": optuna.__version__, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-                     "host": platform.node(), "started": datetime.now().isoformat(timespec="seconds")},
-        "methods": {"recipe": None, **{m: {"searches": []} for m in SEARCHES}},
-        "retrains": {},
-    }
+    report = report_skeleton(settings, data, splits)
     print(f"hpo-bench: {run_dir}: {total} searches of {budget} s ({', '.join(SEARCHES)} x search seeds "
           f"{', '.join(map(str, seeds))}) on {data.device}{f' ({threads})' if threads else ''}, about {total * budget / 60:.0f} min of search plus the "
           f"trials in flight at each deadline and the {len(RETRAIN_SEEDS)}-seed retrains", flush=True)
@@ -417,14 +319,54 @@ def run(args) -> int:
         report["retrains"] = cache.records()
         write_json(run_dir / "hpo_bench.json", report)
 
+    report["methods"]["recipe"] = retrain_recipe(settings, cache)
+    save()
+    run_searches(report, args, settings, run_dir, cache, save, bench_started)
+    for method in SEARCHES:
+        report["methods"][method]["summary"] = method_summary(report["methods"][method]["searches"], data.classes)
+    report["complete"] = True
+    report["settings"]["finished"] = datetime.now().isoformat(timespec="seconds")
+    report["settings"]["bench_seconds"] = time.perf_counter() - bench_started
+    table = format_table(report)
+    write_atomic(run_dir / "table.md", table + "\n")
+    save()
+    png_status = write_figure(figure(report), run_dir, png=not args.no_png)
+    print(f"\n{table}\n\nfigure: {run_dir / 'test_vs_budget.html'}; {png_status}")
+    print(f"wrote {run_dir}/ (hpo_bench.json, table.md, test_vs_budget.html, spaces/, studies/)")
+    return 0
+
+
+def report_skeleton(settings: dict, data: DeviceData, splits) -> dict:
+    """hpo_bench.json before any training: what runs, on what, with which versions."""
+    return {
+        "complete": False,
+        "settings": {"budget_seconds": settings["budget_seconds"], "search_seeds": settings["search_seeds"],
+                     "checkpoints": [*CHECKPOINTS, "end"],
+                     "retrain_seeds": list(RETRAIN_SEEDS), "space": str(settings["space"].path),
+                     "recipe": str(settings["recipe"].path), "fuse": settings["fuse"], "device": str(data.device),
+                     "classes": list(data.classes), "data": splits.summary(), "torch": torch.__version__,
+                     "optuna": optuna.__version__, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+                     "host": platform.node(), "started": datetime.now().isoformat(timespec="seconds")},
+        "methods": {"recipe": None, **{m: {"searches": []} for m in SEARCHES}},
+        "retrains": {},
+    }
+
+
+def retrain_recipe(settings: dict, cache: RetrainCache) -> dict:
+    """The third method: the user's recipe, no search, retrained with the retrain seeds."""
     print(f"hpo-bench: recipe {settings['recipe'].path}: retraining with seeds "
           f"{', '.join(map(str, RETRAIN_SEEDS))}", flush=True)
     entry, cached = cache.get(settings["recipe_config"])
-    report["methods"]["recipe"] = {"space_file": "spaces/recipe.yaml", "config": entry["config"],
-                                   "trials_finished": 0, "dev_macro_mean": entry["dev_macro_mean"], **scores(entry)}
     print(f"hpo-bench: recipe: {describe(entry, cached)}", flush=True)
-    save()
-    done = 0
+    return {"space_file": "spaces/recipe.yaml", "config": entry["config"],
+            "trials_finished": 0, "dev_macro_mean": entry["dev_macro_mean"], **scores(entry)}
+
+
+def run_searches(report: dict, args, settings: dict, run_dir: Path, cache: RetrainCache, save,
+                 bench_started: float) -> None:
+    """Both searching methods for every search seed, the report saved after each search."""
+    budget, seeds = settings["budget_seconds"], settings["search_seeds"]
+    total, done = len(SEARCHES) * len(seeds), 0
     for seed in seeds:
         # The leader alternates seed by seed: a one-off warm-up or a neighbour's drift favours neither method.
         for method in (SEARCHES if seed % 2 == 0 else SEARCHES[::-1]):
@@ -438,15 +380,3 @@ def run(args) -> int:
                   f"{record['wall_seconds']:.0f} s of a {budget} s budget, best dev {_f(record['best_dev'])}, "
                   f"test at its end {_f(record['checkpoints'][-1]['test_macro_mean'])}", flush=True)
             save()
-    for method in SEARCHES:
-        report["methods"][method]["summary"] = method_summary(report["methods"][method]["searches"], data.classes)
-    report["complete"] = True
-    report["settings"]["finished"] = datetime.now().isoformat(timespec="seconds")
-    report["settings"]["bench_seconds"] = time.perf_counter() - bench_started
-    table = format_table(report)
-    write_atomic(run_dir / "table.md", table + "\n")
-    save()
-    png_status = write_figure(figure(report), run_dir, png=not args.no_png)
-    print(f"\n{table}\n\nfigure: {run_dir / 'test_vs_budget.html'}; {png_status}")
-    print(f"wrote {run_dir}/ (hpo_bench.json, table.md, test_vs_budget.html, spaces/, studies/)")
-    return 0
