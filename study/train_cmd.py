@@ -120,27 +120,10 @@ def run(args) -> int:
 
 def _train_and_write(args, space, config: TrainConfig, splits, run_dir: Path) -> int:
     data = DeviceData(splits, args.device)
-    threads = use_cpu_threads(data.device)
     classes = data.classes
-    print(f"space:  {space.path}  ({space.description})" if space.description else f"space:  {space.path}")
-    print(f"config: {json.dumps(config.to_dict())}")
-    counts = splits.summary()["splits"]
-    print("data:   " + "; ".join(f"{n} " + "/".join(str(v) for v in c.values()) for n, c in counts.items())
-          + f"  ({'/'.join(classes)})")
-    print(f"device: {data.device}{f' ({threads})' if threads else ''}\nrun:    {run_dir}", flush=True)
-
+    _announce(space, config, splits, data, run_dir)
     configs = [TrainConfig.from_dict({**config.to_dict(), "seed": config.seed + i}) for i in range(args.seeds)]
-    results = train_group(configs, data, on_epoch=_progress(config.epochs, [c.seed for c in configs]))
-    for result in results:
-        if result.error is not None:
-            raise result.error
-    criterion = make_criterion(config, data.train.y, data.n_classes)
-    per_seed = []
-    for result in results:
-        evaluations = {"dev": result.dev}
-        if data.test is not None:
-            evaluations["test"] = evaluate(result.model, data.test, classes, criterion)
-        per_seed.append(evaluations)
+    results, per_seed, criterion = _train_seeds(configs, data)
     # The median seed by dev macro accuracy is the run's model (as in `make final`).
     median = sorted(range(len(results)), key=lambda i: per_seed[i]["dev"].macro_accuracy)[(len(results) - 1) // 2]
     result, config, evaluations = results[median], configs[median], dict(per_seed[median])
@@ -149,17 +132,9 @@ def _train_and_write(args, space, config: TrainConfig, splits, run_dir: Path) ->
                  for name, split in (("dev", splits.dev), ("test", splits.test)) if split is not None}
     # The median: the first epoch carries one-off warm-up, and other work on a shared machine adds spikes.
     seconds_per_epoch = statistics.median(s.seconds for s in result.history)
-
     seed_summary = _seed_summary(configs, per_seed) if len(configs) > 1 else None
     if seed_summary:
-        for row in seed_summary["seeds"]:
-            print(f"seed {row['seed']}: " + "  ".join(
-                f"{name} macro {block['macro_accuracy']:.1%} ("
-                + " ".join(f"{c} {a:.1%}" for c, a in block["per_class"].items()) + ")"
-                for name, block in row.items() if name != "seed"))
-        print("  ".join(f"{name} macro {stats['mean']:.1%} ± {stats['sd']:.1%}" for name, stats
-                        in seed_summary["macro_accuracy"].items()) + f" over {len(configs)} seeds; "
-              f"the median seed ({config.seed}) is kept:")
+        _print_seeds(seed_summary, len(configs), config.seed)
     for name, evaluation in evaluations.items():
         print(evaluation.format(f"{name}:"))
     for name, evaluation in baselines.items():
@@ -193,3 +168,41 @@ def _train_and_write(args, space, config: TrainConfig, splits, run_dir: Path) ->
     write_json(run_dir / "metrics.json", metrics)
     print(f"wrote:  {run_dir / 'metrics.json'}, history.csv, model.pt")
     return 0
+
+
+def _announce(space, config: TrainConfig, splits, data: DeviceData, run_dir: Path) -> None:
+    """What trains: the space file, the config, the split's counts, the device and the run folder."""
+    threads = use_cpu_threads(data.device)
+    print(f"space:  {space.path}  ({space.description})" if space.description else f"space:  {space.path}")
+    print(f"config: {json.dumps(config.to_dict())}")
+    counts = splits.summary()["splits"]
+    print("data:   " + "; ".join(f"{n} " + "/".join(str(v) for v in c.values()) for n, c in counts.items())
+          + f"  ({'/'.join(data.classes)})")
+    print(f"device: {data.device}{f' ({threads})' if threads else ''}\nrun:    {run_dir}", flush=True)
+
+
+def _train_seeds(configs: list[TrainConfig], data: DeviceData) -> tuple[list, list[dict], object]:
+    """Every seed trained (as one fused group where they share batches); (results, dev/test per seed, criterion)."""
+    results = train_group(configs, data, on_epoch=_progress(configs[0].epochs, [c.seed for c in configs]))
+    for result in results:
+        if result.error is not None:
+            raise result.error
+    criterion = make_criterion(configs[0], data.train.y, data.n_classes)
+    per_seed = []
+    for result in results:
+        evaluations = {"dev": result.dev}
+        if data.test is not None:
+            evaluations["test"] = evaluate(result.model, data.test, data.classes, criterion)
+        per_seed.append(evaluations)
+    return results, per_seed, criterion
+
+
+def _print_seeds(seed_summary: dict, seeds: int, kept_seed: int) -> None:
+    for row in seed_summary["seeds"]:
+        print(f"seed {row['seed']}: " + "  ".join(
+            f"{name} macro {block['macro_accuracy']:.1%} ("
+            + " ".join(f"{c} {a:.1%}" for c, a in block["per_class"].items()) + ")"
+            for name, block in row.items() if name != "seed"))
+    print("  ".join(f"{name} macro {stats['mean']:.1%} ± {stats['sd']:.1%}" for name, stats
+                    in seed_summary["macro_accuracy"].items()) + f" over {seeds} seeds; "
+          f"the median seed ({kept_seed}) is kept:")
