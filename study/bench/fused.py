@@ -111,36 +111,43 @@ def measure_fused(data: DeviceData, device=None, ks=FUSED_KS, epochs: int = EPOC
 
             runs["naive"] = naive_train_epochs(configs[0], splits, device)
         timed = interleave(runs, device, probe="fused")
-        last = {name: run for name, run in timed.items() if name.startswith("fused")}
-        times = {name: {"wall": run.wall_seconds, "cpu": run.cpu_seconds} for name, run in timed.items()}
-        growth = timed["fused"].memory_growth
         row = {"k": k, "device": str(device), "threads": torch.get_num_threads(), "batch_size": batch_size,
                "warmup_epochs": warmup, "timed_epochs": epochs, "train_images": len(data.train)}
-        for name in runs:
-            row[name] = _summary(times[name], warmup, k if name.startswith("fused") else 1)
-        for name in variants:
-            for clock in ("wall", "cpu"):
-                row[f"{name}_speedup_{clock}"] = (row[f"fused {name}"][clock]["trial_epochs_per_second"]
-                                                  / row["fused"][clock]["trial_epochs_per_second"])
-        row["mean_last_dev_macro"] = {name: _mean_last_dev(run) for name, run in last.items()}
-        for clock in ("wall", "cpu"):
-            fused_rate = row["fused"][clock]["trial_epochs_per_second"]
-            row[f"speedup_vs_unfused_{clock}"] = fused_rate / row["unfused"][clock]["trial_epochs_per_second"]
-            if naive:
-                row[f"speedup_vs_naive_{clock}"] = fused_rate / row["naive"][clock]["trial_epochs_per_second"]
-        n_params = sum(math.prod(p.shape) for p in SeedCNN(data.n_classes, 0.0, data.image_size).parameters())
-        row["memory_per_member"] = {
-            "state_bytes": state_bytes_per_member(configs, n_params),
-            "peak_growth_bytes": None if growth is None else growth / k,
-            "peak_growth_kind": "cuda max_memory_allocated above what was allocated before (the resident data)"
-                                if device.type == "cuda" else
-                                "peak RSS growth in the first fused epoch, sampled every 5 ms (a lower bound: "
-                                "the allocator reuses what earlier runs freed)",
-        }
+        _add_rates(row, timed, k, warmup, variants)
+        row["memory_per_member"] = _memory_per_member(configs, data, timed["fused"].memory_growth)
         rows.append(row)
         if progress is not None:
             progress(format_row(row))
     return rows
+
+
+def _add_rates(row: dict, timed: dict, k: int, warmup: int, variants: dict) -> None:
+    """Each run's seconds and trial-epochs per second, and the fused group's speedups over the others."""
+    for name, run in timed.items():
+        row[name] = _summary({"wall": run.wall_seconds, "cpu": run.cpu_seconds}, warmup,
+                             k if name.startswith("fused") else 1)
+    for name in variants:
+        for clock in ("wall", "cpu"):
+            row[f"{name}_speedup_{clock}"] = (row[f"fused {name}"][clock]["trial_epochs_per_second"]
+                                              / row["fused"][clock]["trial_epochs_per_second"])
+    row["mean_last_dev_macro"] = {name: _mean_last_dev(run) for name, run in timed.items() if name.startswith("fused")}
+    for clock in ("wall", "cpu"):
+        fused_rate = row["fused"][clock]["trial_epochs_per_second"]
+        row[f"speedup_vs_unfused_{clock}"] = fused_rate / row["unfused"][clock]["trial_epochs_per_second"]
+        if "naive" in timed:
+            row[f"speedup_vs_naive_{clock}"] = fused_rate / row["naive"][clock]["trial_epochs_per_second"]
+
+
+def _memory_per_member(configs, data: DeviceData, growth: float | None) -> dict:
+    n_params = sum(math.prod(p.shape) for p in SeedCNN(data.n_classes, 0.0, data.image_size).parameters())
+    return {
+        "state_bytes": state_bytes_per_member(configs, n_params),
+        "peak_growth_bytes": None if growth is None else growth / len(configs),
+        "peak_growth_kind": "cuda max_memory_allocated above what was allocated before (the resident data)"
+                            if data.device.type == "cuda" else
+                            "peak RSS growth in the first fused epoch, sampled every 5 ms (a lower bound: "
+                            "the allocator reuses what earlier runs freed)",
+    }
 
 
 def _mean_last_dev(run) -> float | None:
