@@ -79,6 +79,61 @@ def infer_classes(source: Path) -> tuple[str, ...]:
     return tuple(names)
 
 
+# --- the source folder, listed once --------------------------------------
+
+ARRAY_SUFFIXES = (".npz", ".pickle", ".pkl")
+SPLIT_FILES = ("train", "dev", "test")  # the array files a folder may hold; test is optional
+
+
+def is_image_tree(source: Path) -> bool:
+    return (source / "train").is_dir() and (source / "test").is_dir()
+
+
+def array_file(source: Path, split: str) -> Path | None:
+    """source/<split>.npz (or .pickle, .pkl), the first that exists."""
+    for suffix in ARRAY_SUFFIXES:
+        if (source / f"{split}{suffix}").is_file():
+            return source / f"{split}{suffix}"
+    return None
+
+
+@dataclass
+class SourceListing:
+    """What a data folder holds, listed once: an image tree's files per split folder and class, or its array files.
+
+    The cache key is made from this listing and the split is drawn from it, so
+    the folder is walked once however the split is then built.
+    """
+
+    root: Path
+    tree: dict[str, dict[str, list[Path]]] | None  # {"train": {class: files}, "test": {...}}; None for array files
+    arrays: dict[str, Path | None]  # {"train": path or None, "dev": ..., "test": ...}; empty for an image tree
+
+    @property
+    def is_tree(self) -> bool:
+        return self.tree is not None
+
+    def files(self) -> list[Path]:
+        if self.tree is not None:
+            return [path for folder in self.tree.values() for paths in folder.values() for path in paths]
+        return [path for path in self.arrays.values() if path]
+
+    def fingerprint(self) -> list[tuple[str, int, int]]:
+        return file_fingerprint(self.files())
+
+
+def list_source(root: Path, classes: Sequence[str]) -> SourceListing:
+    """The data folder's listing: an image tree (train/ and test/, one folder per class) or array files."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: data folder not found (set DATA=... to an image tree or a folder with train/dev .npz)")
+    if not root.is_dir():
+        raise DataError(f"{root}: DATA must be a folder (an image tree with train/ and test/, or one with train.npz and dev.npz)")
+    if is_image_tree(root):
+        return SourceListing(root, {split: list_class_folders(root / split, classes) for split in ("train", "test")}, {})
+    return SourceListing(root, None, {split: array_file(root, split) for split in SPLIT_FILES})
+
+
 # --- image-folder trees ---------------------------------------------------
 
 def list_class_folders(split_dir: Path, classes: Sequence[str]) -> dict[str, list[Path]]:

@@ -22,7 +22,7 @@ from .atomic import atomic_path, write_json
 from .corrections import apply_corrections
 from .errors import DataError
 from .sources import (
-    DEFAULT_CLASSES, LabeledImages, file_fingerprint, list_class_folders, read_array_file, read_images,
+    DEFAULT_CLASSES, LabeledImages, SourceListing, array_file, is_image_tree, list_source, read_array_file, read_images,
 )
 
 # Counts of the user's report: 5000 train images at 80/12/8 %, dev 503/51/71.
@@ -101,17 +101,62 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-# --- building ------------------------------------------------------------
+# --- building: source folder -> images per class -> split -> cache ---------
 
-def _is_image_tree(source: Path) -> bool:
-    return (source / "train").is_dir() and (source / "test").is_dir()
+def prepare_splits(config: DataConfig, cache_dir: Path | None) -> Splits:
+    """Train/dev/test for a config, from the cache when the source and settings are unchanged.
+
+    The source folder is listed once (cnnlib.sources.list_source); that
+    listing keys the cache, and on a miss the split is drawn from it, read,
+    corrected and cached.
+    """
+    source = list_source(config.source, config.classes)
+    digest = _file_digest(config.corrections) if config.corrections else None
+    key = _cache_key(config, source.fingerprint(), digest)
+    cache_path = Path(cache_dir) / f"split-{key}.npz" if cache_dir else None
+    splits = _load_cache(cache_path) if cache_path and cache_path.is_file() else None
+    if splits is None:
+        splits = _draw_from_tree(config, source) if source.is_tree else _read_array_files(config, source)
+        require_every_class(splits, ("train", "dev"), config)
+        if config.corrections:
+            splits = apply_corrections(splits, config.corrections)
+            require_every_class(splits, ("train", "dev"), config, f"{config.corrections}: after these corrections")
+        if cache_path:
+            _remove_stale_temporaries(cache_path.parent)
+            _save_cache(splits, cache_path)
+            splits.cache_path = cache_path
+    splits.cache_key, splits.corrections_digest = key, digest
+    return splits
 
 
-def _array_file(source: Path, split: str) -> Path | None:
-    for suffix in (".npz", ".pickle", ".pkl"):
-        if (source / f"{split}{suffix}").is_file():
-            return source / f"{split}{suffix}"
-    return None
+def _draw_from_tree(config: DataConfig, source: SourceListing) -> Splits:
+    """Per class: train drawn from train/, dev and a disjoint test from test/; only the drawn images are read."""
+    root = source.root
+    rng = np.random.default_rng(config.seed)
+    chosen = {name: ([], []) for name in SPLIT_NAMES}
+    for label, name in enumerate(config.classes):
+        (train,) = _take(source.tree["train"][name], [config.train_counts[label]], rng, root / "train" / name)
+        dev, test = _take(source.tree["test"][name], [config.dev_counts[label], config.test_counts[label]], rng,
+                          root / "test" / name)
+        for split, files in zip(SPLIT_NAMES, (train, dev, test)):
+            chosen[split][0].extend(files)
+            chosen[split][1].extend([label] * len(files))
+    parts = {s: read_images(paths, labels, root, config.image_size) for s, (paths, labels) in chosen.items()}
+    return Splits(config.classes, parts["train"], parts["dev"], parts["test"], str(root))
+
+
+def _read_array_files(config: DataConfig, source: SourceListing) -> Splits:
+    """train/dev (and test, when there) as the files hold them."""
+    parts = {}
+    for split in SPLIT_NAMES:
+        path = source.arrays[split]
+        if path is None and split != "test":
+            raise DataError(f"{config.source}: no {split}.npz / {split}.pickle found "
+                            "(a data folder is either an image tree with train/ and test/, or holds train.* and dev.* files)")
+        parts[split] = read_array_file(path, config.classes, config.trust_pickle) if path else None
+        _check_image_shape(parts[split], path, parts["train"], source.arrays["train"])
+    return Splits(config.classes, parts["train"], parts["dev"], parts["test"], str(config.source))
+
 
 
 def _take(files: list[Path], counts: Sequence[int], rng: np.random.Generator, where: Path) -> list[list[Path]]:
@@ -125,34 +170,6 @@ def _take(files: list[Path], counts: Sequence[int], rng: np.random.Generator, wh
         out.append(sorted(files[i] for i in order[start:start + n]))
         start += n
     return out
-
-
-def _build_from_tree(config: DataConfig) -> Splits:
-    root = config.source
-    train_files = list_class_folders(root / "train", config.classes)
-    test_files = list_class_folders(root / "test", config.classes)
-    rng = np.random.default_rng(config.seed)
-    chosen = {name: ([], []) for name in SPLIT_NAMES}
-    for label, name in enumerate(config.classes):
-        (train,) = _take(train_files[name], [config.train_counts[label]], rng, root / "train" / name)
-        dev, test = _take(test_files[name], [config.dev_counts[label], config.test_counts[label]], rng, root / "test" / name)
-        for split, files in zip(SPLIT_NAMES, (train, dev, test)):
-            chosen[split][0].extend(files)
-            chosen[split][1].extend([label] * len(files))
-    parts = {s: read_images(paths, labels, root, config.image_size) for s, (paths, labels) in chosen.items()}
-    return Splits(config.classes, parts["train"], parts["dev"], parts["test"], str(root))
-
-
-def _build_from_files(config: DataConfig) -> Splits:
-    parts = {}
-    for split in SPLIT_NAMES:
-        path = _array_file(config.source, split)
-        if path is None and split != "test":
-            raise DataError(f"{config.source}: no {split}.npz / {split}.pickle found "
-                            "(a data folder is either an image tree with train/ and test/, or holds train.* and dev.* files)")
-        parts[split] = read_array_file(path, config.classes, config.trust_pickle) if path else None
-        _check_image_shape(parts[split], path, parts["train"], _array_file(config.source, "train"))
-    return Splits(config.classes, parts["train"], parts["dev"], parts["test"], str(config.source))
 
 
 def _check_image_shape(part: LabeledImages | None, path: Path, train: LabeledImages, train_path: Path) -> None:
@@ -170,6 +187,8 @@ def _check_image_shape(part: LabeledImages | None, path: Path, train: LabeledIma
                         f"{train.images.shape[2]}x{train.images.shape[1]}; every split needs one size")
 
 
+# --- the cache: keyed by the source listing and the settings -------------
+
 def _cache_key(config: DataConfig, listing, corrections_digest: str | None) -> str:
     settings = asdict(config)
     settings["source"] = str(Path(config.source).resolve())
@@ -186,17 +205,6 @@ def _file_digest(path: Path) -> str:
         raise DataError(f"{path}: cannot read ({error.strerror})") from None
 
 
-def _source_listing(config: DataConfig):
-    source = config.source
-    if _is_image_tree(source):
-        files = []
-        for split in ("train", "test"):
-            for name, paths in list_class_folders(source / split, config.classes).items():
-                files.extend(paths)
-        return file_fingerprint(files)
-    return file_fingerprint([p for s in SPLIT_NAMES if (p := _array_file(source, s))])
-
-
 def _save_cache(splits: Splits, path: Path) -> None:
     arrays = {}
     for name, split in splits.named().items():
@@ -209,42 +217,16 @@ def _save_cache(splits: Splits, path: Path) -> None:
         np.savez(handle, **arrays)
 
 
-def _load_cache(path: Path) -> Splits:
-    with np.load(path, allow_pickle=False) as a:
-        parts = {name: LabeledImages(a[f"{name}_images"], a[f"{name}_labels"], a[f"{name}_ids"])
-                 if f"{name}_images" in a.files else None for name in SPLIT_NAMES}
-        return Splits(tuple(a["classes"].tolist()), parts["train"], parts["dev"], parts["test"],
-                      str(a["source"]), path)
-
-
-def prepare_splits(config: DataConfig, cache_dir: Path | None) -> Splits:
-    """Train/dev/test for a config, from the cache when the source and settings are unchanged."""
-    source = config.source
-    if not source.exists():
-        raise DataError(f"{source}: data folder not found (set DATA=... to an image tree or a folder with train/dev .npz)")
-    if not source.is_dir():
-        raise DataError(f"{source}: DATA must be a folder (an image tree with train/ and test/, or one with train.npz and dev.npz)")
-    digest = _file_digest(config.corrections) if config.corrections else None
-    key = _cache_key(config, _source_listing(config), digest)
-    cache_path = Path(cache_dir) / f"split-{key}.npz" if cache_dir else None
-    if cache_path and cache_path.is_file():
-        try:
-            splits = _load_cache(cache_path)
-            splits.cache_key, splits.corrections_digest = key, digest
-            return splits
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            pass  # a damaged (e.g. truncated) cache is rebuilt, never trusted
-    splits = _build_from_tree(config) if _is_image_tree(source) else _build_from_files(config)
-    require_every_class(splits, ("train", "dev"), config)
-    if config.corrections:
-        splits = apply_corrections(splits, config.corrections)
-        require_every_class(splits, ("train", "dev"), config, f"{config.corrections}: after these corrections")
-    if cache_path:
-        _remove_stale_temporaries(cache_path.parent)
-        _save_cache(splits, cache_path)
-        splits.cache_path = cache_path
-    splits.cache_key, splits.corrections_digest = key, digest
-    return splits
+def _load_cache(path: Path) -> Splits | None:
+    """The cached split; None when the file is damaged (e.g. truncated): it is rebuilt, never trusted."""
+    try:
+        with np.load(path, allow_pickle=False) as a:
+            parts = {name: LabeledImages(a[f"{name}_images"], a[f"{name}_labels"], a[f"{name}_ids"])
+                     if f"{name}_images" in a.files else None for name in SPLIT_NAMES}
+            return Splits(tuple(a["classes"].tolist()), parts["train"], parts["dev"], parts["test"],
+                          str(a["source"]), path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
 
 
 def require_every_class(splits: Splits, names: Sequence[str], config: DataConfig, blame: str | None = None) -> None:
@@ -260,8 +242,8 @@ def require_every_class(splits: Splits, names: Sequence[str], config: DataConfig
         if missing:
             if blame is None:
                 counts = ",".join(map(str, getattr(config, f"{name}_counts")))
-                blame = (f"{config.source} (--{name}-counts {counts}):" if _is_image_tree(config.source)
-                         else f"{_array_file(config.source, name)}:")
+                blame = (f"{config.source} (--{name}-counts {counts}):" if is_image_tree(config.source)
+                         else f"{array_file(config.source, name)}:")
             raise DataError(f"{blame} the {name} split has no {', '.join(map(repr, missing))} image; "
                             "every class needs at least one there")
 

@@ -84,10 +84,10 @@ def test_cache_is_reused_when_nothing_changed(image_tree, tmp_path, monkeypatch)
     first = prepare_splits(DataConfig(root, **SMALL), cache)
     assert first.cache_path.is_file() and first.cache_path.parent == cache
 
-    def no_rebuild(config):
+    def no_rebuild(config, source):
         raise AssertionError("split was rebuilt although the cache is valid")
 
-    monkeypatch.setattr(splits_module, "_build_from_tree", no_rebuild)
+    monkeypatch.setattr(splits_module, "_draw_from_tree", no_rebuild)
     second = prepare_splits(DataConfig(root, **SMALL), cache)
     assert second.cache_path == first.cache_path
     assert second.train.ids.tolist() == first.train.ids.tolist()
