@@ -75,10 +75,7 @@ def sigkill_when_training(command: list[str], results: Path, training: int) -> t
             time.sleep(0.2)
         return left, time.monotonic() - killed, log.read_text()
     finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # whatever outlived it, so the test leaves nothing behind
-        except ProcessLookupError:
-            pass
+        kill_session(process)
 
 
 @pytest.mark.slow
@@ -118,6 +115,75 @@ def test_make_runs_each_command_in_place_of_its_shell():
     assert all(line.startswith(f"{PARENT_VARIABLE}=$PPID exec ") for line in commands), recipes
 
 
+FOLLOWER = """\
+import sys, time
+import study.lifetime as lifetime
+if sys.argv[1] == "watchdog-only":  # as where prctl is missing (not Linux)
+    lifetime.set_parent_death_signal = lambda *args: False
+lifetime.follow_parent_from_environment()
+print("following", flush=True)
+time.sleep(60)
+"""
+
+PARENT = """\
+import os, subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "STUDY_PARENT_PID": sys.argv[3] or str(os.getpid())})
+child.stdout.readline()
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+def start_follower(how: str, parent_pid: str = "") -> tuple[subprocess.Popen, int]:
+    """A process that follows its parent (the variable make sets), under a parent this test can SIGKILL."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, FOLLOWER, how, parent_pid], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    return parent, int(parent.stdout.readline())
+
+
+def kill_session(leader: subprocess.Popen) -> None:
+    """SIGKILL whatever is left of the session `leader` started, so a failing test leaves nothing behind."""
+    try:
+        os.killpg(leader.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    leader.wait()
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("how", ["prctl", "watchdog-only"])
+def test_a_process_named_the_follower_of_its_parent_ends_when_the_parent_is_sigkilled(how):
+    parent, follower = start_follower(how)
+    try:
+        assert not gone_within(follower, 0.5)  # alive while its parent is
+        parent.kill()
+        parent.wait()
+        assert gone_within(follower, 3), f"{how}: the follower outlived its SIGKILLed parent"
+    finally:
+        kill_session(parent)
+
+
+def test_a_process_whose_parent_died_before_it_could_follow_ends_at_once():
+    parent, follower = start_follower("prctl", parent_pid="1")  # names a parent that is not (or no longer) its own
+    try:
+        assert gone_within(follower, 3)
+    finally:
+        kill_session(parent)
+
+
 # --- WORKERS is capped at what can run -----------------------------------------------------------
 
 GIB = 2 ** 30
@@ -149,10 +215,7 @@ def test_sixty_four_workers_on_a_small_machine_start_only_what_can_run_and_finis
     try:
         out, err = process.communicate(timeout=180)
     finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_session(process)
 
     assert process.returncode == 0, out[-3000:] + err[-3000:]
     cap = re.search(r"^note: WORKERS=64 lowered to (\d+): .+$", err, flags=re.M)
