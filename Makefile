@@ -67,13 +67,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Each command target is the study command of the same name (python -m study <target> --help).
+# exec: Python replaces the recipe's shell, so the signals make passes on (SIGTERM) reach it; and
+# STUDY_PARENT_PID ($$PPID: make) makes it end with make even when make itself is SIGKILLed
+# (study/lifetime.py), taking its worker processes with it.
 $(COMMANDS): $(STAMP)
-	$(PY) -m study $@
+	STUDY_PARENT_PID=$$PPID exec $(PY) -m study $@
 
 # The module listens beyond 127.0.0.1 only when its command line says so. "$$HOST" stays one word
-# whatever it holds; exec keeps the dashboard the process that make signals (SIGTERM).
+# whatever it holds.
 dashboard: $(STAMP)
-	exec $(PY) -m study dashboard --host "$$HOST"
+	STUDY_PARENT_PID=$$PPID exec $(PY) -m study dashboard --host "$$HOST"
 
 # PostgreSQL (for the shared-storage tests) and Chromium (for the report test), from Debian.
 test-deps:

@@ -18,6 +18,7 @@ from cnnlib.allocator import keep_freed_memory
 from cnnlib.errors import CnnlibError
 
 from .errors import UserError
+from .lifetime import follow_parent_from_environment
 
 # name -> (module, one line for the command list, what --help says about it). The text is for users:
 # what the command does and writes, never where the code lives (module docstrings are for developers).
@@ -63,7 +64,12 @@ def interrupt_on_sigterm(signum=None, frame=None):
     `make` passes SIGTERM on to the command it runs (as do kill, systemd and
     docker stop); by default Python would die on the spot and leave its worker
     processes training. The interrupt's text says which signal it was.
+    Further SIGTERMs are ignored, so that they cannot cut short the telling of
+    trials FAIL: a worker whose search was SIGKILLed gets one parent-death
+    signal per thread of the dead search (the kernel hands it from thread to
+    thread as each dies). SIGKILL still ends a stop that hangs.
     """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt("SIGTERM")
 
 
@@ -122,6 +128,8 @@ def main(argv=None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
     previous = signal.signal(signal.SIGTERM, interrupt_on_sigterm) if in_main_thread else None
     try:
+        if in_main_thread:
+            follow_parent_from_environment()  # under make: end with make, even when make is SIGKILLed
         return int(_load(args.command).run(args) or 0)
     except (CnnlibError, UserError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -196,7 +196,7 @@ BAD_SPACES = {
                            "params.epochs.step: must be > 0"),
     "impossible: infinite bound": ("params:\n  lr: {type: float, low: 1.0e-3, high: .inf, log: true}\n",
                                    "params.lr.high: expected a finite number"),
-    "impossible: negative budget": ("budget: {trials: -3}\nparams:\n  lr: 0.01\n", "budget.trials: cannot be negative"),
+    "impossible: negative budget": ("budget: {trials: -3}\nparams:\n  lr: 0.01\n", "budget.trials: must be at least 1"),
     "not text": (b"\xff\xfe\x00\x01 binary", "not a UTF-8 text file"),
     # YAML that loads but means something other than what the file says
     "an alias": ("params:\n  lr: &rate 1.0e-3\n  weight_decay: *rate\n",

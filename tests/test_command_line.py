@@ -126,7 +126,8 @@ def test_help_shows_every_default(command):
 
 def test_search_help_shows_the_values_it_will_use(capsys):
     text = " ".join(help_text("search", capsys).split())
-    assert "--workers WORKERS worker processes sharing the study (env WORKERS; default: 1)" in text
+    assert ("--workers WORKERS worker processes sharing the study, at most what can run: trials left, CPU cores, "
+            "memory (env WORKERS; default: 1)") in text
     assert "default.yaml" in text
 
 

@@ -370,6 +370,9 @@ def test_a_worker_killed_between_ask_and_its_heartbeat_thread_does_not_hold_a_tr
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
     monkeypatch.setattr(storage_module, "HEARTBEAT_INTERVAL", 1)  # as FAST_HEARTBEAT, for this process
     monkeypatch.setattr(storage_module, "GRACE_PERIOD", 3)
+    # A run counts only its own trials, so it does not wait for another run's: the dead trial is failed
+    # (and its params queued again) by the first ask after the grace period, in whichever run asks.
+    time.sleep(3 + 1)
 
     code = cli.main(["search", "--space", str(SMOKE), "--storage", url, "--data", str(small_data),
                      "--results", str(tmp_path), "--trials", "1", "--timeout", "60"])

@@ -338,8 +338,8 @@ def test_a_parallel_run_whose_workers_all_give_up_fails(small_data, tmp_path):
         cnnlib.training.train_group = train_group
         """))
     command = [sys.executable, "-m", "study", "search", "--space", str(SMOKE), "--storage", sqlite_url(tmp_path),
-               "--trials", "1", "--workers", "2", "--fuse", "1", "--data", str(small_data),
-               "--results", str(tmp_path)]
+               "--trials", "2", "--workers", "2", "--fuse", "1", "--data", str(small_data),
+               "--results", str(tmp_path)]  # 2 trials: with 1, one worker would be all that can run
 
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           env=subprocess_env(PYTHONPATH=os.pathsep.join([str(inject), str(ROOT)])))  # this checkout

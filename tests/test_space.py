@@ -69,17 +69,21 @@ def test_the_study_is_named_after_the_space_file(tmp_path):
     assert load_space(write_space(tmp_path, VALID, "my_box.yaml")).name == "my_box"
 
 
-def test_parallel_samplers_get_distinct_reproducible_seeds(tmp_path):
-    """Each worker builds its own sampler: equal seeds would make workers propose identical trials."""
+def test_every_trial_draws_from_its_own_seed_and_a_single_run_is_reproducible(tmp_path):
+    """Each process (worker, run, machine) builds its own sampler: a seed shared by all would make them propose
+    identical trials. The seed goes with the trial's number, which the storage makes unique in the study."""
     space = load_space(write_space(tmp_path, VALID))
 
-    def first_lr(stream):
-        study = optuna.create_study(sampler=space.make_sampler(stream), direction="maximize")
-        return study.ask().suggest_float("lr", 1e-4, 1e-1, log=True)
+    def lrs(samplers: int, trials: int) -> list[float]:
+        """`trials` trials of one study, asked in turn by `samplers` processes' samplers (like runs started together)."""
+        storage = optuna.storages.InMemoryStorage()
+        studies = [optuna.create_study(storage=storage, study_name="s", sampler=space.make_sampler(),
+                                       direction="maximize", load_if_exists=True) for _ in range(samplers)]
+        return [studies[i % samplers].ask().suggest_float("lr", 1e-4, 1e-1, log=True) for i in range(trials)]
 
-    assert first_lr(()) == first_lr((0, 0)) == first_lr(())  # the file's own seed for a fresh single run
-    assert first_lr((0, 1)) == first_lr((0, 1))
-    assert len({first_lr((0, 0)), first_lr((0, 1)), first_lr((4, 0))}) == 3
+    assert lrs(1, 4) == lrs(1, 4)  # the file's seed makes a run reproducible
+    assert len(set(lrs(2, 4))) == 4  # two processes' samplers never repeat each other
+    assert lrs(2, 4) == lrs(1, 4)  # trial n draws the same, whichever process asks it
 
 
 # --- invalid files: one message naming the file and the key -------------------
@@ -170,11 +174,15 @@ def test_a_grid_sampler_keeps_the_files_seed_in_every_process(tmp_path):
           lr: {type: categorical, choices: [1.0e-1, 1.0e-2, 1.0e-3, 1.0e-4]}
         """))
 
-    def first_points(stream):
-        study = optuna.create_study(sampler=space.make_sampler(stream), direction="maximize")
-        return [study.ask().suggest_categorical("lr", [1e-1, 1e-2, 1e-3, 1e-4]) for _ in range(4)]
+    storage = optuna.storages.InMemoryStorage()
+    studies = [optuna.create_study(storage=storage, study_name="grid", sampler=space.make_sampler(),
+                                   direction="maximize", load_if_exists=True) for _ in range(2)]
+    alone = optuna.create_study(sampler=space.make_sampler(), direction="maximize")
 
-    assert first_points((7, 1)) == first_points(())
+    shared = [studies[i % 2].ask().suggest_categorical("lr", [1e-1, 1e-2, 1e-3, 1e-4]) for i in range(4)]
+
+    assert shared == [alone.ask().suggest_categorical("lr", [1e-1, 1e-2, 1e-3, 1e-4]) for _ in range(4)]
+    assert sorted(shared) == [1e-4, 1e-3, 1e-2, 1e-1]  # every point once
 
 
 WARM = """

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,8 @@ import torch
 
 from cnnlib.fused import GROUP_SIZE
 from cnnlib.splits import DataConfig, prepare_splits
+
+from ..lifetime import PARENT_VARIABLE, follow_parent_from_environment
 
 GROUP = GROUP_SIZE["cpu"]  # the search's fused group on a CPU
 EDGE = 3  # epochs averaged at the start and at the end of a run
@@ -62,7 +65,8 @@ def measure_denormals(config: DataConfig, cache: Path, epochs: int, threads: int
                 "--cache", str(cache), "--k", str(k), "--epochs", str(epochs), "--threads", str(threads)]
         if not flushed:
             argv.append("--keep-denormals")
-        child = subprocess.run(argv, capture_output=True, text=True)
+        child = subprocess.run(argv, capture_output=True, text=True,  # it ends with the bench, even a SIGKILLed one
+                               env={**os.environ, PARENT_VARIABLE: str(os.getpid())})
         if child.returncode != 0:
             return {"error": f"child ({name}) exited {child.returncode}: {child.stderr.strip()[-500:]}"}
         runs[name] = json.loads(child.stdout.strip().splitlines()[-1])
@@ -97,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--keep-denormals", action="store_true")
     args = parser.parse_args(argv)
+    follow_parent_from_environment()
     if not args.keep_denormals:  # before any parallel op: the OpenMP threads inherit it
         from cnnlib.device import flush_denormals  # noqa: PLC0415
 

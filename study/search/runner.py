@@ -1,20 +1,27 @@
 """Run or continue an Optuna study over the seed CNN (`make search`).
 
 Running it again continues the same study. TRIALS counts the trials this run
-adds; WORKERS processes share the storage and together finish exactly that many
-(COMPLETE or PRUNED): a file lock around "count, then ask" makes the quota exact
-for workers on this machine, and heartbeats plus Optuna's retry callback
+adds; WORKERS processes (capped at what can run: cap_workers) share the storage
+and together finish exactly that many (COMPLETE or PRUNED). Each run draws a
+random id that marks its trials, so the quota and "added by this run" count
+this run's own trials whatever other runs add to the study meanwhile; a file
+lock around "count, then ask" makes the quota exact for the run's workers, and
+heartbeats plus Optuna's retry callback
 re-run the trial of a worker that died (journal storage has no heartbeat and is
 for one machine: there a dead worker is recognised by its pid, study/search/storage.py).
 Ctrl-C or SIGTERM marks the running trials FAIL with the reason and stops every
 worker; a storage that fails mid-run ends it with one line; the next run
-continues either way.
+continues either way. No process of a run outlives it (study/lifetime.py), and
+docs/parallel.md says what holds under kills and concurrent starts.
 """
 
 from __future__ import annotations
 
 import fcntl
+import math
 import multiprocessing
+import os
+import secrets
 import signal
 import sys
 import time
@@ -40,6 +47,7 @@ from .. import hints, progress
 from .artifacts import note_outcome, record_artifact_dir
 from ..cli import interrupt_on_sigterm
 from ..errors import UserError
+from ..lifetime import follow_parent
 from .objective import run_trials
 from ..options import (add_common_options, add_data_options, add_study_options, choose_cpu_threads, describe_classes,
                        env, load_splits, whole_number)
@@ -58,20 +66,25 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POLL_SECONDS = 2.0
 MAX_RESPAWNS_PER_WORKER = 3
 STOP_SECONDS = 30  # after an interrupt, how long a worker may take to tell its trial FAIL before it is killed
+RUN_ATTR = "search_run"  # trial user attribute: the id of the run whose worker trained the trial
+# Memory one worker needs, with a margin: a search process peaked at 1.3 GB resident training a fused
+# group of 4 smoke trials on the shared data (2-core CPU, torch 2.14.1+cu130, /usr/bin/time -v, n=1).
+WORKER_MEMORY = 1.5 * 2 ** 30
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--space", default=env("SPACE", "search_spaces/default.yaml"),
                         help="search-space file, or the name of a shipped one such as smoke (env SPACE)")
     add_study_options(parser)
-    parser.add_argument("--trials", type=whole_number("TRIALS"), default=env("TRIALS"),
+    parser.add_argument("--trials", type=whole_number("TRIALS", 1), default=env("TRIALS"),
                         help="finished trials to add in this run (env TRIALS; default: the space's budget, else "
-                             "no limit)")
-    parser.add_argument("--timeout", type=whole_number("TIMEOUT"), default=env("TIMEOUT"),
+                             "no trial limit)")
+    parser.add_argument("--timeout", type=whole_number("TIMEOUT", 1), default=env("TIMEOUT"),
                         help=f"seconds after which no new trial starts (env TIMEOUT; default: the space's budget, "
-                             f"else {DEFAULT_TIMEOUT} when TRIALS is not set either)")
+                             f"else {DEFAULT_TIMEOUT} when TRIALS is not set either, else no time limit)")
     parser.add_argument("--workers", type=whole_number("WORKERS", 1), default=env("WORKERS", "1"),
-                        help="worker processes sharing the study (env WORKERS)")
+                        help="worker processes sharing the study, at most what can run: trials left, CPU cores, "
+                             "memory (env WORKERS)")
     parser.add_argument("--fuse", type=whole_number("FUSE", 1), default=env("FUSE"),
                         help="train up to K trials at once as one fused model (env FUSE; default: as wide as pays "
                              "on the device: " + ", ".join(f"{k} {v}" for k, v in GROUP_SIZE.items()) +
@@ -86,11 +99,11 @@ def add_arguments(parser) -> None:
 class RunPlan:
     """What this run set out to do, fixed before the first trial and handed to every worker process."""
 
-    target: float  # finished trials the study holds when the run is done (inf: no trial limit)
+    run_id: str  # marks this run's trials (RUN_ATTR): its quota counts them alone
+    trials: float  # finished trials this run adds (inf: no trial limit)
     deadline: float  # time.time() after which no new trial starts (inf: none)
     started: float  # time.time() at the start of the run
-    finished_at_start: int  # finished trials before this run: what it adds is counted from here
-    trials_at_start: int  # all trials before this run: with the worker's number, its sampler's seed stream
+    workers: int  # worker processes: WORKERS, capped at what can run
     max_failures: int  # trials failing in a row after which a worker stops
     fuse: int  # trials asked and trained together as one fused group
     threads: int  # torch CPU threads per worker process
@@ -108,17 +121,22 @@ def file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def count_states(study: optuna.Study) -> tuple[int, int]:
-    """(finished, running) trials of the study."""
-    states = [t.state for t in study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,))]
+def count_states(study: optuna.Study, run_id: str | None = None) -> tuple[int, int]:
+    """(finished, running) trials of the study, or of one run (`run_id`) alone.
+
+    A run counts its own trials, never the difference of two totals: runs started
+    together on one storage (two `make search`, several machines) add trials meanwhile.
+    """
+    states = [t.state for t in study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,))
+              if run_id is None or t.user_attrs.get(RUN_ATTR) == run_id]
     running = sum(s == TrialState.RUNNING for s in states)
     return len(states) - running, running
 
 
-def create_study(args, space: SearchSpace, storage, stream: tuple[int, ...] = ()) -> optuna.Study:
+def create_study(args, space: SearchSpace, storage) -> optuna.Study:
     name = args.study or space.name
     with storage_failures(args.storage):  # e.g. a read-only file: the first write is here
-        study = optuna.create_study(study_name=name, storage=storage, sampler=space.make_sampler(stream),
+        study = optuna.create_study(study_name=name, storage=storage, sampler=space.make_sampler(),
                                     pruner=space.make_pruner(), directions=space.directions, load_if_exists=True)
     if len(study.directions) != len(space.directions):
         raise UserError(f"study {name!r} has {len(study.directions)} objective(s) but {space.path} defines "
@@ -252,32 +270,33 @@ def ask_trials(study: optuna.Study, space: SearchSpace, count: int) -> list[optu
     return trials
 
 
-def worker_loop(args, space: SearchSpace, plan: RunPlan, worker: str = "", number: int = 0) -> int:
-    """Ask, train and tell trials until the study holds `plan.target` finished trials or time is up.
+def worker_loop(args, space: SearchSpace, plan: RunPlan, worker: str = "") -> int:
+    """Ask, train and tell trials until this run has added `plan.trials` finished trials or time is up.
 
-    `number` (0, 1, ... for each worker process this run starts) and the study's
-    trial count at the start of the run pick the sampler's seed stream, so
-    neither parallel workers nor a resumed run re-propose existing trials.
+    Each process builds its own sampler; it seeds every trial from the trial's
+    number (SearchSpace.make_sampler), so no two workers, runs or machines draw
+    the same stream.
     """
     storage = open_storage(args.storage)
-    study = create_study(args, space, storage, stream=(plan.trials_at_start, number))
-    target, deadline = plan.target, plan.deadline
+    study = create_study(args, space, storage)
+    target, deadline = plan.trials, plan.deadline
     data = DeviceData(load_splits(args), resolve_device(args.device))
     lock = lock_path(args.storage, study.study_name, Path(args.results))
     failures = 0
-    run_total = None if target == float("inf") else int(target - plan.finished_at_start)
+    run_total = None if target == float("inf") else int(target)
     while True:
         with file_lock(lock):
             # Under the lock: two local workers never both fail, and both re-queue, one dead worker's trial.
             optuna.storages.fail_stale_trials(study)
             fail_dead_local_trials(study)  # journal storage: no heartbeat, so check this machine's pids
             fail_unclaimed_trials(study)  # RUNNING without an owner: study.ask() failed after storing it
-            finished, running = count_states(study)
+            finished, running = count_states(study, plan.run_id)
             room = target - finished - running
             count = int(min(plan.fuse, room)) if room >= 1 and time.time() < deadline else 0
             trials = ask_trials(study, space, count) if count else []
             for trial in trials:
                 claim_trial(study, trial)
+                trial.set_user_attr(RUN_ATTR, plan.run_id)  # a retried trial carried its first run's id
         if not trials:
             if finished >= target or time.time() >= deadline:
                 return 0
@@ -288,7 +307,7 @@ def worker_loop(args, space: SearchSpace, plan: RunPlan, worker: str = "", numbe
             nonlocal failures
             progress.clear()
             # A fused group is told all at once: count its members one by one, so each line shows its own step.
-            done = count_states(study)[0] - plan.finished_at_start - sum(f.state in FINISHED for f in group)
+            done = count_states(study, plan.run_id)[0] - sum(f.state in FINISHED for f in group)
             for frozen in group:
                 failures = failures + 1 if frozen.state == TrialState.FAIL else 0
                 done += frozen.state in FINISHED
@@ -303,9 +322,10 @@ def worker_loop(args, space: SearchSpace, plan: RunPlan, worker: str = "", numbe
             return 3
 
 
-def _worker_process(args, index: int, number: int, plan: RunPlan) -> None:
+def _worker_process(args, index: int, plan: RunPlan) -> None:
     """Entry point of one worker process; threads split the cores so workers do not oversubscribe them."""
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)  # run_workers passes SIGTERM on: stop as on Ctrl-C
+    follow_parent(multiprocessing.parent_process().pid)  # a search killed with SIGKILL takes its workers along
     keep_freed_memory()  # a spawned process starts with the C library's defaults
     flush_denormals()  # and with the CPU's: before its first parallel op
     torch.set_num_threads(plan.threads)
@@ -313,7 +333,7 @@ def _worker_process(args, index: int, number: int, plan: RunPlan) -> None:
     space = load_space(args.space)
     try:
         with storage_failures(args.storage):
-            sys.exit(worker_loop(args, space, plan, worker=f"[w{index}] ", number=number))
+            sys.exit(worker_loop(args, space, plan, worker=f"[w{index}] "))
     except KeyboardInterrupt:
         sys.exit(130)
     except (UserError, CnnlibError) as error:
@@ -330,11 +350,10 @@ def run_workers(args, space: SearchSpace, plan: RunPlan) -> int:
     """
     ctx = multiprocessing.get_context("spawn")
     procs = {}
-    respawns, started, code = 0, 0, 0
-    for i in range(args.workers):
-        procs[i] = ctx.Process(target=_worker_process, args=(args, i, started, plan), daemon=False)
+    respawns, code = 0, 0
+    for i in range(plan.workers):
+        procs[i] = ctx.Process(target=_worker_process, args=(args, i, plan), daemon=False)
         procs[i].start()
-        started += 1
     storage = open_storage(args.storage, heartbeat=False)
     name = args.study or space.name
     try:
@@ -345,15 +364,14 @@ def run_workers(args, space: SearchSpace, plan: RunPlan) -> int:
                     continue
                 del procs[i]
                 if proc.exitcode and proc.exitcode < 0:  # killed by a signal
-                    finished, _ = count_states(optuna.load_study(study_name=name, storage=storage))
-                    if finished >= plan.target or time.time() >= plan.deadline:
+                    finished, _ = count_states(optuna.load_study(study_name=name, storage=storage), plan.run_id)
+                    if finished >= plan.trials or time.time() >= plan.deadline:
                         continue  # its work is done anyway
-                    if respawns < MAX_RESPAWNS_PER_WORKER * args.workers:
+                    if respawns < MAX_RESPAWNS_PER_WORKER * plan.workers:
                         print(f"worker {i} died (signal {-proc.exitcode}); starting a replacement", file=sys.stderr)
                         respawns += 1
-                        procs[i] = ctx.Process(target=_worker_process, args=(args, i, started, plan))
+                        procs[i] = ctx.Process(target=_worker_process, args=(args, i, plan))
                         procs[i].start()
-                        started += 1
                         continue
                     print(f"worker {i} died (signal {-proc.exitcode}); {respawns} replacements already, giving up on it",
                           file=sys.stderr)
@@ -424,47 +442,113 @@ def run(args) -> int:
     fuse = args.fuse if args.fuse is not None else GROUP_SIZE.get(device.type, 1)
     splits = load_splits(args)  # build the cached split once, before workers race for it
     storage = open_storage(args.storage)
-    study = create_study(args, space, storage)
+    # Runs started together on this machine: one creates the study and queues its warm-start points, the
+    # other then finds them queued (enqueue_trial's skip_if_exists) instead of queueing them twice.
+    with file_lock(lock_path(args.storage, args.study or space.name, Path(args.results))):
+        study = create_study(args, space, storage)
     record_data(study, args, splits)
     record_artifact_dir(study, Path(args.results))  # trial reports go to RESULTS/artifacts, wherever the storage is
     finished, running = count_states(study)
-    trials = args.trials if args.trials is not None else space.budget.get("trials")
+    trials, trials_from = (args.trials, "TRIALS") if args.trials is not None else (space.budget.get("trials"),
+                                                                                   "the space's budget")
     grid = space.grid_size()
     if grid is not None:
         remaining = max(0, grid - finished)
-        trials = remaining if trials is None else min(trials, remaining)
         if remaining == 0:
             print(f"grid study {study.study_name!r} is complete ({finished} trials)")
             print_best(study)
             return 0
-    timeout = args.timeout if args.timeout is not None else space.budget.get("timeout")
-    if timeout is None:
-        timeout = None if trials is not None else DEFAULT_TIMEOUT
+        if trials is None or remaining < trials:
+            trials, trials_from = remaining, "the grid points left"
+    timeout, timeout_from = ((args.timeout, "TIMEOUT") if args.timeout is not None
+                             else (space.budget.get("timeout"), "the space's budget"))
+    if timeout is None and trials is None:
+        timeout, timeout_from = DEFAULT_TIMEOUT, "the default when neither TRIALS nor TIMEOUT is set"
+    workers, capped = cap_workers(args.workers, trials, fuse)
+    if capped:
+        print(capped, file=sys.stderr, flush=True)
     started = time.time()
-    threads, why = choose_cpu_threads(device, args.workers)  # workers share the cores out
-    plan = RunPlan(target=finished + trials if trials is not None else float("inf"),
-                   deadline=started + timeout if timeout else float("inf"), started=started,
-                   finished_at_start=finished, trials_at_start=len(study.get_trials(deepcopy=False)),
-                   max_failures=max(3, 2 * (trials or 5)), fuse=fuse, threads=threads)
-    if args.workers == 1:
+    threads, why = choose_cpu_threads(device, workers)  # workers share the cores out
+    plan = RunPlan(run_id=secrets.token_hex(8), trials=trials if trials is not None else float("inf"),
+                   deadline=started + timeout if timeout is not None else float("inf"), started=started,
+                   workers=workers, max_failures=max(3, 2 * (trials or 5)), fuse=fuse, threads=threads)
+    if workers == 1:
         torch.set_num_threads(threads)
-    budget = " and ".join(filter(None, [f"{trials} trials" if trials is not None else "",
-                                        f"{timeout / 60:.1f} min ({timeout} s)" if timeout else ""]))
     print(f"study {study.study_name!r} in {redact(args.storage)}: {finished} finished trials so far; "
-          f"this run adds up to {budget} with {args.workers} worker(s) on {device}"
+          f"this run adds {describe_limits(trials, trials_from, timeout, timeout_from)}; {workers} worker(s) on {device}"
           + (f", {threads} thread(s) each ({why})" if why else ""), flush=True)
     print(f"space: {space.path}\n{describe_classes(args, splits.classes)}", flush=True)
     with storage_failures(args.storage):
-        if args.workers == 1:
+        if workers == 1:
             code = worker_loop(args, space, plan)
         else:
             code = run_workers(args, space, plan)
         study = optuna.load_study(study_name=study.study_name, storage=open_storage(args.storage, heartbeat=False))
         total, _ = count_states(study)
-    print(f"\nstudy {study.study_name!r}: {total} finished trials ({total - finished} added by this run)")
+        added, _ = count_states(study, plan.run_id)
+    print(f"\nstudy {study.study_name!r}: {total} finished trials ({added} added by this run)")
     print_best(study)
     print_next_steps(args, study.study_name)
     return code
+
+
+def describe_limits(trials: int | None, trials_from: str | None, timeout: int | None, timeout_from: str | None) -> str:
+    """What ends the run, and where each limit comes from: 'up to 4 trials (TRIALS); no time limit'."""
+    time_limit = None if timeout is None else f"{timeout / 60:.1f} min ({timeout} s, {timeout_from})"
+    if trials is not None and time_limit:
+        return f"up to {trials} trials ({trials_from}), and no new trial after {time_limit}"
+    if trials is not None:
+        return f"up to {trials} trials ({trials_from}); no time limit"
+    if time_limit:
+        return f"trials for up to {time_limit}; no trial limit"
+    return "trials with no trial or time limit: it runs until stopped (Ctrl-C)"
+
+
+def cap_workers(requested: int, trials: int | None, fuse: int, cores: int | None = None,
+                memory: float | None = None) -> tuple[int, str]:
+    """WORKERS lowered to what can run, and a one-line note saying why ("" when all can).
+
+    A worker beyond the trials left has nothing to ask; beyond the cores it only
+    slows the others (each imports torch and trains on at least one thread);
+    beyond memory it is killed. 64 workers on 2 cores showed no trial in 200 s
+    where one worker took 7 s. `cores` and `memory` (bytes available) default to this machine's.
+    """
+    cores = cores or usable_cores()
+    memory = available_memory() if memory is None else memory
+    limits = {}
+    if trials is not None:
+        per = f", up to {fuse} per worker (FUSE)" if fuse > 1 else ""
+        limits[math.ceil(trials / fuse)] = f"{trials} trials left to run{per}"
+    limits.setdefault(cores, f"{cores} CPU cores")
+    if memory is not None:
+        fits = max(1, int(memory // WORKER_MEMORY))
+        limits.setdefault(fits, f"memory for {fits} ({memory / 2 ** 30:.1f} GiB available, "
+                                f"about {WORKER_MEMORY / 2 ** 30:.1f} GiB a worker)")
+    workers = min(requested, *limits)
+    if workers == requested:
+        return requested, ""
+    return workers, f"note: WORKERS={requested} lowered to {workers}: {limits[workers]}"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, e.g. a container's cpuset), else all of them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def available_memory() -> float | None:
+    """Bytes of memory available for new processes (Linux MemAvailable, else free pages); None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def print_next_steps(args, study_name: str) -> None:

@@ -40,6 +40,50 @@ _PACKAGE = Path(__file__).resolve().parents[1]  # study/
 SHIPPED_SPACE_DIRS = (_PACKAGE / "search_spaces", _PACKAGE.parent / "search_spaces")
 
 
+class SeededPerTrial(optuna.samplers.BaseSampler):
+    """A sampler built anew for each trial, seeded from the file's seed and the trial's number.
+
+    Optuna's samplers read the study's history from the storage for every
+    trial; what they keep between trials is their random state (and caches),
+    so a fresh one per trial draws as a long-lived one would, from a stream no
+    other trial shares.
+    """
+
+    KEPT = 64  # trials asked but not yet told whose sampler is kept (a fused group, plus slack)
+
+    def __init__(self, build, seed: int):
+        self._build, self._seed = build, seed
+        self._by_number: dict[int, optuna.samplers.BaseSampler] = {}
+
+    def _for(self, trial) -> optuna.samplers.BaseSampler:
+        sampler = self._by_number.get(trial.number)
+        if sampler is None:
+            if len(self._by_number) >= self.KEPT:  # trials never told (their worker was stopped)
+                self._by_number.pop(next(iter(self._by_number)))
+            seed = int(np.random.SeedSequence([self._seed, trial.number]).generate_state(1)[0])
+            sampler = self._by_number[trial.number] = self._build(seed)
+        return sampler
+
+    def infer_relative_search_space(self, study, trial):
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):
+        self._for(trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self._for(trial).after_trial(study, trial, state, values)
+        self._by_number.pop(trial.number, None)
+
+    def reseed_rng(self) -> None:
+        """Nothing to reseed: each trial's seed is fixed by its number."""
+
+
 @dataclass
 class SearchSpace:
     path: Path
@@ -133,27 +177,34 @@ class SearchSpace:
             shared["imbalance"] = "weighted_sampler"
         return shared
 
-    def make_sampler(self, stream: tuple[int, ...] = ()) -> optuna.samplers.BaseSampler:
-        """The file's sampler; a non-zero `stream` derives a distinct seed from the file's seed.
+    def make_sampler(self) -> optuna.samplers.BaseSampler:
+        """The file's sampler; with a seed, each trial's draw is seeded from that seed and the trial's number.
 
         Every process that opens the study builds its own sampler, and samplers
         with equal seeds propose equal params (TPE's random start-up trials,
-        for one): two workers, or a resumed run, would repeat trials that
-        already exist. Streams keep each process reproducible yet different.
+        for one): two workers, a resumed run, runs started together or machines
+        sharing one storage would repeat one another's trials. A trial's number
+        is unique in its study (the storage assigns it), so seeding per trial
+        keeps every draw distinct, and a single run reproducible.
         Grid and QMC samplers are the exception: their seed fixes one shuffled
         order that a trial's number indexes, which every process must share.
         """
         spec = dict(self.sampler)
         name = spec.pop("name")
         cls = getattr(optuna.samplers, name)
-        if any(stream) and spec.get("seed") is not None and name not in SHARED_SEED_SAMPLERS:
-            spec["seed"] = int(np.random.SeedSequence([int(spec["seed"]), *stream]).generate_state(1)[0])
         if name == "GridSampler":
             spec["search_space"] = {n: p.choices for n, p in self.params.items() if p.type == "categorical"}
-        try:
-            return cls(**spec)
-        except TypeError as error:
-            raise SpaceError(f"{self.path}: sampler: {error}") from None
+
+        def build(**override):
+            try:
+                return cls(**{**spec, **override})
+            except TypeError as error:
+                raise SpaceError(f"{self.path}: sampler: {error}") from None
+
+        sampler = build()
+        if spec.get("seed") is None or name in SHARED_SEED_SAMPLERS:
+            return sampler  # unseeded: each process draws its own seed from the OS
+        return SeededPerTrial(lambda seed: build(seed=seed), int(spec["seed"]))
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
         if not self.pruner or len(self.objectives) > 1:  # Optuna cannot prune multi-objective trials
@@ -331,8 +382,8 @@ def _parse_budget(path: Path, budget: dict) -> dict:
     for key, value in budget.items():
         if key not in ("trials", "timeout"):
             raise fail(path, f"budget.{key}", "unknown key; allowed: trials, timeout")
-        if value is not None and number(path, f"budget.{key}", value, integer=True) < 0:
-            raise fail(path, f"budget.{key}", f"cannot be negative, got {value}")
+        if value is not None and number(path, f"budget.{key}", value, integer=True) < 1:  # 0 is not "no limit"
+            raise fail(path, f"budget.{key}", f"must be at least 1, got {value}")
     return budget
 
 

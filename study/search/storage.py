@@ -37,6 +37,7 @@ GRACE_PERIOD = int(os.environ.get("HEARTBEAT_GRACE", 30))  # silence after which
 MAX_RETRY = 3  # a trial whose worker died is re-run with the same params at most this often
 OWNER_ATTR = "worker_process"  # trial system attribute: {"host", "pid", "start"} of the process running it
 SQLITE_BUSY_TIMEOUT = 60  # seconds a writer waits for SQLite's lock instead of failing "database is locked"
+SCHEMA_RACE_TRIES = 3  # opens of a new database whose tables another process is creating at the same moment
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write that stops part-way: the disk, a quota, a size limit
 
 
@@ -78,7 +79,7 @@ def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorag
         kwargs = dict(heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
                       heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        return _rdb_storage(url, engine_kwargs, kwargs)
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError) as error:
         raise UserError(f"storage URL {redact(url)!r} not understood ({error}); "
                         "expected sqlite:///PATH, postgresql+psycopg2://user:pw@host/db or journal:PATH") from None
@@ -87,6 +88,26 @@ def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorag
                         "postgresql+psycopg2:// and sqlite:/// work out of the box") from None
     except sqlalchemy.exc.DBAPIError as error:  # server unreachable, bad password, a file that is no database
         raise UserError(f"cannot open storage {redact(url)}: {str(error.orig).strip().splitlines()[0]}") from None
+
+
+def _rdb_storage(url: str, engine_kwargs: dict, kwargs: dict) -> RDBStorage:
+    """RDBStorage, once more when another process was creating the same new database's tables meanwhile.
+
+    Two runs started together on a new SQLite file (or PostgreSQL database) both
+    create the schema; the slower one fails on a table or version row that the
+    other has just written ("UNIQUE constraint failed: alembic_version...").
+    Opened again, it finds the schema whole.
+    """
+    tries = 1
+    while True:
+        try:
+            return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        except sqlalchemy.exc.DBAPIError as error:
+            raced = isinstance(error, sqlalchemy.exc.IntegrityError) or "already exists" in str(error.orig)
+            if not raced or tries == SCHEMA_RACE_TRIES:
+                raise
+        tries += 1
+        time.sleep(0.5)
 
 
 @contextmanager

@@ -1,0 +1,79 @@
+"""No process outlives the one that started it (docs/parallel.md).
+
+A search's worker processes, or a command run by `make`, whose parent is
+SIGKILLed (the OOM killer, a CI timeout, `kill -9`) would go on training and
+telling trials under PID 1, with nobody to read their output or stop them.
+Each such process follows its parent: on Linux the kernel sends
+it SIGTERM the moment the parent dies (prctl PR_SET_PDEATHSIG), which it
+handles as it does any SIGTERM (its trials are told FAIL); a watchdog thread
+notices the parent gone within a second where prctl is missing, and kills the
+process outright if it has not ended GRACE_SECONDS after that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+
+# The environment variable by which `make` names itself as the parent a command must not outlive
+# (the Makefile's recipes set it to make's pid). Read once and removed: a process the command starts
+# has a parent of its own.
+PARENT_VARIABLE = "STUDY_PARENT_PID"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+POLL_SECONDS = 1.0
+# A search told to stop fails its trials and stops its workers, each given 30 s (runner.STOP_SECONDS).
+GRACE_SECONDS = 45
+
+
+def set_parent_death_signal(signum: int = signal.SIGTERM) -> bool:
+    """Ask the kernel to send `signum` when our parent dies (Linux); False where it cannot.
+
+    Usable as a subprocess `preexec_fn`: it runs in the child, and the setting survives exec.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def follow_parent(parent_pid: int) -> None:
+    """End this process (SIGTERM, then SIGKILL after GRACE_SECONDS) once `parent_pid` is no longer its parent.
+
+    Call it after this process's SIGTERM handler is in place.
+    """
+    by_kernel = set_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the parent died before prctl above: the kernel will not tell us
+        _stop(by_kernel=False)
+        return
+    threading.Thread(target=_watch, args=(parent_pid, by_kernel), name="follow-parent", daemon=True).start()
+
+
+def follow_parent_from_environment() -> None:
+    """Follow the parent named by PARENT_VARIABLE (make), if set."""
+    text = os.environ.pop(PARENT_VARIABLE, "")
+    if text.strip().isdigit():
+        follow_parent(int(text))
+
+
+def _watch(parent_pid: int, by_kernel: bool) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(POLL_SECONDS)
+    _stop(by_kernel)
+
+
+def _stop(by_kernel: bool) -> None:
+    if not by_kernel:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def kill_if_still_here():
+        time.sleep(GRACE_SECONDS)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=kill_if_still_here, name="follow-parent-kill", daemon=True).start()
