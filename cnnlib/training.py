@@ -30,7 +30,7 @@ from .augment import augment_batch
 from .config import IMBALANCE_METHODS, OPTIMIZERS, SCHEDULES, SHARED, TrainConfig, check_roles, group_key  # noqa: F401
 from .device import resolve_device
 from .errors import DivergedError
-from .fused import StackedStep
+from .step import StackedStep
 from .losses import class_weights, make_criterion  # noqa: F401 - part of this module's interface
 from .metrics import Evaluation
 from .model import MODELS

@@ -34,13 +34,14 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlib import fused
+from cnnlib import passes, stacked_model, step as step_module
 from cnnlib.errors import DivergedError
 from cnnlib.config import PER_MEMBER as PER_MEMBER_FIELDS, SHARED as SHARED_FIELDS, group_key
-from cnnlib.fused import MemberDropout, MemberLoss, StackedOptimizer
-from cnnlib.losses import member_losses
+from cnnlib.losses import MemberLoss, member_losses
+from cnnlib.member_dropout import MemberDropout
 from cnnlib.schedules import lr_factors
 from cnnlib.model import SeedCNN
+from cnnlib.stacked_optimizer import StackedOptimizer
 from cnnlib.splits import DataConfig, prepare_splits
 from cnnlib.training import (DeviceData, EpochStats, LoopOptions, MemberResult, TrainConfig, check_group, class_weights, evaluate,
                              group_configs, make_criterion, make_optimizer, train, train_fused, train_members)
@@ -93,13 +94,13 @@ def pass_widths(monkeypatch):
     """The number of members of every stacked forward pass, in order (one torch thread: one pass at a
     time, split by members_per_pass alone, whatever thread count an earlier test left behind)."""
     widths = []
-    forward = fused.StackedSeedCNN.forward
+    forward = stacked_model.StackedSeedCNN.forward
 
     def counting_forward(self, x, masks=None):
         widths.append(self.k)
         return forward(self, x, masks)
 
-    monkeypatch.setattr(fused.StackedSeedCNN, "forward", counting_forward)
+    monkeypatch.setattr(stacked_model.StackedSeedCNN, "forward", counting_forward)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield widths
@@ -246,8 +247,8 @@ def test_cuda_graphs_train_what_the_eager_step_trains(small_splits, device):
 
 def test_only_a_cuda_device_captures_graphs():
     dropout = MemberDropout([0.1], [torch.get_rng_state()], 0, CPU)
-    assert not fused.can_capture(CPU, dropout)
-    assert not fused.can_capture(CPU, MemberDropout([0.0], [torch.get_rng_state()], 0, CPU))
+    assert not passes.can_capture(CPU, dropout)
+    assert not passes.can_capture(CPU, MemberDropout([0.0], [torch.get_rng_state()], 0, CPU))
 
 
 # --- results look exactly like train's ------------------------------------------
@@ -363,13 +364,13 @@ def test_uneven_concurrent_passes_are_re_split_and_their_members_train_on_as_alo
                {**MIXED[1], "seed": 22, "nesterov": True, "epochs": 3}]
     configs = configs_of(members, dropout=0.1)
     sizes = []
-    keep = fused.StackedStep.keep
+    keep = step_module.StackedStep.keep
 
     def recording_keep(self, members):
         keep(self, members)
         sizes.append(sorted(len(group.members) for group in self.passes))
 
-    monkeypatch.setattr(fused.StackedStep, "keep", recording_keep)
+    monkeypatch.setattr(step_module.StackedStep, "keep", recording_keep)
     results = _last_results(configs, cpu_data, on_epoch=lambda member, stats: member in (0, 1),
                             options=LoopOptions(pass_threads=2))
     assert sizes[0] == [2, 2]  # 1 + 3 re-split
@@ -381,7 +382,7 @@ def test_uneven_concurrent_passes_are_re_split_and_their_members_train_on_as_alo
 
 def test_an_error_in_a_pass_thread_reaches_the_caller_and_the_threads_go(cpu_data, monkeypatch):
     configs = configs_of(MIXED[:2], epochs=2)
-    step = fused._Pass.step
+    step = passes._Pass.step
     calls = []
 
     def failing_step(self, x, y):
@@ -390,7 +391,7 @@ def test_an_error_in_a_pass_thread_reaches_the_caller_and_the_threads_go(cpu_dat
             raise RuntimeError("a kernel failed")
         return step(self, x, y)
 
-    monkeypatch.setattr(fused._Pass, "step", failing_step)
+    monkeypatch.setattr(passes._Pass, "step", failing_step)
     before = threading.active_count()
     with pytest.raises(RuntimeError, match="a kernel failed"):
         _last_results(configs, cpu_data, options=LoopOptions(pass_threads=2))
@@ -404,7 +405,7 @@ def test_an_error_in_a_pass_thread_reaches_the_caller_and_the_threads_go(cpu_dat
 
 def test_pass_threads_must_be_positive(cpu_data):
     with pytest.raises(ValueError, match="pass_threads must be at least 1"):
-        fused.StackedStep(configs_of(MIXED[:2]), cpu_data, 4, lambda c: SeedCNN(3, c.dropout, 32), pass_threads=0)
+        step_module.StackedStep(configs_of(MIXED[:2]), cpu_data, 4, lambda c: SeedCNN(3, c.dropout, 32), pass_threads=0)
 
 
 def test_a_diverging_member_is_reported_alone_and_the_others_are_untouched(cpu_data):
@@ -628,7 +629,7 @@ def test_the_fused_forward_adds_each_conv_bias_after_its_pool_with_the_same_valu
             for name, param in model.named_parameters():
                 if name.endswith("bias"):
                     param.uniform_(-0.5, 0.5)  # biases large enough to matter
-    net = fused.StackedSeedCNN.from_models(models, CPU)
+    net = stacked_model.StackedSeedCNN.from_models(models, CPU)
     x = torch.rand(16, 3, 32, 32)
     with torch.no_grad():
         stacked = net(x)
@@ -638,9 +639,9 @@ def test_the_fused_forward_adds_each_conv_bias_after_its_pool_with_the_same_valu
 
 def test_fused_evaluation_does_not_depend_on_its_chunk_size(cpu_data, monkeypatch):
     configs = configs_of(MIXED[:3], epochs=1)
-    step = fused.StackedStep(configs, cpu_data, 4, lambda c: SeedCNN(3, c.dropout, 32))
+    step = step_module.StackedStep(configs, cpu_data, 4, lambda c: SeedCNN(3, c.dropout, 32))
     whole = step.evaluate(cpu_data.dev, cpu_data.classes)
-    monkeypatch.setitem(fused.EVAL_ACTIVATION_FLOATS, "cpu", 7 * 3 * 6 * 28 * 28)  # chunks of 7 images
+    monkeypatch.setitem(stacked_model.EVAL_ACTIVATION_FLOATS, "cpu", 7 * 3 * 6 * 28 * 28)  # chunks of 7 images
     chunked = step.evaluate(cpu_data.dev, cpu_data.classes)
     for member in whole:
         assert np.array_equal(whole[member].confusion, chunked[member].confusion)
@@ -705,18 +706,18 @@ def test_bench_times_bf16_autocast_beside_fp32_when_asked(small_splits, cpu_data
 def test_passes_step_at_the_same_time_by_default_only_where_that_measured_faster(restore_threads):
     torch.set_num_threads(2)
     plain = [TrainConfig(batch_size=32, seed=i) for i in range(16)]
-    assert fused.concurrent_passes_pay(plain)
-    assert not fused.concurrent_passes_pay(plain[:8])  # 4 a pass: one pass on every thread is faster
-    assert not fused.concurrent_passes_pay([dataclasses.replace(c, batch_size=64) for c in plain])
-    assert not fused.concurrent_passes_pay([dataclasses.replace(c, crop=4, flip=True) for c in plain])
+    assert passes.concurrent_passes_pay(plain)
+    assert not passes.concurrent_passes_pay(plain[:8])  # 4 a pass: one pass on every thread is faster
+    assert not passes.concurrent_passes_pay([dataclasses.replace(c, batch_size=64) for c in plain])
+    assert not passes.concurrent_passes_pay([dataclasses.replace(c, crop=4, flip=True) for c in plain])
     torch.set_num_threads(1)
-    assert not fused.concurrent_passes_pay(plain)
+    assert not passes.concurrent_passes_pay(plain)
 
 
 def test_default_concurrent_passes_merge_into_one_when_too_few_members_are_left(cpu_data, restore_threads):
     torch.set_num_threads(2)
     configs = [TrainConfig(batch_size=32, seed=i, optimizer="sgd" if i % 2 else "adam") for i in range(16)]
-    step = fused.StackedStep(configs, cpu_data, 4, lambda c: SeedCNN(3, c.dropout, 32))
+    step = step_module.StackedStep(configs, cpu_data, 4, lambda c: SeedCNN(3, c.dropout, 32))
     try:
         assert [len(group.members) for group in step.passes] == [8, 8] and len(step.workers) == 2
         step.keep(set(range(2, 16)))  # 14 left: fewer than 8 a pass, one pass on every thread

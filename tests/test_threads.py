@@ -101,7 +101,7 @@ def test_a_fused_steps_activations_reuse_resident_pages():
     from types import SimpleNamespace
 
     from cnnlib.allocator import keep_freed_memory
-    from cnnlib.fused import StackedStep
+    from cnnlib.step import StackedStep
     from cnnlib.training import TrainConfig
 
     if not sys.platform.startswith("linux"):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from cnnlib.fused import GROUP_SIZE
+from cnnlib.step import GROUP_SIZE
 from cnnlib.splits import DataConfig, prepare_splits
 
 GROUP = GROUP_SIZE["cpu"]  # the search's fused group on a CPU
