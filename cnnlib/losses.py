@@ -9,7 +9,7 @@ weights `weight` and label smoothing, exactly as `F.cross_entropy` defines it:
   margin;
 - weighted_sampler and none: weight 1, offset 0 (the sampler balances the batches).
 The stacked form (`loss_sums`) computes the same numbers for K members at once,
-so a fused member trains on the loss its unfused run would.
+so a member of a stacked group trains on the loss ClassificationLoss gives its model alone.
 """
 
 from __future__ import annotations

@@ -1,4 +1,13 @@
-"""Each member's dropout masks for the stacked activations, drawn from the member's own seed."""
+"""Each member's dropout masks for the stacked activations, drawn from the member's own seed.
+
+A member's own seed sets its dropout masks. On the CPU they are drawn member
+by member from a generator that continues the global RNG stream right after
+that member's init (cnnlib.stacked_model.init_member), which is what a
+SeedCNN trained alone with nn.Dropout draws from: the same bits. On CUDA
+nn.Dropout is a fused Philox kernel that cannot be replayed per member, so
+all masks come from one draw per layer (a generator seeded with the group's
+first seed): statistically the same, not bitwise.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +18,19 @@ import torch
 
 
 class MemberDropout:
-    """Each member's dropout masks, as multipliers (mask / keep) for the stacked activations.
+    """Each member's dropout masks, as multipliers (mask / keep_prob) for the stacked activations.
 
     exact (the default on the CPU): member by member from generators holding
-    `rng_states` (CPU RNG states), bit for bit the masks of the unfused run.
+    `rng_states` (CPU RNG states), bit for bit the masks nn.Dropout draws.
     Otherwise one draw per layer for all members from a generator seeded
     with `group_seed` (the default on CUDA, where exact is not possible).
 
     The exact masks are drawn ahead, `ahead` draws per member at a time
-    (what _Pass asks for: one epoch's), the members' generators in parallel
+    (what Pass asks for: one epoch's), the members' generators in parallel
     threads. The CPU's bernoulli_ is a serial loop over one generator: drawn
     step by step, the 32 calls per step at K=16 ran on one core while the
     other waited (1.6 ms of a 24 ms step). One call fills a member's stream
-    in the order the unfused run draws it (each layer's batch x width, layer
+    in the order nn.Dropout draws it (each layer's batch x width, layer
     after layer, step after step), so slices of it are the same bits.
     """
 
@@ -42,7 +51,7 @@ class MemberDropout:
         else:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(group_seed)
-            self.keep = torch.tensor([1 - p for p in rates], device=device).view(-1, 1, 1)
+            self.keep_prob = torch.tensor([1 - p for p in rates], device=device).view(-1, 1, 1)
 
     @property
     def active(self) -> bool:
@@ -66,10 +75,10 @@ class MemberDropout:
 
     def _batched_mask(self, batch: int, width: int) -> torch.Tensor:
         u = torch.rand(len(self.rates), batch, width, generator=self.generator, device=self.device)
-        return (u < self.keep).float().div_(self.keep)
+        return (u < self.keep_prob).float().div_(self.keep_prob)
 
     def _scale(self) -> torch.Tensor:
-        # The unfused F.dropout: empty_like(x).bernoulli_(1 - p).div_(1 - p), so a kept unit is
+        # F.dropout: empty_like(x).bernoulli_(1 - p).div_(1 - p), so a kept unit is
         # multiplied by float32(1) / float32(1 - p); p == 0 draws nothing and keeps every unit.
         return torch.tensor([1.0] * len(self.rates)).div_(torch.tensor([1 - p for p in self.rates])).view(-1, 1, 1)
 
@@ -98,5 +107,5 @@ class MemberDropout:
             self.drawn = self.drawn[rows]
             self.scale = self._scale()
         else:
-            self.keep = self.keep[rows]
+            self.keep_prob = self.keep_prob[rows]
 

@@ -1,4 +1,13 @@
-"""A pass: members that run one stacked forward/backward together, and the threads that step passes side by side."""
+"""A pass: members that run one stacked forward/backward together, and the threads that step passes side by side.
+
+A pass holds its members' network (cnnlib.stacked_model), optimizer
+(cnnlib.stacked_optimizer), dropout (cnnlib.member_dropout) and loss
+(cnnlib.losses.MemberLoss), each with one row per member, and steps them
+together: one forward for all members on the shared batch, the members'
+losses summed for one backward (the sum's gradient is 1 for every member, so
+members never touch each other's gradients, and a member going NaN leaves
+the others untouched), one optimizer step over the rows.
+"""
 
 from __future__ import annotations
 
@@ -14,34 +23,34 @@ from .config import TrainConfig
 from .losses import MemberLoss
 from .member_dropout import MemberDropout
 from .metrics import Evaluation
-from .model import SeedCNN
-from .stacked_model import EVAL_ACTIVATION_FLOATS, EVAL_ACTIVATION_FLOATS_DEFAULT, LAYOUT, StackedSeedCNN
+from .stacked_model import CHANNELS_LAST, stack_members
 from .stacked_optimizer import StackedOptimizer
 
 
 @torch.inference_mode()
-def evaluate_members(net: StackedSeedCNN, split, classes, loss: MemberLoss) -> list[Evaluation]:
-    """cnnlib.training.evaluate for every member at once (dropout off); split: a DeviceSplit."""
+def evaluate_members(net, split, classes, loss: MemberLoss) -> list[Evaluation]:
+    """cnnlib.training.evaluate for every member of a pass at once (dropout off); split: a DeviceSplit."""
     k, n = net.k, len(classes)
     device = net.flat.device
     numerator = torch.zeros(k, device=device)
     denominator = torch.zeros(k, device=device)
     counts = torch.zeros(k * n * n, dtype=torch.long, device=device)
     offsets = (torch.arange(k, device=device) * n * n).view(-1, 1)
-    per_image = net.shapes[0][0] * (split.x.shape[2] - net.shapes[0][2] + 1) * (split.x.shape[3] - net.shapes[0][3] + 1)
-    floats = EVAL_ACTIVATION_FLOATS.get(device.type, EVAL_ACTIVATION_FLOATS_DEFAULT)
-    chunk = max(1, floats // (k * per_image))
-    for start in range(0, len(split), chunk):
-        x, y = split.x[start:start + chunk], split.y[start:start + chunk]
-        logits = net(x)
-        num, den = loss.sums(logits, y)
-        numerator += num
-        denominator += den
-        counts += torch.bincount((offsets + y * n + logits.argmax(2)).reshape(-1), minlength=k * n * n)
+    chunk = net.eval_chunk(split.x)
+    net.train(False)
+    try:
+        for start in range(0, len(split), chunk):
+            x, y = split.x[start:start + chunk], split.y[start:start + chunk]
+            logits = net(x)
+            num, den = loss.sums(logits, y)
+            numerator += num
+            denominator += den
+            counts += torch.bincount((offsets + y * n + logits.argmax(2)).reshape(-1), minlength=k * n * n)
+    finally:
+        net.train(True)
     losses = (numerator / denominator).tolist() if len(split) else [float("nan")] * k
     matrices = counts.view(k, n, n).cpu().numpy()
     return [Evaluation(tuple(classes), matrices[row].copy(), losses[row]) for row in range(k)]
-
 
 
 # Eager steps before a pass captures its CUDA graph (torch.cuda.graphs' whole-network example warms up 3).
@@ -55,15 +64,7 @@ def can_capture(device: torch.device, dropout: "MemberDropout") -> bool:
     return not dropout.active or (not dropout.exact and hasattr(torch.cuda.CUDAGraph, "register_generator_state"))
 
 
-def _init_member(config: TrainConfig, n_classes: int, image_size: int) -> tuple[SeedCNN, torch.Tensor]:
-    """The initial weights the unfused run starts from, and the RNG state its dropout then draws from."""
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(config.seed)  # what torch.manual_seed does on the CPU
-        model = SeedCNN(n_classes, config.dropout, image_size)
-        return model, torch.get_rng_state()
-
-
-class _Pass:
+class Pass:
     """Members that run one stacked forward/backward together: network, optimizer, dropout, loss.
 
     graphs (CUDA only): after GRAPH_WARMUP_STEPS eager steps, capture one
@@ -74,17 +75,20 @@ class _Pass:
     """
 
     def __init__(self, members: list[int], configs: Sequence[TrainConfig], data, steps_per_epoch: int,
-                 group_seed: int, precision: str = "fp32", graphs: bool = False):
+                 group_seed: int, precision: str = "fp32", graphs: bool = False, optimizer_kernels: str | None = None,
+                 channels_last: bool = CHANNELS_LAST):
         # Rows: SGD members first (stable), so each optimizer kind is one block of rows.
         self.members = sorted(members, key=lambda i: configs[i].optimizer != "sgd")
         chosen = [configs[i] for i in self.members]
-        inits = [_init_member(c, data.n_classes, data.image_size) for c in chosen]
-        self.net = StackedSeedCNN.from_models([model for model, _ in inits], data.device)
-        self.optimizer = StackedOptimizer(chosen, self.net.flat.shape[1], data.device, steps_per_epoch)
-        self.widths = [self.net.shapes[LAYOUT.index(name)][1] for name in ("classifier.1.weight", "classifier.4.weight")]
+        self.net, rng_states = stack_members(chosen, data.n_classes, data.image_size, data.device, channels_last)
+        self.optimizer = StackedOptimizer(chosen, self.net.flat.shape[1], data.device, steps_per_epoch,
+                                          optimizer_kernels)
+        self.widths = self.net.dropout_widths
+        # A network without dropout widths applies its module's own dropout layers: no masks to draw.
+        rates = [c.dropout for c in chosen] if self.widths else [0.0] * len(chosen)
         # Exact masks are drawn an epoch ahead: every train image passes each dropout layer once an epoch.
-        self.dropout = MemberDropout([c.dropout for c in chosen], [state for _, state in inits], group_seed,
-                                     data.device, ahead=len(data.train.y) * sum(self.widths))
+        self.dropout = MemberDropout(rates, rng_states, group_seed, data.device,
+                                     ahead=len(data.train.y) * sum(self.widths))
         self.loss = MemberLoss(chosen, data.train.y, data.n_classes)
         self.total = None
         self.graphs = graphs and can_capture(data.device, self.dropout)
@@ -92,6 +96,7 @@ class _Pass:
         self.autocast = dict(device_type=data.device.type, dtype=torch.bfloat16, enabled=precision == "bf16",
                              cache_enabled=not self.graphs)
         self.graph, self.side, self.full_batch, self.eager_steps = None, None, 0, 0
+        self.static_logits = None
 
     def start_epoch(self) -> None:
         # The graph adds into this very tensor: zero it in place while the members stay the same.
@@ -100,7 +105,8 @@ class _Pass:
         else:
             self.total.zero_()
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One step of every member on this batch; returns the members' logits (K, B, C) from its forward (detached)."""
         if not self.graphs:
             return self.eager_step(x, y)
         self.full_batch = self.full_batch or x.shape[0]  # an epoch's first batch is a full one
@@ -109,19 +115,21 @@ class _Pass:
             self.static_x.copy_(x)
             self.static_y.copy_(y)
             self.graph.replay()
-        elif full and self.eager_steps >= GRAPH_WARMUP_STEPS:
-            self.capture(x, y)
+            return self.static_logits
+        if full and self.eager_steps >= GRAPH_WARMUP_STEPS:
+            return self.capture(x, y)
         else:
             # Warm-up on a side stream, as torch.cuda.graphs asks: lazy initialisations
             # (cuBLAS handles, autograd's streams) must not happen during capture.
             self.side = self.side or torch.cuda.Stream(self.net.flat.device)
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side):
-                self.eager_step(x, y)
+                logits = self.eager_step(x, y)
             torch.cuda.current_stream().wait_stream(self.side)
             self.eager_steps += 1
+            return logits
 
-    def capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def capture(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Record one step on static copies of this batch, then replay it: capturing runs nothing."""
         self.static_x, self.static_y = x.clone(), y.clone()
         self.net.flat.grad = None  # backward then writes the graph's own gradient buffer, replay after replay
@@ -129,11 +137,12 @@ class _Pass:
         if self.dropout.active:
             graph.register_generator_state(self.dropout.generator)
         with torch.cuda.graph(graph):
-            self.eager_step(self.static_x, self.static_y)
+            self.static_logits = self.eager_step(self.static_x, self.static_y)
         self.graph = graph
         graph.replay()
+        return self.static_logits
 
-    def eager_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def eager_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # bf16: convolutions and matmuls in bfloat16 (fp32 weights stay the optimizer's master copy);
         # the loss and its softmax in fp32.
         with torch.autocast(**self.autocast):
@@ -143,8 +152,10 @@ class _Pass:
         losses.sum().backward()  # d(sum)/d(loss_k) = 1: each member gets exactly its own gradient
         self.optimizer.step(self.net.flat, self.net.flat.grad)
         self.total += losses.detach() * x.shape[0]
+        return logits.detach()
 
-    def keep(self, rows: list[int]) -> None:
+    def select(self, rows: list[int]) -> None:
+        """Keep only these rows' members (a stopped member stops costing compute)."""
         rows = sorted(rows)  # rows stay SGD-first
         self.graph = None  # it points at the old rows; the next full batch captures again (no warm-up needed)
         self.net.select(rows)
@@ -153,7 +164,7 @@ class _Pass:
         self.loss.select(rows)
         self.members = [self.members[row] for row in rows]
 
-    def take(self, rows: list[int]) -> "_Pass":
+    def take(self, rows: list[int]) -> "Pass":
         """A new pass of these rows, with their weights and state; this one is left as it was."""
         other = copy.copy(self)
         for name in ("net", "optimizer", "dropout", "loss"):
@@ -162,19 +173,19 @@ class _Pass:
         other.optimizer.adam_step = self.optimizer.adam_step.clone()
         other.optimizer.step_index = self.optimizer.step_index.clone()
         other.members, other.total, other.graph, other.side = list(self.members), None, None, None
-        other.keep(rows)
+        other.select(rows)
         return other
 
     @staticmethod
-    def merged(passes: list["_Pass"]) -> "_Pass":
+    def merged(passes: list["Pass"]) -> "Pass":
         """One pass holding every member of these (between epochs, on the CPU): rows and state, SGD rows first."""
         first = passes[0]
-        if not all(g.dropout.exact for g in passes) or any(g.graphs for g in passes):
+        if not all(p.dropout.exact for p in passes) or any(p.graphs for p in passes):
             raise ValueError("only the CPU's passes (exact dropout, no CUDA graphs) can be merged")
-        splits = [g.optimizer.n_sgd for g in passes]
+        splits = [p.optimizer.n_sgd for p in passes]
 
         def rows(get):  # every pass's per-member rows, the SGD members of all passes first
-            parts = [get(g) for g in passes]
+            parts = [get(p) for p in passes]
             return [part[:s] for part, s in zip(parts, splits)] + [part[s:] for part, s in zip(parts, splits)]
 
         def cat(get):
@@ -184,36 +195,36 @@ class _Pass:
             return [item for part in rows(get) for item in part]
 
         out = first.take(list(range(len(first.members))))
-        out.members = join(lambda g: g.members)
-        out.net.flat = cat(lambda g: g.net.flat.detach()).requires_grad_(True)
+        out.members = join(lambda p: p.members)
+        out.net.flat = cat(lambda p: p.net.flat.detach()).requires_grad_(True)
         optimizer = out.optimizer
-        width = max(g.optimizer.lr64.shape[1] for g in passes)  # each pass's table spans its own longest member
-        optimizer.lr64 = cat(lambda g: F.pad(g.optimizer.lr64, (0, width - g.optimizer.lr64.shape[1])))
+        width = max(p.optimizer.lr64.shape[1] for p in passes)  # each pass's table spans its own longest member
+        optimizer.lr64 = cat(lambda p: F.pad(p.optimizer.lr64, (0, width - p.optimizer.lr64.shape[1])))
         optimizer.lr32 = optimizer.lr64.float()
         for name in ("coupled_decay", "decoupled_decay", "momentum", "nesterov"):
-            setattr(optimizer, name, cat(lambda g, name=name: getattr(g.optimizer, name)))
+            setattr(optimizer, name, cat(lambda p, name=name: getattr(p.optimizer, name)))
         for name in ("any_coupled", "any_decoupled", "any_nesterov"):
-            setattr(optimizer, name, any(getattr(g.optimizer, name) for g in passes))
-        optimizer.configs = join(lambda g: g.optimizer.configs)
+            setattr(optimizer, name, any(getattr(p.optimizer, name) for p in passes))
+        optimizer.configs = join(lambda p: p.optimizer.configs)
         optimizer.n_sgd = sum(splits)
         for name in ("momentum_buffer", "exp_avg", "exp_avg_sq"):  # SGD-only and Adam-only rows already
-            setattr(optimizer, name, torch.cat([getattr(g.optimizer, name) for g in passes]))
+            setattr(optimizer, name, torch.cat([getattr(p.optimizer, name) for p in passes]))
         dropout = out.dropout
-        dropout.rates = join(lambda g: g.dropout.rates)
-        dropout.generators = join(lambda g: g.dropout.generators)
-        dropout.drawn = cat(lambda g: g.dropout.drawn)
+        dropout.rates = join(lambda p: p.dropout.rates)
+        dropout.generators = join(lambda p: p.dropout.generators)
+        dropout.drawn = cat(lambda p: p.dropout.drawn)
         dropout.scale = dropout._scale()
         loss = out.loss
-        loss.weight = cat(lambda g: g.loss.weight)
-        if any(g.loss.offset is not None for g in passes):  # None: every member's offsets are zero
-            loss.offset = cat(lambda g: torch.zeros_like(g.loss.weight) if g.loss.offset is None else g.loss.offset)
-        if any(g.loss.smoothing is not None for g in passes):
-            loss.smoothing = cat(lambda g: torch.zeros(len(g.members), device=g.loss.weight.device)
-                                 if g.loss.smoothing is None else g.loss.smoothing)
+        loss.weight = cat(lambda p: p.loss.weight)
+        if any(p.loss.offset is not None for p in passes):  # None: every member's offsets are zero
+            loss.offset = cat(lambda p: torch.zeros_like(p.loss.weight) if p.loss.offset is None else p.loss.offset)
+        if any(p.loss.smoothing is not None for p in passes):
+            loss.smoothing = cat(lambda p: torch.zeros(len(p.members), device=p.loss.weight.device)
+                                 if p.loss.smoothing is None else p.loss.smoothing)
         return out
 
 
-class _PassWorker:
+class PassWorker:
     """A thread that runs the jobs given to it in order, with one intra-op thread (see StackedStep).
 
     A job that raises is kept: later jobs are skipped (they would step a
@@ -282,7 +293,9 @@ def concurrent_passes_pay(configs: Sequence[TrainConfig]) -> bool:
             and len(configs) >= threads * CONCURRENT_MIN_MEMBERS)
 
 
-def _step_passes(passes: list["_Pass"], x: torch.Tensor, y: torch.Tensor) -> None:
-    for group in passes:
-        group.step(x, y)
+def step_passes(passes: list[Pass], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Step each pass on this batch; returns the last pass's logits."""
+    for pass_ in passes:
+        logits = pass_.step(x, y)
+    return logits
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .config import TrainConfig
 from .schedules import lr_factors
 
-# torch.optim.Adam's defaults, which make_optimizer uses.
+# torch.optim.Adam's defaults.
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
@@ -29,13 +29,13 @@ class StackedOptimizer:
 
     kernels "rows" (the CPU's): each row is stepped by torch's fused optimizer
     kernel (`_fused_sgd_`, `_fused_adam_`, `_fused_adamw_`: what torch.optim
-    runs with fused=True, as the unfused loop does) on views of the stacked
-    rows, with that member's lr, momentum, Nesterov flag and weight decay:
-    one pass over its row instead of one per formula. kernels "block" (other
+    runs with fused=True) on views of the stacked rows, with that member's
+    lr, momentum, Nesterov flag and weight decay: one pass over its row
+    instead of one per formula. kernels "block" (other
     devices): the same math written out on the whole block, per-row settings
     as columns, operation by operation as torch.optim's foreach Adam and SGD.
     Differences between the two and torch.optim are rounding-level
-    (tests/test_fused.py states the tolerance). `lr_table[k, s]` is member
+    (tests/test_fused.py states the tolerance). `lr64[k, s]` is member
     k's lr at step s (its lr times its schedule's factor), so the lr costs one
     column gather per step.
 
@@ -43,7 +43,7 @@ class StackedOptimizer:
     the Adam kernels read), and so does everything computed from it (the lr column, Adam's
     bias corrections): a step reads no Python number that changes between
     steps, so a CUDA graph captured once replays every later step as it is
-    (_Pass.capture).
+    (Pass.capture).
     """
 
     def __init__(self, configs: Sequence[TrainConfig], n_params: int, device, steps_per_epoch: int = 1,

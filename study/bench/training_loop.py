@@ -31,10 +31,10 @@ import torch
 from cnnlib.device import cpu_threads
 from cnnlib.model import model_flops_per_image
 from cnnlib.splits import Splits
-from cnnlib.training import DeviceData, LoopOptions, TrainConfig, TrainResult, train_epochs
+from cnnlib.training import DeviceData, LoopOptions, TrainConfig, TrainResult
 
 from ..errors import UserError
-from .interleave import Timed, interleave
+from .interleave import Timed, interleave, lone_trial_epochs
 from .naive_loop import naive_train_epochs
 from ..options import add_common_options, add_data_options, data_config, load_splits, whole_number
 from ..output import fresh_file, timestamp, write_json
@@ -198,7 +198,7 @@ def loop_summary(run: Timed, warmup: int, n_train: int, flops_per_epoch: float, 
 def compare(config: TrainConfig, splits: Splits, data: DeviceData, device, warmup: int,
             flops_per_epoch: float, peak: float | None, workers: int) -> dict:
     results = interleave({"naive": naive_train_epochs(config, splits, device, workers),
-                          "project": train_epochs(config, data, device)}, device)
+                          "project": lone_trial_epochs(config, data)}, device)
     n_train = len(splits.train)
     out = {name: loop_summary(results[name], warmup, n_train, flops_per_epoch, peak) for name in ("naive", "project")}
     out["speedup"] = out["naive"]["seconds_per_epoch"] / out["project"]["seconds_per_epoch"]
@@ -242,7 +242,7 @@ def gpu_busy_fraction(run: Iterator[TrainResult], device: torch.device) -> dict:
 def recipe_run(splits: Splits, data: DeviceData, device, epochs: int) -> dict:
     config = TrainConfig(batch_size=REFERENCE_BATCH, epochs=epochs)
     result = None
-    for result in train_epochs(config, data, device):
+    for result in lone_trial_epochs(config, data):
         pass
     seconds = [h.seconds for h in result.history]
     return {"epochs": epochs, "batch_size": REFERENCE_BATCH, "total_seconds": result.seconds,
@@ -256,8 +256,8 @@ def _lever_options(device: torch.device) -> dict[str, LoopOptions]:
     """Each lever flipped, as the loop options of the flipped run; the shipped run takes the defaults."""
     shipped = LoopOptions()
     flip = {"channels_last off": LoopOptions(channels_last=not shipped.channels_last),
-            # the optimizer before fused kernels were adopted: foreach (one launch per op for all parameters)
-            "foreach optimizer (not fused)": LoopOptions(optimizer="foreach")}
+            # each optimizer formula as one op over the parameter rows, not torch's fused kernel per member
+            "block optimizer (not fused kernels)": LoopOptions(optimizer_kernels="block")}
     if device.type == "cuda":
         flip["cudnn.benchmark on"] = LoopOptions(cudnn_benchmark=True)
     return flip
@@ -271,8 +271,8 @@ def measure_levers(splits: Splits, data: DeviceData, device: torch.device, epoch
         # the resident copy's layout follows the channels-last lever too
         flipped_data = data if options.channels_last == LoopOptions().channels_last else \
             DeviceData(splits, device, options.channels_last)
-        results = interleave({"shipped": train_epochs(config, data, device),
-                              "flipped": train_epochs(config, flipped_data, device, options=options)}, device)
+        results = interleave({"shipped": lone_trial_epochs(config, data),
+                              "flipped": lone_trial_epochs(config, flipped_data, options)}, device)
         wall = {k: _median_after([h.seconds for h in results[k].result.history], warmup) for k in results}
         cpu = {k: _median_after(results[k].cpu_seconds, warmup) for k in results}
         out[name] = {"shipped_seconds_per_epoch": wall["shipped"], "flipped_seconds_per_epoch": wall["flipped"],
@@ -285,7 +285,7 @@ def measure_levers(splits: Splits, data: DeviceData, device: torch.device, epoch
     return out
 
 
-# --- horizontally fused trials (issue 7: cnnlib/fused.py, study/bench/fused.py) ---
+# --- horizontally fused trials (issue 7: cnnlib/step.py, study/bench/fused.py) ---
 
 def fused_section(ks: tuple[int, ...], splits: Splits, data: DeviceData, device, epochs: int, warmup: int,
                   bf16: bool = False, graphs: bool = False) -> dict:
@@ -423,7 +423,7 @@ def run(args) -> int:
     report["accuracy"]["epochs"] = epochs
     if device.type == "cuda":
         config = TrainConfig(batch_size=REFERENCE_BATCH, epochs=2)
-        run_ = train_epochs(config, data, device)
+        run_ = lone_trial_epochs(config, data)
         next(run_)  # warm-up epoch
         try:
             report["gpu_busy"] = gpu_busy_fraction(run_, device)
