@@ -14,6 +14,7 @@ so a member of a stacked group trains on the loss ClassificationLoss gives its m
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -110,4 +111,17 @@ class MemberLoss:
         self.weight = self.weight[rows]
         self.offset = None if self.offset is None else self.offset[rows]
         self.smoothing = None if self.smoothing is None else self.smoothing[rows]
+
+    @classmethod
+    def concat(cls, parts: list["MemberLoss"]) -> "MemberLoss":
+        """The rows of every part, part after part (a part's None offsets or smoothing are zeros)."""
+        out = copy.copy(parts[0])
+        out.weight = torch.cat([part.weight for part in parts])
+        if any(part.offset is not None for part in parts):
+            out.offset = torch.cat([torch.zeros_like(part.weight) if part.offset is None else part.offset
+                                    for part in parts])
+        if any(part.smoothing is not None for part in parts):
+            out.smoothing = torch.cat([part.weight.new_zeros(len(part.weight)) if part.smoothing is None
+                                       else part.smoothing for part in parts])
+        return out
 

@@ -31,6 +31,7 @@ In StackedSeedCNN:
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Sequence
 
@@ -181,6 +182,13 @@ class StackedSeedCNN:
         """Keep only these members (a stopped member stops costing compute)."""
         index = torch.tensor(rows, device=self.flat.device)
         self.flat = self.flat.detach().index_select(0, index).requires_grad_(True)
+
+    @classmethod
+    def concat(cls, parts: list["StackedSeedCNN"]) -> "StackedSeedCNN":
+        """The members of every part, part after part, as one network."""
+        out = copy.copy(parts[0])
+        out.flat = torch.cat([part.flat.detach() for part in parts]).requires_grad_(True)
+        return out
 
     def to_model(self, row: int, model: SeedCNN) -> SeedCNN:
         """Copy member `row`'s weights into `model` (a fresh SeedCNN) and return it."""

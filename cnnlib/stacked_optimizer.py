@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -48,10 +49,6 @@ class StackedOptimizer:
 
     def __init__(self, configs: Sequence[TrainConfig], n_params: int, device, steps_per_epoch: int = 1,
                  kernels: str | None = None):
-        kinds = [c.optimizer for c in configs]
-        self.n_sgd = kinds.count("sgd")
-        if kinds != sorted(kinds, key=lambda kind: kind != "sgd"):
-            raise ValueError(f"SGD members must come first, got {kinds}")
         device = torch.device(device)
         self.kernels = kernels or OPTIMIZER_KERNELS.get(device.type, "block")
         if self.kernels not in ("rows", "block"):
@@ -64,25 +61,34 @@ class StackedOptimizer:
         width = max(total)
         table = torch.stack([F.pad(lr_factors(c, n) * c.lr, (0, width - n), value=0.0) for c, n in zip(configs, total)])
         self.lr64 = table.to(device)  # the kernels and Adam's step size take the lr in double, as torch.optim does
-        self.lr32 = self.lr64.float()
         self.configs = list(configs)
         # L2 (added to the gradient) for SGD and Adam; decoupled (p *= 1 - lr * wd) for AdamW.
         self.coupled_decay = column([0.0 if c.optimizer == "adamw" else c.weight_decay for c in configs])
         self.decoupled_decay = column([c.weight_decay if c.optimizer == "adamw" else 0.0 for c in configs],
                                       torch.float64)
-        self.any_coupled = any(c.weight_decay and c.optimizer != "adamw" for c in configs)
-        self.any_decoupled = any(c.weight_decay and c.optimizer == "adamw" for c in configs)
         self.momentum = column([c.momentum for c in configs])
         self.nesterov = column([c.optimizer == "sgd" and c.nesterov for c in configs], torch.bool)
-        self.any_nesterov = any(c.optimizer == "sgd" and c.nesterov for c in configs)
-        n_adam = len(configs) - self.n_sgd
+        n_sgd = sum(c.optimizer == "sgd" for c in configs)
         # Zero momentum buffers: the first step's buf = momentum * 0 + grad is torch.optim's buf = grad.
-        self.momentum_buffer = torch.zeros(self.n_sgd, n_params, device=device)
-        self.exp_avg = torch.zeros(n_adam, n_params, device=device)
-        self.exp_avg_sq = torch.zeros(n_adam, n_params, device=device)
+        # Row i of a buffer belongs to the i-th member of its kind (SGD, or Adam and AdamW).
+        self.momentum_buffer = torch.zeros(n_sgd, n_params, device=device)
+        self.exp_avg = torch.zeros(len(configs) - n_sgd, n_params, device=device)
+        self.exp_avg_sq = torch.zeros(len(configs) - n_sgd, n_params, device=device)
         # Adam's step count for the kernels (float, as torch.optim keeps it): members step together, so one.
         self.adam_step = torch.zeros((), device=device)
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)  # steps taken so far
+        self._derive()
+
+    def _derive(self) -> None:
+        """What follows from the rows: the SGD block's size, which formulas any row needs, the float32 lrs."""
+        kinds = [c.optimizer for c in self.configs]
+        if kinds != sorted(kinds, key=lambda kind: kind != "sgd"):
+            raise ValueError(f"SGD members must come first, got {kinds}")
+        self.n_sgd = kinds.count("sgd")
+        self.any_coupled = any(c.weight_decay and c.optimizer != "adamw" for c in self.configs)
+        self.any_decoupled = any(c.weight_decay and c.optimizer == "adamw" for c in self.configs)
+        self.any_nesterov = any(c.optimizer == "sgd" and c.nesterov for c in self.configs)
+        self.lr32 = self.lr64.float()
 
     @torch.no_grad()
     def step(self, params: torch.Tensor, grads: torch.Tensor) -> None:
@@ -141,14 +147,30 @@ class StackedOptimizer:
             params[s:].add_(self.exp_avg.mul(step_size).div_(denom))  # addcdiv's (value * m) / denom
 
     def select(self, rows: list[int]) -> None:
-        index = torch.tensor(rows, device=self.lr32.device)
-        sgd = [r for r in rows if r < self.n_sgd]
-        adam = [r - self.n_sgd for r in rows if r >= self.n_sgd]
-        self.momentum_buffer = self.momentum_buffer[sgd]
+        """Keep these rows, in this order (SGD rows first), with their state."""
+        index = torch.tensor(rows, device=self.lr64.device)
+        sgd = [c.optimizer == "sgd" for c in self.configs]
+        # A row's state sits in its kind's buffers at its place among the rows of that kind.
+        place = {r: i for kind in (True, False) for i, r in enumerate(r for r in range(len(sgd)) if sgd[r] == kind)}
+        self.momentum_buffer = self.momentum_buffer[[place[r] for r in rows if sgd[r]]]
+        adam = [place[r] for r in rows if not sgd[r]]
         self.exp_avg, self.exp_avg_sq = self.exp_avg[adam], self.exp_avg_sq[adam]
-        for name in ("lr32", "lr64", "coupled_decay", "decoupled_decay", "momentum", "nesterov"):
+        for name in ("lr64", "coupled_decay", "decoupled_decay", "momentum", "nesterov"):
             setattr(self, name, getattr(self, name).index_select(0, index))
         self.configs = [self.configs[r] for r in rows]
-        self.n_sgd = len(sgd)
+        self._derive()
+
+    @classmethod
+    def concat(cls, parts: list["StackedOptimizer"]) -> "StackedOptimizer":
+        """The rows of every part, part after part, with their state (`select` then orders them SGD first)."""
+        out = copy.copy(parts[0])
+        width = max(part.lr64.shape[1] for part in parts)  # each part's table spans its own longest member
+        out.lr64 = torch.cat([F.pad(part.lr64, (0, width - part.lr64.shape[1])) for part in parts])
+        for name in ("coupled_decay", "decoupled_decay", "momentum", "nesterov", "momentum_buffer", "exp_avg",
+                     "exp_avg_sq"):
+            setattr(out, name, torch.cat([getattr(part, name) for part in parts]))
+        out.configs = [c for part in parts for c in part.configs]
+        out.n_sgd = None  # rows of both kinds in part order: not stepped before `select` orders them
+        return out
 
 

@@ -72,7 +72,7 @@ class StackedStep:
     a group of 16 on 2 cores is two passes of 8 side by side rather than one
     pass of 16 whose every op is split over both cores. About a tenth of a
     step is serial (Python, small ops, the dropout draws) and one pass's
-    serial part now overlaps the other's kernels. `step` hands the batch to
+    serial part overlaps the other's kernels. `step` hands the batch to
     the pass threads and returns, so the loop makes the next batch meanwhile;
     the loss sums, evaluation, models and `keep` wait for them. When
     stopping leaves the passes uneven, `keep` re-splits the members evenly
