@@ -94,12 +94,10 @@ def stack_members(configs: Sequence[TrainConfig], n_classes: int, image_size: in
     to continue right after the member's init, as a lone run's always has.
     """
     models, states = zip(*(init_member(c, n_classes, image_size) for c in configs))
-    if all(isinstance(model, SeedCNN) for model in models):
-        return StackedSeedCNN.from_models(models, device, channels_last), list(states)
-    if len(models) == 1:
+    if len(models) == 1 and not isinstance(models[0], SeedCNN):
         torch.set_rng_state(states[0])
         return StackOfOne(models[0], device, channels_last), list(states)
-    raise ValueError(f"only the seed CNN trains as a stacked group; model {configs[0].model!r} trains one at a time")
+    return StackedSeedCNN.from_models(models, device, channels_last), list(states)
 
 
 def _memory_format(channels_last: bool) -> torch.memory_format:

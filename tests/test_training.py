@@ -97,6 +97,22 @@ def test_on_batch_is_refused_for_a_fused_group_rather_than_ignored(imbalanced, d
         next(train_group_epochs(configs, imbalanced, on_batch=lambda *_: None))
 
 
+def test_a_model_that_does_not_stack_trains_alone_through_the_same_step(imbalanced, device):
+    # small_vgg (batch norm, its own dropout) is a stack of one: the returned model carries its
+    # weights and batch-norm statistics, and the same seed gives the same run.
+    from cnnlib.model import SmallVGG
+
+    config = TrainConfig(**{**QUICK, "epochs": 2}, model="small_vgg", dropout=0.2, seed=3)
+    data = DeviceData(imbalanced, device)
+    first, second = train(config, data), train(config, data)
+    assert isinstance(first.model, SmallVGG) and first.history[0].train_loss != first.history[1].train_loss
+    assert [h.train_loss for h in first.history] == [h.train_loss for h in second.history]
+    again = evaluate(first.model, data.dev, imbalanced.classes)
+    assert again.confusion.tolist() == first.dev.confusion.tolist()
+    with pytest.raises(ValueError, match="only the seed CNN trains as a stacked group"):
+        next(train_group_epochs([config, TrainConfig(**{**QUICK, "epochs": 2}, model="small_vgg", seed=4)], data))
+
+
 def test_history_reports_finite_losses_and_the_dev_evaluation(imbalanced, device):
     result = train(TrainConfig(**{**QUICK, "epochs": 2}), imbalanced, device)
     last = result.history[-1]
