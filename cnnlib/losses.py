@@ -9,10 +9,13 @@ weights `weight` and label smoothing, exactly as `F.cross_entropy` defines it:
   margin;
 - weighted_sampler and none: weight 1, offset 0 (the sampler balances the batches).
 The stacked form (`loss_sums`) computes the same numbers for K members at once,
-so a fused member trains on the loss its unfused run would.
+so a member of a stacked group trains on the loss ClassificationLoss gives its model alone.
 """
 
 from __future__ import annotations
+
+import copy
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,3 +87,41 @@ def member_losses(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, o
     """Each member's ClassificationLoss, shape (K,)."""
     numerator, denominator = loss_sums(logits, y, weight, offset, smoothing)
     return numerator / denominator
+
+
+class MemberLoss:
+    """Each member's training loss terms as stacked rows: class weights, logit offsets, smoothing."""
+
+    def __init__(self, configs: Sequence[TrainConfig], train_labels: torch.Tensor, n_classes: int):
+        terms = [loss_terms(c, train_labels, n_classes) for c in configs]
+        self.weight = torch.stack([w for w, _ in terms])
+        self.offset = torch.stack([o for _, o in terms]) if any(c.imbalance == "logit_adjusted" for c in configs) \
+            else None
+        self.smoothing = torch.tensor([c.label_smoothing for c in configs], device=train_labels.device) \
+            if any(c.label_smoothing for c in configs) else None
+
+    def sums(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return loss_sums(logits, y, self.weight, self.offset, self.smoothing)
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        numerator, denominator = self.sums(logits, y)
+        return numerator / denominator
+
+    def select(self, rows: list[int]) -> None:
+        self.weight = self.weight[rows]
+        self.offset = None if self.offset is None else self.offset[rows]
+        self.smoothing = None if self.smoothing is None else self.smoothing[rows]
+
+    @classmethod
+    def concat(cls, parts: list["MemberLoss"]) -> "MemberLoss":
+        """The rows of every part, part after part (a part's None offsets or smoothing are zeros)."""
+        out = copy.copy(parts[0])
+        out.weight = torch.cat([part.weight for part in parts])
+        if any(part.offset is not None for part in parts):
+            out.offset = torch.cat([torch.zeros_like(part.weight) if part.offset is None else part.offset
+                                    for part in parts])
+        if any(part.smoothing is not None for part in parts):
+            out.smoothing = torch.cat([part.weight.new_zeros(len(part.weight)) if part.smoothing is None
+                                       else part.smoothing for part in parts])
+        return out
+

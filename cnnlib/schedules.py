@@ -1,9 +1,9 @@
-"""Learning-rate schedules as one factor per optimizer step, the same table for both paths.
+"""Learning-rate schedules as one factor per optimizer step.
 
-The per-model path hands the table to `torch.optim.lr_scheduler.LambdaLR`; the
-stacked path indexes one column per step from the members' rows. Each member's
-table spans its own epochs, so members of a fused group with different epochs
-follow their own schedules.
+The stacked optimizer indexes one column of the members' tables per step
+(torch.optim.lr_scheduler.LambdaLR over the same table is the tests'
+reference). Each member's table spans its own epochs, so members of a group
+with different epochs follow their own schedules.
 """
 
 from __future__ import annotations

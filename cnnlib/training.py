@@ -1,4 +1,4 @@
-"""The one training loop: one trial, or a fused group of trials, from plain configs.
+"""The one training loop: a group of K >= 1 trial configs, epoch by epoch, from plain configs.
 
 The data lives on the device as one float tensor per split; an epoch is a
 `randperm` (or a weighted `multinomial` draw) and index slices of it, with
@@ -6,11 +6,12 @@ augmentation batched on the device. No DataLoader, no per-sample Python, no
 `.item()` per step: the only host syncs are once per epoch (train losses for
 the divergence check, dev evaluation, the epoch callback).
 
-`train_members` owns batch order, slicing, augmentation, divergence, dev
-evaluation and stopping for K >= 1 members, and steps either
-- ModuleStep: one nn.Module with torch.optim (fused kernels), the fast path for K = 1, or
-- cnnlib.fused.StackedStep: K seed CNNs as one stacked network with per-member rows.
-`train` (one config) and `train_fused` (a group) are thin views of it.
+The loop owns batch order, slicing, augmentation, divergence, dev
+evaluation and stopping; every step goes through cnnlib.step.StackedStep,
+for a lone trial (a group of one) as for a group of 16. Entry points:
+- `train_group_epochs`: a group, yielding every member's results after each epoch;
+- `train_group`: the same to the end;
+- `train`: one config to the end, raising DivergedError.
 This module knows nothing of Optuna; `on_epoch` is how a study listens and
 stops a member (pruning).
 """
@@ -30,22 +31,13 @@ from .augment import augment_batch
 from .config import IMBALANCE_METHODS, OPTIMIZERS, SCHEDULES, SHARED, TrainConfig, check_roles, group_key  # noqa: F401
 from .device import resolve_device
 from .errors import DivergedError
-from .fused import StackedStep
 from .losses import class_weights, make_criterion  # noqa: F401 - part of this module's interface
 from .metrics import Evaluation
-from .model import MODELS
-from .schedules import lr_factors, steps_per_epoch
+from .schedules import steps_per_epoch
 from .sources import LabeledImages
 from .splits import Splits
-
-# Channels-last weights (oneDNN NHWC convolutions): 1.46x per training step at batch 32
-# (2.63 ms against 3.84 ms) on the quiet 2-core CPU, torch 2.14.1, 1 thread, one run.
-# (`make bench --levers` on the same machine while other jobs shared it, 1 thread, one
-# run: CPU time per epoch 0.97x, wall 0.85-1.01x; a busy machine hides the difference.)
-# For comparison, same quiet machine and torch, one run: bf16 autocast 1.30x per step at
-# batch 32 and 1.90x at batch 128 (not used here).
-CHANNELS_LAST = True
-EVAL_BATCH = 4096
+from .stacked_model import CHANNELS_LAST, EVAL_BATCH
+from .step import StackedStep
 
 
 @dataclass(frozen=True)
@@ -56,19 +48,21 @@ class LoopOptions:
     TrainConfig fields and no study records them.
     """
 
-    channels_last: bool = CHANNELS_LAST  # model weights (and DeviceData's layout) in NHWC
-    optimizer: str = "fused"  # make_optimizer's implementation: fused, foreach or default
+    channels_last: bool = CHANNELS_LAST  # conv weights (and DeviceData's layout) in NHWC
+    # cnnlib.stacked_optimizer's kernels: "rows" (torch's fused kernel per member), "block"
+    # (each formula once over all rows), None: by device (OPTIMIZER_KERNELS).
+    optimizer_kernels: str | None = None
     cudnn_benchmark: bool = False  # CUDA: let cuDNN time its (deterministic) kernels and keep the fastest
-    # The stacked step's arithmetic: fp32, or bf16 autocast (fp32 master weights, fp32 loss).
-    # bf16 is slower on the 2-core AMX-BF16 CPU for the fused seed CNN (K=16, 1 thread, CPU time
+    # The step's arithmetic: fp32, or bf16 autocast (fp32 master weights, fp32 loss).
+    # bf16 is slower on the 2-core AMX-BF16 CPU for the stacked seed CNN (K=16, 1 thread, CPU time
     # per step, torch 2.14.1, one interleaved run: 0.80x at batch 32, 0.87x at batch 128; conv1
     # 1.35x and the grouped conv2 2.3x slower in bf16): its convs are too narrow for AMX tiles.
     precision: str = "fp32"
-    # CUDA: capture the stacked step once per pass and replay it (cnnlib.fused._Pass); the CPU
+    # CUDA: capture the step once per pass and replay it (cnnlib.passes.Pass); the CPU
     # ignores it. Off until a GPU run measures it: built and unit-tested on the CPU fallback only.
     cuda_graphs: bool = False
-    # CPU: a fused group's passes step at the same time, this many threads of one intra-op thread
-    # each (cnnlib.fused.StackedStep; None: torch's thread count where cnnlib.fused.concurrent_passes_pay,
+    # CPU: a group's passes step at the same time, this many threads of one intra-op thread each
+    # (cnnlib.step.StackedStep; None: torch's thread count where cnnlib.passes.concurrent_passes_pay,
     # else 1: one pass whose ops use every thread).
     pass_threads: int | None = None
 
@@ -104,8 +98,8 @@ class TrainResult:
 class MemberResult(TrainResult):
     """A member's TrainResult; `error` is set (and `model` is None) when that member diverged.
 
-    A fused group cannot raise for one member without killing the others, so
-    the error is handed back here; `train` raises it. `history` then holds the
+    A group cannot raise for one member without killing the others, so the
+    error is handed back here; `train` raises it. `history` then holds the
     epochs before the divergence. `seconds` is the wall time from the group's
     start to this member's last epoch (shared with the other members).
     """
@@ -148,39 +142,6 @@ class DeviceData:
         return len(self.classes)
 
 
-def make_model(n_classes: int, config: TrainConfig, image_size: int, device,
-               channels_last: bool = CHANNELS_LAST) -> nn.Module:
-    model = MODELS[config.model](n_classes, config.dropout, image_size).to(device)
-    return model.to(memory_format=torch.channels_last) if channels_last else model
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig, implementation: str = "fused") -> torch.optim.Optimizer:
-    """SGD (Nesterov or not), Adam or AdamW from torch.optim, with the fused kernel by default.
-
-    The fused kernel is one op per step for all parameters (CPU and CUDA). On the
-    2-core CPU the fused Adam step took 0.29 ms against foreach's 0.63 ms, and a
-    batch-32 epoch 1.14x less CPU time (`make bench --levers`, 1 thread, 8 epochs).
-    Same seed, same result: the fused kernels are deterministic. Devices without
-    a fused kernel get foreach. `implementation` "foreach" or "default" (torch's
-    own choice, as a tutorial calls it) is for the benchmark's baselines.
-    """
-    params = list(model.parameters())
-    if config.optimizer == "sgd":
-        make = lambda **kw: torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,  # noqa: E731
-                                            nesterov=config.nesterov, weight_decay=config.weight_decay, **kw)
-    else:
-        kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-        make = lambda **kw: kind(params, lr=config.lr, weight_decay=config.weight_decay, **kw)  # noqa: E731
-    if implementation == "default":
-        return make()
-    if implementation == "foreach":
-        return make(foreach=True)
-    try:
-        return make(fused=True)
-    except (RuntimeError, ValueError):
-        return make(foreach=True)
-
-
 def epoch_order(n: int, labels: torch.Tensor, n_classes: int, imbalance: str, generator: torch.Generator) -> torch.Tensor:
     """Sample indices for one epoch: a permutation, or an inverse-frequency draw with replacement."""
     if imbalance == "weighted_sampler":
@@ -191,6 +152,7 @@ def epoch_order(n: int, labels: torch.Tensor, n_classes: int, imbalance: str, ge
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch: int = EVAL_BATCH) -> torch.Tensor:
+    """A model's logits for these images, in batches, dropout off."""
     was_training = model.training
     model.eval()
     if x.shape[0]:
@@ -225,57 +187,6 @@ def seed_everything(seed: int, device: torch.device, cudnn_benchmark: bool = Fal
     return generator
 
 
-# --- the per-model step (K = 1) -------------------------------------------------------
-
-class ModuleStep:
-    """One nn.Module, its torch.optim optimizer, LambdaLR schedule and loss: the fast path for one trial.
-
-    Same interface as cnnlib.fused.StackedStep, for the one loop to drive.
-    """
-
-    def __init__(self, config: TrainConfig, data: DeviceData, steps: int, options: LoopOptions = LoopOptions()):
-        torch.manual_seed(config.seed)  # weights and dropout masks
-        self.net = make_model(data.n_classes, config, data.image_size, data.device, options.channels_last)
-        self.optimizer = make_optimizer(self.net, config, options.optimizer)
-        factors = lr_factors(config, config.epochs * steps).tolist()
-        self.scheduler = None if config.schedule == "constant" and not config.warmup else \
-            torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: factors[min(step, len(factors) - 1)])
-        self.criterion = make_criterion(config, data.train.y, data.n_classes)
-        self.members, self.device = [0], data.device
-        self.total = None
-
-    def start_epoch(self) -> None:
-        self.net.train()
-        self.total = torch.zeros((), device=self.device)
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One optimizer step; returns the batch's logits from this step's forward (detached)."""
-        logits = self.net(x)
-        loss = self.criterion(logits, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.total += loss.detach() * x.shape[0]
-        return logits.detach()
-
-    def train_loss_sums(self) -> dict[int, float]:
-        return {0: self.total.item()} if self.members else {}
-
-    def evaluate(self, split: DeviceSplit, classes) -> dict[int, Evaluation]:
-        return {0: evaluate(self.net, split, classes, self.criterion)} if self.members else {}
-
-    def model(self, member: int) -> nn.Module:
-        return self.net
-
-    def keep(self, members: set[int]) -> None:
-        self.members = [m for m in self.members if m in members]
-
-    def close(self) -> None:
-        pass
-
-
 # --- groups ------------------------------------------------------------------------------
 
 def group_configs(configs: Sequence[TrainConfig], max_size: int | None = None) -> list[list[int]]:
@@ -305,7 +216,7 @@ def check_group(configs: Sequence[TrainConfig]) -> None:
             if getattr(config, name) != getattr(first, name):
                 raise ValueError(
                     f"config {index} has {name}={getattr(config, name)!r} but config 0 has "
-                    f"{getattr(first, name)!r}; fused members must share {', '.join(SHARED)} "
+                    f"{getattr(first, name)!r}; members of a group must share {', '.join(SHARED)} "
                     "(split them with cnnlib.training.group_configs)")
         if (config.imbalance == "weighted_sampler") != (first.imbalance == "weighted_sampler"):
             raise ValueError(f"config {index} has imbalance={config.imbalance!r} but config 0 has "
@@ -315,13 +226,62 @@ def check_group(configs: Sequence[TrainConfig]) -> None:
 
 # --- the loop ---------------------------------------------------------------------------------
 
-def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
-                  on_epoch: Callable[[int, EpochStats], bool | None] | None = None, *, fused: bool | None = None,
-                  members_per_pass: int | None = None, order_seed: int | None = None,
-                  options: LoopOptions = LoopOptions(),
-                  on_batch: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-                  ) -> Iterator[list[MemberResult]]:
-    """Train every config, one epoch per step, yielding all members' results after each epoch.
+def epoch_batches(data: DeviceData, shared: TrainConfig, generator: torch.Generator
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One epoch's batches as (positions in the train split, images, labels), the same for every member:
+    the epoch's order sliced, each batch augmented on the device."""
+    train, batch = data.train, shared.batch_size
+    order = epoch_order(len(train), train.y, data.n_classes, shared.imbalance, generator)
+    augment = shared.crop or shared.flip or shared.jitter
+    for start in range(0, len(train), batch):
+        index = order[start:start + batch]
+        x = train.x.index_select(0, index)
+        if augment:
+            x = augment_batch(x, shared.crop, shared.flip, shared.jitter, generator)
+        yield index, x, train.y.index_select(0, index)
+
+
+def train_epoch(step: StackedStep, batches: Iterator, epoch: int,
+                on_batch: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> None:
+    """Step every member through one epoch's batches."""
+    step.start_epoch()
+    for index, x, y in batches:
+        logits = step.step(x, y)
+        if on_batch is not None:
+            on_batch(epoch, index, logits[0])
+
+
+def record_epoch(step: StackedStep, data: DeviceData, results: list[MemberResult], epoch: int, seconds: float,
+                 started: float, on_epoch: Callable[[int, EpochStats], bool | None] | None) -> set[int]:
+    """Each training member's epoch into its result: its losses and dev evaluation, its callback, and
+    whether it goes on. Returns the members that keep training."""
+    sums = step.train_loss_sums()
+    devs = step.evaluate(data.dev, data.classes)
+    keep = set()
+    for member in sorted(sums):  # callbacks in member order
+        result, train_loss = results[member], sums[member] / len(data.train)
+        result.seconds = time.perf_counter() - started
+        if not math.isfinite(train_loss):
+            result.error = DivergedError(epoch, train_loss)
+            continue
+        stats = EpochStats(epoch, train_loss, devs[member].loss, devs[member], seconds)
+        result.history.append(stats)
+        if on_epoch is not None and on_epoch(member, stats):
+            result.stopped_early = True
+        if result.stopped_early or epoch == result.config.epochs:
+            result.model = step.model(member)
+        else:
+            keep.add(member)
+    return keep
+
+
+def train_group_epochs(configs: Sequence[TrainConfig], data: DeviceData | Splits,
+                       on_epoch: Callable[[int, EpochStats], bool | None] | None = None, *,
+                       members_per_pass: int | None = None, order_seed: int | None = None,
+                       options: LoopOptions = LoopOptions(),
+                       on_batch: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                       ) -> Iterator[list[MemberResult]]:
+    """Train a group of configs (one or more), yielding all members' results after each epoch.
 
     Members share each batch: its order and augmentation come from a generator
     seeded with `order_seed`, by default the first member's seed. A member's
@@ -334,133 +294,68 @@ def train_members(configs: Sequence[TrainConfig], data: DeviceData | Splits,
     epoch gets `error=DivergedError(...)`, no model and no callback; the others
     go on. An exception from `on_epoch` ends the whole group.
 
-    fused: True steps the stacked network (cnnlib.fused), False the module
-    (K = 1 only); default: the module for one config, stacked for several.
     members_per_pass: members per stacked forward pass (all still share every batch).
     options: the speed levers (LoopOptions); the defaults are what ships.
-    on_batch(epoch, index, logits): after every step of the per-model step
-    (one config), the batch's positions in the train split and the logits
-    its training forward gave (augmented, train mode, before the update):
-    what the label audit's training dynamics average. The stacked step does
-    not hand its logits out, so a fused group refuses it.
+    on_batch(epoch, index, logits): after every step of a group of one, the
+    batch's positions in the train split and the logits its training forward
+    gave (augmented, train mode, before the update): what the label audit's
+    training dynamics average. A larger group refuses it.
     """
     configs = list(configs)
     check_group(configs)
-    fused = len(configs) > 1 if fused is None else fused
-    if not fused and len(configs) > 1:
-        raise ValueError(f"the per-model step trains one config, got {len(configs)}; use fused=True")
-    if on_batch is not None and fused:
-        raise ValueError("on_batch records one model's training predictions; train the config alone (fused=False)")
+    if on_batch is not None and len(configs) > 1:
+        raise ValueError("on_batch records one model's training predictions; train the config alone")
     if not isinstance(data, DeviceData):
-        data = DeviceData(data)
-    device, shared = data.device, configs[0]
-    generator = seed_everything(shared.seed, device, options.cudnn_benchmark)
+        data = DeviceData(data, channels_last=options.channels_last)
+    shared = configs[0]
+    generator = seed_everything(shared.seed, data.device, options.cudnn_benchmark)
     if order_seed is not None:
         generator.manual_seed(order_seed)
-    train_x, train_y, n = data.train.x, data.train.y, len(data.train)
-    steps = steps_per_epoch(n, shared.batch_size)
-    if fused:
-        stepper = StackedStep(configs, data, steps,
-                              lambda c: make_model(data.n_classes, c, data.image_size, device, options.channels_last),
-                              members_per_pass, options.precision, options.cuda_graphs, options.pass_threads)
-    else:
-        if options.precision != "fp32":
-            raise ValueError(f"precision {options.precision!r} is a lever of the stacked step only; use fused=True")
-        stepper = ModuleStep(shared, data, steps, options)
-    augment = shared.crop or shared.flip or shared.jitter
-    results = [MemberResult(None, config, device=str(device)) for config in configs]
+    step = StackedStep(configs, data, steps_per_epoch(len(data.train), shared.batch_size),
+                       members_per_pass=members_per_pass, precision=options.precision, graphs=options.cuda_graphs,
+                       pass_threads=options.pass_threads, optimizer_kernels=options.optimizer_kernels,
+                       channels_last=options.channels_last)
+    results = [MemberResult(None, config, device=str(data.device)) for config in configs]
     started = time.perf_counter()
     try:
         for epoch in range(1, max(c.epochs for c in configs) + 1):
-            if device.type == "cuda":  # process-wide: set each epoch, so runs stepped in turn keep their own
+            if data.device.type == "cuda":  # process-wide: set each epoch, so runs stepped in turn keep their own
                 torch.backends.cudnn.benchmark = options.cudnn_benchmark
             epoch_start = time.perf_counter()
-            order = epoch_order(n, train_y, data.n_classes, shared.imbalance, generator)
-            stepper.start_epoch()
-            for start in range(0, n, shared.batch_size):
-                index = order[start:start + shared.batch_size]
-                x = train_x.index_select(0, index)
-                if augment:
-                    x = augment_batch(x, shared.crop, shared.flip, shared.jitter, generator)
-                logits = stepper.step(x, train_y.index_select(0, index))
-                if on_batch is not None:
-                    on_batch(epoch, index, logits)
-            sums = stepper.train_loss_sums()
-            devs = stepper.evaluate(data.dev, data.classes)
-            seconds = time.perf_counter() - epoch_start
-            still = set()
-            for member in sorted(sums):  # callbacks in member order
-                result, train_loss = results[member], sums[member] / n
-                result.seconds = time.perf_counter() - started
-                if not math.isfinite(train_loss):
-                    result.error = DivergedError(epoch, train_loss)
-                    continue
-                stats = EpochStats(epoch, train_loss, devs[member].loss, devs[member], seconds)
-                result.history.append(stats)
-                if on_epoch is not None and on_epoch(member, stats):
-                    result.stopped_early = True
-                if result.stopped_early or epoch == configs[member].epochs:
-                    result.model = stepper.model(member)
-                else:
-                    still.add(member)
+            train_epoch(step, epoch_batches(data, shared, generator), epoch, on_batch)
+            keep = record_epoch(step, data, results, epoch, time.perf_counter() - epoch_start, started, on_epoch)
             yield results
-            stepper.keep(still)
-            if not stepper.members:
+            step.keep(keep)
+            if not step.members:
                 break
     finally:
-        stepper.close()  # a fused group's pass threads go with it
+        step.close()  # the group's pass threads go with it
 
 
-def train_epochs(config: TrainConfig, data: DeviceData | Splits, device="auto", order_seed: int | None = None,
-                 options: LoopOptions = LoopOptions()) -> Iterator[TrainResult]:
-    """`train`, one epoch per step (`make bench` steps it in turn with the naive loop, and A/Bs `options`)."""
-    if not isinstance(data, DeviceData):
-        data = DeviceData(data, device, options.channels_last)
-    for results in train_members([config], data, fused=False, order_seed=order_seed, options=options):
-        if results[0].error is not None:
-            raise results[0].error
-        yield results[0]
+def train_group(configs: Sequence[TrainConfig], data: DeviceData | Splits,
+                on_epoch: Callable[[int, EpochStats], bool | None] | None = None,
+                members_per_pass: int | None = None) -> list[MemberResult]:
+    """train_group_epochs to the end: result i belongs to configs[i]."""
+    results = []
+    for results in train_group_epochs(configs, data, on_epoch, members_per_pass=members_per_pass):
+        pass
+    return results
 
 
 def train(config: TrainConfig, data: DeviceData | Splits, device="auto",
           on_epoch: Callable[[EpochStats], bool | None] | None = None, order_seed: int | None = None,
           on_batch: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> TrainResult:
-    """Train one config; `on_epoch` is called after every epoch and may return True to stop.
+    """Train one config to the end (a group of one); `on_epoch` is called after every epoch and may return True to stop.
 
     Raises DivergedError when the training loss is not finite: a NaN model is
-    never returned as if it were a result. on_batch: see train_members.
+    never returned as if it were a result. on_batch: see train_group_epochs.
     """
     if not isinstance(data, DeviceData):
         data = DeviceData(data, device)
     result = None
-    for results in train_members([config], data, None if on_epoch is None else lambda _, stats: on_epoch(stats),
-                                 fused=False, order_seed=order_seed, on_batch=on_batch):
+    for results in train_group_epochs([config], data, None if on_epoch is None else lambda _, stats: on_epoch(stats),
+                                      order_seed=order_seed, on_batch=on_batch):
         result = results[0]
     if result.error is not None:
         raise result.error
     return result
-
-
-def train_group(configs: Sequence[TrainConfig], data: DeviceData | Splits,
-                on_epoch: Callable[[int, EpochStats], bool | None] | None = None, fused: bool | None = None,
-                members_per_pass: int | None = None) -> list[MemberResult]:
-    """train_members to the end: result i belongs to configs[i]; one config trains alone, several fused."""
-    results = []
-    for results in train_members(configs, data, on_epoch, fused=fused, members_per_pass=members_per_pass):
-        pass
-    return results
-
-
-def train_fused_epochs(configs: Sequence[TrainConfig], data: DeviceData | Splits,
-                       on_epoch: Callable[[int, EpochStats], bool | None] | None = None,
-                       members_per_pass: int | None = None,
-                       options: LoopOptions = LoopOptions()) -> Iterator[list[MemberResult]]:
-    """A group as one stacked network, one epoch per step (even for K = 1: the benchmark's fused K=1)."""
-    return train_members(configs, data, on_epoch, fused=True, members_per_pass=members_per_pass, options=options)
-
-
-def train_fused(configs: Sequence[TrainConfig], data: DeviceData | Splits,
-                on_epoch: Callable[[int, EpochStats], bool | None] | None = None,
-                members_per_pass: int | None = None) -> list[MemberResult]:
-    """Train all configs as one fused group, even one config; result i belongs to configs[i] (see train_members)."""
-    return train_group(configs, data, on_epoch, fused=True, members_per_pass=members_per_pass)

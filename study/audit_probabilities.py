@@ -126,7 +126,7 @@ def out_of_fold_probabilities(images: LabeledImages, classes: Sequence[str], fol
 
 
 class DynamicsRecorder:
-    """Each image's softmax at its training visits, summed over the window's epochs (train_members' on_batch).
+    """Each image's softmax at its training visits, summed over the window's epochs (train_group_epochs' on_batch).
 
     It also counts the at-visit predictions of every epoch against the given
     labels: the in-sample agreement that progress shows while the model trains.

@@ -10,10 +10,12 @@ import torch
 from cnnlib import training
 from cnnlib.model import INPUT_MEAN, INPUT_STD, model_flops_per_image
 from cnnlib.splits import DataConfig, prepare_splits
-from cnnlib.training import DeviceData, TrainConfig, make_model, train, train_epochs
+from cnnlib.stacked_model import make_model
+from cnnlib.training import DeviceData, TrainConfig, train
 from study.bench import machine
 from study.bench import training_loop as bench
 from study.cli import main
+from study.bench.interleave import lone_trial_epochs
 from study.bench.naive_loop import make_naive_model, naive_train_epochs
 
 # Tinted classes (see conftest) are separable by colour: a loop that learns at all
@@ -53,7 +55,7 @@ def test_an_interleaved_run_is_the_run_a_user_gets_alone(tiny_splits):
     config = TrainConfig(epochs=3, batch_size=16, seed=1, dropout=0.3)  # dropout draws from the global RNG
     alone = train(config, tiny_splits, "cpu")
     data = DeviceData(tiny_splits, "cpu")
-    runs = {"naive": naive_train_epochs(config, tiny_splits, "cpu"), "project": train_epochs(config, data, "cpu")}
+    runs = {"naive": naive_train_epochs(config, tiny_splits, "cpu"), "project": lone_trial_epochs(config, data)}
     interleaved = bench.interleave(runs, torch.device("cpu"))["project"].result
     assert [h.train_loss for h in interleaved.history] == [h.train_loss for h in alone.history]
 
@@ -62,7 +64,7 @@ def test_a_flipped_lever_holds_inside_its_own_run_only(tiny_splits):
     config = TrainConfig(epochs=1, batch_size=16)
     data = DeviceData(tiny_splits, "cpu")
     shipped = training.CHANNELS_LAST
-    run = train_epochs(config, data, "cpu", options=training.LoopOptions(channels_last=not shipped))
+    run = lone_trial_epochs(config, data, training.LoopOptions(channels_last=not shipped))
     conv = next(run).model.features[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) is (not shipped)
     assert training.CHANNELS_LAST is shipped

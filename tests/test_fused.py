@@ -1,22 +1,30 @@
-"""Fused training: K configs trained as one network give, member by member, the runs `train` gives.
+"""The training step: a group of K configs trains, member by member, what each config trains alone.
 
-The equivalence tests run on the CPU in float32: a fused group against K
-separate `train` runs fed the same batch order (`order_seed`, the first
-member's seed) and the same seeds. Fused and separate runs use different
-kernels (one grouped convolution and batched matmuls instead of K small
-ones), so values agree to rounding, not bit for bit, and training amplifies
-rounding: the unfused loop itself, rerun with 2 threads instead of 1 (or in
-another process: MKL's results depend on buffer alignment), moves by as much
-as fused and unfused differ. Measured on this CPU, 3 epochs on 500 images:
+One step implementation serves every K (cnnlib.step.StackedStep); a lone
+trial is a group of one. Two references pin it down, on the CPU in float32:
+- a group of K against its K configs trained one at a time (K=1 through the
+  same step), fed the same batch order (`order_seed`, the first member's
+  seed) and the same seeds: every lever, stopping, passes, threads;
+- a group of one against a plain SeedCNN trained with torch.optim, LambdaLR,
+  nn.Dropout and the nn.Module loss, written here (`reference_run`), on the
+  loop's batches: every optimizer, schedule, weight decay, imbalance method,
+  label smoothing and dropout.
+The step and the references use different kernels (one grouped convolution
+and batched matmuls instead of small ones, torch's fused optimizer kernel
+per row), so values agree to rounding, not bit for bit, and training
+amplifies rounding: the plain loop itself, rerun with 2 threads instead of
+1 (or in another process: MKL's results depend on buffer alignment), moves
+by as much as the step and it differ. Measured on this CPU, 3 epochs on 500
+images:
 - without dropout: losses within 5e-7, weights within 2e-6 (relative norm
   per tensor), dev confusion matrices identical;
-- with dropout (each member replays its unfused run's masks bit for bit):
-  losses within 2e-4, weights within 2e-3, confusion matrices identical; the
-  unfused loop at 2 threads vs 1 differed from itself by the same 2e-4 / 2e-3.
+- with dropout (each member replays nn.Dropout's masks bit for bit): losses
+  within 2e-4, weights within 2e-3, confusion matrices identical; the plain
+  loop at 2 threads vs 1 differed from itself by the same 2e-4 / 2e-3.
 On another machine (the H200 host's 16-core CPU with torch 2.11) the same
 runs agreed in epoch 1 but differed by up to 2.5e-3 in epoch 2's dev loss:
 other kernels, same amplification.
-Tolerances: epoch 1's losses 1e-4, which a fusion bug (a member's lr,
+Tolerances: epoch 1's losses 1e-4, which a stacking bug (a member's lr,
 weights or loss mixed up) misses by orders of magnitude; later epochs' losses
 1e-2 (2e-2 with dropout), weights 5e-2 (1e-1 with dropout), at most six of
 the 300 dev images predicted differently (near-ties flip).
@@ -34,16 +42,18 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlib import fused
+from cnnlib import passes, stacked_model, step as step_module
 from cnnlib.errors import DivergedError
 from cnnlib.config import PER_MEMBER as PER_MEMBER_FIELDS, SHARED as SHARED_FIELDS, group_key
-from cnnlib.fused import MemberDropout, MemberLoss, StackedOptimizer
-from cnnlib.losses import member_losses
+from cnnlib.losses import MemberLoss, member_losses
+from cnnlib.member_dropout import MemberDropout
 from cnnlib.schedules import lr_factors
 from cnnlib.model import SeedCNN
+from cnnlib.stacked_optimizer import StackedOptimizer
 from cnnlib.splits import DataConfig, prepare_splits
-from cnnlib.training import (DeviceData, EpochStats, LoopOptions, MemberResult, TrainConfig, check_group, class_weights, evaluate,
-                             group_configs, make_criterion, make_optimizer, train, train_fused, train_members)
+from cnnlib.training import (DeviceData, EpochStats, LoopOptions, MemberResult, TrainConfig, check_group, class_weights,
+                             epoch_batches, evaluate, group_configs, make_criterion, train, train_group,
+                             train_group_epochs)
 
 FIRST_EPOCH_TOLERANCE = 1e-4
 LOSS_TOLERANCE, WEIGHT_TOLERANCE = 1e-2, 5e-2
@@ -93,13 +103,13 @@ def pass_widths(monkeypatch):
     """The number of members of every stacked forward pass, in order (one torch thread: one pass at a
     time, split by members_per_pass alone, whatever thread count an earlier test left behind)."""
     widths = []
-    forward = fused.StackedSeedCNN.forward
+    forward = stacked_model.StackedSeedCNN.forward
 
     def counting_forward(self, x, masks=None):
         widths.append(self.k)
         return forward(self, x, masks)
 
-    monkeypatch.setattr(fused.StackedSeedCNN, "forward", counting_forward)
+    monkeypatch.setattr(stacked_model.StackedSeedCNN, "forward", counting_forward)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield widths
@@ -113,6 +123,44 @@ def configs_of(members, **shared):
 def separate_runs(configs, data):
     """What the unfused loop gives each member, fed the group's batch order."""
     return [train(config, data, order_seed=configs[0].seed) for config in configs]
+
+
+# torch.optim's own optimizers, as a config names them: the reference the stacked optimizer must match.
+REFERENCE_OPTIMIZERS = {
+    "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
+                                             weight_decay=c.weight_decay),
+    "adam": lambda params, c: torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay),
+    "adamw": lambda params, c: torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay),
+}
+
+
+def reference_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    return REFERENCE_OPTIMIZERS[config.optimizer](list(params), config)
+
+
+def reference_run(config: TrainConfig, data: DeviceData, order_seed: int) -> MemberResult:
+    """A plain SeedCNN with torch.optim, LambdaLR, nn.Dropout and the nn.Module loss, on the loop's batches."""
+    torch.manual_seed(config.seed)  # the weights, then nn.Dropout's masks
+    model = SeedCNN(data.n_classes, config.dropout, data.image_size)
+    optimizer = reference_optimizer(model.parameters(), config)
+    factors = lr_factors(config, config.epochs * math.ceil(len(data.train) / config.batch_size)).tolist()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: factors[min(s, len(factors) - 1)])
+    criterion = make_criterion(config, data.train.y, data.n_classes)
+    generator = torch.Generator().manual_seed(order_seed)
+    result = MemberResult(model, config)
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        total = 0.0
+        for _, x, y in epoch_batches(data, config, generator):
+            loss = criterion(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(y)
+        dev = evaluate(model, data.dev, data.classes, criterion)
+        result.history.append(EpochStats(epoch, total / len(data.train), dev.loss, dev, 0.0))
+    return result
 
 
 def assert_same_run(fused_result, separate, loss_tolerance=LOSS_TOLERANCE, weight_tolerance=WEIGHT_TOLERANCE):
@@ -136,11 +184,28 @@ def assert_same_run(fused_result, separate, loss_tolerance=LOSS_TOLERANCE, weigh
         assert relative <= weight_tolerance, (name, relative)
 
 
-# --- the test that matters: fused == separate, member by member ---------------
+# --- the step at K=1 is a plain SeedCNN with torch.optim -----------------------
+
+# Every lever, one config each: the optimizers with and without momentum, Nesterov and weight
+# decay, every schedule with and without warm-up, every imbalance method, label smoothing,
+# dropout at several rates; crop, flip, jitter and the weighted sampler's batch order.
+REFERENCE_CASES = ([dict(member, dropout=0.0, crop=2, flip=True) for member in LEVERS]
+                   + [dict(member, dropout=rate) for member, rate in zip(MIXED, (0.1, 0.5, 0.0, 0.3))]
+                   + [dict(MIXED[0], dropout=0.0, imbalance="weighted_sampler", jitter=0.2)])
+
+
+@pytest.mark.parametrize("member", REFERENCE_CASES, ids=lambda m: f"{m['optimizer']}-{m['seed']}-{m['dropout']}")
+def test_a_group_of_one_trains_what_a_plain_seed_cnn_with_torch_optim_trains(cpu_data, member):
+    config = configs_of([member])[0]
+    tolerances = (DROPOUT_LOSS_TOLERANCE, DROPOUT_WEIGHT_TOLERANCE) if config.dropout else ()
+    assert_same_run(train(config, cpu_data), reference_run(config, cpu_data, config.seed), *tolerances)
+
+
+# --- a group of K == its configs trained one at a time, member by member ---------
 
 def test_fused_group_matches_separate_runs_member_by_member(cpu_data):
     configs = configs_of(MIXED, dropout=0.0)
-    results = train_fused(configs, cpu_data)
+    results = train_group(configs, cpu_data)
     for result, separate in zip(results, separate_runs(configs, cpu_data)):
         assert result.config == separate.config
         assert_same_run(result, separate)
@@ -148,7 +213,7 @@ def test_fused_group_matches_separate_runs_member_by_member(cpu_data):
 
 def test_every_lever_matches_separate_runs_member_by_member_with_crop_and_flip(cpu_data):
     configs = configs_of(LEVERS, dropout=0.0, crop=2, flip=True)
-    results = train_fused(configs, cpu_data)
+    results = train_group(configs, cpu_data)
     for result, separate in zip(results, separate_runs(configs, cpu_data)):
         assert result.config == separate.config
         assert_same_run(result, separate)
@@ -159,8 +224,8 @@ def test_every_lever_matches_separate_runs_member_by_member_with_crop_and_flip(c
 
 def test_bf16_autocast_trains_the_same_group_close_to_fp32_but_not_bitwise(cpu_data):
     configs = configs_of(MIXED, dropout=0.0)
-    fp32 = train_fused(configs, cpu_data)
-    bf16 = list(train_members(configs, cpu_data, fused=True, options=LoopOptions(precision="bf16")))[-1]
+    fp32 = train_group(configs, cpu_data)
+    bf16 = list(train_group_epochs(configs, cpu_data, options=LoopOptions(precision="bf16")))[-1]
     for a, b in zip(fp32, bf16):
         assert b.error is None and b.model is not None
         first_a, first_b = a.history[0].train_loss, b.history[0].train_loss
@@ -172,16 +237,14 @@ def test_bf16_autocast_trains_the_same_group_close_to_fp32_but_not_bitwise(cpu_d
 def test_a_precision_the_step_does_not_know_is_refused(cpu_data):
     configs = configs_of(MIXED, dropout=0.0)
     with pytest.raises(ValueError, match="precision"):
-        next(train_members(configs, cpu_data, fused=True, options=LoopOptions(precision="fp8")))
-    with pytest.raises(ValueError, match="stacked step only"):
-        next(train_members(configs[:1], cpu_data, fused=False, options=LoopOptions(precision="bf16")))
+        next(train_group_epochs(configs, cpu_data, options=LoopOptions(precision="fp8")))
 
 
 def test_members_with_other_epochs_follow_their_own_schedules(cpu_data):
     # A schedule spans the member's own epochs: the 2-epoch one-cycle member decays twice as fast.
     members = [{**LEVERS[0], "epochs": 3}, {**LEVERS[0], "epochs": 2, "seed": 31}, {**LEVERS[1], "epochs": 1}]
     configs = [TrainConfig(**{**SHARED, **member, "dropout": 0.0}) for member in members]
-    for result, separate in zip(train_fused(configs, cpu_data), separate_runs(configs, cpu_data)):
+    for result, separate in zip(train_group(configs, cpu_data), separate_runs(configs, cpu_data)):
         assert_same_run(result, separate)
 
 
@@ -190,13 +253,13 @@ def test_dropout_masks_are_the_unfused_runs_own_on_cpu(cpu_data):
     # unfused run's nn.Dropout does: same losses even with different rates.
     members = [{**m, "dropout": rate} for m, rate in zip(MIXED, (0.1, 0.5, 0.0, 0.3))]
     configs = configs_of(members)
-    for result, separate in zip(train_fused(configs, cpu_data), separate_runs(configs, cpu_data)):
+    for result, separate in zip(train_group(configs, cpu_data), separate_runs(configs, cpu_data)):
         assert_same_run(result, separate, DROPOUT_LOSS_TOLERANCE, DROPOUT_WEIGHT_TOLERANCE)
 
 
 def test_weighted_sampler_flip_and_jitter_follow_the_first_members_seed(cpu_data):
     configs = configs_of(MIXED[:3], epochs=2, imbalance="weighted_sampler", flip=True, jitter=0.2, dropout=0.0)
-    for result, separate in zip(train_fused(configs, cpu_data), separate_runs(configs, cpu_data)):
+    for result, separate in zip(train_group(configs, cpu_data), separate_runs(configs, cpu_data)):
         assert_same_run(result, separate)
 
 
@@ -211,7 +274,7 @@ def test_fused_training_runs_on_the_test_device(small_splits, device, monkeypatc
     configs = configs_of(MIXED[:2], epochs=2, dropout=0.0)
     tolerance = LOSS_TOLERANCE
     try:
-        pairs = list(zip(train_fused(configs, data), separate_runs(configs, data)))
+        pairs = list(zip(train_group(configs, data), separate_runs(configs, data)))
     finally:
         torch.set_float32_matmul_precision(precision)
     for result, separate in pairs:
@@ -228,7 +291,7 @@ def test_cuda_graphs_train_what_the_eager_step_trains(small_splits, device):
                for i, member in enumerate(LEVERS[:3])]
 
     def last(options):
-        for results in train_members(configs, data, fused=True, options=options):
+        for results in train_group_epochs(configs, data, options=options):
             pass
         return results
 
@@ -246,15 +309,15 @@ def test_cuda_graphs_train_what_the_eager_step_trains(small_splits, device):
 
 def test_only_a_cuda_device_captures_graphs():
     dropout = MemberDropout([0.1], [torch.get_rng_state()], 0, CPU)
-    assert not fused.can_capture(CPU, dropout)
-    assert not fused.can_capture(CPU, MemberDropout([0.0], [torch.get_rng_state()], 0, CPU))
+    assert not passes.can_capture(CPU, dropout)
+    assert not passes.can_capture(CPU, MemberDropout([0.0], [torch.get_rng_state()], 0, CPU))
 
 
 # --- results look exactly like train's ------------------------------------------
 
 def test_each_result_is_a_train_result_with_a_real_seed_cnn_holding_its_weights(cpu_data):
     configs = configs_of(MIXED[:2], epochs=2)
-    results = train_fused(configs, cpu_data)
+    results = train_group(configs, cpu_data)
     for config, result in zip(configs, results):
         assert isinstance(result, MemberResult) and result.error is None and not result.failed
         assert result.config is config and not result.stopped_early and result.seconds > 0
@@ -280,7 +343,7 @@ def test_a_stopped_member_leaves_the_stacked_network_and_the_others_go_on(cpu_da
         calls.append((member, stats.epoch))
         return member == 1 and stats.epoch == 1  # prune member 1 after its first epoch
 
-    results = train_fused(configs, cpu_data, on_epoch)
+    results = train_group(configs, cpu_data, on_epoch)
     assert calls == [(0, 1), (1, 1), (2, 1), (0, 2), (2, 2), (0, 3), (2, 3)]
     assert results[1].stopped_early and len(results[1].history) == 1 and results[1].model is not None
     assert not results[0].stopped_early and len(results[0].history) == 3
@@ -296,7 +359,7 @@ def test_a_stopped_member_leaves_the_stacked_network_and_the_others_go_on(cpu_da
 def test_a_member_with_fewer_epochs_finishes_first_as_its_unfused_run_would(cpu_data, pass_widths):
     configs = [TrainConfig(**{**SHARED, **member, "dropout": 0.0, "epochs": epochs})
                for member, epochs in zip(MIXED[:3], (3, 1, 2))]
-    results = train_fused(configs, cpu_data)
+    results = train_group(configs, cpu_data)
     assert [len(r.history) for r in results] == [3, 1, 2]
     assert not any(r.stopped_early for r in results) and all(r.model is not None for r in results)
     steps = math.ceil(len(cpu_data.train) / SHARED["batch_size"])
@@ -307,7 +370,7 @@ def test_a_member_with_fewer_epochs_finishes_first_as_its_unfused_run_would(cpu_
 
 def test_members_split_over_several_passes_share_batches_and_still_match_separate_runs(cpu_data, pass_widths):
     configs = configs_of(MIXED, epochs=2, dropout=0.0)
-    results = train_fused(configs, cpu_data, lambda member, stats: member == 1, members_per_pass=2)
+    results = train_group(configs, cpu_data, lambda member, stats: member == 1, members_per_pass=2)
     # Passes {0, 1} and {2, 3} take every batch in turn; after epoch 1 the first pass has member 0 alone.
     steps = math.ceil(len(cpu_data.train) / SHARED["batch_size"])
     assert pass_widths == [2, 2] * (steps + 1) + [1, 2] * (steps + 1)
@@ -318,7 +381,7 @@ def test_members_split_over_several_passes_share_batches_and_still_match_separat
 
 
 def _last_results(configs, data, **kwargs):
-    for results in train_members(configs, data, fused=True, **kwargs):
+    for results in train_group_epochs(configs, data, **kwargs):
         pass
     return results
 
@@ -363,13 +426,13 @@ def test_uneven_concurrent_passes_are_re_split_and_their_members_train_on_as_alo
                {**MIXED[1], "seed": 22, "nesterov": True, "epochs": 3}]
     configs = configs_of(members, dropout=0.1)
     sizes = []
-    keep = fused.StackedStep.keep
+    keep = step_module.StackedStep.keep
 
     def recording_keep(self, members):
         keep(self, members)
-        sizes.append(sorted(len(group.members) for group in self.passes))
+        sizes.append(sorted(len(pass_.members) for pass_ in self.passes))
 
-    monkeypatch.setattr(fused.StackedStep, "keep", recording_keep)
+    monkeypatch.setattr(step_module.StackedStep, "keep", recording_keep)
     results = _last_results(configs, cpu_data, on_epoch=lambda member, stats: member in (0, 1),
                             options=LoopOptions(pass_threads=2))
     assert sizes[0] == [2, 2]  # 1 + 3 re-split
@@ -381,7 +444,7 @@ def test_uneven_concurrent_passes_are_re_split_and_their_members_train_on_as_alo
 
 def test_an_error_in_a_pass_thread_reaches_the_caller_and_the_threads_go(cpu_data, monkeypatch):
     configs = configs_of(MIXED[:2], epochs=2)
-    step = fused._Pass.step
+    step = passes.Pass.step
     calls = []
 
     def failing_step(self, x, y):
@@ -390,7 +453,7 @@ def test_an_error_in_a_pass_thread_reaches_the_caller_and_the_threads_go(cpu_dat
             raise RuntimeError("a kernel failed")
         return step(self, x, y)
 
-    monkeypatch.setattr(fused._Pass, "step", failing_step)
+    monkeypatch.setattr(passes.Pass, "step", failing_step)
     before = threading.active_count()
     with pytest.raises(RuntimeError, match="a kernel failed"):
         _last_results(configs, cpu_data, options=LoopOptions(pass_threads=2))
@@ -404,7 +467,7 @@ def test_an_error_in_a_pass_thread_reaches_the_caller_and_the_threads_go(cpu_dat
 
 def test_pass_threads_must_be_positive(cpu_data):
     with pytest.raises(ValueError, match="pass_threads must be at least 1"):
-        fused.StackedStep(configs_of(MIXED[:2]), cpu_data, 4, lambda c: SeedCNN(3, c.dropout, 32), pass_threads=0)
+        step_module.StackedStep(configs_of(MIXED[:2]), cpu_data, 4, pass_threads=0)
 
 
 def test_a_diverging_member_is_reported_alone_and_the_others_are_untouched(cpu_data):
@@ -413,7 +476,7 @@ def test_a_diverging_member_is_reported_alone_and_the_others_are_untouched(cpu_d
     with pytest.raises(DivergedError):  # what the unfused loop does with it
         train(configs[1], cpu_data, order_seed=configs[0].seed)
     called = []
-    results = train_fused(configs, cpu_data, lambda member, stats: called.append(member))
+    results = train_group(configs, cpu_data, lambda member, stats: called.append(member))
     failed = results[1]
     assert isinstance(failed.error, DivergedError) and failed.error.epoch == 1 and failed.failed
     assert failed.model is None and failed.history == [] and 1 not in called
@@ -455,7 +518,7 @@ def test_members_that_cannot_share_a_batch_are_refused_with_the_setting_named():
     with pytest.raises(ValueError, match="batch_size=64"):
         check_group(configs)
     with pytest.raises(ValueError, match="flip"):
-        train_fused([TrainConfig(), TrainConfig(flip=True)], data=None)
+        train_group([TrainConfig(), TrainConfig(flip=True)], data=None)
     with pytest.raises(ValueError, match="at least one"):
         check_group([])
 
@@ -513,7 +576,7 @@ def test_stacked_optimizer_rows_that_stay_keep_their_state_when_others_leave(ker
     start = torch.randn(len(configs), 40)
     stacked = start.clone()
     references = [nn.Parameter(start[i].clone()) for i in range(len(configs))]
-    optimizers = [make_optimizer(nn.ParameterList([p]), c, implementation="foreach") for p, c in zip(references, configs)]
+    optimizers = [reference_optimizer([p], c) for p, c in zip(references, configs)]
     ours = StackedOptimizer(configs, 40, CPU, kernels=kernels)
     kept = [0, 3]
     for step in range(12):
@@ -546,7 +609,7 @@ def test_stacked_optimizer_follows_torch_optim_and_lambda_lr_row_by_row(member, 
     references = [nn.Parameter(start[i].clone()) for i in range(len(configs))]
     optimizers, schedulers = [], []
     for p, c in zip(references, configs):
-        optimizer = make_optimizer(nn.ParameterList([p]), c, implementation="foreach")
+        optimizer = reference_optimizer([p], c)
         factors = lr_factors(c, steps).tolist()
         optimizers.append(optimizer)
         schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, f=factors: f[min(s, steps - 1)]))
@@ -628,7 +691,7 @@ def test_the_fused_forward_adds_each_conv_bias_after_its_pool_with_the_same_valu
             for name, param in model.named_parameters():
                 if name.endswith("bias"):
                     param.uniform_(-0.5, 0.5)  # biases large enough to matter
-    net = fused.StackedSeedCNN.from_models(models, CPU)
+    net = stacked_model.StackedSeedCNN.from_models(models, CPU)
     x = torch.rand(16, 3, 32, 32)
     with torch.no_grad():
         stacked = net(x)
@@ -638,9 +701,9 @@ def test_the_fused_forward_adds_each_conv_bias_after_its_pool_with_the_same_valu
 
 def test_fused_evaluation_does_not_depend_on_its_chunk_size(cpu_data, monkeypatch):
     configs = configs_of(MIXED[:3], epochs=1)
-    step = fused.StackedStep(configs, cpu_data, 4, lambda c: SeedCNN(3, c.dropout, 32))
+    step = step_module.StackedStep(configs, cpu_data, 4)
     whole = step.evaluate(cpu_data.dev, cpu_data.classes)
-    monkeypatch.setitem(fused.EVAL_ACTIVATION_FLOATS, "cpu", 7 * 3 * 6 * 28 * 28)  # chunks of 7 images
+    monkeypatch.setitem(stacked_model.EVAL_ACTIVATION_FLOATS, "cpu", 7 * 3 * 6 * 28 * 28)  # chunks of 7 images
     chunked = step.evaluate(cpu_data.dev, cpu_data.classes)
     for member in whole:
         assert np.array_equal(whole[member].confusion, chunked[member].confusion)
@@ -705,22 +768,22 @@ def test_bench_times_bf16_autocast_beside_fp32_when_asked(small_splits, cpu_data
 def test_passes_step_at_the_same_time_by_default_only_where_that_measured_faster(restore_threads):
     torch.set_num_threads(2)
     plain = [TrainConfig(batch_size=32, seed=i) for i in range(16)]
-    assert fused.concurrent_passes_pay(plain)
-    assert not fused.concurrent_passes_pay(plain[:8])  # 4 a pass: one pass on every thread is faster
-    assert not fused.concurrent_passes_pay([dataclasses.replace(c, batch_size=64) for c in plain])
-    assert not fused.concurrent_passes_pay([dataclasses.replace(c, crop=4, flip=True) for c in plain])
+    assert passes.concurrent_passes_pay(plain)
+    assert not passes.concurrent_passes_pay(plain[:8])  # 4 a pass: one pass on every thread is faster
+    assert not passes.concurrent_passes_pay([dataclasses.replace(c, batch_size=64) for c in plain])
+    assert not passes.concurrent_passes_pay([dataclasses.replace(c, crop=4, flip=True) for c in plain])
     torch.set_num_threads(1)
-    assert not fused.concurrent_passes_pay(plain)
+    assert not passes.concurrent_passes_pay(plain)
 
 
 def test_default_concurrent_passes_merge_into_one_when_too_few_members_are_left(cpu_data, restore_threads):
     torch.set_num_threads(2)
     configs = [TrainConfig(batch_size=32, seed=i, optimizer="sgd" if i % 2 else "adam") for i in range(16)]
-    step = fused.StackedStep(configs, cpu_data, 4, lambda c: SeedCNN(3, c.dropout, 32))
+    step = step_module.StackedStep(configs, cpu_data, 4)
     try:
-        assert [len(group.members) for group in step.passes] == [8, 8] and len(step.workers) == 2
+        assert [len(pass_.members) for pass_ in step.passes] == [8, 8] and len(step.workers) == 2
         step.keep(set(range(2, 16)))  # 14 left: fewer than 8 a pass, one pass on every thread
-        assert [len(group.members) for group in step.passes] == [14] and step.members == list(range(2, 16))
+        assert [len(pass_.members) for pass_ in step.passes] == [14] and step.members == list(range(2, 16))
         assert not step._concurrent()
     finally:
         step.close()

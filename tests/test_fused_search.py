@@ -81,7 +81,7 @@ def test_trials_asked_together_share_the_leaders_batch_settings_so_one_group_fil
 
 
 def test_fuse_defaults_to_the_devices_group_size(small_data, tmp_path, capsys):  # noqa: F811
-    from cnnlib.fused import GROUP_SIZE
+    from cnnlib.step import GROUP_SIZE
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     assert search(small_data, tmp_path, storage, "--trials", "2", "--device", "cpu") == 0

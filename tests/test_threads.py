@@ -101,7 +101,7 @@ def test_a_fused_steps_activations_reuse_resident_pages():
     from types import SimpleNamespace
 
     from cnnlib.allocator import keep_freed_memory
-    from cnnlib.fused import StackedStep
+    from cnnlib.step import StackedStep
     from cnnlib.training import TrainConfig
 
     if not sys.platform.startswith("linux"):
@@ -110,7 +110,7 @@ def test_a_fused_steps_activations_reuse_resident_pages():
     data = SimpleNamespace(n_classes=3, image_size=32, device=torch.device("cpu"),
                            train=SimpleNamespace(y=torch.arange(300) % 3))
     configs = [TrainConfig(optimizer="sgd" if i % 2 else "adamw", seed=i, epochs=2) for i in range(16)]
-    step = StackedStep(configs, data, 10, make_model=None)
+    step = StackedStep(configs, data, 10)
     x, y = torch.rand(32, 3, 32, 32), torch.arange(32) % 3
     step.start_epoch()
     for _ in range(5):  # the heap grows to the step's size

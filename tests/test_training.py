@@ -11,7 +11,7 @@ from torch import nn
 
 from cnnlib.errors import DivergedError
 from cnnlib.splits import DataConfig, prepare_splits
-from cnnlib.training import DeviceData, TrainConfig, class_weights, epoch_order, evaluate, train, train_members
+from cnnlib.training import DeviceData, TrainConfig, class_weights, epoch_order, evaluate, train, train_group_epochs
 
 # Quick settings: a few epochs on a few hundred images, enough to see each behaviour.
 QUICK = dict(optimizer="adam", lr=3e-3, weight_decay=0.0, batch_size=32, epochs=3)
@@ -94,7 +94,23 @@ def test_on_batch_sees_every_train_image_once_an_epoch_with_the_logits_of_its_tr
 def test_on_batch_is_refused_for_a_fused_group_rather_than_ignored(imbalanced, device):
     configs = [TrainConfig(**{**QUICK, "epochs": 1, "seed": s}) for s in (0, 1)]
     with pytest.raises(ValueError, match="on_batch records one model's training predictions"):
-        next(train_members(configs, imbalanced, on_batch=lambda *_: None))
+        next(train_group_epochs(configs, imbalanced, on_batch=lambda *_: None))
+
+
+def test_a_model_that_does_not_stack_trains_alone_through_the_same_step(imbalanced, device):
+    # small_vgg (batch norm, its own dropout) is a stack of one: the returned model carries its
+    # weights and batch-norm statistics, and the same seed gives the same run.
+    from cnnlib.model import SmallVGG
+
+    config = TrainConfig(**{**QUICK, "epochs": 2}, model="small_vgg", dropout=0.2, seed=3)
+    data = DeviceData(imbalanced, device)
+    first, second = train(config, data), train(config, data)
+    assert isinstance(first.model, SmallVGG) and first.history[0].train_loss != first.history[1].train_loss
+    assert [h.train_loss for h in first.history] == [h.train_loss for h in second.history]
+    again = evaluate(first.model, data.dev, imbalanced.classes)
+    assert again.confusion.tolist() == first.dev.confusion.tolist()
+    with pytest.raises(ValueError, match="only the seed CNN trains as a stacked group"):
+        next(train_group_epochs([config, TrainConfig(**{**QUICK, "epochs": 2}, model="small_vgg", seed=4)], data))
 
 
 def test_history_reports_finite_losses_and_the_dev_evaluation(imbalanced, device):

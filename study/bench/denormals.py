@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from cnnlib.fused import GROUP_SIZE
+from cnnlib.step import GROUP_SIZE
 from cnnlib.splits import DataConfig, prepare_splits
 
 from ..lifetime import PARENT_VARIABLE, follow_parent_from_environment
@@ -39,7 +39,7 @@ EDGE = 3  # epochs averaged at the start and at the end of a run
 
 def epoch_seconds(config: DataConfig, cache: Path, k: int, epochs: int, threads: int) -> dict:
     """Seconds of each epoch of one fused group (dev evaluation included) and its members' last dev accuracies."""
-    from cnnlib.training import DeviceData, train_fused_epochs  # noqa: PLC0415 - after the caller set the flag
+    from cnnlib.training import DeviceData, train_group_epochs  # noqa: PLC0415 - after the caller set the flag
 
     from .fused import member_configs  # noqa: PLC0415
 
@@ -47,7 +47,7 @@ def epoch_seconds(config: DataConfig, cache: Path, k: int, epochs: int, threads:
     data = DeviceData(prepare_splits(config, cache), "cpu")
     seconds, last = [], None
     started = time.perf_counter()
-    for results in train_fused_epochs(member_configs(k, epochs), data):
+    for results in train_group_epochs(member_configs(k, epochs), data):
         seconds.append(time.perf_counter() - started)
         started = time.perf_counter()
         last = results

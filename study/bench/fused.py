@@ -2,8 +2,8 @@
 
 For each K the same K configs (both optimizers, spread learning rates and
 weight decays, dropout 0.1, seeds 0..K-1: what a search asks for) are trained
-as one fused group (`cnnlib.fused`) next to one of them trained alone in the
-project's unfused loop (`cnnlib.training.train_epochs`) and, optionally, in
+as one fused group (`cnnlib.training.train_group_epochs`) next to one of them
+trained alone, a group of one (`interleave.lone_trial_epochs`) and, optionally, in
 the naive DataLoader loop (`study.bench.naive_loop`). The runs take turns epoch by
 epoch (the leader alternating each round) so that a neighbour's load falls on
 all of them alike. Per epoch, dev evaluation included, the bench records wall
@@ -37,10 +37,10 @@ import torch
 
 from cnnlib.model import SeedCNN
 from cnnlib.splits import Splits
-from cnnlib.training import DeviceData, LoopOptions, TrainConfig, train_epochs, train_fused_epochs
+from cnnlib.training import DeviceData, LoopOptions, TrainConfig, train_group_epochs
 
 from ..output import fresh_file, timestamp, write_json
-from .interleave import interleave
+from .interleave import interleave, lone_trial_epochs
 
 FUSED_KS = (1, 4, 16, 64)
 # One warm-up epoch (oneDNN/cuDNN pick their kernels in the first steps), then two timed.
@@ -103,9 +103,9 @@ def measure_fused(data: DeviceData, device=None, ks=FUSED_KS, epochs: int = EPOC
         progress(HEADER)
     for k in ks:
         configs = member_configs(k, warmup + epochs, batch_size)
-        runs = {"fused": train_fused_epochs(configs, data), "unfused": train_epochs(configs[0], data)}
+        runs = {"fused": train_group_epochs(configs, data), "unfused": lone_trial_epochs(configs[0], data)}
         for name, options in variants.items():
-            runs[f"fused {name}"] = train_fused_epochs(configs, data, options=options)
+            runs[f"fused {name}"] = train_group_epochs(configs, data, options=options)
         if naive:
             from .naive_loop import naive_train_epochs
 

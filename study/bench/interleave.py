@@ -1,7 +1,7 @@
 """The one timing harness of the benchmarks: runs stepped one epoch each in turn, each with its own RNG.
 
 A run is an iterator that trains one epoch per `next()` (cnnlib.training's
-`train_epochs`, `train_fused_epochs`, the naive loop). The runs take turns
+`train_group_epochs`, `lone_trial_epochs` here, the naive loop). The runs take turns
 epoch by epoch, the leader alternating each round, so a neighbour's load on a
 shared machine falls on all of them alike. Each run keeps its own global torch
 RNG state, swapped in around its epochs (OwnRng), so an interleaved run draws
@@ -20,6 +20,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from cnnlib.training import LoopOptions, TrainConfig, TrainResult, train_group_epochs
+
+
+def lone_trial_epochs(config: TrainConfig, data, options: LoopOptions = LoopOptions()) -> Iterator[TrainResult]:
+    """One config trained alone (a group of one), its result after each epoch; raises DivergedError."""
+    for results in train_group_epochs([config], data, options=options):
+        if results[0].error is not None:
+            raise results[0].error
+        yield results[0]
 
 
 class OwnRng:

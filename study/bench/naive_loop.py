@@ -35,7 +35,7 @@ from cnnlib.metrics import Evaluation
 from cnnlib.model import INPUT_MEAN, INPUT_STD, SeedCNN
 from cnnlib.sources import LabeledImages
 from cnnlib.splits import Splits
-from cnnlib.training import EpochStats, TrainConfig, TrainResult, class_weights, make_criterion, make_optimizer
+from cnnlib.training import EpochStats, TrainConfig, TrainResult, class_weights, make_criterion
 
 
 class ImageDataset(Dataset):
@@ -101,13 +101,22 @@ def evaluate_naive(model: nn.Module, loader: DataLoader, classes, criterion: nn.
     return Evaluation(tuple(classes), matrix, total_loss / count if count else float("nan"))
 
 
+def tutorial_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The config's SGD (Nesterov or not), Adam or AdamW from torch.optim, called as a tutorial calls it."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                               weight_decay=config.weight_decay)
+    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return kind(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
 def naive_train_epochs(config: TrainConfig, splits: Splits, device="auto", workers: int = 0) -> Iterator[TrainResult]:
     """Train like a tutorial, yielding the growing TrainResult after each epoch (the bench interleaves loops)."""
     device = resolve_device(device)
     torch.manual_seed(config.seed)
     n_classes = len(splits.classes)
     model = make_naive_model(n_classes, config, splits.train.images.shape[1], device)
-    optimizer = make_optimizer(model, config, implementation="default")  # torch.optim as a tutorial calls it
+    optimizer = tutorial_optimizer(model, config)
     criterion = make_criterion(config, torch.from_numpy(splits.train.labels).to(device), n_classes)
     train_loader, dev_loader = make_loaders(config, splits, workers)
     result = TrainResult(model, config, device=str(device))

@@ -29,10 +29,10 @@ import torch
 from cnnlib.device import cpu_threads
 from cnnlib.model import model_flops_per_image
 from cnnlib.splits import Splits
-from cnnlib.training import DeviceData, LoopOptions, TrainConfig, TrainResult, train_epochs
+from cnnlib.training import DeviceData, LoopOptions, TrainConfig, TrainResult
 
 from ..errors import UserError
-from .interleave import Timed, interleave
+from .interleave import Timed, interleave, lone_trial_epochs
 from .machine import device_facts
 from .naive_loop import naive_train_epochs
 from ..options import add_common_options, add_data_options, data_config, load_splits, whole_number
@@ -126,7 +126,7 @@ def loop_summary(run: Timed, warmup: int, n_train: int, flops_per_epoch: float, 
 def compare(config: TrainConfig, splits: Splits, data: DeviceData, device, warmup: int,
             flops_per_epoch: float, peak: float | None, workers: int) -> dict:
     results = interleave({"naive": naive_train_epochs(config, splits, device, workers),
-                          "project": train_epochs(config, data, device)}, device)
+                          "project": lone_trial_epochs(config, data)}, device)
     n_train = len(splits.train)
     out = {name: loop_summary(results[name], warmup, n_train, flops_per_epoch, peak) for name in ("naive", "project")}
     out["speedup"] = out["naive"]["seconds_per_epoch"] / out["project"]["seconds_per_epoch"]
@@ -170,7 +170,7 @@ def gpu_busy_fraction(run: Iterator[TrainResult], device: torch.device) -> dict:
 def recipe_run(splits: Splits, data: DeviceData, device, epochs: int) -> dict:
     config = TrainConfig(batch_size=REFERENCE_BATCH, epochs=epochs)
     result = None
-    for result in train_epochs(config, data, device):
+    for result in lone_trial_epochs(config, data):
         pass
     seconds = [h.seconds for h in result.history]
     return {"epochs": epochs, "batch_size": REFERENCE_BATCH, "total_seconds": result.seconds,
@@ -184,8 +184,8 @@ def _lever_options(device: torch.device) -> dict[str, LoopOptions]:
     """Each lever flipped, as the loop options of the flipped run; the shipped run takes the defaults."""
     shipped = LoopOptions()
     flip = {"channels_last off": LoopOptions(channels_last=not shipped.channels_last),
-            # torch's foreach optimizer (one launch per op for all parameters) instead of its fused kernel
-            "foreach optimizer (not fused)": LoopOptions(optimizer="foreach")}
+            # each optimizer formula as one op over the parameter rows, not torch's fused kernel per member
+            "block optimizer (not fused kernels)": LoopOptions(optimizer_kernels="block")}
     if device.type == "cuda":
         flip["cudnn.benchmark on"] = LoopOptions(cudnn_benchmark=True)
     return flip
@@ -199,8 +199,8 @@ def measure_levers(splits: Splits, data: DeviceData, device: torch.device, epoch
         # the resident copy's layout follows the channels-last lever too
         flipped_data = data if options.channels_last == LoopOptions().channels_last else \
             DeviceData(splits, device, options.channels_last)
-        results = interleave({"shipped": train_epochs(config, data, device),
-                              "flipped": train_epochs(config, flipped_data, device, options=options)}, device)
+        results = interleave({"shipped": lone_trial_epochs(config, data),
+                              "flipped": lone_trial_epochs(config, flipped_data, options)}, device)
         wall = {k: _median_after([h.seconds for h in results[k].result.history], warmup) for k in results}
         cpu = {k: _median_after(results[k].cpu_seconds, warmup) for k in results}
         out[name] = {"shipped_seconds_per_epoch": wall["shipped"], "flipped_seconds_per_epoch": wall["flipped"],
@@ -213,7 +213,7 @@ def measure_levers(splits: Splits, data: DeviceData, device: torch.device, epoch
     return out
 
 
-# --- horizontally fused trials (cnnlib/fused.py, study/bench/fused.py) ---
+# --- horizontally fused trials (cnnlib/step.py, study/bench/fused.py) ---
 
 def fused_section(ks: tuple[int, ...], splits: Splits, data: DeviceData, device, epochs: int, warmup: int,
                   bf16: bool = False, graphs: bool = False) -> dict:
@@ -393,7 +393,7 @@ def compare_accuracy_seeds(report: dict, accuracies: dict[int, dict], splits: Sp
 
 def profile_gpu(report: dict, data: DeviceData, device: torch.device) -> None:
     """How busy the GPU is during one epoch at the reference batch (after a warm-up epoch)."""
-    epochs = train_epochs(TrainConfig(batch_size=REFERENCE_BATCH, epochs=2), data, device)
+    epochs = lone_trial_epochs(TrainConfig(batch_size=REFERENCE_BATCH, epochs=2), data)
     next(epochs)  # warm-up epoch
     try:
         report["gpu_busy"] = gpu_busy_fraction(epochs, device)

@@ -40,7 +40,7 @@ from cnnlib.device import flush_denormals
 from cnnlib.device import resolve_device
 from cnnlib.errors import CnnlibError
 from cnnlib.metrics import Evaluation
-from cnnlib.fused import GROUP_SIZE
+from cnnlib.step import GROUP_SIZE
 from cnnlib.training import DeviceData
 
 from .. import hints, progress
