@@ -24,6 +24,9 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise DeviceError(f"DEVICE={name!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+    for kind, backend in (("mps", getattr(torch.backends, "mps", None)), ("xpu", getattr(torch, "xpu", None))):
+        if device.type == kind and not (backend is not None and backend.is_available()):
+            raise DeviceError(f"DEVICE={name!r}: this machine has no {kind} device; use DEVICE=cpu or DEVICE=auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"DEVICE={name!r}: CUDA is not available on this machine; use DEVICE=cpu or DEVICE=auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

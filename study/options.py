@@ -84,6 +84,17 @@ def device_name(text: str) -> str:
     return str(text).strip()
 
 
+def check_results_folder(results: str | Path) -> None:
+    """RESULTS is a folder, or a path where one can be made: not a file, nor a path through one."""
+    path = Path(results)
+    for place in (path, *path.parents):
+        if place.exists() or place.is_symlink():
+            if not place.is_dir():
+                where = "is a file" if place == path else f"runs through the file {place}"
+                raise UserError(f"RESULTS={str(results)!r} {where}; expected a folder (or a path to create one at)")
+            return
+
+
 def env(name: str, fallback=None):
     """The environment's value of a Makefile variable, None (or the fallback) when unset or empty."""
     return os.environ.get(name) or fallback
