@@ -48,8 +48,8 @@ from cnnlib.training import DeviceData, TrainConfig, evaluate, group_configs, ma
 from . import hints, progress
 from .output import BUNDLE, study_folder, write_html, write_pngs
 from .errors import UserError
-from .options import (add_common_options, add_data_options, add_study_options, data_config, load_splits,
-                      use_cpu_threads, whole_number)
+from .options import (MAX_GROUP, add_common_options, add_data_options, add_study_options, check_recorded_data,
+                      data_config, load_splits, use_cpu_threads, whole_number)
 from .search.space import WARM_START_ATTR
 from .search.storage import load_existing_study, redact
 
@@ -85,9 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ
     parser.add_argument("--trial", type=whole_number("TRIAL"), default=env.get("TRIAL") or None,
                         help="trial number to retrain instead of the best one (env TRIAL)")
-    parser.add_argument("--seeds", type=whole_number("SEEDS", 1), default=env.get("SEEDS") or "3",
+    parser.add_argument("--seeds", type=whole_number("SEEDS", 1, MAX_GROUP), default=env.get("SEEDS") or "3",
                         help="retrain with seeds 0..k-1 and report mean and spread (env SEEDS)")
-    parser.add_argument("--candidates", type=whole_number("CANDIDATES", 1), default=env.get("CANDIDATES") or "3",
+    parser.add_argument("--candidates", type=whole_number("CANDIDATES", 1, MAX_GROUP), default=env.get("CANDIDATES") or "3",
                         help="without TRIAL: retrain the top K trials by dev macro accuracy and keep the one whose "
                              "seeds score best on dev on average (env CANDIDATES)")
     parser.add_argument("--epsilons", type=_epsilons, default=env.get("EPSILONS") or ",".join(map(str, DEFAULT_EPSILONS)),
@@ -143,35 +143,6 @@ def trial_config(trial: FrozenTrial) -> tuple[TrainConfig, str]:
         return TrainConfig.from_dict(params), "trial params over TrainConfig defaults (no 'config' attribute)"
     except ValueError as error:
         raise UserError(f"trial {trial.number}: its config cannot be rebuilt ({error})") from None
-
-
-def _split_text(summary: dict) -> str:
-    """'train 4000/600/400, dev 503/51/71, test 400/400/400' in the class order."""
-    classes = summary.get("classes") or []
-    return ", ".join(f"{name} {'/'.join(str(counts.get(c, 0)) for c in classes)}"
-                     for name, counts in (summary.get("splits") or {}).items())
-
-
-def check_recorded_data(study: optuna.Study, splits, corrections: str | None = None) -> None:
-    """Refuse data options that give another split than the one the study recorded (studies that recorded
-    nothing, from before, are taken as they are): its trials' scores say nothing about another split."""
-    attrs = study.user_attrs
-    fix = "pass the same DATA, CLASSES, *_COUNTS, SPLIT_SEED and CORRECTIONS as the search"
-    if "corrections_digest" in attrs and attrs["corrections_digest"] != splits.corrections_digest:
-        def name(digest):
-            return f"corrections sha256 {digest[:12]}" if digest else "no corrections"
-        raise UserError(f"study {study.study_name!r} was searched with {name(attrs['corrections_digest'])}, but "
-                        f"CORRECTIONS={corrections or '(empty)'} is {name(splits.corrections_digest)}; {fix}")
-    summary = attrs.get("data_summary")
-    now = splits.summary()
-    if isinstance(summary, dict) and (summary.get("classes"), summary.get("splits")) != (now["classes"], now["splits"]):
-        raise UserError(f"study {study.study_name!r} was searched on split {_split_text(summary)} "
-                        f"({','.join(summary.get('classes') or [])}), but the data options give "
-                        f"{_split_text(now)} ({','.join(now['classes'])}); {fix}")
-    key = attrs.get("split_cache_key")
-    if key and key != splits.cache_key:
-        raise UserError(f"study {study.study_name!r} was searched on split cache key {key}, but the data options "
-                        f"give {splits.cache_key} (same class counts, other images or source); {fix}")
 
 
 # --- files ----------------------------------------------------------------
