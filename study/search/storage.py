@@ -93,8 +93,8 @@ def open_storage(url: str, heartbeat: bool = True, read_only: bool = False) -> o
             return JournalStorage(JournalFileBackend(str(path)))
         except (OSError, ValueError) as error:  # unreadable, or a record in the middle is not JSON
             raise UserError(f"cannot open journal storage {path}: {error}") from None
-    if read_only and path is not None:
-        check_sqlite_storage(url, path)
+    if path is not None:
+        check_sqlite_storage(url, path, read_only)
     engine_kwargs = {}
     if path is not None:
         engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}
@@ -119,21 +119,35 @@ def open_storage(url: str, heartbeat: bool = True, read_only: bool = False) -> o
                         else f"cannot open storage {redact(url)}: {detail}") from None
 
 
-def check_sqlite_storage(url: str, path: Path) -> None:
-    """A SQLite file a reading command may open: a database holding Optuna's tables.
+def check_sqlite_storage(url: str, path: Path, read_only: bool) -> None:
+    """Refuse, untouched, a damaged SQLite file; for a reading command also one without Optuna's tables.
 
-    Opening any other SQLite database through Optuna would create its tables
-    there, a write from a command that only reads. The file is opened read-only here.
+    A damaged file still takes some writes (a search created its study in one
+    before failing on a damaged page), which spreads the damage; SQLite's
+    quick_check reads every page, about a second for 100 MB. Opening any other
+    SQLite database through Optuna would create its tables there, a write from
+    a command that only reads. The file is opened read-only here.
     """
+    if not path.is_file():
+        if read_only:
+            raise UserError(f"no storage file at {path}; run `make search` first, or set STORAGE=... to the one it wrote")
+        return  # a new storage
+    connection = None
     try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
-            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=SQLITE_BUSY_TIMEOUT)
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        problems = [row[0] for row in connection.execute("PRAGMA quick_check(1)")]
     except sqlite3.Error as error:
         detail = _first_line(error)
         if _is_damage(detail):
             raise UserError(damaged_message(url, detail)) from None
         raise UserError(f"cannot open storage {redact(url)}: {detail}") from None
-    if "studies" not in tables:
+    finally:
+        if connection is not None:
+            connection.close()
+    if problems != ["ok"]:
+        raise UserError(damaged_message(url, "quick_check: " + " ".join(str(problems[0]).split())))
+    if read_only and "studies" not in tables:
         raise UserError(f"storage {redact(url)} holds no study yet ({path} has no Optuna tables); "
                         "run `make search` first, or set STORAGE=... to the file it wrote")
 
