@@ -173,7 +173,8 @@ def check_journal(path: Path) -> None:
         with open(path, "rb") as journal:
             for number, line in enumerate(journal, start=1):
                 if not line.endswith(b"\n"):
-                    if number == 1:  # a lone cut-off line: nothing shows it was ever a journal
+                    # A lone cut-off line is a journal's only when it starts as Optuna writes every record.
+                    if number == 1 and not line.startswith(RECORD_START):
                         raise UserError(_not_a_journal(path, "it holds no complete journal record"))
                     break
                 if not _is_record(line):
@@ -182,6 +183,9 @@ def check_journal(path: Path) -> None:
                     break  # a whole file: its first record identifies it, Optuna reads the rest
     except OSError as error:
         raise UserError(f"cannot open journal storage {path}: {error.strerror}") from None
+
+
+RECORD_START = b'{"op_code":'  # json.dumps of Optuna's journal records, op_code first, no spaces
 
 
 def _is_record(line: bytes) -> bool:
