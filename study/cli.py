@@ -95,7 +95,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def check_env_choices(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_env_choices(parser: argparse.ArgumentParser | None, args: argparse.Namespace) -> None:
     """An option with choices whose value came from its environment variable: argparse checks only the command line."""
     for action in parser._actions if parser is not None else ():
         value = getattr(args, action.dest, None)
@@ -103,7 +103,8 @@ def check_env_choices(parser: argparse.ArgumentParser, args: argparse.Namespace)
             continue
         variable = re.search(r"\benv ([A-Z][A-Z_]*)", action.help or "")
         named = f"{variable.group(1)} / {action.option_strings[0]}" if variable else action.option_strings[0]
-        parser.error(f"{named} {value!r}: expected one of {', '.join(map(str, action.choices))}")
+        choices = [str(c) for c in action.choices]
+        raise UserError(f"{named} {value!r}: choose {', '.join(choices[:-1])} or {choices[-1]}")
 
 
 def check_places(args: argparse.Namespace) -> None:
@@ -145,7 +146,6 @@ def main(argv=None) -> int:
             _load(name).add_arguments(command)
             chosen_parser = command
     args = parser.parse_args(argv)
-    check_env_choices(chosen_parser, args)
     keep_freed_memory()  # every command that trains: each step then reuses resident pages (cnnlib.allocator)
     from cnnlib.device import flush_denormals  # noqa: PLC0415 - torch loads only once a command runs
 
@@ -157,6 +157,7 @@ def main(argv=None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
     previous = signal.signal(signal.SIGTERM, interrupt_on_sigterm) if in_main_thread else None
     try:
+        check_env_choices(chosen_parser, args)
         check_places(args)
         return int(_load(args.command).run(args) or 0)
     except (CnnlibError, UserError) as error:

@@ -64,7 +64,7 @@ def whole_number(variable: str, minimum: int = 0, maximum: int | None = None):
         except ValueError:
             value = None
         if value is None or value < minimum or (maximum is not None and value > maximum):
-            bounds = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+            bounds = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
             raise argparse.ArgumentTypeError(f"{variable}={text!r}: expected a whole number {bounds}")
         return value
     return parse

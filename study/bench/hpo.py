@@ -80,7 +80,7 @@ def add_arguments(parser) -> None:
 
 
 def _whole(name: str, text, minimum: int = 1, maximum: int | None = None) -> int:
-    bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+    bounds = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
     try:
         value = int(str(text).strip())
     except ValueError:
