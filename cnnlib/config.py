@@ -22,6 +22,12 @@ from .model import MODELS
 OPTIMIZERS = ("sgd", "adam", "adamw")
 IMBALANCE_METHODS = ("weighted_loss", "weighted_sampler", "logit_adjusted", "none")
 SCHEDULES = ("constant", "cosine", "one_cycle")
+# Upper bounds that keep a typo from allocating what no machine has: an epoch count of 1e11 passed
+# every check, then each trial failed allocating ~800 GB for its per-epoch records. The user's recipe
+# is 100 epochs at batch 32; the search spaces stay within 4-60 epochs and batches of 16-256.
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 65_536
+MAX_SEED = 2 ** 32 - 1  # numpy's legacy seeding, which some code paths reach, takes no more
 
 
 @dataclass
@@ -64,14 +70,17 @@ class TrainConfig:
             setattr(self, name, int(value))
         for name in ("lr", "momentum", "weight_decay", "warmup", "tau", "label_smoothing", "dropout", "jitter"):
             setattr(self, name, float(getattr(self, name)))
-        checks = [("lr", self.lr > 0), ("batch_size", self.batch_size >= 1), ("epochs", self.epochs >= 1),
-                  ("weight_decay", self.weight_decay >= 0), ("momentum", 0 <= self.momentum < 1),
-                  ("warmup", 0 <= self.warmup < 1), ("tau", self.tau >= 0),
-                  ("label_smoothing", 0 <= self.label_smoothing < 1), ("crop", 0 <= self.crop <= 8),
-                  ("jitter", 0 <= self.jitter < 1), ("dropout", 0 <= self.dropout < 1)]
-        for name, ok in checks:
+        checks = [("lr", self.lr > 0, "> 0"),
+                  ("batch_size", 1 <= self.batch_size <= MAX_BATCH_SIZE, f"1 to {MAX_BATCH_SIZE}"),
+                  ("epochs", 1 <= self.epochs <= MAX_EPOCHS, f"1 to {MAX_EPOCHS}"),
+                  ("seed", 0 <= self.seed <= MAX_SEED, f"0 to {MAX_SEED}"),
+                  ("weight_decay", self.weight_decay >= 0, ">= 0"), ("momentum", 0 <= self.momentum < 1, "0 to < 1"),
+                  ("warmup", 0 <= self.warmup < 1, "0 to < 1"), ("tau", self.tau >= 0, ">= 0"),
+                  ("label_smoothing", 0 <= self.label_smoothing < 1, "0 to < 1"), ("crop", 0 <= self.crop <= 8, "0 to 8"),
+                  ("jitter", 0 <= self.jitter < 1, "0 to < 1"), ("dropout", 0 <= self.dropout < 1, "0 to < 1")]
+        for name, ok, allowed in checks:
             if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range (allowed: {allowed})")
         if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0")
 

@@ -24,6 +24,9 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise DeviceError(f"DEVICE={name!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+    for kind, backend in (("mps", getattr(torch.backends, "mps", None)), ("xpu", getattr(torch, "xpu", None))):
+        if device.type == kind and not (backend is not None and backend.is_available()):
+            raise DeviceError(f"DEVICE={name!r}: this machine has no {kind} device; use DEVICE=cpu or DEVICE=auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"DEVICE={name!r}: CUDA is not available on this machine; use DEVICE=cpu or DEVICE=auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -59,9 +62,11 @@ def cpu_threads(requested: int | None = None, processes: int = 1) -> tuple[int, 
     (A 3-member fused group at batch 64 here: ~22 s/epoch at 2 threads under
     load ~5, 2.5 s at 1 thread.)
     """
+    cores = os.cpu_count() or 1
+    if requested and requested > cores:  # more threads than cores only wait for each other
+        return cores, f"THREADS={requested} capped at the {cores} cores of this machine"
     if requested:
         return requested, "requested"
-    cores = os.cpu_count() or 1
     if cores > 1:
         busy = busy_cores()
         if busy is not None and busy >= cores - 0.5:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -307,6 +308,9 @@ def read_pickle(path: Path, classes: Sequence[str], trust: bool = False) -> Labe
     path = Path(path)
     if not trust:
         raise UntrustedPickleError(f"{path}: refusing to unpickle: {TRUST_PICKLE_HINT}")
+    # Said every time: running a file's code is never silent, even when it was allowed.
+    print(f"note: unpickling {path} as trusted (TRUST_PICKLE / --trust-pickle): a pickle can run any code it "
+          "holds; convert it to .npz once to stop needing that", file=sys.stderr, flush=True)
     try:
         with open(path, "rb") as handle:
             content = pickle.load(handle)  # noqa: S301 - only with explicit trust

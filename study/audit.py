@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from cnnlib.device import cpu_threads, resolve_device
+from cnnlib.config import MAX_EPOCHS, MAX_SEED
 from cnnlib.sources import LabeledImages
 from cnnlib.training import TrainConfig
 
@@ -43,8 +44,8 @@ from .audit_probabilities import (DYNAMICS_WINDOW, Pool, _minutes, agreement_mac
                                   flip_labels, out_of_fold_probabilities, pool_splits, stratified_folds,
                                   training_dynamics_probabilities, window_start)
 from .errors import UserError
-from .output import atomic_path, fresh_folder, write_atomic, write_csv, write_json
-from .options import add_common_options, add_data_options, load_splits, whole_number
+from .output import atomic_path, fresh_folder, output_name, write_atomic, write_csv, write_json
+from .options import add_common_options, add_data_options, fraction, load_splits, whole_number
 
 # How each image gets its predicted probabilities (see the module docstring).
 METHODS = ("training_dynamics", "out_of_fold")
@@ -160,8 +161,9 @@ def add_arguments(parser) -> None:
     group.add_argument("--model", choices=tuple(RECIPES), default=DEFAULT_MODEL,
                        help="architecture and training recipe of the audit's models (small_vgg: the default; "
                             "seed_cnn: the user's CNN)")
-    group.add_argument("--epochs", type=int, default=None, help="epochs per model (default: EPOCHS for the model and method)")
-    group.add_argument("--seed", type=int, default=int(os.environ.get("SEED") or 0),
+    group.add_argument("--epochs", type=whole_number("--epochs", 1, MAX_EPOCHS), default=None,
+                       help="epochs per model (default: EPOCHS for the model and method)")
+    group.add_argument("--seed", type=whole_number("SEED", 0, MAX_SEED), default=os.environ.get("SEED") or "0",
                        help="seed of the folds, the models and the flips (env SEED: `make audit FLIP_COUNT=100 SEED=1` "
                             "is another flip draw)")
     group.add_argument("--filter-by", choices=FILTER_METHODS, default="prune_by_noise_rate",
@@ -174,13 +176,14 @@ def add_arguments(parser) -> None:
     group.add_argument("--threads", type=whole_number("THREADS", 1), default=os.environ.get("THREADS") or None,
                        help="CPU threads for training (env THREADS; default: one per core, or 1 when the "
                             "machine is already busy)")
-    group.add_argument("--top", type=int, default=48, help="suspects shown on the contact sheet")
-    group.add_argument("--run", default=None, help="run folder name under RESULTS/audit (default: a timestamp)")
+    group.add_argument("--top", type=whole_number("--top"), default=48, help="suspects shown on the contact sheet")
+    group.add_argument("--run", type=output_name("--run"), default=None,
+                       help="run folder name under RESULTS/audit (default: a timestamp)")
     flips = group.add_mutually_exclusive_group()
-    flips.add_argument("--flip-count", type=int, default=os.environ.get("FLIP_COUNT") or 0,
+    flips.add_argument("--flip-count", type=whole_number("FLIP_COUNT"), default=os.environ.get("FLIP_COUNT") or 0,
                        help="evaluation only: flip this many train labels on purpose and report precision/recall "
                             "at k (env FLIP_COUNT, so `make audit FLIP_COUNT=100` works)")
-    flips.add_argument("--flip-fraction", type=float, default=0.0, help="evaluation only: like --flip-count, as a fraction of train")
+    flips.add_argument("--flip-fraction", type=fraction("--flip-fraction"), default=0.0, help="evaluation only: like --flip-count, as a fraction of train")
 
 
 # --- the command: options -> images (flipped on purpose?) -> probabilities -> ranking -> files ---
@@ -240,8 +243,6 @@ def check_options(args) -> tuple[int, str, list[str]]:
         raise UserError("--window is an option of --method training_dynamics; out_of_fold predicts each image once")
     args.folds = DEFAULT_FOLDS if args.folds is None else args.folds
     args.window = DYNAMICS_WINDOW if args.window is None else args.window
-    if args.top < 0 or (args.epochs is not None and args.epochs < 1) or args.flip_count < 0 or not 0 <= args.flip_fraction < 1:
-        raise UserError("need --top >= 0, --epochs >= 1, --flip-count >= 0 and 0 <= --flip-fraction < 1")
     threads, threads_reason = cpu_threads(args.threads)
     torch.set_num_threads(threads)
     names = [n.strip() for n in args.splits.split(",") if n.strip()]

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import signal
 import os
+import re
 import sys
 import threading
 
@@ -100,6 +101,39 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def check_env_choices(parser: argparse.ArgumentParser | None, args: argparse.Namespace) -> None:
+    """An option with choices whose value came from its environment variable: argparse checks only the command line."""
+    for action in parser._actions if parser is not None else ():
+        value = getattr(args, action.dest, None)
+        if not action.choices or value is None or value in action.choices:
+            continue
+        variable = re.search(r"\benv ([A-Z][A-Z_]*)", action.help or "")
+        named = f"{variable.group(1)} / {action.option_strings[0]}" if variable else action.option_strings[0]
+        choices = [str(c) for c in action.choices]
+        raise UserError(f"{named} {value!r}: choose {', '.join(choices[:-1])} or {choices[-1]}")
+
+
+def check_places(args: argparse.Namespace) -> None:
+    """Where a command writes and computes, checked before it starts: RESULTS a folder, DEVICE one this machine has."""
+    if getattr(args, "results", None):
+        from .options import check_results_folder  # noqa: PLC0415 - torch loads only once a command runs
+
+        check_results_folder(args.results)
+    if getattr(args, "device", None):
+        from cnnlib.device import resolve_device  # noqa: PLC0415
+
+        resolve_device(args.device)
+
+
+def storage_failure(args: argparse.Namespace, error: Exception) -> str | None:
+    """One line for a storage that fails under any command (damaged, gone, read-only); None for other errors."""
+    if not getattr(args, "storage", None) or "optuna" not in sys.modules:
+        return None
+    from .search.storage import storage_failure_message  # noqa: PLC0415 - loaded already when optuna is
+
+    return storage_failure_message(args.storage, error)
+
+
 def _load(name: str):
     return importlib.import_module(COMMANDS[name][0])
 
@@ -110,12 +144,13 @@ def main(argv=None) -> int:
     parser = Parser(prog=program_name(), description="Hyperparameter search for a small imbalanced-image CNN.",
                     epilog="Run `%(prog)s <command> --help` for a command's options and their defaults.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command", parser_class=Parser)
-    chosen = next((a for a in argv if not a.startswith("-")), None)
+    chosen, chosen_parser = next((a for a in argv if not a.startswith("-")), None), None
     for name, (_, help_text, description) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=description, epilog=EPILOG,
                                  formatter_class=HelpFormatter)
         if name == chosen:
             _load(name).add_arguments(command)
+            chosen_parser = command
     args = parser.parse_args(argv)
     keep_freed_memory()  # every command that trains: each step then reuses resident pages (cnnlib.allocator)
     from cnnlib.device import flush_denormals  # noqa: PLC0415 - torch loads only once a command runs
@@ -130,9 +165,17 @@ def main(argv=None) -> int:
     try:
         if in_main_thread:
             follow_parent_from_environment()  # under make: end with make, even when make is SIGKILLed
+        check_env_choices(chosen_parser, args)
+        check_places(args)
         return int(_load(args.command).run(args) or 0)
     except (CnnlibError, UserError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        message = storage_failure(args, error)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
         if str(interrupt) == "SIGTERM":

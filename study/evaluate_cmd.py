@@ -18,6 +18,7 @@ from cnnlib.device import resolve_device
 from cnnlib.errors import CheckpointError
 from cnnlib.metrics import majority_baseline
 from cnnlib.model import flat_features
+from cnnlib.sources import parse_classes
 from cnnlib.training import DeviceSplit, evaluate, make_criterion
 
 from .errors import UserError
@@ -34,10 +35,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also show the majority-class baseline (on by default, so `make evaluate` shows it)")
     parser.add_argument("--json", default=None, help="also write the evaluation to this JSON file")
-    add_data_options(parser)
+    add_data_options(parser)  # CLASSES, when given, must be the checkpoint's order (run refuses another)
     add_common_options(parser)
-    # The class order comes from the checkpoint unless given: labels must mean what they meant in training.
-    parser.set_defaults(classes=None)
 
 
 def _newest_checkpoint(results: Path) -> Path | None:
@@ -60,8 +59,11 @@ def run(args) -> int:
     device = resolve_device(args.device)
     use_cpu_threads(device)
     model, config, classes, extra = load_checkpoint(Path(args.checkpoint), device)
-    if args.classes is None:
-        args.classes = ",".join(classes)
+    # The class order comes from the checkpoint: labels must mean what they meant in training.
+    if args.classes and tuple(parse_classes(args.classes)) != tuple(classes):
+        raise UserError(f"CLASSES={args.classes!r}: {args.checkpoint} was trained for classes {','.join(classes)}; "
+                        "leave CLASSES empty to use its order")
+    args.classes = ",".join(classes)
     splits = load_splits(args)
     if tuple(splits.classes) != tuple(classes):
         raise CheckpointError(f"{args.checkpoint}: trained for classes {','.join(classes)}, "

@@ -39,11 +39,11 @@ from cnnlib.training import DeviceData, TrainConfig, evaluate, group_configs, ma
 
 from . import hints, progress
 from .errors import UserError
-from .final_choice import (check_recorded_data, choose_retrained, choose_trial, mean_dev, top_trials, trial_config,
+from .final_choice import (choose_retrained, choose_trial, mean_dev, top_trials, trial_config,
                            warm_start_trials)
 from .final_report import accuracy_figure, flip_figure, format_report, grid_figure, publish, write_csv, write_figures
-from .options import (add_common_options, add_data_options, add_study_options, data_config, load_splits,
-                      use_cpu_threads, whole_number)
+from .options import (MAX_GROUP, add_common_options, add_data_options, add_study_options, check_recorded_data,
+                      data_config, load_splits, use_cpu_threads, whole_number)
 from .output import study_folder
 from .search.storage import load_existing_study, redact
 
@@ -74,9 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ
     parser.add_argument("--trial", type=whole_number("TRIAL"), default=env.get("TRIAL") or None,
                         help="trial number to retrain instead of the best one (env TRIAL)")
-    parser.add_argument("--seeds", type=whole_number("SEEDS", 1), default=env.get("SEEDS") or "3",
+    parser.add_argument("--seeds", type=whole_number("SEEDS", 1, MAX_GROUP), default=env.get("SEEDS") or "3",
                         help="retrain with seeds 0..k-1 and report mean and spread (env SEEDS)")
-    parser.add_argument("--candidates", type=whole_number("CANDIDATES", 1), default=env.get("CANDIDATES") or "3",
+    parser.add_argument("--candidates", type=whole_number("CANDIDATES", 1, MAX_GROUP), default=env.get("CANDIDATES") or "3",
                         help="without TRIAL: retrain the top K trials by dev macro accuracy and keep the one whose "
                              "seeds score best on dev on average (env CANDIDATES)")
     parser.add_argument("--epsilons", type=_epsilons, default=env.get("EPSILONS") or ",".join(map(str, DEFAULT_EPSILONS)),

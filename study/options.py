@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
 
 from cnnlib.device import cpu_threads
 from cnnlib.sources import infer_classes, parse_classes
-from cnnlib.splits import DataConfig, Splits, prepare_splits, USER_DEV_COUNTS, USER_TEST_COUNTS, USER_TRAIN_COUNTS
+from cnnlib.splits import (DataConfig, Splits, prepare_splits, require_every_class, USER_DEV_COUNTS, USER_TEST_COUNTS,
+                           USER_TRAIN_COUNTS)
 
 from .errors import UserError
 
@@ -37,6 +39,10 @@ def default_data() -> str:
 
 
 STORAGE_FILE = "optuna.db"  # the default study database, inside RESULTS
+# Most models trained together as one fused group (SEEDS of a config, FUSE trials of a search):
+# memory grows with each. Reports use 3-10 seeds and the widest default group is 64 (cuda);
+# SEEDS=100000 was accepted and would have tried to hold 100000 models at once.
+MAX_GROUP = 256
 
 
 def sqlite_url(path: str | Path) -> str:
@@ -58,8 +64,21 @@ def whole_number(variable: str, minimum: int = 0, maximum: int | None = None):
         except ValueError:
             value = None
         if value is None or value < minimum or (maximum is not None and value > maximum):
-            bounds = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+            bounds = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
             raise argparse.ArgumentTypeError(f"{variable}={text!r}: expected a whole number {bounds}")
+        return value
+    return parse
+
+
+def fraction(variable: str):
+    """argparse type for a share in [0, 1); its error names the option and the value."""
+    def parse(text) -> float:
+        try:
+            value = float(str(text).strip())
+        except ValueError:
+            value = None
+        if value is None or not 0 <= value < 1:
+            raise argparse.ArgumentTypeError(f"{variable}={text!r}: expected a number from 0 to below 1")
         return value
     return parse
 
@@ -84,6 +103,17 @@ def device_name(text: str) -> str:
     return str(text).strip()
 
 
+def check_results_folder(results: str | Path) -> None:
+    """RESULTS is a folder, or a path where one can be made: not a file, nor a path through one."""
+    path = Path(results)
+    for place in (path, *path.parents):
+        if place.exists() or place.is_symlink():
+            if not place.is_dir():
+                where = "is a file" if place == path else f"runs through the file {place}"
+                raise UserError(f"RESULTS={str(results)!r} {where}; expected a folder (or a path to create one at)")
+            return
+
+
 def env(name: str, fallback=None):
     """The environment's value of a Makefile variable, None (or the fallback) when unset or empty."""
     return os.environ.get(name) or fallback
@@ -102,7 +132,10 @@ def choose_cpu_threads(device, processes: int = 1) -> tuple[int, str]:
     text = env("THREADS")
     if text is not None and not (text.isdigit() and int(text) >= 1):
         raise UserError(f"THREADS {text!r}: expected a whole number >= 1")
-    return cpu_threads(int(text) if text else None, processes)
+    threads, why = cpu_threads(int(text) if text else None, processes)
+    if text and threads < int(text):
+        print(f"note: {why}", file=sys.stderr)
+    return threads, why
 
 
 def use_cpu_threads(device, processes: int = 1) -> str:
@@ -192,5 +225,44 @@ def data_config(args: argparse.Namespace) -> DataConfig:
 
 
 def load_splits(args: argparse.Namespace) -> Splits:
-    """The user's split for these options, built once and cached under RESULTS/data."""
-    return prepare_splits(data_config(args), Path(args.results) / "data")
+    """The user's split for these options, built once and cached under RESULTS/data.
+
+    Every split a command can be judged on holds every class: a test split
+    without cats would report a macro accuracy over two classes, and an empty
+    one no number at all (nan). train and dev are checked where they are built.
+    """
+    config = data_config(args)
+    splits = prepare_splits(config, Path(args.results) / "data")
+    if splits.test is not None:
+        require_every_class(splits, ("test",), config)
+    return splits
+
+
+def _split_text(summary: dict) -> str:
+    """'train 4000/600/400, dev 503/51/71, test 400/400/400' in the class order."""
+    classes = summary.get("classes") or []
+    return ", ".join(f"{name} {'/'.join(str(counts.get(c, 0)) for c in classes)}"
+                     for name, counts in (summary.get("splits") or {}).items())
+
+
+def check_recorded_data(study, splits, corrections: str | None = None,
+                        fix: str = "pass the same DATA, CLASSES, *_COUNTS, SPLIT_SEED and CORRECTIONS as the search"
+                        ) -> None:
+    """Refuse data options that give another split than the one the study recorded (studies that recorded
+    nothing, from before, are taken as they are): its trials' scores say nothing about another split."""
+    attrs = study.user_attrs
+    if "corrections_digest" in attrs and attrs["corrections_digest"] != splits.corrections_digest:
+        def name(digest):
+            return f"corrections sha256 {digest[:12]}" if digest else "no corrections"
+        raise UserError(f"study {study.study_name!r} was searched with {name(attrs['corrections_digest'])}, but "
+                        f"CORRECTIONS={corrections or '(empty)'} is {name(splits.corrections_digest)}; {fix}")
+    summary = attrs.get("data_summary")
+    now = splits.summary()
+    if isinstance(summary, dict) and (summary.get("classes"), summary.get("splits")) != (now["classes"], now["splits"]):
+        raise UserError(f"study {study.study_name!r} was searched on split {_split_text(summary)} "
+                        f"({','.join(summary.get('classes') or [])}), but the data options give "
+                        f"{_split_text(now)} ({','.join(now['classes'])}); {fix}")
+    key = attrs.get("split_cache_key")
+    if key and key != splits.cache_key:
+        raise UserError(f"study {study.study_name!r} was searched on split cache key {key}, but the data options "
+                        f"give {splits.cache_key} (same class counts, other images or source); {fix}")

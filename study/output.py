@@ -15,6 +15,7 @@ folder is copied whole.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import os
@@ -31,6 +32,9 @@ from .errors import UserError
 BUNDLE = "plotly.min.js"
 PNG_TIMEOUT = 180  # seconds for all PNGs of one call; kaleido drives a headless Chromium that can hang on a broken install
 DEBIAN_CHROMIUM = "/usr/bin/chromium"
+# kaleido's own text for it names a Python call and its CLI; what a user of `make` needs is this.
+NO_CHROME = ("no Chrome or Chromium on this machine, so the figures are HTML only; for PNGs install Chromium "
+             "(apt-get install chromium, as .ci/system-deps does) and run the command again")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a name that is its own folder name
 
 
@@ -49,6 +53,28 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> Pa
 
 def is_plain_name(name: str) -> bool:
     return bool(PLAIN_NAME.fullmatch(name))
+
+
+def check_output_name(option: str, name: str) -> str:
+    """A run or output name given by the user, as it may become a folder or file inside RESULTS.
+
+    Only a plain name (no '/', no leading '.', hence no '..' and no absolute
+    path) stays inside RESULTS; a study name is made safe by safe_name instead.
+    """
+    if not is_plain_name(name) or len(name) > 100:
+        raise UserError(f"{option} {name!r}: use letters, digits, '.', '_' and '-' only, at most 100, starting "
+                        "with a letter or digit (it becomes a folder name inside RESULTS)")
+    return name
+
+
+def output_name(option: str):
+    """argparse type of an option that names an output folder (check_output_name), checked before any work."""
+    def parse(text: str) -> str:
+        try:
+            return check_output_name(option, text)
+        except UserError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return parse
 
 
 def safe_name(name: str, reserved: Iterable[str] = ()) -> str:
@@ -147,7 +173,8 @@ def write_pngs(figures: dict[Path, object], width: int | None = None, scale: flo
                 raise RuntimeError(f"kaleido wrote no {', '.join(missing)}")
         except Exception as error:  # noqa: BLE001 - no kaleido, no Chromium, a browser crash
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            outcome["error"] = f"{type(error).__name__}: {first[:200]}"
+            outcome["error"] = (NO_CHROME if type(error).__name__ == "ChromeNotFoundError"
+                                else f"{type(error).__name__}: {first[:200]}")
 
     worker = threading.Thread(target=export, daemon=True)
     worker.start()

@@ -17,12 +17,13 @@ from pathlib import Path
 
 from cnnlib.atomic import write_atomic, write_json
 from cnnlib.checkpoint import save_checkpoint
+from cnnlib.config import MAX_EPOCHS
 from cnnlib.metrics import majority_baseline
 from cnnlib.training import DeviceData, EpochStats, TrainConfig, evaluate, make_criterion, train_group
 
 from .errors import UserError
-from .options import add_common_options, add_data_options, load_splits, use_cpu_threads
-from .output import fresh_folder, is_plain_name, timestamp
+from .options import MAX_GROUP, add_common_options, add_data_options, load_splits, use_cpu_threads, whole_number
+from .output import check_output_name, fresh_folder, output_name, timestamp
 from .search.space import load_space
 
 RUN_FILES = ("metrics.json", "history.csv", "model.pt")
@@ -31,11 +32,12 @@ RUN_FILES = ("metrics.json", "history.csv", "model.pt")
 def add_arguments(parser) -> None:
     parser.add_argument("--space", default=os.environ.get("SPACE") or "search_spaces/seed_final.yaml",
                         help="search-space file whose params are all fixed values (env SPACE)")
-    parser.add_argument("--name", default=None,
+    parser.add_argument("--name", type=output_name("--name"), default=None,
                         help="run folder under RESULTS/runs (default: <space name>-<YYYYmmdd-HHMMSS>)")
     parser.add_argument("--overwrite", action="store_true", help="reuse the folder given by --name if it exists")
-    parser.add_argument("--epochs", type=int, default=None, help="override the file's epochs (quick tries)")
-    parser.add_argument("--seeds", type=int, default=int(os.environ.get("SEEDS") or 1),
+    parser.add_argument("--epochs", type=whole_number("--epochs", 1, MAX_EPOCHS), default=None,
+                        help="override the file's epochs (quick tries)")
+    parser.add_argument("--seeds", type=whole_number("SEEDS", 1, MAX_GROUP), default=os.environ.get("SEEDS") or "1",
                         help="train seeds s..s+k-1 (s: the file's seed) as one fused group and report each, "
                              "their mean and spread; the median seed's model is kept (env SEEDS, default 1)")
     add_data_options(parser)
@@ -58,9 +60,7 @@ def reserve_run_dir(runs: Path, name: str | None, default_stem: str, overwrite: 
     """The run's folder, created now so that two runs never share one; (path, created)."""
     runs.mkdir(parents=True, exist_ok=True)
     if name is not None:
-        if not is_plain_name(name):
-            raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only (it becomes a folder name)")
-        path = runs / name
+        path = runs / check_output_name("--name", name)
         try:
             path.mkdir()
             return path, True
@@ -107,8 +107,6 @@ def run(args) -> int:
             config = TrainConfig.from_dict({**config.to_dict(), "epochs": args.epochs})
         except ValueError as error:
             raise UserError(f"--epochs {args.epochs}: {error}") from None
-    if args.seeds < 1:
-        raise UserError(f"--seeds {args.seeds}: must be at least 1")
     run_dir, created = reserve_run_dir(Path(args.results) / "runs", args.name, space.name, args.overwrite)
     try:
         return _train_and_write(args, space, config, load_splits(args), run_dir)

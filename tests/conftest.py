@@ -113,12 +113,15 @@ params:
 
 
 def run_cli(*argv) -> tuple[int, str, str]:
-    """`python -m study ...` in-process: (exit code, stdout, stderr)."""
+    """`python -m study ...` in-process: (exit code, stdout, stderr); an option argparse refuses exits 2 as there."""
     from study.cli import main  # noqa: PLC0415 - only the command tests need the CLI
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as stop:
+            code = stop.code
     return code, out.getvalue(), err.getvalue()
 
 

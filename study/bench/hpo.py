@@ -49,7 +49,7 @@ from cnnlib.training import DeviceData, TrainConfig, evaluate, train_group
 from ..search import runner as search
 from ..errors import UserError
 from ..final import trial_config
-from ..options import add_common_options, add_data_options, load_splits, sqlite_url, use_cpu_threads
+from ..options import MAX_GROUP, add_common_options, add_data_options, load_splits, sqlite_url, use_cpu_threads
 from ..output import fresh_folder, write_atomic, write_json, write_pngs
 from ..search.space import load_space
 from .hpo_report import _f, figure, format_table, mean_sd, method_summary
@@ -78,13 +78,14 @@ def add_arguments(parser) -> None:
     add_common_options(parser)
 
 
-def _whole(name: str, text, minimum: int = 1) -> int:
+def _whole(name: str, text, minimum: int = 1, maximum: int | None = None) -> int:
+    bounds = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
     try:
         value = int(str(text).strip())
     except ValueError:
-        raise UserError(f"{name} {text!r}: expected a whole number >= {minimum}") from None
-    if value < minimum:
-        raise UserError(f"{name} {text!r}: expected a whole number >= {minimum}")
+        raise UserError(f"{name} {text!r}: expected a whole number {bounds}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        raise UserError(f"{name} {text!r}: expected a whole number {bounds}")
     return value
 
 
@@ -95,8 +96,8 @@ def settings_from(args) -> dict:
     except (ValueError, RuntimeError) as error:
         raise UserError(f"DEVICE {args.device!r}: {error}") from None
     budget = _whole("BUDGET (--budget)", args.budget) if args.budget is not None else DEFAULT_BUDGET.get(device.type, 300)
-    seeds = _whole("SEARCH_SEEDS (--search-seeds)", args.search_seeds)
-    fuse = _whole("FUSE (--fuse)", args.fuse) if args.fuse is not None else None
+    seeds = _whole("SEARCH_SEEDS (--search-seeds)", args.search_seeds, maximum=MAX_GROUP)
+    fuse = _whole("FUSE (--fuse)", args.fuse, maximum=MAX_GROUP) if args.fuse is not None else None
     space = load_space(args.space)
     if space.objectives != ["dev_macro_accuracy"]:
         raise UserError(f"{space.path}: hpo-bench ranks trials by dev macro accuracy alone; "

@@ -209,7 +209,7 @@ def run(args) -> int:
     if args.study:
         studies = [load_existing_study(args.study, args.storage)]
     else:
-        storage = open_storage(args.storage, heartbeat=False)
+        storage = open_storage(args.storage, heartbeat=False, read_only=True)
         names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
         if not names:
             load_existing_study(None, args.storage)  # raises the one-line "holds no study yet"

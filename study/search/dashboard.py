@@ -99,7 +99,7 @@ def run(args) -> int:
     path = storage_file(args.storage)
     if path is not None and not path.is_file():
         raise UserError(f"no storage file at {path}; run `make search` first, or set STORAGE=... to the one it wrote")
-    storage = open_storage(args.storage, heartbeat=False)
+    storage = open_storage(args.storage, heartbeat=False, read_only=True)
     studies = optuna.get_all_study_summaries(storage, include_best_trial=False)
     if not studies:
         raise UserError(f"storage {redact(args.storage)} holds no study yet; run `make search` first "

@@ -49,8 +49,8 @@ from ..cli import interrupt_on_sigterm
 from ..errors import UserError
 from ..lifetime import follow_parent
 from .objective import run_trials
-from ..options import (add_common_options, add_data_options, add_study_options, choose_cpu_threads, describe_classes,
-                       env, load_splits, whole_number)
+from ..options import (MAX_GROUP, add_common_options, add_data_options, add_study_options, check_recorded_data,
+                       choose_cpu_threads, describe_classes, env, load_splits, whole_number)
 from .space import SearchSpace, load_space
 from .storage import (
     claim_trial, fail_dead_local_trials, fail_unclaimed_trials, lock_path, open_storage, redact, storage_failures,
@@ -85,7 +85,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workers", type=whole_number("WORKERS", 1), default=env("WORKERS", "1"),
                         help="worker processes sharing the study, at most what can run: trials left, CPU cores, "
                              "memory (env WORKERS)")
-    parser.add_argument("--fuse", type=whole_number("FUSE", 1), default=env("FUSE"),
+    parser.add_argument("--fuse", type=whole_number("FUSE", 1, MAX_GROUP), default=env("FUSE"),
                         help="train up to K trials at once as one fused model (env FUSE; default: as wide as pays "
                              "on the device: " + ", ".join(f"{k} {v}" for k, v in GROUP_SIZE.items()) +
                              "; 1: one at a time)")
@@ -183,23 +183,22 @@ def record_data(study: optuna.Study, args, splits) -> None:
     """The class order and split a study was searched on, stated once and kept on the study.
 
     Later commands read them back: `make export` writes them beside the CSVs,
-    `make final` refuses another split. A run on another class order would
-    make its trials incomparable, so it is refused; a continued run on
-    another split is noted and keeps the record of the first.
+    `make final` refuses another split. A run on another class order or
+    another split (other counts, CORRECTIONS, images) is refused as
+    `make final` refuses it: its trials' dev scores would be ranked beside
+    scores on another dev set.
     """
     recorded = study.user_attrs.get("classes")
     if recorded is not None and list(recorded) != list(splits.classes):
         raise UserError(f"study {study.study_name!r} was searched with classes {','.join(recorded)}; this run reads "
                         f"{','.join(splits.classes)} (check DATA and CLASSES, or use another STUDY name)")
+    check_recorded_data(study, splits, args.corrections,
+                        fix="pass the same data options as before, or use a new STUDY name for this split")
     if recorded is None:
         study.set_user_attr("classes", list(splits.classes))
-    key = study.user_attrs.get("split_cache_key")
-    if key is None:  # a new study, or one from before the split was recorded
+    if study.user_attrs.get("split_cache_key") is None:  # a new study, or one from before the split was recorded
         for name, value in splits.record().items():  # cnnlib.splits.RECORD_KEYS
             study.set_user_attr(name, value)
-    elif key != splits.cache_key:
-        print(f"note: study {study.study_name!r} began on split {key}; this run's data options give split "
-              f"{splits.cache_key}; the study keeps the record of the first", file=sys.stderr)
 
 
 # --- progress ---------------------------------------------------------------

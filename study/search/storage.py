@@ -14,8 +14,10 @@ from __future__ import annotations
 import copy
 import errno
 import hashlib
+import json
 import os
 import socket
+import sqlite3
 import sys
 import time
 from contextlib import contextmanager
@@ -53,22 +55,47 @@ def storage_file(url: str) -> Path | None:
     return None if path is None or str(path) in ("", ":memory:") else path
 
 
-def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorage:
-    """RDB (SQLite, PostgreSQL, MySQL...) or `journal:PATH` storage; errors say what was wrong with the URL."""
+def is_in_memory(url: str) -> bool:
+    """sqlite:// and sqlite:///:memory: (sqlite:/// with no path too): a database that lives and dies with one connection."""
+    if not url.startswith("sqlite:"):
+        return False
+    rest = url[len("sqlite:"):].split("?", 1)[0]
+    return rest in ("", "//", "///", "///:memory:", "//:memory:")
+
+
+def open_storage(url: str, heartbeat: bool = True, read_only: bool = False) -> optuna.storages.BaseStorage:
+    """RDB (SQLite, PostgreSQL, MySQL...) or `journal:PATH` storage; errors say what was wrong with the URL.
+
+    `read_only` (export, final, dashboard): the file is never written, not even
+    repaired, and a file that is not an Optuna storage is refused untouched.
+    """
     if not url:
         raise UserError(f"empty storage URL; use e.g. {default_storage('results')}")
+    if is_in_memory(url):  # every connection, worker and later command would see an empty database of its own
+        raise UserError(f"STORAGE={url!r} is an in-memory database, which no worker or later command can read; "
+                        f"give a file, e.g. {default_storage('results')}")
     path = storage_file(url)
-    if path is not None:
+    if path is not None and not read_only:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise UserError(f"cannot create the folder of storage {url!r}: {path.parent}: {error.strerror}") from None
     if url.startswith("journal:"):
+        check_journal(path)
         try:
-            set_aside_torn_record(path)
+            if read_only:
+                torn = _torn_length(path)
+                if torn:
+                    print(f"note: {path} ends in a cut-off record ({torn} bytes, from a crash or a full disk "
+                          "mid-write); reading its complete records; the next `make search` sets it aside",
+                          file=sys.stderr)
+            else:
+                set_aside_torn_record(path)
             return JournalStorage(JournalFileBackend(str(path)))
-        except (OSError, ValueError) as error:  # unreadable, or not a journal (its lines are JSON)
+        except (OSError, ValueError) as error:  # unreadable, or a record in the middle is not JSON
             raise UserError(f"cannot open journal storage {path}: {error}") from None
+    if path is not None:
+        check_sqlite_storage(url, path, read_only)
     engine_kwargs = {}
     if path is not None:
         engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}
@@ -86,8 +113,102 @@ def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorag
     except ImportError as error:  # e.g. mysql:// without a MySQL driver installed
         raise UserError(f"storage URL {redact(url)!r} needs a database driver that is not installed ({error}); "
                         "postgresql+psycopg2:// and sqlite:/// work out of the box") from None
-    except sqlalchemy.exc.DBAPIError as error:  # server unreachable, bad password, a file that is no database
-        raise UserError(f"cannot open storage {redact(url)}: {str(error.orig).strip().splitlines()[0]}") from None
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
+        # server unreachable, bad password, a file that is no database, a damaged one
+        detail = _first_line(error)
+        raise UserError(damaged_message(url, detail) if _is_damage(detail)
+                        else f"cannot open storage {redact(url)}: {detail}") from None
+
+
+def check_sqlite_storage(url: str, path: Path, read_only: bool) -> None:
+    """Refuse, untouched, a damaged SQLite file; for a reading command also one without Optuna's tables.
+
+    A damaged file still takes some writes (a search created its study in one
+    before failing on a damaged page), which spreads the damage; SQLite's
+    quick_check reads every page, about a second for 100 MB. Opening any other
+    SQLite database through Optuna would create its tables there, a write from
+    a command that only reads. The file is opened read-only here.
+    """
+    if not path.is_file():
+        if read_only:
+            raise UserError(f"no storage file at {path}; run `make search` first, or set STORAGE=... to the one it wrote")
+        return  # a new storage
+    connection = None
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=SQLITE_BUSY_TIMEOUT)
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        problems = [row[0] for row in connection.execute("PRAGMA quick_check(1)")]
+    except sqlite3.Error as error:
+        detail = _first_line(error)
+        if _is_damage(detail):
+            raise UserError(damaged_message(url, detail)) from None
+        raise UserError(f"cannot open storage {redact(url)}: {detail}") from None
+    finally:
+        if connection is not None:
+            connection.close()
+    if problems != ["ok"]:
+        raise UserError(damaged_message(url, "quick_check: " + " ".join(str(problems[0]).split())))
+    if read_only and "studies" not in tables:
+        raise UserError(f"storage {redact(url)} holds no study yet ({path} has no Optuna tables); "
+                        "run `make search` first, or set STORAGE=... to the file it wrote")
+
+
+def check_journal(path: Path) -> None:
+    """Refuse, untouched, a file that is not an Optuna journal: every complete line one JSON record with an op_code.
+
+    Only a journal may have a cut-off last record set aside: a SQLite file or a
+    text file that happens not to end in a newline would otherwise lose its end.
+    A journal's first line tells it from other files; when its end is cut off,
+    every complete record must parse before anything is moved.
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise UserError(f"cannot open journal storage {path}: {error.strerror}") from None
+    if size == 0:
+        return
+    whole = _ends_whole(path)
+    try:
+        with open(path, "rb") as journal:
+            for number, line in enumerate(journal, start=1):
+                if not line.endswith(b"\n"):
+                    # A lone cut-off line is a journal's only when it starts as Optuna writes every record.
+                    if number == 1 and not line.startswith(RECORD_START):
+                        raise UserError(_not_a_journal(path, "it holds no complete journal record"))
+                    break
+                if not _is_record(line):
+                    raise UserError(_not_a_journal(path, f"line {number} is not a journal record"))
+                if whole:
+                    break  # a whole file: its first record identifies it, Optuna reads the rest
+    except OSError as error:
+        raise UserError(f"cannot open journal storage {path}: {error.strerror}") from None
+
+
+RECORD_START = b'{"op_code":'  # json.dumps of Optuna's journal records, op_code first, no spaces
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:  # not JSON, not UTF-8
+        return False
+    return isinstance(record, dict) and "op_code" in record
+
+
+def _not_a_journal(path: Path, why: str) -> str:
+    return (f"journal:{path}: not an Optuna journal file ({why}); left untouched: set STORAGE=journal:PATH to the "
+            "journal `make search` wrote, or to a new file")
+
+
+def _torn_length(path: Path) -> int:
+    """Bytes after the journal's last newline (0: it ends whole)."""
+    if _ends_whole(path):
+        return 0
+    with open(path, "rb") as journal:
+        end = journal.seek(0, os.SEEK_END)
+        return end - _whole_length(journal)
 
 
 def _rdb_storage(url: str, engine_kwargs: dict, kwargs: dict) -> RDBStorage:
@@ -120,19 +241,45 @@ def storage_failures(url: str):
     try:
         yield
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
-        cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) and error.__cause__ else error
-        lines = str(getattr(cause, "orig", None) or cause).strip().splitlines()
-        detail = lines[0] if lines else type(cause).__name__
-        if "readonly database" in detail:  # Optuna's own message blames "invalid data ... exceeding max length"
-            raise UserError(f"storage {redact(url)} is read-only ({detail}); make the file and its folder writable, "
-                            "or set STORAGE=... to another") from None
-        raise UserError(f"storage {redact(url)} failed ({detail}); trials told "
-                        "before this are kept there: run the same command again to continue") from None
+        raise UserError(storage_failure_message(url, error)) from None
     except OSError as error:  # journal storage writes the file itself
         if error.errno not in DISK_FULL:
             raise
         raise UserError(f"storage {redact(url)} failed ({error.strerror}); trials told before this are kept there: "
                         "free some space, then run the same command again to continue") from None
+
+
+DAMAGE = ("malformed", "database corrupt")  # SQLite's words for a file whose pages no longer fit together
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of what went wrong: the driver's own message, not SQLAlchemy's or Optuna's wrapping of it."""
+    cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) and error.__cause__ else error
+    lines = str(getattr(cause, "orig", None) or cause).strip().splitlines()
+    return lines[0] if lines else type(cause).__name__
+
+
+def _is_damage(detail: str) -> bool:
+    return any(word in detail for word in DAMAGE)
+
+
+def damaged_message(url: str, detail: str) -> str:
+    return (f"storage {redact(url)} is damaged ({detail}); running again cannot repair it: restore the file from "
+            "a backup, or set STORAGE=... to a new one")
+
+
+def storage_failure_message(url: str, error: BaseException) -> str | None:
+    """The one line for a storage error (None: not one): read-only, damaged, or gone mid-run."""
+    if not isinstance(error, (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)):
+        return None
+    detail = _first_line(error)
+    if "readonly database" in detail:  # Optuna's own message blames "invalid data ... exceeding max length"
+        return (f"storage {redact(url)} is read-only ({detail}); make the file and its folder writable, "
+                "or set STORAGE=... to another")
+    if _is_damage(detail):
+        return damaged_message(url, detail)
+    return (f"storage {redact(url)} failed ({detail}); trials told "
+            "before this are kept there: run the same command again to continue")
 
 
 def set_aside_torn_record(path: Path) -> Path | None:
@@ -214,7 +361,7 @@ def load_existing_study(name: str | None, url: str) -> optuna.Study:
     path = storage_file(url)
     if path is not None and not path.is_file():  # reading must not leave an empty storage behind a typo
         raise UserError(f"no storage file at {path}; run `make search` first, or set STORAGE=... to the one it wrote")
-    storage = open_storage(url, heartbeat=False)
+    storage = open_storage(url, heartbeat=False, read_only=True)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     if not names:
         raise UserError(f"storage {redact(url)} holds no study yet; run `make search` first")
