@@ -36,7 +36,7 @@ from cnnlib.checkpoint import load_checkpoint
 from conftest import class_image
 from postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
 from study import cli
-from study import final as final_module
+from study import final_report as final_module
 from study.search import objective as objective_module
 from study.search import runner as search_module
 from study.search import storage as storage_module
