@@ -23,11 +23,14 @@ class Deadline:
     at: float = math.inf  # time.time() by which the run's training must have stopped
     warmup_epochs: int = 1  # epochs a trial trains before the pruner may judge it, at least 1
     epoch_seconds: float | None = None  # the slowest group epoch seen so far (None: no group has trained yet)
-    # Seconds to record, tell and report one trial after its group trained (results, artifacts, note). Until a
-    # group has been told, a guess above what was seen: 0.8 s a trial for a fused group of 16 cut by the
-    # deadline (2-core CPU under other jobs' load, small data, cProfile, n=1).
-    tell_seconds: float = 1.5
+    # Seconds to record, tell and report one trial after its group trained (results, artifacts, note), and
+    # once per group, for the first telling's imports and the run's closing lines. Until a group has been
+    # told, guesses above what was seen on the 2-core CPU under other jobs' load (small data, n=1 each):
+    # 13 s to tell a fused group of 16 cut by the deadline; 2 s for one trial, then 3 s from the run's
+    # summary to the process's end.
+    tell_seconds: float = 1.0
     tell_seconds_seen: float = 0.0
+    closing_seconds: float = 2.0
     _trained_at: float | None = field(default=None, repr=False)
 
     @classmethod
@@ -41,7 +44,7 @@ class Deadline:
     def room_for_group(self, group_size: int = 1, now: float | None = None) -> bool:
         """Whether a group may start: time left for its warm-up epochs (once an epoch's length is known)
         and for telling its trials."""
-        left = self.left(now) - group_size * self.tell_seconds
+        left = self.left(now) - self.telling(group_size)
         if left <= 0:
             return False
         return self.epoch_seconds is None or left >= self.warmup_epochs * self.epoch_seconds
@@ -56,7 +59,11 @@ class Deadline:
         A group's trials are recorded and told together once its last member stops,
         so the whole group's telling is kept free before the deadline.
         """
-        return self.left(now) < epoch_seconds + group_size * self.tell_seconds
+        return self.left(now) < epoch_seconds + self.telling(group_size)
+
+    def telling(self, group_size: int) -> float:
+        """Seconds kept free to tell a group of this size and close the run."""
+        return self.closing_seconds + group_size * self.tell_seconds
 
     def trained(self) -> None:
         """A group's training has ended; its telling starts (see told)."""
@@ -65,8 +72,8 @@ class Deadline:
     def told(self, trials: int) -> None:
         """A group's `trials` are told and reported: learn what telling one trial costs."""
         if trials and self._trained_at is not None:
-            self.tell_seconds = max(self.tell_seconds_seen, (time.time() - self._trained_at) / trials)
-            self.tell_seconds_seen = self.tell_seconds
+            self.tell_seconds_seen = max(self.tell_seconds_seen, (time.time() - self._trained_at) / trials)
+            self.tell_seconds = self.tell_seconds_seen  # the guess gives way to the slowest telling seen
         self._trained_at = None
 
     def observe(self, results) -> None:
