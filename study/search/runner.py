@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import secrets
 import signal
@@ -364,7 +365,8 @@ def run_workers(args, space: SearchSpace, plan: RunPlan) -> int:
     name = args.study or space.name
     try:
         while procs:
-            time.sleep(POLL_SECONDS)
+            # Woken as soon as a worker ends: the run ends with its last worker, not up to a poll later.
+            multiprocessing.connection.wait([proc.sentinel for proc in procs.values()], timeout=POLL_SECONDS)
             for i, proc in list(procs.items()):
                 if proc.is_alive():
                     continue
