@@ -39,6 +39,8 @@ LONG_TRIALS = """\
       batch_size: 64
       epochs: 5000
       imbalance: weighted_loss
+    enqueue:
+      - {lr: 5.0e-3}
     """
 
 
@@ -55,8 +57,13 @@ def timed_search(data, results, *extra: str, timeout: int = TIMEOUT) -> tuple[fl
     total = time.monotonic() - clock
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     trials = trials_of(url, "long")
-    setup = (min(t.datetime_start for t in trials) - began).total_seconds()
+    setup = (min(t.datetime_start for t in trials if t.datetime_start) - began).total_seconds()
     return setup, total, trials, done.stdout
+
+
+def started(trials: list) -> list:
+    """The trials a run trained (a warm-start point the deadline cut waits again, queued for the next run)."""
+    return [t for t in trials if t.state != TrialState.WAITING]
 
 
 def assert_budget_kept(setup: float, total: float, timeout: int = TIMEOUT) -> None:
@@ -66,6 +73,7 @@ def assert_budget_kept(setup: float, total: float, timeout: int = TIMEOUT) -> No
 
 def assert_cut_by_the_deadline(trials: list) -> None:
     """Every trial the run started was stopped by the deadline: PRUNED, its epochs and last value kept."""
+    trials = started(trials)
     assert trials and {t.state for t in trials} == {TrialState.PRUNED}, [(t.number, t.state) for t in trials]
     for trial in trials:
         attrs = trial.user_attrs
@@ -85,7 +93,7 @@ def test_a_fused_search_stops_its_group_at_the_deadline(small_data, tmp_path):
     assert_cut_by_the_deadline(trials)
     assert len(trials[0].user_attrs["fused_with"]) == 16
     assert "then stops the trials still training (PRUNED)" in out.splitlines()[0]
-    assert f"{len(trials)} of them stopped by the deadline (PRUNED)" in out
+    assert f"{len(started(trials))} of them stopped by the deadline (PRUNED)" in out
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +109,7 @@ def test_a_one_trial_at_a_time_search_stops_its_trial_at_the_deadline(one_at_a_t
 
     assert_budget_kept(setup, total)
     assert_cut_by_the_deadline(trials)
-    assert len(trials) == 1 and "fused_with" not in trials[0].user_attrs
+    assert len(started(trials)) == 1 and "fused_with" not in trials[0].user_attrs
 
 
 @pytest.mark.slow
@@ -110,7 +118,7 @@ def test_every_worker_stops_at_the_one_deadline_of_the_run(small_data, tmp_path)
 
     assert_budget_kept(setup, total)
     assert_cut_by_the_deadline(trials)
-    groups = {tuple(t.user_attrs.get("fused_with", [t.number])) for t in trials}
+    groups = {tuple(t.user_attrs.get("fused_with", [t.number])) for t in started(trials)}
     assert len(groups) >= 2, groups  # both workers trained, and both stopped
 
 
@@ -118,13 +126,23 @@ def test_every_worker_stops_at_the_one_deadline_of_the_run(small_data, tmp_path)
 def test_make_final_never_takes_a_trial_the_deadline_cut_short(one_at_a_time):
     results, (_, _, trials, _) = one_at_a_time
     study = optuna.load_study(study_name="long", storage=sqlite_url(results))
-    cut, = trials
+    cut, = started(trials)
 
     assert top_trials(study, 3) == [] and warm_start_trials(study, []) == []
     with pytest.raises(UserError, match="no finished trial"):
         choose_trial(study)
     with pytest.raises(UserError, match=f"trial {cut.number} of study 'long' is PRUNED, not COMPLETE"):
         choose_trial(study, cut.number)
+
+
+@pytest.mark.slow
+def test_a_warm_start_point_the_deadline_cut_is_queued_again_for_the_next_run(one_at_a_time):
+    _, (_, _, trials, _) = one_at_a_time
+    cut, again = trials
+
+    assert cut.user_attrs["warm_start_point"] == 0 and cut.user_attrs["stopped"] == "deadline"
+    assert again.state == TrialState.WAITING and again.user_attrs["warm_start_point"] == 0
+    assert again.system_attrs["fixed_params"] == {"lr": 5.0e-3}
 
 
 # --- which group starts, which epoch is the last ------------------------------------------------

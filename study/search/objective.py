@@ -31,7 +31,7 @@ from cnnlib.training import DeviceData, EpochStats, TrainConfig, TrainResult, ev
 from .. import progress
 from .artifacts import attach_trial_artifacts
 from .deadline import Deadline
-from .space import SearchSpace
+from .space import ENQUEUED_FIXED_ATTR, WARM_START_ATTR, SearchSpace
 
 
 class Heartbeat:
@@ -279,6 +279,8 @@ def run_trials(study: optuna.Study, trials: list[optuna.Trial], space: SearchSpa
                 told.update(members)
                 on_told(group)
                 deadline.told(len(group))
+                for trial in group:
+                    queue_again_if_cut(study, trial)
         except KeyboardInterrupt as interrupt:
             for i, trial in enumerate(trials):
                 if i not in told:
@@ -286,6 +288,18 @@ def run_trials(study: optuna.Study, trials: list[optuna.Trial], space: SearchSpa
                     tell(study, trial, state=TrialState.FAIL)
             raise
     return frozen
+
+
+def queue_again_if_cut(study: optuna.Study, frozen: FrozenTrial) -> None:
+    """A warm-start point the deadline cut short or left untrained is queued again, for the next group or run.
+
+    `make final` always retrains the completed warm-start points (the known recipes); one
+    that a short run stopped at epoch 3 would otherwise never complete in this study.
+    """
+    if frozen.user_attrs.get("stopped") != STOPPED_BY_DEADLINE or WARM_START_ATTR not in frozen.user_attrs:
+        return
+    attrs = {key: frozen.user_attrs[key] for key in (WARM_START_ATTR, ENQUEUED_FIXED_ATTR) if key in frozen.user_attrs}
+    study.enqueue_trial(frozen.system_attrs.get("fixed_params", frozen.params), user_attrs=attrs)
 
 
 def not_started(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
