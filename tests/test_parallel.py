@@ -255,8 +255,9 @@ def test_a_space_whose_budget_is_zero_is_refused(tmp_path, key):
     (4, "TRIALS", None, None, "up to 4 trials (TRIALS); no time limit"),
     (4, "the space's budget", None, None, "up to 4 trials (the space's budget); no time limit"),
     (None, None, 780, "the default when neither TRIALS nor TIMEOUT is set", "trials for up to 13.0 min (780 s, "
-     "the default when neither TRIALS nor TIMEOUT is set); no trial limit"),
-    (2, "TRIALS", 60, "TIMEOUT", "up to 2 trials (TRIALS), and no new trial after 1.0 min (60 s, TIMEOUT)"),
+     "the default when neither TRIALS nor TIMEOUT is set), then stops the trials still training (PRUNED); no trial limit"),
+    (2, "TRIALS", 60, "TIMEOUT", "up to 2 trials (TRIALS) and trains for up to 1.0 min (60 s, TIMEOUT), then stops "
+     "the trials still training (PRUNED)"),
     (None, None, None, None, "trials with no trial or time limit: it runs until stopped (Ctrl-C)"),
 ])
 def test_the_run_says_plainly_what_limits_it(trials, trials_from, timeout, timeout_from, expected):

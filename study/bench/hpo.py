@@ -7,16 +7,16 @@ Three methods, each judged on the held-out test split, which no search sees:
   pruner and no enqueued points;
 - recipe: the user's hand-tuned recipe (search_spaces/seed_final.yaml), no search.
 
-Each search is `make search` with TIMEOUT = BUDGET seconds (no new trial
-starts after it; the group in flight finishes, as for a user), in its own
+Each search is `make search` with TIMEOUT = BUDGET seconds (the trials still
+training then are stopped and PRUNED, as for a user), in its own
 SQLite storage, for SEARCH_SEEDS search seeds; the two searches of a seed run
 back to back, the leader alternating by seed, so a neighbour's load falls on
 both alike. TPE draws its start-up trials with a RandomSampler of the same
 seed as the random method's, so their early random trials often coincide
 (common random numbers): the methods differ by the warm-start points and by
 TPE's model after its start-up trials. At checkpoints of the
-budget (1/3, 2/3, all of it) and at the search's end (the group in flight at
-the deadline included), the best trial so far
+budget (1/3, 2/3, all of it) and at the search's end (the last trials told
+included), the best trial so far
 (by dev macro accuracy, from trial completion times) is retrained with seeds
 0, 1, 2 as one fused group and scored on test: the mean and sd over those
 seeds, and per-class accuracy. A config retrains once, whichever search or
@@ -51,6 +51,7 @@ from ..errors import UserError
 from ..final import trial_config
 from ..options import MAX_GROUP, add_common_options, add_data_options, load_splits, sqlite_url, use_cpu_threads
 from ..output import fresh_folder, write_atomic, write_json, write_pngs
+from ..search.objective import STOPPED_BY_DEADLINE
 from ..search.space import load_space
 from .hpo_report import _f, figure, format_table, mean_sd, method_summary
 
@@ -252,13 +253,14 @@ def run_search(args, settings: dict, run_dir: Path, method: str, seed: int, cach
         "budget_seconds": budget, "wall_seconds": wall,
         "trials_finished": len(finished), "trials_complete": len(complete),
         "trials_pruned": sum(t.state == TrialState.PRUNED for t in trials),
+        "trials_stopped_by_deadline": sum(t.user_attrs.get("stopped") == STOPPED_BY_DEADLINE for t in trials),
         "trials_failed": sum(t.state == TrialState.FAIL for t in trials),
         "complete_trials": [{"number": t.number, "elapsed_seconds": elapsed(t, started), "dev_macro_accuracy": t.value}
                             for t in complete],
         "best_trial": None, "best_dev": None, "best_config": None, "checkpoints": [],
     }
     marks = [(f"{fraction:.3g} budget", fraction, fraction * budget) for fraction in CHECKPOINTS]
-    # "end": every trial the search finished, the group in flight at the deadline included (a search that
+    # "end": every trial the search finished, those told after the deadline included (a search that
     # met its trial quota early counts as ending at the budget, so checkpoints stay in time order).
     marks.append(("end", None, max(budget, wall, max((elapsed(t, started) for t in finished), default=0.0))))
     for label, fraction, seconds in marks:
@@ -312,7 +314,7 @@ def run(args) -> int:
     report = report_skeleton(settings, data, splits)
     print(f"hpo-bench: {run_dir}: {total} searches of {budget} s ({', '.join(SEARCHES)} x search seeds "
           f"{', '.join(map(str, seeds))}) on {data.device}{f' ({threads})' if threads else ''}, about {total * budget / 60:.0f} min of search plus the "
-          f"trials in flight at each deadline and the {len(RETRAIN_SEEDS)}-seed retrains", flush=True)
+          f"set-up of each search and the {len(RETRAIN_SEEDS)}-seed retrains", flush=True)
     cache = RetrainCache(data)
     bench_started = time.perf_counter()
 

@@ -61,7 +61,7 @@ def format_table(report: dict) -> str:
                                          *(_f(recipe["test_per_class"][c]) for c in classes)]) + " |")
     budget = report["settings"]["budget_seconds"]
     lines.append("")
-    lines.append(f"Budget {budget} s per search (no trial starts after it; the group in flight finishes: "
+    lines.append(f"Budget {budget} s per search (the trials still training then are stopped and PRUNED: "
                  f"'search s'). Test: held-out test macro accuracy of the best trial's config at the search's end, "
                  f"retrained with seeds {', '.join(map(str, report['settings']['retrain_seeds']))}; mean over search seeds ± sd over "
                  f"search seeds (*recipe: sd over its training seeds). Per-class: test accuracy, mean.")
@@ -98,7 +98,7 @@ def figure(report: dict):
     fig.add_vline(x=budget, line=dict(color="grey", dash="dot"), annotation_text="budget", annotation_position="top left")
     fig.update_layout(title=f"Held-out test macro accuracy of the best config so far against search time<br>"
                             f"<sup>retrained with {len(report['settings']['retrain_seeds'])} seeds; budget {budget} s per search; "
-                            "the group in flight at the deadline finishes</sup>",
+                            "trials still training at the deadline are stopped</sup>",
                       xaxis_title="elapsed search time (s)", yaxis_title="test macro accuracy (fraction, 0-1)",
                       height=500, width=1000, template="plotly_white")
     return fig

@@ -30,7 +30,8 @@ from cnnlib.training import DeviceData, EpochStats, TrainConfig, TrainResult, ev
 
 from .. import progress
 from .artifacts import attach_trial_artifacts
-from .space import SearchSpace
+from .deadline import Deadline
+from .space import ENQUEUED_FIXED_ATTR, WARM_START_ATTR, SearchSpace
 
 
 class Heartbeat:
@@ -83,37 +84,56 @@ def collapsed(stats: EpochStats) -> str | None:
     return None
 
 
+# Why a PRUNED trial stopped (user attribute "stopped"): export, notes and hpo-bench tell a
+# trial the run's deadline cut short from one the pruner judged.
+STOPPED_BY_PRUNER, STOPPED_COLLAPSED, STOPPED_DIVERGED, STOPPED_BY_DEADLINE = "pruner", "collapsed", "diverged", "deadline"
+
+
 @dataclass
 class EpochReporter:
-    """The `on_epoch` callback of one trial: reports, keeps the curves, decides pruning."""
+    """The `on_epoch` callback of one trial: reports, keeps the curves, decides pruning and the deadline stop."""
 
     trial: optuna.Trial
     can_prune: bool
     curves: dict = field(default_factory=lambda: {"train_loss": [], "dev_loss": [], "dev_macro_accuracy": []})
     pruned_at: int | None = None
     pruned_reason: str | None = None
+    stopped: str | None = None  # STOPPED_*: what stopped the trial before its last epoch
     collapsed_epochs: int = 0
     warmup_epochs: int = 0  # epochs of lr warm-up, which the collapse rule does not judge
+    epochs: int | None = None  # the trial's planned epochs
+    deadline: Deadline = field(default_factory=Deadline)  # the run's: when it stops the trial
+    group_size: int = 1  # trials trained with this one, itself included: they are told together
 
     def __call__(self, stats: EpochStats) -> bool:
         self.curves["train_loss"].append(stats.train_loss)
         self.curves["dev_loss"].append(stats.dev_loss)
         self.curves["dev_macro_accuracy"].append(stats.dev_macro_accuracy)
-        progress.epoch(f"trial {self.trial.number}", stats.epoch, self.trial.user_attrs.get("config", {}).get("epochs"), stats.dev_macro_accuracy)
+        progress.epoch(f"trial {self.trial.number}", stats.epoch, self.epochs, stats.dev_macro_accuracy)
         why = collapsed(stats) if stats.epoch > self.warmup_epochs else None
         self.collapsed_epochs = self.collapsed_epochs + 1 if why else 0
         if self.collapsed_epochs >= COLLAPSE_EPOCHS:
-            self.pruned_at = stats.epoch
-            self.pruned_reason = (f"constant predictor: {why} on dev for {COLLAPSE_EPOCHS} epochs "
-                                  f"(epochs {stats.epoch - COLLAPSE_EPOCHS + 1}-{stats.epoch})")
-            return True
-        if not self.can_prune:
-            return False
-        self.trial.report(stats.dev_macro_accuracy, stats.epoch)
-        if self.trial.should_prune():
-            self.pruned_at = stats.epoch
-            return True
+            return self._stop(stats.epoch, STOPPED_COLLAPSED,
+                              f"constant predictor: {why} on dev for {COLLAPSE_EPOCHS} epochs "
+                              f"(epochs {stats.epoch - COLLAPSE_EPOCHS + 1}-{stats.epoch})")
+        if self.can_prune:
+            # Reported before the deadline check: a trial the deadline stops keeps this epoch's value.
+            self.trial.report(stats.dev_macro_accuracy, stats.epoch)
+            if self.trial.should_prune():
+                return self._stop(stats.epoch, STOPPED_BY_PRUNER)
+        last = self.epochs is not None and stats.epoch >= self.epochs
+        # Stopped after the last epoch that ends before the deadline, judged by this epoch's length: the
+        # run then ends near TIMEOUT instead of an epoch past it.
+        if not last and self.deadline.stops_after(stats.seconds, self.group_size):
+            return self._stop(stats.epoch, STOPPED_BY_DEADLINE,
+                              f"stopped by the run's deadline after epoch {stats.epoch}"
+                              + (f" of {self.epochs}" if self.epochs else "")
+                              + ": TIMEOUT left no time for another epoch")
         return False
+
+    def _stop(self, epoch: int, stopped: str, reason: str | None = None) -> bool:
+        self.pruned_at, self.stopped, self.pruned_reason = epoch, stopped, reason
+        return True
 
 
 def record_curves(trial: optuna.Trial, curves: dict) -> None:
@@ -195,6 +215,7 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, d
             record_result(trial, result, data)
             attach_trial_artifacts(study, trial)  # before tell: a finished trial takes no artifacts; only warns
             if reporter.pruned_at is not None:
+                trial.set_user_attr("stopped", reporter.stopped)
                 trial.set_user_attr("pruned_reason", reporter.pruned_reason or
                                     f"pruned by {type(study.pruner).__name__} at epoch {reporter.pruned_at}")
                 return tell(study, trial, state=TrialState.PRUNED)
@@ -204,6 +225,7 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, d
     reason = f"{type(error).__name__}: {error}"
     if isinstance(error, DivergedError) and len(space.objectives) == 1:
         # A diverging config is a real (bad) result of the search: pruned, so TPE learns to avoid it.
+        trial.set_user_attr("stopped", STOPPED_DIVERGED)
         trial.set_user_attr("pruned_reason", str(error))
         return tell(study, trial, state=TrialState.PRUNED)
     if is_out_of_memory(error):
@@ -217,15 +239,20 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, d
 
 
 def run_trials(study: optuna.Study, trials: list[optuna.Trial], space: SearchSpace, data: DeviceData,
-               on_told: Callable[[list[FrozenTrial]], None] | None = None):
+               on_told: Callable[[list[FrozenTrial]], None] | None = None, deadline: Deadline | None = None):
     """Train the asked trials and tell each result; returns their FrozenTrials.
 
     Trials that can share a batch train as one fused group (a lone trial as
     itself). `on_told` gets each group's FrozenTrials as soon as they are told,
     so the trial lines of a finished group do not wait for the next group.
+    `deadline` (the run's TIMEOUT): a trial still training when another epoch
+    would end past it stops there and is told PRUNED, `stopped: deadline`,
+    its reported epochs kept; a group with no room left to start is told
+    FAIL untrained, `stopped: deadline`.
     KeyboardInterrupt marks every trial not yet told FAIL, then re-raises.
     """
     on_told = on_told or (lambda told_now: None)
+    deadline = deadline or Deadline()
     frozen, told = [], set()
     with ExitStack() as stack:
         for trial in trials:
@@ -240,12 +267,20 @@ def run_trials(study: optuna.Study, trials: list[optuna.Trial], space: SearchSpa
                     told.add(i)
                     on_told(frozen[-1:])
             order = list(configs)
-            for group in group_configs([configs[i] for i in order]):
+            for number, group in enumerate(group_configs([configs[i] for i in order])):
                 members = [order[g] for g in group]
-                group = _train_group(study, [trials[m] for m in members], [configs[m] for m in members], space, data)
+                # The first group was sized to the time left when the trials were asked (runner.worker_loop).
+                if number == 0 or deadline.room_for_group(len(members)):
+                    group = _train_group(study, [trials[m] for m in members], [configs[m] for m in members], space,
+                                         data, deadline)
+                else:
+                    group = [not_started(study, trials[m]) for m in members]
                 frozen.extend(group)
                 told.update(members)
                 on_told(group)
+                deadline.told(len(group))
+                for trial in group:
+                    queue_again_if_cut(study, trial)
         except KeyboardInterrupt as interrupt:
             for i, trial in enumerate(trials):
                 if i not in told:
@@ -255,9 +290,32 @@ def run_trials(study: optuna.Study, trials: list[optuna.Trial], space: SearchSpa
     return frozen
 
 
-def _train_group(study, trials, configs, space, data):
+def queue_again_if_cut(study: optuna.Study, frozen: FrozenTrial) -> None:
+    """A warm-start point the deadline cut short or left untrained is queued again, for the next group or run.
+
+    `make final` always retrains the completed warm-start points (the known recipes); one
+    that a short run stopped at epoch 3 would otherwise never complete in this study.
+    """
+    if frozen.user_attrs.get("stopped") != STOPPED_BY_DEADLINE or WARM_START_ATTR not in frozen.user_attrs:
+        return
+    attrs = {key: frozen.user_attrs[key] for key in (WARM_START_ATTR, ENQUEUED_FIXED_ATTR) if key in frozen.user_attrs}
+    study.enqueue_trial(frozen.system_attrs.get("fixed_params", frozen.params), user_attrs=attrs)
+
+
+def not_started(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
+    """A trial asked with others whose group had no room left before the run's deadline: FAIL, never trained.
+
+    FAIL, not PRUNED: it says nothing about its params, so the sampler must not learn from it.
+    """
+    trial.set_user_attr("stopped", STOPPED_BY_DEADLINE)
+    trial.set_user_attr("fail_reason", "not trained: the run's deadline (TIMEOUT) left no room for its group")
+    return tell(study, trial, state=TrialState.FAIL)
+
+
+def _train_group(study, trials, configs, space, data, deadline):
     can_prune = len(space.objectives) == 1
-    reporters = [EpochReporter(trial, can_prune, warmup_epochs=math.ceil(config.warmup * config.epochs))
+    reporters = [EpochReporter(trial, can_prune, warmup_epochs=math.ceil(config.warmup * config.epochs),
+                               epochs=config.epochs, deadline=deadline, group_size=len(trials))
                  for trial, config in zip(trials, configs)]
     if len(trials) > 1:
         numbers = [trial.number for trial in trials]
@@ -269,5 +327,7 @@ def _train_group(study, trials, configs, space, data):
         results, errors = [None] * len(trials), [error] * len(trials)
     else:
         errors = [r.error for r in results]
+        deadline.observe(results)
+        deadline.trained()
     return [finish_trial(study, trial, space, data, reporter, None if error else result, error)
             for trial, reporter, result, error in zip(trials, reporters, results, errors)]

@@ -9,6 +9,9 @@ lock around "count, then ask" makes the quota exact for the run's workers, and
 heartbeats plus Optuna's retry callback
 re-run the trial of a worker that died (journal storage has no heartbeat and is
 for one machine: there a dead worker is recognised by its pid, study/search/storage.py).
+TIMEOUT is the time the run's trials may train: every worker stops its
+trials at the one deadline of the run (study/search/deadline.py), so a run
+ends within its TIMEOUT plus the set-up and the last trials' reports.
 Ctrl-C or SIGTERM marks the running trials FAIL with the reason and stops every
 worker; a storage that fails mid-run ends it with one line; the next run
 continues either way. No process of a run outlives it (study/lifetime.py), and
@@ -20,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import secrets
 import signal
@@ -48,7 +52,8 @@ from .artifacts import note_outcome, record_artifact_dir
 from ..cli import interrupt_on_sigterm
 from ..errors import UserError
 from ..lifetime import follow_parent
-from .objective import run_trials
+from .deadline import Deadline
+from .objective import STOPPED_BY_DEADLINE, run_trials
 from ..options import (MAX_GROUP, add_common_options, add_data_options, add_study_options, check_recorded_data,
                        choose_cpu_threads, describe_classes, env, load_splits, whole_number)
 from .space import SearchSpace, load_space
@@ -61,7 +66,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-DEFAULT_TIMEOUT = 780  # seconds: with the trial in flight, a default run ends within ~15 min on 2 cores
+DEFAULT_TIMEOUT = 780  # seconds: with the set-up, a default run takes about 14 min
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POLL_SECONDS = 2.0
 MAX_RESPAWNS_PER_WORKER = 3
@@ -80,8 +85,9 @@ def add_arguments(parser) -> None:
                         help="finished trials to add in this run (env TRIALS; default: the space's budget, else "
                              "no trial limit)")
     parser.add_argument("--timeout", type=whole_number("TIMEOUT", 1), default=env("TIMEOUT"),
-                        help=f"seconds after which no new trial starts (env TIMEOUT; default: the space's budget, "
-                             f"else {DEFAULT_TIMEOUT} when TRIALS is not set either, else no time limit)")
+                        help=f"seconds the run's trials may train: trials still training then stop and are recorded "
+                             f"PRUNED (env TIMEOUT; default: the space's budget, else {DEFAULT_TIMEOUT} when TRIALS is "
+                             f"not set either, else no time limit)")
     parser.add_argument("--workers", type=whole_number("WORKERS", 1), default=env("WORKERS", "1"),
                         help="worker processes sharing the study, at most what can run: trials left, CPU cores, "
                              "memory (env WORKERS)")
@@ -101,7 +107,7 @@ class RunPlan:
 
     run_id: str  # marks this run's trials (RUN_ATTR): its quota counts them alone
     trials: float  # finished trials this run adds (inf: no trial limit)
-    deadline: float  # time.time() after which no new trial starts (inf: none)
+    deadline: float  # time.time() by which every worker has stopped training (inf: none)
     started: float  # time.time() at the start of the run
     workers: int  # worker processes: WORKERS, capped at what can run
     max_failures: int  # trials failing in a row after which a worker stops
@@ -218,8 +224,8 @@ def budget_text(started: float, deadline: float, now: float | None = None) -> st
         return text
     left = deadline - now
     if left <= 0:
-        return f"{text}, time budget used up: no new trial starts"
-    return f"{text}, {left / 60:.1f} min of {(deadline - started) / 60:.1f} left for new trials"
+        return f"{text}, time budget used up"
+    return f"{text}, {left / 60:.1f} min of {(deadline - started) / 60:.1f} left"
 
 
 def format_trial_line(frozen, run_done: int, run_total: int | None, started: float, worker: str,
@@ -278,7 +284,7 @@ def worker_loop(args, space: SearchSpace, plan: RunPlan, worker: str = "") -> in
     """
     storage = open_storage(args.storage)
     study = create_study(args, space, storage)
-    target, deadline = plan.trials, plan.deadline
+    target, deadline = plan.trials, Deadline.for_space(plan.deadline, space)
     data = DeviceData(load_splits(args), resolve_device(args.device))
     lock = lock_path(args.storage, study.study_name, Path(args.results))
     failures = 0
@@ -291,13 +297,13 @@ def worker_loop(args, space: SearchSpace, plan: RunPlan, worker: str = "") -> in
             fail_unclaimed_trials(study)  # RUNNING without an owner: study.ask() failed after storing it
             finished, running = count_states(study, plan.run_id)
             room = target - finished - running
-            count = int(min(plan.fuse, room)) if room >= 1 and time.time() < deadline else 0
+            count = deadline.group_that_fits(int(min(plan.fuse, room))) if room >= 1 else 0
             trials = ask_trials(study, space, count) if count else []
             for trial in trials:
                 claim_trial(study, trial)
                 trial.set_user_attr(RUN_ATTR, plan.run_id)  # a retried trial carried its first run's id
         if not trials:
-            if finished >= target or time.time() >= deadline:
+            if finished >= target or not deadline.group_that_fits(1):
                 return 0
             time.sleep(POLL_SECONDS)  # others' trials are in flight; one may still die and need a retry
             continue
@@ -308,12 +314,13 @@ def worker_loop(args, space: SearchSpace, plan: RunPlan, worker: str = "") -> in
             # A fused group is told all at once: count its members one by one, so each line shows its own step.
             done = count_states(study, plan.run_id)[0] - sum(f.state in FINISHED for f in group)
             for frozen in group:
-                failures = failures + 1 if frozen.state == TrialState.FAIL else 0
+                if frozen.user_attrs.get("stopped") != STOPPED_BY_DEADLINE:  # untrained, not failing
+                    failures = failures + 1 if frozen.state == TrialState.FAIL else 0
                 done += frozen.state in FINISHED
                 note_outcome(study, frozen)  # a pruned or failed trial's dashboard note says so, and why
-                print(format_trial_line(frozen, done, run_total, plan.started, worker, deadline), flush=True)
+                print(format_trial_line(frozen, done, run_total, plan.started, worker, plan.deadline), flush=True)
 
-        results = run_trials(study, trials, space, data, on_told=report)
+        results = run_trials(study, trials, space, data, on_told=report, deadline=deadline)
         frozen = results[-1]
         if failures >= plan.max_failures:
             print(f"{worker}stopping: {failures} trials failed in a row; last reason: {frozen.user_attrs.get('fail_reason')}",
@@ -357,7 +364,8 @@ def run_workers(args, space: SearchSpace, plan: RunPlan) -> int:
     name = args.study or space.name
     try:
         while procs:
-            time.sleep(POLL_SECONDS)
+            # Woken as soon as a worker ends: the run ends with its last worker, not up to a poll later.
+            multiprocessing.connection.wait([proc.sentinel for proc in procs.values()], timeout=POLL_SECONDS)
             for i, proc in list(procs.items()):
                 if proc.is_alive():
                     continue
@@ -485,7 +493,8 @@ def run(args) -> int:
         study = optuna.load_study(study_name=study.study_name, storage=open_storage(args.storage, heartbeat=False))
         total, _ = count_states(study)
         added, _ = count_states(study, plan.run_id)
-    print(f"\nstudy {study.study_name!r}: {total} finished trials ({added} added by this run)")
+        cut = describe_deadline_stops(study, plan.run_id)
+    print(f"\nstudy {study.study_name!r}: {total} finished trials ({added} added by this run{cut})")
     print_best(study)
     print_next_steps(args, study.study_name)
     return code
@@ -493,14 +502,24 @@ def run(args) -> int:
 
 def describe_limits(trials: int | None, trials_from: str | None, timeout: int | None, timeout_from: str | None) -> str:
     """What ends the run, and where each limit comes from: 'up to 4 trials (TRIALS); no time limit'."""
-    time_limit = None if timeout is None else f"{timeout / 60:.1f} min ({timeout} s, {timeout_from})"
+    time_limit = None if timeout is None else (f"{timeout / 60:.1f} min ({timeout} s, {timeout_from}), then stops "
+                                               f"the trials still training (PRUNED)")
     if trials is not None and time_limit:
-        return f"up to {trials} trials ({trials_from}), and no new trial after {time_limit}"
+        return f"up to {trials} trials ({trials_from}) and trains for up to {time_limit}"
     if trials is not None:
         return f"up to {trials} trials ({trials_from}); no time limit"
     if time_limit:
         return f"trials for up to {time_limit}; no trial limit"
     return "trials with no trial or time limit: it runs until stopped (Ctrl-C)"
+
+
+def describe_deadline_stops(study: optuna.Study, run_id: str) -> str:
+    """', 3 of them stopped by the deadline': this run's trials that TIMEOUT cut short, or did not let start."""
+    stopped = [t.state for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED, TrialState.FAIL))
+               if t.user_attrs.get(RUN_ATTR) == run_id and t.user_attrs.get("stopped") == STOPPED_BY_DEADLINE]
+    cut, unstarted = stopped.count(TrialState.PRUNED), stopped.count(TrialState.FAIL)
+    text = f", {cut} of them stopped by the deadline (PRUNED)" if cut else ""
+    return text + (f"; {unstarted} asked but not trained before the deadline (FAIL)" if unstarted else "")
 
 
 def cap_workers(requested: int, trials: int | None, fuse: int, cores: int | None = None,

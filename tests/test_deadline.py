@@ -1,0 +1,194 @@
+"""TIMEOUT is kept: a search ends within 1.1 x TIMEOUT plus its set-up, however long its trials would train.
+
+Each search here asks for trials of 5000 epochs on the small real draw (a second or so an epoch for
+a fused group), so only the deadline can end it. The trials it stops are PRUNED with `stopped:
+deadline` and keep every epoch they reported; `make final` never takes one for a finished trial.
+The searches run as subprocesses with a time limit, so a search that overruns fails the test
+instead of training for hours.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from datetime import datetime
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from study.errors import UserError
+from study.final_choice import choose_trial, top_trials, warm_start_trials
+from test_search import SMOKE, small_data, sqlite_url, subprocess_env, trials_of, write_space  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("no_study_env")  # conftest: no Makefile variable leaks in
+
+TIMEOUT = 60  # seconds: the 10 % margin then covers the process's own end (~3 s on 2 busy cores)
+SETUP_LIMIT = 180  # seconds a search may take to start its first trial before the test gives up on it
+
+# Far longer than TIMEOUT at any speed; the pruner never judges (no trial completes), so only the deadline stops.
+LONG_TRIALS = """\
+    objective: dev_macro_accuracy
+    sampler: {name: TPESampler, seed: 0, constant_liar: true}
+    pruner: {name: MedianPruner, n_startup_trials: 100, n_warmup_steps: 1}
+    params:
+      optimizer: adam
+      lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
+      weight_decay: 0.0
+      batch_size: 64
+      epochs: 5000
+      imbalance: weighted_loss
+    enqueue:
+      - {lr: 5.0e-3}
+    """
+
+
+def timed_search(data, results, *extra: str, timeout: int = TIMEOUT) -> tuple[float, float, list, str]:
+    """`python -m study search` over LONG_TRIALS: (set-up seconds until its first trial started, total seconds,
+    its trials, its stdout)."""
+    space = write_space(results, LONG_TRIALS, "long")
+    url = sqlite_url(results)
+    command = [sys.executable, "-m", "study", "search", "--space", str(space), "--storage", url, "--data", str(data),
+               "--results", str(results), "--device", "cpu", "--timeout", str(timeout), *extra]
+    began, clock = datetime.now(), time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=SETUP_LIMIT + 1.5 * timeout,
+                          env=subprocess_env(), cwd=results)
+    total = time.monotonic() - clock
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trials = trials_of(url, "long")
+    setup = (min(t.datetime_start for t in trials if t.datetime_start) - began).total_seconds()
+    return setup, total, trials, done.stdout
+
+
+def started(trials: list) -> list:
+    """The trials a run trained (a warm-start point the deadline cut waits again, queued for the next run)."""
+    return [t for t in trials if t.state != TrialState.WAITING]
+
+
+def assert_budget_kept(setup: float, total: float, timeout: int = TIMEOUT) -> None:
+    print(f"set-up {setup:.1f} s, total {total:.1f} s, TIMEOUT {timeout} s")
+    assert total <= setup + 1.1 * timeout, f"took {total:.1f} s: set-up {setup:.1f} s + 1.1 x {timeout} s exceeded"
+
+
+def assert_cut_by_the_deadline(trials: list) -> None:
+    """Every trial the run started was stopped by the deadline: PRUNED, its epochs and last value kept."""
+    trials = started(trials)
+    assert trials and {t.state for t in trials} == {TrialState.PRUNED}, [(t.number, t.state) for t in trials]
+    for trial in trials:
+        attrs = trial.user_attrs
+        assert attrs["stopped"] == "deadline" and "deadline" in attrs["pruned_reason"], attrs.get("pruned_reason")
+        epochs = attrs["epochs_run"]
+        assert 1 <= epochs < 5000
+        assert sorted(trial.intermediate_values) == list(range(1, epochs + 1))
+        assert trial.value == trial.intermediate_values[epochs]  # Optuna's value of a pruned trial: its last report
+        assert attrs["curve_dev_macro_accuracy"][-1] == trial.value
+
+
+@pytest.mark.slow
+def test_a_fused_search_stops_its_group_at_the_deadline(small_data, tmp_path):
+    setup, total, trials, out = timed_search(small_data, tmp_path)  # FUSE's CPU default: 16 trials as one group
+
+    assert_budget_kept(setup, total)
+    assert_cut_by_the_deadline(trials)
+    assert len(trials[0].user_attrs["fused_with"]) == 16
+    assert "then stops the trials still training (PRUNED)" in out.splitlines()[0]
+    assert f"{len(started(trials))} of them stopped by the deadline (PRUNED)" in out
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(small_data, tmp_path_factory):
+    """One FUSE=1 search over LONG_TRIALS, shared by the tests that read it."""
+    results = tmp_path_factory.mktemp("one-at-a-time")
+    return results, timed_search(small_data, results, "--fuse", "1")
+
+
+@pytest.mark.slow
+def test_a_one_trial_at_a_time_search_stops_its_trial_at_the_deadline(one_at_a_time):
+    _, (setup, total, trials, out) = one_at_a_time
+
+    assert_budget_kept(setup, total)
+    assert_cut_by_the_deadline(trials)
+    assert len(started(trials)) == 1 and "fused_with" not in trials[0].user_attrs
+
+
+@pytest.mark.slow
+def test_every_worker_stops_at_the_one_deadline_of_the_run(small_data, tmp_path):
+    setup, total, trials, out = timed_search(small_data, tmp_path, "--workers", "2", "--fuse", "4")
+
+    assert_budget_kept(setup, total)
+    assert_cut_by_the_deadline(trials)
+    groups = {tuple(t.user_attrs.get("fused_with", [t.number])) for t in started(trials)}
+    assert len(groups) >= 2, groups  # both workers trained, and both stopped
+
+
+@pytest.mark.slow
+def test_make_final_never_takes_a_trial_the_deadline_cut_short(one_at_a_time):
+    results, (_, _, trials, _) = one_at_a_time
+    study = optuna.load_study(study_name="long", storage=sqlite_url(results))
+    cut, = started(trials)
+
+    assert top_trials(study, 3) == [] and warm_start_trials(study, []) == []
+    with pytest.raises(UserError, match="no finished trial"):
+        choose_trial(study)
+    with pytest.raises(UserError, match=f"trial {cut.number} of study 'long' is PRUNED, not COMPLETE"):
+        choose_trial(study, cut.number)
+
+
+@pytest.mark.slow
+def test_a_warm_start_point_the_deadline_cut_is_queued_again_for_the_next_run(one_at_a_time):
+    _, (_, _, trials, _) = one_at_a_time
+    cut, again = trials
+
+    assert cut.user_attrs["warm_start_point"] == 0 and cut.user_attrs["stopped"] == "deadline"
+    assert again.state == TrialState.WAITING and again.user_attrs["warm_start_point"] == 0
+    assert again.system_attrs["fixed_params"] == {"lr": 5.0e-3}
+
+
+# --- which group starts, which epoch is the last ------------------------------------------------
+
+def test_a_trial_stops_when_another_epoch_and_telling_its_group_would_end_past_the_deadline():
+    from study.search.deadline import Deadline  # noqa: PLC0415
+
+    deadline = Deadline(at=1000.0, tell_seconds=1.0, closing_seconds=2.0)
+    assert not deadline.stops_after(epoch_seconds=5.0, group_size=3, now=990.0)  # 5 + 3 x 1 + 2 <= 10 left
+    assert deadline.stops_after(epoch_seconds=5.0, group_size=4, now=990.0)  # 5 + 4 x 1 + 2 > 10 left
+
+
+def test_a_group_starts_only_with_room_for_its_warm_up_epochs_and_its_telling():
+    from study.search.deadline import Deadline  # noqa: PLC0415
+
+    deadline = Deadline(at=1000.0, warmup_epochs=15, tell_seconds=1.0, closing_seconds=0.0)
+    assert deadline.room_for_group(16, now=980.0)  # no epoch measured yet: it starts with time left to tell it
+    assert not deadline.room_for_group(16, now=990.0)
+    assert not deadline.room_for_group(16, now=1000.0)
+    deadline.epoch_seconds = 4.0
+    assert deadline.room_for_group(16, now=1000.0 - 15 * 4 - 16)
+    assert not deadline.room_for_group(16, now=1000.0 - 15 * 4 - 15)
+    assert deadline.group_that_fits(16, now=1000.0 - 15 * 4 - 10) == 10  # a smaller group still fits
+    assert deadline.group_that_fits(16, now=1000.0 - 15 * 4) == 0
+
+
+def test_the_warm_up_a_group_needs_is_the_pruners_n_warmup_steps(tmp_path):
+    from study.search.deadline import Deadline  # noqa: PLC0415
+    from study.search.space import load_space  # noqa: PLC0415
+
+    assert Deadline.for_space(0.0, load_space("default")).warmup_epochs == 15
+    assert Deadline.for_space(0.0, load_space(SMOKE)).warmup_epochs == 1
+    no_pruner = write_space(tmp_path, "params: {epochs: 2}\n", "no_pruner")
+    assert Deadline.for_space(0.0, load_space(no_pruner)).warmup_epochs == 1
+
+
+def test_a_run_ends_early_when_no_group_has_room_for_its_warm_up(small_data, tmp_path):
+    """Trials of 2 epochs, a pruner that waits 10000: after the first trial, no other could reach its warm-up."""
+    space = write_space(tmp_path, """\
+        pruner: {name: MedianPruner, n_startup_trials: 1, n_warmup_steps: 10000}
+        params: {optimizer: adam, lr: {type: float, low: 1.0e-3, high: 1.0e-2}, batch_size: 128, epochs: 2}
+        """, "warm")
+    from test_search import search  # noqa: PLC0415
+
+    clock = time.monotonic()
+    assert search(small_data, tmp_path, sqlite_url(tmp_path), "--timeout", "600", "--fuse", "1", space=space) == 0
+
+    assert time.monotonic() - clock < 120
+    assert [t.state for t in trials_of(sqlite_url(tmp_path), "warm")] == [TrialState.COMPLETE]
