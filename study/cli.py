@@ -31,7 +31,7 @@ COMMANDS = {
     "evaluate": ("study.evaluate_cmd", "evaluate a checkpoint on a split (macro, per-class, confusion)",
                  "Evaluate a model.pt on one split: macro and per-class accuracy, confusion matrix, and the "
                  "majority-class baseline beside them."),
-    "search": ("study.search.runner", "run or continue an Optuna study",
+    "search": ("study.search.command", "run or continue an Optuna study",
                "Run or continue an Optuna study of the seed CNN. Running it again continues the same study; "
                "TRIALS counts the trials this run adds; Ctrl-C stops it and the next run continues."),
     "export": ("study.report.export", "write trials.csv and epochs.csv for a study",
@@ -129,7 +129,7 @@ def storage_failure(args: argparse.Namespace, error: Exception) -> str | None:
     """One line for a storage that fails under any command (damaged, gone, read-only); None for other errors."""
     if not getattr(args, "storage", None) or "optuna" not in sys.modules:
         return None
-    from .search.storage import storage_failure_message  # noqa: PLC0415 - loaded already when optuna is
+    from .search.storage_errors import storage_failure_message  # noqa: PLC0415 - loaded already when optuna is
 
     return storage_failure_message(args.storage, error)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .cli import program_name
 from .options import default_data, default_storage
-from .search.storage import redact
+from .search.storage_url import redact
 
 
 @dataclass(frozen=True)

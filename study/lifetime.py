@@ -25,7 +25,7 @@ import time
 PARENT_VARIABLE = "STUDY_PARENT_PID"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 POLL_SECONDS = 1.0
-# A search told to stop fails its trials and stops its workers, each given 30 s (runner.STOP_SECONDS).
+# A search told to stop fails its trials and stops its workers, each given 30 s (worker_processes.STOP_SECONDS).
 GRACE_SECONDS = 45
 
 

@@ -44,7 +44,7 @@ def splits_for(image_tree, tmp_path):
 
 def searched_on(splits) -> optuna.Study:
     study = optuna.create_study(direction="maximize")
-    for name, value in splits.record().items():  # what search.record_data stores on a new study
+    for name, value in splits.record().items():  # what study_setup.record_data stores on a new study
         study.set_user_attr(name, value)
     return study
 

@@ -22,7 +22,8 @@ from optuna.trial import TrialState
 from postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
 from study import cli
 from study.lifetime import PARENT_VARIABLE
-from study.search import runner as search_module
+from study.search import plan as plan_module
+from study.search import worker_processes as workers_module
 from study.search.space import SpaceError, load_space
 from test_reliability import hang_in_training, inject, search_command, worker_pids
 from test_search import FINISHED, SMOKE, small_data, sqlite_url, subprocess_env, trials_of, write_space  # noqa: F401
@@ -197,14 +198,14 @@ GIB = 2 ** 30
     (None, 1, 16, 0.1 * GIB, 1, "memory for 1"),
 ])
 def test_workers_are_capped_at_what_can_run(trials_left, fuse, cores, memory, expected, why):
-    workers, note = search_module.cap_workers(64, trials_left, fuse, cores=cores, memory=memory)
+    workers, note = workers_module.cap_workers(64, trials_left, fuse, cores=cores, memory=memory)
 
     assert workers == expected
     assert note.startswith(f"note: WORKERS=64 lowered to {expected}: ") and why in note and "\n" not in note
 
 
 def test_workers_that_can_all_run_are_left_as_asked():
-    assert search_module.cap_workers(2, 10, 1, cores=2, memory=64 * GIB) == (2, "")
+    assert workers_module.cap_workers(2, 10, 1, cores=2, memory=64 * GIB) == (2, "")
 
 
 @pytest.mark.slow
@@ -261,7 +262,7 @@ def test_a_space_whose_budget_is_zero_is_refused(tmp_path, key):
     (None, None, None, None, "trials with no trial or time limit: it runs until stopped (Ctrl-C)"),
 ])
 def test_the_run_says_plainly_what_limits_it(trials, trials_from, timeout, timeout_from, expected):
-    assert search_module.describe_limits(trials, trials_from, timeout, timeout_from) == expected
+    assert plan_module.describe_limits(trials, trials_from, timeout, timeout_from) == expected
 
 
 def test_a_run_with_trials_and_no_timeout_says_it_has_no_time_limit(small_data, tmp_path, capsys):
@@ -295,7 +296,7 @@ def assert_each_run_added_its_own_distinct_trials(trials, outputs: list[str], pe
     assert len(set(sampled)) == len(sampled), f"runs started together proposed the same params: {sampled}"
     by_run = {}
     for trial in finished:
-        by_run.setdefault(trial.user_attrs[search_module.RUN_ATTR], []).append(trial.number)
+        by_run.setdefault(trial.user_attrs[plan_module.RUN_ATTR], []).append(trial.number)
     assert sorted(len(numbers) for numbers in by_run.values()) == [per_run] * len(outputs), by_run
     for out in outputs:
         assert f"({per_run} added by this run)" in out, out[-2000:]

@@ -17,7 +17,7 @@ from cnnlib.splits import DataConfig, prepare_splits
 from cnnlib.training import DeviceData, TrainConfig
 from conftest import build_image_tree, run_cli
 from study import audit, final
-from study.search import runner as search
+from study.search import trial_lines
 from study.progress import Progress
 
 pytestmark = pytest.mark.usefixtures("no_study_env")  # conftest: no Makefile variable leaks in
@@ -74,10 +74,10 @@ def test_a_short_run_in_a_log_gets_a_line_per_epoch():
 # --- the run's progress line: the time budget ---------------------------------------
 
 def test_the_run_line_shows_the_time_budget_left():
-    assert search.budget_text(1000.0, 1000.0 + 780, now=1000.0 + 270) == \
+    assert trial_lines.budget_text(1000.0, 1000.0 + 780, now=1000.0 + 270) == \
         "4.5 min elapsed, 8.5 min of 13.0 left"
-    assert search.budget_text(1000.0, 1000.0 + 780, now=1000.0 + 800).endswith("time budget used up")
-    assert search.budget_text(1000.0, float("inf"), now=1000.0 + 60) == "1.0 min elapsed"
+    assert trial_lines.budget_text(1000.0, 1000.0 + 780, now=1000.0 + 800).endswith("time budget used up")
+    assert trial_lines.budget_text(1000.0, float("inf"), now=1000.0 + 60) == "1.0 min elapsed"
 
 
 def test_a_trial_line_without_trials_shows_the_time_left():
@@ -85,7 +85,7 @@ def test_a_trial_line_without_trials_shows_the_time_left():
                                       value=0.5)
     import time
     started = time.time() - 270
-    line = search.format_trial_line(trial, 1, None, started, "", deadline=started + 780)
+    line = trial_lines.format_trial_line(trial, 1, None, started, "", deadline=started + 780)
     assert "1 finished this run, 4.5 min elapsed, 8.5 min of 13.0 left" in line
 
 

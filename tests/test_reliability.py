@@ -38,8 +38,9 @@ from postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
 from study import cli
 from study import final_report as final_module
 from study.search import objective as objective_module
-from study.search import runner as search_module
 from study.search import storage as storage_module
+from study.search import trial_claims as claims_module
+from study.search import worker as worker_module
 from test_search import FINISHED, SMOKE, small_data, sqlite_url, subprocess_env, trials_of  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -327,7 +328,7 @@ def test_a_journal_study_whose_worker_was_killed_mid_trial_retries_that_trial_on
     code = cli.main(["search", "--space", str(SMOKE), "--storage", storage, "--data", str(small_data),
                      "--results", str(tmp_path), "--trials", "2", "--timeout", "60"])
 
-    trials = optuna.load_study(study_name="smoke", storage=search_module.open_storage(storage)).get_trials()
+    trials = optuna.load_study(study_name="smoke", storage=storage_module.open_storage(storage)).get_trials()
     assert code == 0
     assert_quota_with_retries(trials, 2)
     assert_killed_trial_was_retried(trials, "")
@@ -368,8 +369,8 @@ def test_a_worker_killed_between_ask_and_its_heartbeat_thread_does_not_hold_a_tr
     killed = subprocess.run(search_command(small_data, tmp_path, url, "--trials", "1"),
                             capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
-    monkeypatch.setattr(storage_module, "HEARTBEAT_INTERVAL", 1)  # as FAST_HEARTBEAT, for this process
-    monkeypatch.setattr(storage_module, "GRACE_PERIOD", 3)
+    monkeypatch.setattr(claims_module, "HEARTBEAT_INTERVAL", 1)  # as FAST_HEARTBEAT, for this process
+    monkeypatch.setattr(claims_module, "GRACE_PERIOD", 3)
     # A run counts only its own trials, so it does not wait for another run's: the dead trial is failed
     # (and its params queued again) by the first ask after the grace period, in whichever run asks.
     time.sleep(3 + 1)
@@ -386,8 +387,8 @@ def test_a_worker_killed_between_ask_and_its_heartbeat_thread_does_not_hold_a_tr
 # --- the PostgreSQL server restarting, or going away ---------------------------------------------
 
 def run_trial_then(action):
-    """`search.run_trials` that runs `action()` once, right after the first trial is stored."""
-    real, done = search_module.run_trials, []
+    """`worker.run_trials` that runs `action()` once, right after the first trial is stored."""
+    real, done = worker_module.run_trials, []
 
     def wrapped(*args, **kwargs):
         frozen = real(*args, **kwargs)
@@ -405,7 +406,7 @@ def test_a_postgresql_restart_between_trials_is_survived_and_loses_no_trial(
         postgres_server, small_data, tmp_path, monkeypatch):  # noqa: F811
     url = postgres_server.create_database("reliability_restart")
     wrapped, first = run_trial_then(postgres_server.restart)
-    monkeypatch.setattr(search_module, "run_trials", wrapped)
+    monkeypatch.setattr(worker_module, "run_trials", wrapped)
 
     code = cli.main(["search", "--space", str(SMOKE), "--storage", url, "--data", str(small_data),
                      "--results", str(tmp_path), "--trials", "3", "--fuse", "1"])  # between trials
@@ -425,7 +426,7 @@ def test_a_postgresql_server_that_goes_away_ends_the_run_with_one_line_and_keeps
         postgres_server, small_data, tmp_path, monkeypatch, capsys):  # noqa: F811
     url = postgres_server.create_database("reliability_gone")
     wrapped, first = run_trial_then(postgres_server.stop)
-    monkeypatch.setattr(search_module, "run_trials", wrapped)
+    monkeypatch.setattr(worker_module, "run_trials", wrapped)
     try:
         code = cli.main(["search", "--space", str(SMOKE), "--storage", url, "--data", str(small_data),
                          "--results", str(tmp_path), "--trials", "3", "--fuse", "1"])  # between trials
@@ -601,7 +602,7 @@ def test_a_just_asked_trial_is_not_taken_for_an_orphan(small_data, tmp_path):
     add_unowned_running_trial(url, started_seconds_ago=0)
     study = optuna.load_study(study_name="smoke", storage=storage_module.open_storage(url))
 
-    assert storage_module.fail_unclaimed_trials(study) == []
+    assert claims_module.fail_unclaimed_trials(study) == []
     assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
 
 
@@ -624,7 +625,7 @@ def terminate_search(command: list[str], flag: Path, results: Path, training: in
         process.send_signal(signal.SIGTERM)
         terminated = time.monotonic()
         out, err = process.communicate(timeout=60)
-        while any(storage_module._process_start(pid) for pid in worker_pids(flag)):
+        while any(claims_module._process_start(pid) for pid in worker_pids(flag)):
             assert time.monotonic() - terminated < 30, "worker processes still training 30 s after SIGTERM"
             time.sleep(0.1)
         seconds = time.monotonic() - terminated

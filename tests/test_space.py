@@ -209,7 +209,7 @@ def test_enqueued_points_are_read_and_must_lie_in_the_space(tmp_path):
 
 
 def test_a_new_study_evaluates_the_enqueued_points_first(tmp_path):
-    from study.search.runner import create_study
+    from study.search.study_setup import create_study
     from types import SimpleNamespace
 
     space = load_space(write_space(tmp_path, WARM, "warm.yaml"))
@@ -224,7 +224,7 @@ def test_a_new_study_evaluates_the_enqueued_points_first(tmp_path):
 
 
 def test_an_enqueued_point_may_give_a_fixed_param_its_own_value_for_that_trial_alone(tmp_path):
-    from study.search.runner import create_study
+    from study.search.study_setup import create_study
     from types import SimpleNamespace
 
     text = WARM.replace("{optimizer: sgd, lr: 0.05}", "{optimizer: sgd, lr: 0.05, epochs: 5}")

@@ -46,12 +46,13 @@ from optuna.trial import FrozenTrial, TrialState
 from cnnlib.device import resolve_device
 from cnnlib.training import DeviceData, TrainConfig, evaluate, train_group
 
-from ..search import runner as search
+from ..search import command as search
 from ..errors import UserError
 from ..final import trial_config
 from ..options import MAX_GROUP, add_common_options, add_data_options, load_splits, sqlite_url, use_cpu_threads
 from ..output import fresh_folder, write_atomic, write_json, write_pngs
 from ..search.objective import STOPPED_BY_DEADLINE
+from ..search.plan import FINISHED
 from ..search.space import load_space
 from .hpo_report import _f, figure, format_table, mean_sd, method_summary
 
@@ -245,7 +246,7 @@ def run_search(args, settings: dict, run_dir: Path, method: str, seed: int, cach
     if code:
         print(f"hpo-bench: {name}: the search ended with exit code {code}; scoring the trials it finished", flush=True)
     trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-    finished = [t for t in trials if t.state in search.FINISHED]
+    finished = [t for t in trials if t.state in FINISHED]
     complete = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.datetime_complete)
     record = {
         "method": method, "search_seed": seed, "space_file": str(space_file.relative_to(run_dir)),

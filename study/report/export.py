@@ -41,7 +41,8 @@ from .. import hints
 from ..errors import UserError
 from ..options import add_storage_option
 from ..output import study_folder  # noqa: F401 - where export writes: RESULTS/<study>
-from ..search.storage import load_existing_study, open_storage, redact, storage_file
+from ..search.storage import load_existing_study, open_storage
+from ..search.storage_url import redact, storage_file
 
 BASE_COLUMNS = ["number", "state", "value", "datetime_start", "datetime_complete", "duration"]
 CURVES = ("train_loss", "dev_loss", "dev_macro_accuracy")

@@ -39,7 +39,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from .storage import storage_file
+from .storage_url import storage_file
 
 ARTIFACT_DIR_ATTR = "cnn_hpo:artifact_dir"  # study system attribute: where this study's artifacts were written
 

@@ -27,7 +27,8 @@ import optuna
 from .artifacts import artifact_dir, default_results_dir, recorded_artifact_dirs
 from ..errors import UserError
 from ..options import add_storage_option, whole_number
-from .storage import open_storage, redact, storage_file
+from .storage import open_storage
+from .storage_url import redact, storage_file
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
