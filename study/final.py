@@ -45,7 +45,8 @@ from .final_report import accuracy_figure, flip_figure, format_report, grid_figu
 from .options import (MAX_GROUP, add_common_options, add_data_options, add_study_options, check_recorded_data,
                       data_config, load_splits, use_cpu_threads, whole_number)
 from .output import study_folder
-from .search.storage import load_existing_study, redact
+from .search.storage import load_existing_study
+from .search.storage_url import redact
 
 
 # --- options --------------------------------------------------------------

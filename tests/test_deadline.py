@@ -180,9 +180,9 @@ def test_the_warm_up_a_group_needs_is_the_pruners_n_warmup_steps(tmp_path):
 
 
 def test_a_run_ends_early_when_no_group_has_room_for_its_warm_up(small_data, tmp_path):
-    """Trials of 2 epochs, a pruner that waits 10000: after the first trial, no other could reach its warm-up."""
+    """Trials of 2 epochs, a pruner that waits 10^8 epochs: after the first trial, no other could reach its warm-up."""
     space = write_space(tmp_path, """\
-        pruner: {name: MedianPruner, n_startup_trials: 1, n_warmup_steps: 10000}
+        pruner: {name: MedianPruner, n_startup_trials: 1, n_warmup_steps: 100000000}
         params: {optimizer: adam, lr: {type: float, low: 1.0e-3, high: 1.0e-2}, batch_size: 128, epochs: 2}
         """, "warm")
     from test_search import search  # noqa: PLC0415

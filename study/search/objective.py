@@ -269,7 +269,7 @@ def run_trials(study: optuna.Study, trials: list[optuna.Trial], space: SearchSpa
             order = list(configs)
             for number, group in enumerate(group_configs([configs[i] for i in order])):
                 members = [order[g] for g in group]
-                # The first group was sized to the time left when the trials were asked (runner.worker_loop).
+                # The first group was sized to the time left when the trials were asked (worker.worker_loop).
                 if number == 0 or deadline.room_for_group(len(members)):
                     group = _train_group(study, [trials[m] for m in members], [configs[m] for m in members], space,
                                          data, deadline)
