@@ -44,6 +44,7 @@ from cnnlib.device import resolve_device
 from cnnlib.metrics import Evaluation, majority_baseline
 from cnnlib.splits import require_every_class
 from cnnlib.training import DeviceData, TrainConfig, evaluate, group_configs, make_criterion, predict_logits, train_group
+from cnnlib.tta import as_evaluated
 
 from . import hints, progress
 from .output import BUNDLE, study_folder, write_html, write_pngs
@@ -255,7 +256,8 @@ def retrain_seeds(retrains: list[Retrain], data: DeviceData, seeds: int) -> None
             for retrain, config, result in zip(members, configs, train_group(configs, data, report)):
                 if result.error is not None:
                     raise result.error
-                evaluations = {name: evaluate(result.model, split, data.classes, criteria[id(retrain)])
+                evaluations = {name: evaluate(as_evaluated(result.model, config.tta), split, data.classes,
+                                              criteria[id(retrain)])
                                for name, split in eval_splits(data).items()}
                 checkpoint = retrain.partial / f"seed-{seed}.pt"
                 run = SeedRun(seed, evaluations, result.seconds, len(result.history), checkpoint)
@@ -271,13 +273,19 @@ def _scores(run: SeedRun) -> str:
     return "  ".join(f"{name} macro {e.macro_accuracy:.3f}" for name, e in run.evaluations.items())
 
 
-def sweep_rows(model, data: DeviceData, epsilons, attacks, pgd_steps: int) -> list[dict]:
-    """fgsm.csv's rows: for each attack, each evaluated split, each epsilon."""
+def sweep_rows(model, data: DeviceData, epsilons, attacks, pgd_steps: int, tta: str = "none") -> list[dict]:
+    """fgsm.csv's rows: for each attack, each evaluated split, each epsilon, of `model` as evaluated with `tta`.
+
+    The attacks differentiate through the test-time views (cnnlib.tta.TTAModel):
+    the rows describe the model as deployed, views and all.
+    """
     rows = []
+    evaluated = as_evaluated(model, tta)
     for attack in attacks:
         options = {"steps": pgd_steps} if attack == "pgd" else {}
         for name, split in eval_splits(data).items():
-            rows += [r.row() for r in attack_sweep(model, split, data.classes, epsilons, attack, name, **options)]
+            rows += [{"tta": tta, **r.row()}
+                     for r in attack_sweep(evaluated, split, data.classes, epsilons, attack, name, **options)]
     return rows
 
 
@@ -513,9 +521,19 @@ def format_report(metrics: dict, rows: list[dict], figures: dict) -> str:
             f"Sweep time: {attack['seconds']:.1f} s on {metrics['device']}.", "",
             "Full rows (per-class accuracy, counts): [fgsm.csv](fgsm.csv); everything above as data: "
             "[metrics.json](metrics.json).", ""]
-    out.append(_table(["split", "attack", "epsilon", "macro accuracy", *classes, "success rate"],
+    tta = config.get("tta", "none")
+    if tta != "none":
+        out += [f"The model as evaluated: test-time augmentation `{tta}`, the attacks differentiate through its "
+                "views. The plain model (no views) below it, for comparison.", ""]
+
+    def attack_table(part: list[dict]) -> str:
+        return _table(["split", "attack", "epsilon", "macro accuracy", *classes, "success rate"],
                       [[r["split"], r["attack"], f"{r['epsilon']:g}", _pct(r["macro_accuracy"]),
-                        *[_pct(r[f"accuracy_{c}"]) for c in classes], _pct(r["attack_success_rate"])] for r in rows]))
+                        *[_pct(r[f"accuracy_{c}"]) for c in classes], _pct(r["attack_success_rate"])] for r in part])
+
+    out.append(attack_table([r for r in rows if r["tta"] == tta]))
+    if tta != "none":
+        out += ["", "### The plain model (tta none)", "", attack_table([r for r in rows if r["tta"] == "none"])]
     flip = metrics["flip_example"]
     out += ["", "## Figures", ""]
     descriptions = {"accuracy_vs_epsilon": "Accuracy and attack success rate against epsilon",
@@ -689,10 +707,14 @@ def run(args) -> int:
     os.chmod(stage / "model.pt", FILE_MODE)
 
     started = time.perf_counter()
-    rows = sweep_rows(model, data, args.epsilons, args.attack, args.pgd_steps)
+    tta = seeded_config.tta
+    rows = sweep_rows(model, data, args.epsilons, args.attack, args.pgd_steps, tta)
     sweep_seconds = time.perf_counter() - started
-    print(f"attack sweep: {len(rows)} rows in {sweep_seconds:.1f} s", flush=True)
-    write_csv(stage / "fgsm.csv", rows)
+    plain_rows = sweep_rows(model, data, args.epsilons, args.attack, args.pgd_steps) if tta != "none" else []
+    print(f"attack sweep: {len(rows)} rows in {sweep_seconds:.1f} s (tta {tta})"
+          + (f", and the plain model's {len(plain_rows)}" if plain_rows else ""), flush=True)
+    write_csv(stage / "fgsm.csv", rows + plain_rows)
+    deployed = as_evaluated(model, tta)  # what the figures show: the model as evaluated
 
     baseline = {name: majority_baseline(splits.train.labels, getattr(splits, name).labels, data.n_classes, data.classes)
                 for name in eval_splits(data)}
@@ -701,10 +723,10 @@ def run(args) -> int:
     figure_split, attack = eval_splits(data)[figure_name], args.attack[0]
     attack_options = {"steps": args.pgd_steps} if attack == "pgd" else {}
     figures = {"accuracy_vs_epsilon": accuracy_figure(rows, data.classes, {k: v.macro_accuracy for k, v in baseline.items()}),
-               "examples_grid": grid_figure(model, figure_split, figure_name, data.classes, args.epsilons, attack,
+               "examples_grid": grid_figure(deployed, figure_split, figure_name, data.classes, args.epsilons, attack,
                                             attack_options)}
-    figures["flip_example"], flip = flip_figure(model, figure_split, figure_name, data.classes, args.epsilons, attack,
-                                                attack_options)
+    figures["flip_example"], flip = flip_figure(deployed, figure_split, figure_name, data.classes, args.epsilons,
+                                                attack, attack_options)
     flip["id"] = str(getattr(splits, figure_name).ids[flip["index"]])
     png, png_status = write_figures(figures, stage, png=not args.no_png)
     print(f"figures: HTML written; PNG {png_status}", flush=True)
@@ -726,7 +748,7 @@ def run(args) -> int:
     for name in eval_splits(data):
         metrics[name] = {**chosen.evaluations[name].to_dict(), "majority_baseline": baseline[name].to_dict()}
     write_json(stage / "metrics.json", metrics)
-    write_atomic(stage / "report.md", format_report(metrics, rows, {"png": png, "png_status": png_status}))
+    write_atomic(stage / "report.md", format_report(metrics, rows + plain_rows, {"png": png, "png_status": png_status}))
     publish(stage, out)
     shutil.rmtree(out / ".partial", ignore_errors=True)  # done: a later run retrains from scratch
     for name in eval_splits(data):
