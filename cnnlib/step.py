@@ -161,7 +161,7 @@ class StackedStep:
         return out
 
     def model(self, member: int) -> nn.Module:
-        """The member's weights (averaged where it averages) as a fresh model of its architecture (a SeedCNN for the seed CNN)."""
+        """The member's weights (its average where it averages) as a fresh model of its architecture."""
         self._wait()
         data = self.data
         for pass_ in self.passes:

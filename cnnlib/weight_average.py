@@ -19,7 +19,7 @@ import torch
 
 
 class WeightAverage:
-    """The averaged rows of a pass's members; `update` after each optimizer step, `select` and `concat` as the rows go."""
+    """A pass's averaged rows: `update` after each optimizer step; `select` and `concat` as its rows go."""
 
     def __init__(self, decays: Sequence[float], flat: torch.Tensor):
         self.decay = torch.tensor(list(decays), dtype=flat.dtype, device=flat.device).view(-1, 1)

@@ -64,8 +64,8 @@ def main() -> None:
     for group in group_configs(configs):
         group_started = time.perf_counter()
         results = train_group([configs[i] for i in group], data)
-        print(f"group of {len(group)} ({', '.join(json.dumps(args.variant[i // args.seeds]) for i in group[::args.seeds])}): "
-              f"{time.perf_counter() - group_started:.0f} s", flush=True)
+        variants = ", ".join(json.dumps(args.variant[i // args.seeds]) for i in group[::args.seeds])
+        print(f"group of {len(group)} ({variants}): {time.perf_counter() - group_started:.0f} s", flush=True)
         for i, result in zip(group, results):
             if result.error is not None:
                 raise result.error
