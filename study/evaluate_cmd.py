@@ -79,6 +79,8 @@ def run(args) -> int:
     # The loss uses the training criterion (class-weighted when the run was), so it matches the run's dev loss.
     criterion = make_criterion(config, DeviceSplit(splits.train, device).y, len(classes))
     tta = args.tta or config.tta
+    if tta not in TTA_MODES:  # TTA from the environment skips argparse's choices
+        raise UserError(f"TTA={tta!r}: expected one of {', '.join(TTA_MODES)}")
     evaluation = evaluate(as_evaluated(model, tta), DeviceSplit(split, device), classes, criterion)
 
     print(f"checkpoint: {args.checkpoint}  (config {config.to_dict()})")
