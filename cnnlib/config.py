@@ -2,8 +2,8 @@
 
 `TrainConfig` defaults are the user's final recipe (report table 4), so a
 config that names nothing trains what they trained. The levers they did not
-have (crop, schedule, AdamW, Nesterov, logit adjustment, label smoothing)
-default to off.
+have (crop, cutout, schedule, AdamW, Nesterov, logit adjustment, label
+smoothing, weight averaging, test-time augmentation) default to off.
 
 Every field is declared either SHARED or PER_MEMBER (`FIELD_ROLES`). Members
 of a fused group see the same batch of images each step, so whatever decides
@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from .model import MODELS
+from .tta import TTA_MODES
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 IMBALANCE_METHODS = ("weighted_loss", "weighted_sampler", "logit_adjusted", "none")
@@ -48,27 +49,32 @@ class TrainConfig:
     tau: float = 1.0  # logit_adjusted only: logits + tau * log(prior) in the loss (1 = balanced softmax)
     label_smoothing: float = 0.0
     dropout: float = 0.1
+    ema: float = 0.0  # decay of an exponential moving average of the weights, which evaluation uses; 0 = off
     crop: int = 0  # random translation by up to this many pixels (reflect-padded); the user had none
     flip: bool = False  # the user tried no augmentation in the final model
     jitter: float = 0.0
+    cutout: int = 0  # a random square of this many pixels a side set to the image's mean colour; 0 = off
+    # Evaluation only: a prediction is the mean softmax over the image's views (cnnlib.tta): none,
+    # flip (the image and its mirror) or flip_translate (and both shifted 2 px each way).
+    tta: str = "none"
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("optimizer", "schedule", "imbalance", "model"):
+        for name in ("optimizer", "schedule", "imbalance", "model", "tta"):
             setattr(self, name, str(getattr(self, name)).lower())
         for name, allowed in (("optimizer", OPTIMIZERS), ("imbalance", IMBALANCE_METHODS),
-                              ("schedule", SCHEDULES), ("model", tuple(MODELS))):
+                              ("schedule", SCHEDULES), ("model", tuple(MODELS)), ("tta", TTA_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         for name in ("nesterov", "flip"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
-        for name in ("batch_size", "epochs", "seed", "crop"):
+        for name in ("batch_size", "epochs", "seed", "crop", "cutout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not float(value).is_integer():
                 raise ValueError(f"{name}={value!r} must be a whole number")
             setattr(self, name, int(value))
-        for name in ("lr", "momentum", "weight_decay", "warmup", "tau", "label_smoothing", "dropout", "jitter"):
+        for name in ("lr", "momentum", "weight_decay", "warmup", "tau", "label_smoothing", "dropout", "jitter", "ema"):
             setattr(self, name, float(getattr(self, name)))
         checks = [("lr", self.lr > 0, "> 0"),
                   ("batch_size", 1 <= self.batch_size <= MAX_BATCH_SIZE, f"1 to {MAX_BATCH_SIZE}"),
@@ -77,12 +83,17 @@ class TrainConfig:
                   ("weight_decay", self.weight_decay >= 0, ">= 0"), ("momentum", 0 <= self.momentum < 1, "0 to < 1"),
                   ("warmup", 0 <= self.warmup < 1, "0 to < 1"), ("tau", self.tau >= 0, ">= 0"),
                   ("label_smoothing", 0 <= self.label_smoothing < 1, "0 to < 1"), ("crop", 0 <= self.crop <= 8, "0 to 8"),
-                  ("jitter", 0 <= self.jitter < 1, "0 to < 1"), ("dropout", 0 <= self.dropout < 1, "0 to < 1")]
+                  ("cutout", 0 <= self.cutout <= 16, "0 to 16"),
+                  ("jitter", 0 <= self.jitter < 1, "0 to < 1"), ("dropout", 0 <= self.dropout < 1, "0 to < 1"),
+                  ("ema", 0 <= self.ema < 1, "0 to < 1")]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range (allowed: {allowed})")
         if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0")
+        if self.ema and self.model != "seed_cnn":
+            raise ValueError(f"ema averages weights only; model {self.model!r} has batch-norm statistics that "
+                             "would not match them (the seed CNN has none)")
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -100,9 +111,11 @@ class TrainConfig:
 # draws. `imbalance` is per member (each member has its own loss) except that a
 # weighted sampler draws another batch order, so `group_key` also keys on it.
 # `model`: only the seed CNN has a stacked form; the group key keeps architectures apart.
-SHARED = ("batch_size", "crop", "flip", "jitter", "model")
+# `ema` is per member: each member's average is its own row, with its own decay (cnnlib.weight_average).
+# `tta` is per member: each member's evaluation takes its own views of the shared images.
+SHARED = ("batch_size", "crop", "flip", "jitter", "cutout", "model")
 PER_MEMBER = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup", "epochs",
-              "imbalance", "tau", "label_smoothing", "dropout", "seed")
+              "imbalance", "tau", "label_smoothing", "dropout", "ema", "tta", "seed")
 FIELD_ROLES = {**{name: "shared" for name in SHARED}, **{name: "per member" for name in PER_MEMBER}}
 
 

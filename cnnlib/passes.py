@@ -24,11 +24,16 @@ from .member_dropout import MemberDropout
 from .metrics import Evaluation
 from .stacked_model import CHANNELS_LAST, stack_members
 from .stacked_optimizer import StackedOptimizer
+from .tta import log_mean_softmax
+from .weight_average import WeightAverage
 
 
 @torch.inference_mode()
-def evaluate_members(net, split, classes, loss: MemberLoss) -> list[Evaluation]:
-    """cnnlib.training.evaluate for every member of a pass at once (dropout off); split: a DeviceSplit."""
+def evaluate_members(net, split, classes, loss: MemberLoss, views: list[int] | None = None) -> list[Evaluation]:
+    """cnnlib.training.evaluate for every member of a pass at once (dropout off); split: a DeviceSplit.
+
+    views: each member's test-time augmentation views (cnnlib.tta.VIEW_COUNTS); None: one each.
+    """
     k, n = net.k, len(classes)
     device = net.flat.device
     numerator = torch.zeros(k, device=device)
@@ -40,7 +45,7 @@ def evaluate_members(net, split, classes, loss: MemberLoss) -> list[Evaluation]:
     try:
         for start in range(0, len(split), chunk):
             x, y = split.x[start:start + chunk], split.y[start:start + chunk]
-            logits = net(x)
+            logits = log_mean_softmax(net, x, views or [1] * k)
             num, den = loss.sums(logits, y)
             numerator += num
             denominator += den
@@ -92,6 +97,9 @@ class Pass:
         self.dropout = MemberDropout(rates, rng_states, group_seed, data.device,
                                      ahead=len(data.train.y) * sum(self.widths))
         self.loss = MemberLoss(chosen, data.train.y, data.n_classes)
+        # Averaged weights when any member of the group averages (every pass then has them, so passes merge);
+        # None keeps a group without averaging exactly what it was.
+        self.average = WeightAverage([c.ema for c in chosen], self.net.flat) if any(c.ema for c in configs) else None
         self.total = None
         self.graphs = graphs and can_capture(data.device, self.dropout)
         # A captured graph must not hold autocast's cached weight casts from outside it.
@@ -153,6 +161,8 @@ class Pass:
         self.net.flat.grad = None
         losses.sum().backward()  # d(sum)/d(loss_k) = 1: each member gets exactly its own gradient
         self.optimizer.step(self.net.flat, self.net.flat.grad)
+        if self.average is not None:
+            self.average.update(self.net.flat)
         self.total += losses.detach() * x.shape[0]
         return logits.detach()
 
@@ -161,7 +171,17 @@ class Pass:
         self.graph = None  # it points at the old rows; the next full batch captures again (no warm-up needed)
         for name in self.PARTS:
             getattr(self, name).select(rows)
+        if self.average is not None:
+            self.average.select(rows)
         self.members = [self.members[row] for row in rows]
+
+    def evaluated_net(self):
+        """The network that evaluation and the checkpoint see: the members' averaged weights where they average."""
+        if self.average is None:
+            return self.net
+        net = copy.copy(self.net)
+        net.flat = self.average.average
+        return net
 
     def take(self, rows: list[int]) -> "Pass":
         """A new pass of these rows, with their weights and state; this one is left as it was."""
@@ -171,6 +191,7 @@ class Pass:
         # Stepped in place every step: each pass its own.
         other.optimizer.adam_step = self.optimizer.adam_step.clone()
         other.optimizer.step_index = self.optimizer.step_index.clone()
+        other.average = None if self.average is None else self.average.copy()
         other.members, other.total, other.graph, other.side = list(self.members), None, None, None
         other.select(rows)
         return other
@@ -184,6 +205,8 @@ class Pass:
         for name in Pass.PARTS:
             parts = [getattr(p, name) for p in passes]
             setattr(out, name, type(parts[0]).concat(parts))
+        if out.average is not None:  # every pass of a group averages, or none does
+            out.average = WeightAverage.concat([p.average for p in passes])
         out.members = [m for p in passes for m in p.members]
         configs = out.optimizer.configs
         out.select(sorted(range(len(configs)), key=lambda row: configs[row].optimizer != "sgd"))
@@ -240,7 +263,7 @@ class PassWorker:
 
 
 # Concurrent passes pay where a step's serial part is a large share of it: small batches, no
-# augmentation (the loop's batched crop/flip/jitter then competes with the pass threads for the
+# augmentation (the loop's batched crop/flip/jitter/cutout then competes with the pass threads for the
 # cores), enough members per pass. Whole fused epochs, real data, one process, one pass (2
 # intra-op threads) and concurrent passes alternating, 2-core CPU, torch 2.14.1, median paired
 # ratio: K=16 batch 32 1.19x (1.11x in another run), with crop 4 + flip 1.01x; batch 64 1.03x,
@@ -255,7 +278,7 @@ def concurrent_passes_pay(configs: Sequence[TrainConfig]) -> bool:
     """The measured case (see CONCURRENT_MAX_BATCH): members share batch size and augmentation."""
     first = configs[0]
     threads = torch.get_num_threads()
-    augmented = first.crop or first.flip or first.jitter
+    augmented = first.crop or first.flip or first.jitter or first.cutout
     return (threads > 1 and not augmented and first.batch_size <= CONCURRENT_MAX_BATCH
             and len(configs) >= threads * CONCURRENT_MIN_MEMBERS)
 

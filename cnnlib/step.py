@@ -35,6 +35,7 @@ from .config import TrainConfig
 from .metrics import Evaluation
 from .passes import CONCURRENT_MIN_MEMBERS, Pass, PassWorker, concurrent_passes_pay, evaluate_members, step_passes
 from .stacked_model import CHANNELS_LAST, make_model
+from .tta import VIEW_COUNTS
 
 # Members per stacked forward/backward pass, by device type (None: all of them).
 # On the 2-core CPU a pass of 16 costs 15-20 % less CPU time per member than
@@ -147,7 +148,9 @@ class StackedStep:
 
         def evaluate_passes(mine: list[Pass]) -> None:
             for pass_ in mine:
-                out.update(zip(pass_.members, evaluate_members(pass_.net, split, classes, pass_.loss)))
+                views = [VIEW_COUNTS[self.configs[m].tta] for m in pass_.members]
+                out.update(zip(pass_.members, evaluate_members(pass_.evaluated_net(), split, classes, pass_.loss,
+                                                               views)))
 
         self._wait()
         if self._concurrent():
@@ -158,7 +161,7 @@ class StackedStep:
         return out
 
     def model(self, member: int) -> nn.Module:
-        """The member's weights as a fresh model of its architecture (a SeedCNN for the seed CNN)."""
+        """The member's weights (its average where it averages) as a fresh model of its architecture."""
         self._wait()
         data = self.data
         for pass_ in self.passes:
@@ -166,7 +169,7 @@ class StackedStep:
                 with torch.random.fork_rng(devices=[]):  # its throwaway init must not move the caller's RNG
                     fresh = make_model(data.n_classes, self.configs[member], data.image_size, data.device,
                                        self.channels_last)
-                return pass_.net.to_model(pass_.members.index(member), fresh)
+                return pass_.evaluated_net().to_model(pass_.members.index(member), fresh)
         raise KeyError(member)
 
     def keep(self, members: set[int]) -> None:

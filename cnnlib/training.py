@@ -232,12 +232,12 @@ def epoch_batches(data: DeviceData, shared: TrainConfig, generator: torch.Genera
     the epoch's order sliced, each batch augmented on the device."""
     train, batch = data.train, shared.batch_size
     order = epoch_order(len(train), train.y, data.n_classes, shared.imbalance, generator)
-    augment = shared.crop or shared.flip or shared.jitter
+    augment = shared.crop or shared.flip or shared.jitter or shared.cutout
     for start in range(0, len(train), batch):
         index = order[start:start + batch]
         x = train.x.index_select(0, index)
         if augment:
-            x = augment_batch(x, shared.crop, shared.flip, shared.jitter, generator)
+            x = augment_batch(x, shared.crop, shared.flip, shared.jitter, generator, shared.cutout)
         yield index, x, train.y.index_select(0, index)
 
 

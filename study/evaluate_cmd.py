@@ -20,6 +20,7 @@ from cnnlib.metrics import majority_baseline
 from cnnlib.model import flat_features
 from cnnlib.sources import parse_classes
 from cnnlib.training import DeviceSplit, evaluate, make_criterion
+from cnnlib.tta import TTA_MODES, as_evaluated
 
 from .errors import UserError
 from .options import add_common_options, add_data_options, load_splits, use_cpu_threads
@@ -35,6 +36,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also show the majority-class baseline (on by default, so `make evaluate` shows it)")
     parser.add_argument("--json", default=None, help="also write the evaluation to this JSON file")
+    parser.add_argument("--tta", default=os.environ.get("TTA") or None, choices=TTA_MODES,
+                        help="test-time augmentation views (env TTA; default: the checkpoint's own `tta`)")
     add_data_options(parser)  # CLASSES, when given, must be the checkpoint's order (run refuses another)
     add_common_options(parser)
 
@@ -77,12 +80,16 @@ def run(args) -> int:
                               f"the {args.split} images are {size}x{size}")
     # The loss uses the training criterion (class-weighted when the run was), so it matches the run's dev loss.
     criterion = make_criterion(config, DeviceSplit(splits.train, device).y, len(classes))
-    evaluation = evaluate(model, DeviceSplit(split, device), classes, criterion)
+    tta = args.tta or config.tta
+    if tta not in TTA_MODES:  # TTA from the environment skips argparse's choices
+        raise UserError(f"TTA={tta!r}: expected one of {', '.join(TTA_MODES)}")
+    evaluation = evaluate(as_evaluated(model, tta), DeviceSplit(split, device), classes, criterion)
 
     print(f"checkpoint: {args.checkpoint}  (config {config.to_dict()})")
+    print(f"tta:        {tta}{'' if tta == config.tta else f' (the checkpoint says {config.tta})'}")
     print(f"data:       {splits.source}, {args.split} split, {len(split)} images")
     print(evaluation.format(f"{args.split}:"))
-    report = {"checkpoint": str(args.checkpoint), "split": args.split, "classes": list(classes),
+    report = {"checkpoint": str(args.checkpoint), "split": args.split, "classes": list(classes), "tta": tta,
               "config": config.to_dict(), "checkpoint_extra": extra, "evaluation": evaluation.to_dict()}
     if args.baseline:
         majority = majority_baseline(splits.train.labels, split.labels, len(classes), classes)

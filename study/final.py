@@ -36,6 +36,7 @@ from cnnlib.device import resolve_device
 from cnnlib.metrics import Evaluation, majority_baseline
 from cnnlib.splits import require_every_class
 from cnnlib.training import DeviceData, TrainConfig, evaluate, group_configs, make_criterion, train_group
+from cnnlib.tta import as_evaluated
 
 from . import hints, progress
 from .errors import UserError
@@ -171,7 +172,8 @@ def retrain_seeds(retrains: list[Retrain], data: DeviceData, seeds: int) -> None
             for retrain, config, result in zip(members, configs, train_group(configs, data, report)):
                 if result.error is not None:
                     raise result.error
-                evaluations = {name: evaluate(result.model, split, data.classes, criteria[id(retrain)])
+                evaluations = {name: evaluate(as_evaluated(result.model, config.tta), split, data.classes,
+                                              criteria[id(retrain)])
                                for name, split in eval_splits(data).items()}
                 checkpoint = retrain.partial / f"seed-{seed}.pt"
                 run = SeedRun(seed, evaluations, result.seconds, len(result.history), checkpoint)
@@ -187,13 +189,19 @@ def _scores(run: SeedRun) -> str:
     return "  ".join(f"{name} macro {e.macro_accuracy:.3f}" for name, e in run.evaluations.items())
 
 
-def sweep_rows(model, data: DeviceData, epsilons, attacks, pgd_steps: int) -> list[dict]:
-    """fgsm.csv's rows: for each attack, each evaluated split, each epsilon."""
+def sweep_rows(model, data: DeviceData, epsilons, attacks, pgd_steps: int, tta: str = "none") -> list[dict]:
+    """fgsm.csv's rows: for each attack, each evaluated split, each epsilon, of `model` as evaluated with `tta`.
+
+    The attacks differentiate through the test-time views (cnnlib.tta.TTAModel):
+    the rows describe the model as deployed, views and all.
+    """
     rows = []
+    evaluated = as_evaluated(model, tta)
     for attack in attacks:
         options = {"steps": pgd_steps} if attack == "pgd" else {}
         for name, split in eval_splits(data).items():
-            rows += [r.row() for r in attack_sweep(model, split, data.classes, epsilons, attack, name, **options)]
+            rows += [{"tta": tta, **r.row()}
+                     for r in attack_sweep(evaluated, split, data.classes, epsilons, attack, name, **options)]
     return rows
 
 
@@ -235,10 +243,11 @@ def run(args) -> int:
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     model = stage_model(stage, chosen, study.study_name, trial.number, data, device)
-    rows, sweep_seconds = run_attack_sweep(model, data, args, stage)
+    rows, plain_rows, sweep_seconds = run_attack_sweep(model, config.tta, data, args, stage)
     baseline = {name: majority_baseline(splits.train.labels, getattr(splits, name).labels, data.n_classes, data.classes)
                 for name in eval_splits(data)}
-    figures, flip, figure_name = draw_figures(model, data, splits, args, rows, baseline)
+    # The figures show the model as evaluated, views and all.
+    figures, flip, figure_name = draw_figures(as_evaluated(model, config.tta), data, splits, args, rows, baseline)
     png, png_status = write_figures(figures, stage, png=not args.no_png)
     print(f"figures: HTML written; PNG {png_status}", flush=True)
 
@@ -254,7 +263,7 @@ def run(args) -> int:
            for name in eval_splits(data)},
     }
     write_json(stage / "metrics.json", metrics)
-    write_atomic(stage / "report.md", format_report(metrics, rows, {"png": png, "png_status": png_status}))
+    write_atomic(stage / "report.md", format_report(metrics, rows + plain_rows, {"png": png, "png_status": png_status}))
     publish(stage, out)
     shutil.rmtree(out / ".partial", ignore_errors=True)  # done: a later run retrains from scratch
     print_outcome(metrics, baseline, data, out, args)
@@ -341,14 +350,20 @@ def stage_model(stage: Path, chosen: SeedRun, study_name: str, trial_number: int
     return model
 
 
-def run_attack_sweep(model, data: DeviceData, args, stage: Path) -> tuple[list[dict], float]:
-    """Every attack at every epsilon on dev and test, written as stage/fgsm.csv; (rows, seconds)."""
+def run_attack_sweep(model, tta: str, data: DeviceData, args, stage: Path) -> tuple[list[dict], list[dict], float]:
+    """Every attack at every epsilon on dev and test, written as stage/fgsm.csv; (rows, plain rows, seconds).
+
+    The rows attack the model as evaluated (with its test-time views); with views,
+    the plain model's rows come beside them so the two can be compared.
+    """
     started = time.perf_counter()
-    rows = sweep_rows(model, data, args.epsilons, args.attack, args.pgd_steps)
+    rows = sweep_rows(model, data, args.epsilons, args.attack, args.pgd_steps, tta)
     seconds = time.perf_counter() - started
-    print(f"attack sweep: {len(rows)} rows in {seconds:.1f} s", flush=True)
-    write_csv(stage / "fgsm.csv", rows)
-    return rows, seconds
+    plain_rows = sweep_rows(model, data, args.epsilons, args.attack, args.pgd_steps) if tta != "none" else []
+    print(f"attack sweep: {len(rows)} rows in {seconds:.1f} s (tta {tta})"
+          + (f", and the plain model's {len(plain_rows)}" if plain_rows else ""), flush=True)
+    write_csv(stage / "fgsm.csv", rows + plain_rows)
+    return rows, plain_rows, seconds
 
 
 def draw_figures(model, data: DeviceData, splits, args, rows: list[dict], baseline: dict) -> tuple[dict, dict, str]:

@@ -192,6 +192,12 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _attack_table(rows: list[dict], classes) -> str:
+    return _table(["split", "attack", "epsilon", "macro accuracy", *classes, "success rate"],
+                  [[r["split"], r["attack"], f"{r['epsilon']:g}", _pct(r["macro_accuracy"]),
+                    *[_pct(r[f"accuracy_{c}"]) for c in classes], _pct(r["attack_success_rate"])] for r in rows])
+
+
 def format_report(metrics: dict, rows: list[dict], figures: dict) -> str:
     classes = metrics["classes"]
     trial = metrics["trial"]
@@ -233,9 +239,14 @@ def format_report(metrics: dict, rows: list[dict], figures: dict) -> str:
             f"Sweep time: {attack['seconds']:.1f} s on {metrics['device']}.", "",
             "Full rows (per-class accuracy, counts): [fgsm.csv](fgsm.csv); everything above as data: "
             "[metrics.json](metrics.json).", ""]
-    out.append(_table(["split", "attack", "epsilon", "macro accuracy", *classes, "success rate"],
-                      [[r["split"], r["attack"], f"{r['epsilon']:g}", _pct(r["macro_accuracy"]),
-                        *[_pct(r[f"accuracy_{c}"]) for c in classes], _pct(r["attack_success_rate"])] for r in rows]))
+    tta = config.get("tta", "none")
+    if tta != "none":
+        out += [f"The model as evaluated: test-time augmentation `{tta}`, the attacks differentiate through its "
+                "views. The plain model (no views) below it, for comparison.", ""]
+    out.append(_attack_table([r for r in rows if r.get("tta", "none") == tta], classes))
+    if tta != "none":
+        out += ["", "### The plain model (tta none)", "",
+                _attack_table([r for r in rows if r.get("tta", "none") == "none"], classes)]
     flip = metrics["flip_example"]
     out += ["", "## Figures", ""]
     descriptions = {"accuracy_vs_epsilon": "Accuracy and attack success rate against epsilon",

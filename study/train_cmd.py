@@ -20,6 +20,7 @@ from cnnlib.checkpoint import save_checkpoint
 from cnnlib.config import MAX_EPOCHS
 from cnnlib.metrics import majority_baseline
 from cnnlib.training import DeviceData, EpochStats, TrainConfig, evaluate, make_criterion, train_group
+from cnnlib.tta import as_evaluated
 
 from .errors import UserError
 from .options import MAX_GROUP, add_common_options, add_data_options, load_splits, use_cpu_threads, whole_number
@@ -125,7 +126,7 @@ def _train_and_write(args, space, config: TrainConfig, splits, run_dir: Path) ->
     # The median seed by dev macro accuracy is the run's model (as in `make final`).
     median = sorted(range(len(results)), key=lambda i: per_seed[i]["dev"].macro_accuracy)[(len(results) - 1) // 2]
     result, config, evaluations = results[median], configs[median], dict(per_seed[median])
-    evaluations["train"] = evaluate(result.model, data.train, classes, criterion)
+    evaluations["train"] = evaluate(as_evaluated(result.model, config.tta), data.train, classes, criterion)
     baselines = {name: majority_baseline(splits.train.labels, split.labels, len(classes), classes)
                  for name, split in (("dev", splits.dev), ("test", splits.test)) if split is not None}
     # The median: the first epoch carries one-off warm-up, and other work on a shared machine adds spikes.
@@ -153,6 +154,7 @@ def _train_and_write(args, space, config: TrainConfig, splits, run_dir: Path) ->
         "seconds_per_epoch": seconds_per_epoch,
         "dev": evaluations["dev"].to_dict(),
         "test": evaluations["test"].to_dict() if "test" in evaluations else None,
+        **({"test_plain": evaluations["test_plain"].to_dict()} if "test_plain" in evaluations else {}),
         "train": evaluations["train"].to_dict(),
         "majority_baseline": {name: evaluation.to_dict() for name, evaluation in baselines.items()},
         "seeds": seed_summary,
@@ -190,7 +192,9 @@ def _train_seeds(configs: list[TrainConfig], data: DeviceData) -> tuple[list, li
     for result in results:
         evaluations = {"dev": result.dev}
         if data.test is not None:
-            evaluations["test"] = evaluate(result.model, data.test, data.classes, criterion)
+            evaluations["test"] = evaluate(as_evaluated(result.model, configs[0].tta), data.test, data.classes, criterion)
+            if configs[0].tta != "none":  # what the views add, on the same weights
+                evaluations["test_plain"] = evaluate(result.model, data.test, data.classes, criterion)
         per_seed.append(evaluations)
     return results, per_seed, criterion
 

@@ -64,3 +64,15 @@ def test_no_baseline_hides_it(tiny_inputs, tiny_run):
     code, out, err = evaluate_cli(tiny_inputs, "--checkpoint", run_dir / "model.pt", "--no-baseline")
     assert code == 0, err
     assert "majority-class baseline" not in out
+
+
+@pytest.mark.slow
+def test_evaluate_uses_the_checkpoints_tta_unless_told_another(tiny_inputs, tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    out_json = tmp_path / "eval.json"
+    code, out, err = evaluate_cli(tiny_inputs, "--checkpoint", run_dir / "model.pt", "--json", out_json)
+    assert code == 0, err
+    assert json.loads(out_json.read_text())["tta"] == "none" and "tta:        none\n" in out
+    code, out, err = evaluate_cli(tiny_inputs, "--checkpoint", run_dir / "model.pt", "--tta", "flip", "--json", out_json)
+    assert code == 0, err
+    assert json.loads(out_json.read_text())["tta"] == "flip" and "tta:        flip (the checkpoint says none)" in out

@@ -348,3 +348,35 @@ def test_bad_option_values_name_themselves(flag, value, message, capsys):
     with pytest.raises(SystemExit):
         cli.main(["final", flag, value])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_final_judges_and_attacks_the_model_as_evaluated_and_the_plain_model_beside_it(tmp_path, real_data, device):
+    from cnnlib.tta import as_evaluated
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="smoke", storage=storage, direction="maximize")
+    add_trial(study, 0.6, smoke_config(tta="flip", ema=0.9))
+    results = tmp_path / "results"
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "STUDY": "smoke", "STORAGE": storage, "RESULTS": str(results),
+           "DATA": str(real_data), "DEVICE": str(device), "SEEDS": "1", "EPSILONS": "0,0.03", "ATTACK": "fgsm",
+           "TRIAL": "", "CANDIDATES": "1"}
+    done = subprocess.run([sys.executable, "-m", "study", "final", "--no-png", *DATA_ARGS], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = results / "final" / "smoke"
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = read_rows(out / "fgsm.csv")
+    assert [(r["tta"], r["split"], float(r["epsilon"])) for r in rows] == [
+        (t, s, e) for t in ("flip", "none") for s in ("dev", "test") for e in (0.0, 0.03)]
+    model, config, classes, _ = load_checkpoint(out / "model.pt", device)
+    assert (config.tta, config.ema) == ("flip", 0.9)
+    data = DeviceData(final.load_splits(cli_namespace(real_data, results)), device)
+    for split in ("dev", "test"):
+        deployed = evaluate(as_evaluated(model, "flip"), getattr(data, split), classes)
+        assert deployed.confusion.tolist() == metrics[split]["confusion_matrix"]
+        clean = [r for r in rows if r["split"] == split and float(r["epsilon"]) == 0]
+        assert float(clean[0]["macro_accuracy"]) == pytest.approx(deployed.macro_accuracy)
+        assert float(clean[1]["macro_accuracy"]) == pytest.approx(evaluate(model, getattr(data, split), classes).macro_accuracy)
+    report = (out / "report.md").read_text()
+    assert "test-time augmentation `flip`" in report and "### The plain model (tta none)" in report

@@ -45,6 +45,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cnnlib.device import resolve_device
 from cnnlib.training import DeviceData, TrainConfig, evaluate, train_group
+from cnnlib.tta import as_evaluated
 
 from ..search import command as search
 from ..errors import UserError
@@ -154,7 +155,7 @@ def retrain(config: TrainConfig, data: DeviceData, seeds=RETRAIN_SEEDS) -> dict:
         if result.error is not None:
             rows.append({"seed": seed, "error": str(result.error)})
             continue
-        test = evaluate(result.model, data.test, data.classes)
+        test = evaluate(as_evaluated(result.model, config.tta), data.test, data.classes)
         rows.append({"seed": seed, "test_macro_accuracy": test.macro_accuracy, "test_per_class": test.per_class,
                      "dev_macro_accuracy": result.dev.macro_accuracy})
     ok = [r for r in rows if "error" not in r]

@@ -27,6 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cnnlib.errors import DivergedError
 from cnnlib.training import DeviceData, EpochStats, TrainConfig, TrainResult, evaluate, group_configs, train_group
+from cnnlib.tta import as_evaluated
 
 from .. import progress
 from .artifacts import attach_trial_artifacts
@@ -145,7 +146,7 @@ def record_curves(trial: optuna.Trial, curves: dict) -> None:
 def record_result(trial: optuna.Trial, result: TrainResult, data: DeviceData) -> dict:
     """Everything a report needs about a finished run, as JSON-able user attributes."""
     dev = result.dev
-    train_eval = evaluate(result.model, data.train, data.classes)
+    train_eval = evaluate(as_evaluated(result.model, result.config.tta), data.train, data.classes)
     attrs = {
         "dev_macro_accuracy": dev.macro_accuracy,
         "dev_per_class": dev.per_class,
@@ -169,7 +170,7 @@ def objective_values(space: SearchSpace, result: TrainResult, data: DeviceData, 
             values.append(sum(last) / len(last))
         elif objective == "robust_macro_accuracy":
             from cnnlib.attacks import robust_macro_accuracy  # noqa: PLC0415 - only robust spaces need it
-            value = robust_macro_accuracy(result.model, data.dev, data.classes,
+            value = robust_macro_accuracy(as_evaluated(result.model, result.config.tta), data.dev, data.classes,
                                           space.robust.get("attack", "fgsm"), float(space.robust["epsilon"]))
             trial.set_user_attr("robust_macro_accuracy", value)
             trial.set_user_attr("robust_attack", f"{space.robust.get('attack', 'fgsm')}@{space.robust['epsilon']}")
@@ -201,6 +202,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 def start_trial(trial: optuna.Trial, space: SearchSpace, data: DeviceData) -> TrainConfig:
     config = space.suggest(trial)
     trial.set_user_attr("config", config.to_dict())
+    trial.set_user_attr("tta", config.tta)  # its dev values are those of the model as evaluated with these views
     trial.set_user_attr("classes", list(data.classes))
     trial.set_user_attr("device", str(data.device))
     return config
