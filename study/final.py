@@ -40,7 +40,7 @@ from cnnlib.tta import as_evaluated
 
 from . import hints, progress
 from .errors import UserError
-from .final_choice import (choose_retrained, choose_trial, mean_dev, top_trials, trial_config,
+from .final_choice import (choose_retrained, choose_trial, epochs_trained, mean_dev, top_trials, trial_config,
                            warm_start_trials)
 from .final_report import accuracy_figure, flip_figure, format_report, grid_figure, publish, write_csv, write_figures
 from .options import (MAX_GROUP, add_common_options, add_data_options, add_study_options, check_recorded_data,
@@ -323,7 +323,9 @@ def retrain_candidates(study, candidates, data, args, out: Path, splits) -> tupl
         config, source = trial_config(candidate)
         sources.append(source)
         if len(candidates) > 1:
-            print(f"candidate trial {candidate.number} (search value {candidate.value:.4f}): "
+            done, asked = epochs_trained(candidate)
+            cut = f", stopped by the deadline after epoch {done} of {asked}" if candidate.state.name == "PRUNED" else ""
+            print(f"candidate trial {candidate.number} (search value {candidate.value:.4f}{cut}): "
                   f"{args.seeds} seed(s)", flush=True)
         fingerprint = {"study": study.study_name, "trial": candidate.number,
                        "config": {**config.to_dict(), "seed": None},

@@ -24,12 +24,37 @@ from .search.space import WARM_START_ATTR
 if TYPE_CHECKING:
     from .final import SeedRun
 
+# A trial that the run's deadline stopped after this share of its epochs still ranks its config:
+# `make final` retrains every candidate for all its epochs. On a busy 2-core CPU a default search
+# cut the two enqueued 100-epoch recipes at epoch 98; without this they could not compete.
+NEARLY_DONE = 0.8
+
 
 # --- before retraining: the candidates and their data --------------------
 
 def dev_objective_index(study: optuna.Study) -> int:
     names = study.metric_names or study.user_attrs.get("objectives") or []  # `make search` stores the latter
     return names.index("dev_macro_accuracy") if "dev_macro_accuracy" in names else 0
+
+
+def epochs_trained(trial: FrozenTrial) -> tuple[int, int | None]:
+    """(epochs reported, epochs asked for): a trial reports once per epoch."""
+    config = trial.user_attrs.get("config")
+    asked = config.get("epochs") if isinstance(config, dict) else trial.params.get("epochs")
+    return len(trial.intermediate_values), (int(asked) if isinstance(asked, (int, float)) else None)
+
+
+def nearly_done(trial: FrozenTrial) -> bool:
+    """A PRUNED trial that the deadline (not the pruner) stopped after NEARLY_DONE of its epochs."""
+    done, asked = epochs_trained(trial)
+    return (trial.state == TrialState.PRUNED and trial.user_attrs.get("stopped") == "deadline"
+            and trial.value is not None and bool(asked) and done >= NEARLY_DONE * asked)
+
+
+def rankable_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials whose value ranks their config: COMPLETE ones and those the deadline cut when nearly done."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+            if t.state == TrialState.COMPLETE or nearly_done(t)]
 
 
 def choose_trial(study: optuna.Study, number: int | None = None) -> tuple[FrozenTrial, str]:
@@ -41,16 +66,22 @@ def choose_trial(study: optuna.Study, number: int | None = None) -> tuple[Frozen
         if not match:
             numbers = f"0..{trials[-1].number}" if trials else "none"
             raise UserError(f"study {study.study_name!r} has no trial {number} (trials: {numbers})")
-        if match[0].state != TrialState.COMPLETE:
+        if match[0].state != TrialState.COMPLETE and not nearly_done(match[0]):
             raise UserError(f"trial {number} of study {study.study_name!r} is {match[0].state.name}, not COMPLETE; "
                             f"choose a finished trial (finished: {', '.join(str(t.number) for t in finished) or 'none'})")
         return match[0], f"trial {number}, chosen with TRIAL={number}"
+    if len(study.directions) == 1:
+        ranked = rankable_trials(study)
+        if not ranked:
+            raise UserError(f"study {study.study_name!r} has no finished trial yet ({len(trials)} trials in other "
+                            "states); run `make search` first")
+        best = min(ranked, key=lambda t: (-t.value, t.number))
+        cut = len(ranked) - len(finished)
+        return best, f"best dev macro accuracy of {len(finished)} finished trials" + (
+            f" and {cut} the deadline stopped nearly done" if cut else "")
     if not finished:
         raise UserError(f"study {study.study_name!r} has no finished trial yet ({len(trials)} trials in other states); "
                         "run `make search` first")
-    if len(study.directions) == 1:
-        best = study.best_trial
-        return best, f"best dev macro accuracy of {len(finished)} finished trials"
     index = dev_objective_index(study)
     front = study.best_trials
     best = max(front, key=lambda t: (t.values[index], -t.number))
@@ -71,9 +102,8 @@ def trial_config(trial: FrozenTrial) -> tuple[TrainConfig, str]:
 
 
 def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
-    """The k complete trials with the best dev macro accuracy (single-objective studies), best first."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return sorted(complete, key=lambda t: (-t.value, t.number))[:k]
+    """The k rankable trials with the best dev macro accuracy (single-objective studies), best first."""
+    return sorted(rankable_trials(study), key=lambda t: (-t.value, t.number))[:k]
 
 
 def warm_start_trials(study: optuna.Study, besides: list[FrozenTrial]) -> list[FrozenTrial]:
@@ -86,8 +116,7 @@ def warm_start_trials(study: optuna.Study, besides: list[FrozenTrial]) -> list[F
     place), the final kept a trial that scored 0.852.
     """
     taken = {t.number for t in besides}
-    known = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-             if WARM_START_ATTR in t.user_attrs and t.number not in taken]
+    known = [t for t in rankable_trials(study) if WARM_START_ATTR in t.user_attrs and t.number not in taken]
     return sorted(known, key=lambda t: (-t.value, t.number))
 
 

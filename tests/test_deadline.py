@@ -192,3 +192,31 @@ def test_a_run_ends_early_when_no_group_has_room_for_its_warm_up(small_data, tmp
 
     assert time.monotonic() - clock < 120
     assert [t.state for t in trials_of(sqlite_url(tmp_path), "warm")] == [TrialState.COMPLETE]
+
+
+# --- what make final may retrain ------------------------------------------------------------------
+
+def _study_with(*trials) -> optuna.Study:
+    from optuna.distributions import FloatDistribution  # noqa: PLC0415
+    from optuna.trial import create_trial  # noqa: PLC0415
+
+    study = optuna.create_study(direction="maximize")
+    for state, value, reported, stopped in trials:
+        study.add_trial(create_trial(
+            state=state, value=value, intermediate_values={epoch: value for epoch in range(reported)},
+            user_attrs={"config": {"epochs": 10}, **({"stopped": stopped} if stopped else {})},
+            params={"lr": 0.1}, distributions={"lr": FloatDistribution(0.01, 1.0)}))
+    return study
+
+
+def test_a_trial_the_deadline_stopped_nearly_done_is_a_candidate_of_make_final():
+    study = _study_with((TrialState.COMPLETE, 0.80, 10, None),
+                        (TrialState.PRUNED, 0.90, 9, "deadline"),  # 9 of 10 epochs: its config is ranked
+                        (TrialState.PRUNED, 0.95, 3, "deadline"),  # 3 of 10: too short to rank
+                        (TrialState.PRUNED, 0.99, 9, "pruner"))  # the pruner's verdict stands
+    assert [t.number for t in top_trials(study, 5)] == [1, 0]
+    best, why = choose_trial(study)
+    assert best.number == 1 and "1 the deadline stopped nearly done" in why
+    assert choose_trial(study, 1)[0].number == 1
+    with pytest.raises(UserError, match="trial 2 of study .* is PRUNED, not COMPLETE"):
+        choose_trial(study, 2)
