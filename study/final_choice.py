@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from cnnlib.training import TrainConfig
 
 from .errors import UserError
+from .search.objective import STOPPED_BY_DEADLINE
 from .search.space import WARM_START_ATTR
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def epochs_trained(trial: FrozenTrial) -> tuple[int, int | None]:
 def nearly_done(trial: FrozenTrial) -> bool:
     """A PRUNED trial that the deadline (not the pruner) stopped after NEARLY_DONE of its epochs."""
     done, asked = epochs_trained(trial)
-    return (trial.state == TrialState.PRUNED and trial.user_attrs.get("stopped") == "deadline"
+    return (trial.state == TrialState.PRUNED and trial.user_attrs.get("stopped") == STOPPED_BY_DEADLINE
             and trial.value is not None and bool(asked) and done >= NEARLY_DONE * asked)
 
 

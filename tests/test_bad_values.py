@@ -239,16 +239,6 @@ for line in sys.stdin:
 """
 
 
-def files_of(folder: Path, skip: Path) -> dict[str, str]:
-    """Every file under `folder` but those under `skip`, with a digest of its bytes."""
-    found = {}
-    for path in sorted(folder.rglob("*")):
-        if skip in path.parents or path == skip or path.is_dir():
-            continue
-        found[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
-
-
 def run_case(server: subprocess.Popen, base: Path, inputs: Path, case_id: str) -> dict:
     command, arguments, environment, _ = CASES[case_id]
     parent = base / hashlib.sha256(case_id.encode()).hexdigest()[:10]
