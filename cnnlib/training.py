@@ -72,12 +72,12 @@ class EpochStats:
     epoch: int  # 1-based
     train_loss: float
     dev_loss: float
-    dev: Evaluation
+    dev: Evaluation | None  # None in an epoch the loop did not evaluate (train_group_epochs' dev_epochs)
     seconds: float
 
     @property
     def dev_macro_accuracy(self) -> float:
-        return self.dev.macro_accuracy
+        return self.dev.macro_accuracy if self.dev is not None else math.nan
 
 
 @dataclass
@@ -252,11 +252,13 @@ def train_epoch(step: StackedStep, batches: Iterator, epoch: int,
 
 
 def record_epoch(step: StackedStep, data: DeviceData, results: list[MemberResult], epoch: int, seconds: float,
-                 started: float, on_epoch: Callable[[int, EpochStats], bool | None] | None) -> set[int]:
+                 started: float, on_epoch: Callable[[int, EpochStats], bool | None] | None,
+                 dev_epochs: int | None = None) -> set[int]:
     """Each training member's epoch into its result: its losses and dev evaluation, its callback, and
     whether it goes on. Returns the members that keep training."""
     sums = step.train_loss_sums()
-    devs = step.evaluate(data.dev, data.classes)
+    due = {m for m in sums if dev_epochs is None or epoch > results[m].config.epochs - dev_epochs}
+    devs = {m: e for m, e in step.evaluate(data.dev, data.classes).items() if m in due} if due else {}
     keep = set()
     for member in sorted(sums):  # callbacks in member order
         result, train_loss = results[member], sums[member] / len(data.train)
@@ -264,7 +266,8 @@ def record_epoch(step: StackedStep, data: DeviceData, results: list[MemberResult
         if not math.isfinite(train_loss):
             result.error = DivergedError(epoch, train_loss)
             continue
-        stats = EpochStats(epoch, train_loss, devs[member].loss, devs[member], seconds)
+        dev = devs.get(member)
+        stats = EpochStats(epoch, train_loss, dev.loss if dev is not None else math.nan, dev, seconds)
         result.history.append(stats)
         if on_epoch is not None and on_epoch(member, stats):
             result.stopped_early = True
@@ -280,6 +283,7 @@ def train_group_epochs(configs: Sequence[TrainConfig], data: DeviceData | Splits
                        members_per_pass: int | None = None, order_seed: int | None = None,
                        options: LoopOptions = LoopOptions(),
                        on_batch: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                       dev_epochs: int | None = None,
                        ) -> Iterator[list[MemberResult]]:
     """Train a group of configs (one or more), yielding all members' results after each epoch.
 
@@ -300,6 +304,9 @@ def train_group_epochs(configs: Sequence[TrainConfig], data: DeviceData | Splits
     batch's positions in the train split and the logits its training forward
     gave (augmented, train mode, before the update): what the label audit's
     training dynamics average. A larger group refuses it.
+    dev_epochs: evaluate dev only in each member's last `dev_epochs` epochs (None: every
+    epoch); the other epochs' stats have `dev` None. A retrain that reads only its end
+    skips the evaluations, which cost a third of an epoch with ten test-time views.
     """
     configs = list(configs)
     check_group(configs)
@@ -323,7 +330,8 @@ def train_group_epochs(configs: Sequence[TrainConfig], data: DeviceData | Splits
                 torch.backends.cudnn.benchmark = options.cudnn_benchmark
             epoch_start = time.perf_counter()
             train_epoch(step, epoch_batches(data, shared, generator), epoch, on_batch)
-            keep = record_epoch(step, data, results, epoch, time.perf_counter() - epoch_start, started, on_epoch)
+            keep = record_epoch(step, data, results, epoch, time.perf_counter() - epoch_start, started, on_epoch,
+                                dev_epochs)
             yield results
             step.keep(keep)
             if not step.members:
@@ -334,10 +342,11 @@ def train_group_epochs(configs: Sequence[TrainConfig], data: DeviceData | Splits
 
 def train_group(configs: Sequence[TrainConfig], data: DeviceData | Splits,
                 on_epoch: Callable[[int, EpochStats], bool | None] | None = None,
-                members_per_pass: int | None = None) -> list[MemberResult]:
+                members_per_pass: int | None = None, dev_epochs: int | None = None) -> list[MemberResult]:
     """train_group_epochs to the end: result i belongs to configs[i]."""
     results = []
-    for results in train_group_epochs(configs, data, on_epoch, members_per_pass=members_per_pass):
+    for results in train_group_epochs(configs, data, on_epoch, members_per_pass=members_per_pass,
+                                      dev_epochs=dev_epochs):
         pass
     return results
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from cnnlib.device import resolve_device
+from cnnlib.folds import pooled
+from cnnlib.folds import stratified_folds as folds_of
 from cnnlib.metrics import confusion_matrix, macro_accuracy
 from cnnlib.sources import LabeledImages
 from cnnlib.splits import Splits
@@ -54,10 +56,8 @@ def pool_splits(splits: Splits, names: Sequence[str]) -> Pool:
     if unknown:
         raise UserError(f"--splits: {', '.join(unknown)} not available (have {', '.join(available)})")
     parts = [available[n] for n in names]
-    images = LabeledImages(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
-                           np.concatenate([p.ids for p in parts]))
     split = np.concatenate([np.full(len(p), n, dtype=object) for n, p in zip(names, parts)]).astype(str)
-    return Pool(images, split)
+    return Pool(pooled(parts), split)
 
 
 def flip_labels(labels: np.ndarray, candidates: np.ndarray, count: int, n_classes: int,
@@ -72,17 +72,11 @@ def flip_labels(labels: np.ndarray, candidates: np.ndarray, count: int, n_classe
 
 
 def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold number per image; every fold keeps the class mix (the rare classes must reach each fold)."""
-    from sklearn.model_selection import StratifiedKFold  # noqa: PLC0415 - heavy import, only here
-
-    smallest = int(np.bincount(labels).min()) if len(labels) else 0
-    if folds < 2 or smallest < folds:
-        raise UserError(f"--folds {folds}: need at least 2 folds and at most the smallest class size ({smallest})")
-    fold_of = np.empty(len(labels), dtype=np.int64)
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for k, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
-        fold_of[held_out] = k
-    return fold_of
+    """Fold number per image (cnnlib.folds); too many folds for the rarest class is a user error."""
+    try:
+        return folds_of(labels, folds, seed)
+    except ValueError as error:
+        raise UserError(f"--folds {folds}: {error}") from None
 
 
 # --- the two methods -----------------------------------------------------------

@@ -3,8 +3,9 @@
 Before retraining: the candidates (the best trial, the top CANDIDATES by dev,
 or TRIAL=n; plus the space file's warm-start points that completed), their
 full configs, and a check that the data options give the split the study was
-searched on. After: the candidate whose seeds score best on dev on average,
-unless it is a search trial within the seeds' noise of a known recipe.
+searched on. After: the candidate that cross-validates best over train+dev
+(or, with FOLDS=0, whose seeds score best on dev on average), unless it is a
+search trial within the noise of a known recipe.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import math
 import statistics
 from typing import TYPE_CHECKING
 
+import numpy as np
 import optuna
+import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from cnnlib.training import TrainConfig
@@ -24,6 +27,7 @@ from .search.space import WARM_START_ATTR
 
 if TYPE_CHECKING:
     from .final import SeedRun
+    from .final_folds import FoldRun
 
 # A trial that the run's deadline stopped after this share of its epochs still ranks its config:
 # `make final` retrains every candidate for all its epochs. On a busy 2-core CPU a default search
@@ -165,3 +169,65 @@ def choose_retrained(retrained) -> tuple:
                        f"the seeds' noise ({noise:.3f})")
     return (*anchor, f"the best warm-start point by mean dev ({mean_dev(anchor[3]):.3f}): trial {best[0].number} "
                      f"led it by {gap:.3f}, within the seeds' noise ({noise:.3f})")
+
+
+# --- choosing by cross-validation (study.final_folds) -------------------------
+
+def cv_macro(folds: list[FoldRun]) -> float:
+    """The selection value: held-out macro accuracy, averaged over the folds."""
+    return statistics.fmean(f.held_out.macro_accuracy for f in folds)
+
+
+def _standard_error(per_fold: list[float], labels: np.ndarray, per_image: np.ndarray, n_classes: int) -> float:
+    """The larger of two estimates of a fold mean's standard error (or of a paired difference's).
+
+    Over folds: their spread / sqrt(k), which holds the models' training
+    noise but rests on k - 1 degrees of freedom. Over images: each class's
+    per-image variance / its count, combined as macro accuracy weighs them,
+    the floor that a few folds agreeing by chance cannot go under.
+    """
+    over_folds = statistics.stdev(per_fold) / math.sqrt(len(per_fold)) if len(per_fold) > 1 else 0.0
+    terms = [per_image[labels == c].var(ddof=1) / (labels == c).sum() for c in range(n_classes) if (labels == c).sum() > 1]
+    over_images = math.sqrt(sum(terms)) / n_classes
+    return max(over_folds, over_images)
+
+
+def cv_standard_error(folds: list[FoldRun]) -> float:
+    labels = np.concatenate([f.labels for f in folds])
+    correct = np.concatenate([f.correct for f in folds]).astype(float)
+    return _standard_error([f.held_out.macro_accuracy for f in folds], labels, correct, len(folds[0].classes))
+
+
+def paired_standard_error(a: list[FoldRun], b: list[FoldRun]) -> float:
+    """Of cv_macro(a) - cv_macro(b): the same folds, so the difference pairs image by image."""
+    labels = np.concatenate([f.labels for f in a])
+    difference = np.concatenate([x.correct.astype(float) - y.correct for x, y in zip(a, b)])
+    per_fold = [x.held_out.macro_accuracy - y.held_out.macro_accuracy for x, y in zip(a, b)]
+    return _standard_error(per_fold, labels, difference, len(a[0].classes))
+
+
+def choose_by_folds(items: list[tuple[FrozenTrial, list[FoldRun]]]) -> tuple[FrozenTrial, str]:
+    """The candidate with the best cross-validated macro accuracy, unless it is a search trial within one
+    standard error of the paired difference of the best warm-start point; then that known recipe."""
+    def key(item):
+        return cv_macro(item[1]), item[0].value, -item[0].number
+
+    best = max(items, key=key)
+    why = f"the best {len(best[1])}-fold cross-validated macro accuracy over train+dev: {cv_macro(best[1]):.3f}"
+    known = [item for item in items if WARM_START_ATTR in item[0].user_attrs]
+    if not known or best in known:
+        return best[0], why
+    anchor = max(known, key=key)
+    gap, noise = cv_macro(best[1]) - cv_macro(anchor[1]), paired_standard_error(best[1], anchor[1])
+    if gap > noise:
+        return best[0], (f"{why}, {gap:.3f} above the best warm-start point (trial {anchor[0].number}), more than "
+                         f"the standard error of the difference ({noise:.3f})")
+    return anchor[0], (f"the best warm-start point by cross-validation ({cv_macro(anchor[1]):.3f}): trial "
+                       f"{best[0].number} led it by {gap:.3f}, within the standard error of the difference ({noise:.3f})")
+
+
+def rank_correlation(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rho (None with fewer than 3 pairs or no spread): how well one ranking orders another."""
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return None
+    return float(pd.Series(xs).corr(pd.Series(ys), method="spearman"))

@@ -198,6 +198,41 @@ def _attack_table(rows: list[dict], classes) -> str:
                     *[_pct(r[f"accuracy_{c}"]) for c in classes], _pct(r["attack_success_rate"])] for r in rows])
 
 
+def _candidates_section(metrics: dict, classes) -> list[str]:
+    """The candidates side by side: what chose among them, ± its standard error, and their test scores."""
+    rows, selection = metrics.get("candidates") or [], metrics.get("selection") or {}
+    if len(rows) < 2:
+        return []
+    out = ["## Candidates", "", f"Chosen by {selection.get('signal', 'the mean dev over seeds')}; the held-out test "
+           "split never chose anything.", ""]
+    if "folds" in selection:
+        out += [f"Cross-validation: train and dev pooled, {selection['folds']} stratified folds (the same for every "
+                "candidate), each held out once from a model trained on the rest with the config (fold f: seed f). "
+                "CV macro is the folds' mean ± its standard error; a search trial is kept over the best warm-start "
+                "point only when it leads it by more than the standard error of their paired difference. "
+                "Fold test: the same fold models on the test split, mean ± sd, shown only to check the signal.", ""]
+        body = [[f"**{r['trial']}**" if r["chosen"] else r["trial"], "warm start" if r["warm_start"] else "search",
+                 f"{r['search_value']:.3f}", f"{r['cv_macro_accuracy']:.3f} ± {r['cv_standard_error']:.3f}",
+                 *[_pct(r["cv_per_class"][c]) for c in classes],
+                 _mean_sd(r["fold_test_macro_accuracy"], r["fold_test_sd"])] for r in rows]
+        out += [_table(["trial", "from", "search dev", "CV macro ± SE", *[f"CV {c}" for c in classes], "fold test"],
+                       body), ""]
+        rho = selection.get("rank_correlation_with_fold_test") or {}
+        if rho.get("search_value") is not None and rho.get("cross_validation") is not None:
+            out += [f"Rank correlation with fold test over {rho['candidates']} candidates (Spearman): search dev "
+                    f"{rho['search_value']:.2f}, cross-validation {rho['cross_validation']:.2f}.", ""]
+        return out
+    body = [[r["trial"], f"{r['search_value']:.3f}", f"{r['mean_dev_macro_accuracy']:.3f}",
+             _pct(r["mean_test_macro_accuracy"]) if r.get("mean_test_macro_accuracy") is not None else "–"] for r in rows]
+    return out + [_table(["trial", "search dev", "mean dev over seeds", "mean test over seeds"], body), ""]
+
+
+def _mean_sd(mean, sd) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+
+
 def format_report(metrics: dict, rows: list[dict], figures: dict) -> str:
     classes = metrics["classes"]
     trial = metrics["trial"]
@@ -230,6 +265,7 @@ def format_report(metrics: dict, rows: list[dict], figures: dict) -> str:
                     for r in metrics["seeds"]]), ""]
     for s in splits:
         out += ["```", Evaluation.from_dict(classes, metrics[s]).format(f"{s} (median seed)"), "```", ""]
+    out += _candidates_section(metrics, classes)
     attack = metrics["attack"]
     pgd = f" (PGD: {attack['pgd_steps']} steps)" if "pgd" in attack["attacks"] else ""
     out += ["## Adversarial robustness", "",

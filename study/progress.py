@@ -51,7 +51,8 @@ class Progress:
               metric: str = "dev macro") -> None:
         out = self._out()
         of = f"/{total_epochs}" if total_epochs else ""
-        detail = f"epoch {epoch}{of}, {metric} {macro_accuracy:.3f}{self._eta(label, epoch, total_epochs)}"
+        score = f", {metric} {macro_accuracy:.3f}" if not math.isnan(macro_accuracy) else ""  # nan: not evaluated
+        detail = f"epoch {epoch}{of}{score}{self._eta(label, epoch, total_epochs)}"
         done = bool(total_epochs) and epoch >= total_epochs
         if self._use_bar(out):
             filled = round(BAR_WIDTH * epoch / total_epochs) if total_epochs else 0

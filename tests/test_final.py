@@ -228,7 +228,8 @@ def test_candidates_sharing_batch_settings_retrain_fused_seed_by_seed_as_their_o
 def test_without_trial_the_top_candidates_are_retrained_and_the_best_mean_dev_is_kept(
         smoke_study, tmp_path, real_data, device, capsys):
     results = tmp_path / "results"
-    args = final_args(smoke_study, results, real_data, device, "--seeds", "2", "--no-png", "--epsilons", "0")
+    args = final_args(smoke_study, results, real_data, device, "--seeds", "2", "--no-png", "--epsilons", "0",
+                      "--folds", "0")
     args[args.index("--candidates") + 1] = "2"
     assert cli.main(args) == 0
     metrics = json.loads((results / "final" / "smoke" / "metrics.json").read_text())
@@ -238,7 +239,32 @@ def test_without_trial_the_top_candidates_are_retrained_and_the_best_mean_dev_is
     assert metrics["trial"]["number"] == best["trial"]
     assert metrics["summary"]["dev"]["macro_accuracy"]["mean"] == pytest.approx(best["mean_dev_macro_accuracy"])
     assert "top 2 trials" in metrics["trial"]["selection"]
-    assert "retraining the top 2 trials" in capsys.readouterr().out
+    assert "by the mean dev over seeds" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_by_default_the_candidates_are_cross_validated_and_the_best_is_retrained_alone(
+        smoke_study, tmp_path, real_data, device, capsys):
+    results = tmp_path / "results"
+    args = final_args(smoke_study, results, real_data, device, "--seeds", "1", "--no-png", "--epsilons", "0",
+                      "--folds", "2")
+    args[args.index("--candidates") + 1] = "2"
+    assert cli.main(args) == 0
+    out = results / "final" / "smoke"
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = {r["trial"]: r for r in metrics["candidates"]}
+    assert set(rows) == {0, 1} and metrics["selection"]["folds"] == 2
+    best = max(rows.values(), key=lambda r: r["cv_macro_accuracy"])
+    assert metrics["trial"]["number"] == best["trial"] and best["chosen"]
+    assert "cross-validated on 2 folds" in metrics["trial"]["selection"]
+    for row in rows.values():
+        assert 0 <= row["cv_macro_accuracy"] <= 1 and row["cv_standard_error"] > 0
+        assert sum(map(sum, row["cv_confusion_matrix"])) == 320 + 48 + 32 + 60 + 20 + 20  # every image once
+        assert row["fold_test_macro_accuracy"] is not None
+    assert [r["seed"] for r in metrics["seeds"]] == [0]  # only the chosen one retrains on train
+    report = (out / "report.md").read_text()
+    assert "## Candidates" in report and "CV macro ± SE" in report
+    assert "fold 2/2" in capsys.readouterr().out
 
 
 def test_unknown_study_is_a_one_line_error_listing_the_studies(smoke_study, tmp_path, real_data, capsys):
@@ -343,7 +369,9 @@ def test_figures_are_written_as_html_even_when_no_browser_can_draw_png(tmp_path,
 
 
 @pytest.mark.parametrize("flag, value, message", [("--epsilons", "0,abc", "EPSILONS"), ("--epsilons", "0,2", "pixel scale"),
-                                                  ("--attack", "cw", "fgsm, pgd or both"), ("--seeds", "0", ">= 1")])
+                                                  ("--attack", "cw", "fgsm, pgd or both"), ("--seeds", "0", ">= 1"),
+                                                  ("--folds", "1", "expected 0 (choose by dev over seeds) or 2"),
+                                                  ("--folds", "11", "FOLDS")])
 def test_bad_option_values_name_themselves(flag, value, message, capsys):
     with pytest.raises(SystemExit):
         cli.main(["final", flag, value])

@@ -51,6 +51,19 @@ def test_same_seed_same_device_gives_identical_history_and_weights(imbalanced, d
         assert torch.equal(a, b), name
 
 
+def test_evaluating_dev_only_at_the_end_trains_the_same_model(imbalanced, device):
+    configs = [TrainConfig(**{**QUICK, "epochs": 3}, tta="flip", seed=3), TrainConfig(**{**QUICK, "epochs": 2}, seed=3)]
+    data = DeviceData(imbalanced, device)
+    every = list(train_group_epochs(configs, data))[-1]
+    last = list(train_group_epochs(configs, data, dev_epochs=1))[-1]
+    for full, lean in zip(every, last):
+        assert [h.dev is None for h in lean.history] == [True] * (len(lean.history) - 1) + [False]
+        assert math.isnan(lean.history[0].dev_macro_accuracy) and math.isnan(lean.history[0].dev_loss)
+        assert lean.dev.confusion.tolist() == full.dev.confusion.tolist()
+        assert lean.history[-1].dev_loss == pytest.approx(full.history[-1].dev_loss)
+        assert [h.train_loss for h in lean.history] == [h.train_loss for h in full.history]
+
+
 def test_a_different_seed_gives_a_different_model(imbalanced, device):
     data = DeviceData(imbalanced, device)
     a = train(TrainConfig(**{**QUICK, "epochs": 1}, seed=0), data)
