@@ -143,12 +143,14 @@ class StackedStep:
         self._wait()
         return {m: t for pass_ in self.passes for m, t in zip(pass_.members, pass_.total.tolist())}
 
-    def evaluate(self, split, classes) -> dict[int, Evaluation]:
-        out = {}
+    def evaluate(self, split, classes, plain: set[int] | None = None) -> dict[int, Evaluation]:
+        """Every member on `split`, as its config evaluates it (test-time views); the members in `plain` with one
+        view. A pass runs as many views as its most-viewed member: all-plain passes cost one."""
+        out, plain = {}, plain or set()
 
         def evaluate_passes(mine: list[Pass]) -> None:
             for pass_ in mine:
-                views = [VIEW_COUNTS[self.configs[m].tta] for m in pass_.members]
+                views = [1 if m in plain else VIEW_COUNTS[self.configs[m].tta] for m in pass_.members]
                 out.update(zip(pass_.members, evaluate_members(pass_.evaluated_net(), split, classes, pass_.loss,
                                                                views)))
 

@@ -72,12 +72,23 @@ class EpochStats:
     epoch: int  # 1-based
     train_loss: float
     dev_loss: float
-    dev: Evaluation | None  # None in an epoch the loop did not evaluate (train_group_epochs' dev_epochs)
+    dev: Evaluation | None  # as the config evaluates it; None where the loop did not (train_group_epochs' dev_epochs)
     seconds: float
+    # The plain model (one view) where the loop evaluated it so (train_group_epochs' tta_epochs); else None.
+    plain_dev: Evaluation | None = None
 
     @property
     def dev_macro_accuracy(self) -> float:
         return self.dev.macro_accuracy if self.dev is not None else math.nan
+
+    @property
+    def curve_dev(self) -> Evaluation | None:
+        """One measure along every epoch: the plain model's where it was evaluated so, else the config's."""
+        return self.plain_dev if self.plain_dev is not None else self.dev
+
+    @property
+    def curve_macro_accuracy(self) -> float:
+        return self.curve_dev.macro_accuracy if self.curve_dev is not None else math.nan
 
 
 @dataclass
@@ -253,12 +264,25 @@ def train_epoch(step: StackedStep, batches: Iterator, epoch: int,
 
 def record_epoch(step: StackedStep, data: DeviceData, results: list[MemberResult], epoch: int, seconds: float,
                  started: float, on_epoch: Callable[[int, EpochStats], bool | None] | None,
-                 dev_epochs: int | None = None) -> set[int]:
+                 dev_epochs: int | None = None, tta_epochs: int | None = None) -> set[int]:
     """Each training member's epoch into its result: its losses and dev evaluation, its callback, and
     whether it goes on. Returns the members that keep training."""
     sums = step.train_loss_sums()
-    due = {m for m in sums if dev_epochs is None or epoch > results[m].config.epochs - dev_epochs}
-    devs = {m: e for m, e in step.evaluate(data.dev, data.classes).items() if m in due} if due else {}
+
+    def within(last: int | None, member: int) -> bool:
+        return last is None or epoch > results[member].config.epochs - last
+
+    due = {m for m in sums if within(dev_epochs, m)}
+    devs, plains = {}, {}
+    if due:
+        viewing = {m for m in sums if results[m].config.tta != "none"}
+        later = {m for m in viewing if not within(tta_epochs, m)}  # views come in their last epochs only
+        first = step.evaluate(data.dev, data.classes, plain=later)
+        devs = {m: first[m] for m in due - later}
+        plains = {m: first[m] for m in due & later}
+        if tta_epochs is not None and due & viewing - later:  # the plain curve goes on through the last epochs
+            again = step.evaluate(data.dev, data.classes, plain=set(sums))
+            plains.update({m: again[m] for m in due & viewing - later})
     keep = set()
     for member in sorted(sums):  # callbacks in member order
         result, train_loss = results[member], sums[member] / len(data.train)
@@ -267,7 +291,8 @@ def record_epoch(step: StackedStep, data: DeviceData, results: list[MemberResult
             result.error = DivergedError(epoch, train_loss)
             continue
         dev = devs.get(member)
-        stats = EpochStats(epoch, train_loss, dev.loss if dev is not None else math.nan, dev, seconds)
+        stats = EpochStats(epoch, train_loss, dev.loss if dev is not None else math.nan, dev, seconds,
+                           plains.get(member))
         result.history.append(stats)
         if on_epoch is not None and on_epoch(member, stats):
             result.stopped_early = True
@@ -283,7 +308,7 @@ def train_group_epochs(configs: Sequence[TrainConfig], data: DeviceData | Splits
                        members_per_pass: int | None = None, order_seed: int | None = None,
                        options: LoopOptions = LoopOptions(),
                        on_batch: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-                       dev_epochs: int | None = None,
+                       dev_epochs: int | None = None, tta_epochs: int | None = None,
                        ) -> Iterator[list[MemberResult]]:
     """Train a group of configs (one or more), yielding all members' results after each epoch.
 
@@ -307,6 +332,11 @@ def train_group_epochs(configs: Sequence[TrainConfig], data: DeviceData | Splits
     dev_epochs: evaluate dev only in each member's last `dev_epochs` epochs (None: every
     epoch); the other epochs' stats have `dev` None. A retrain that reads only its end
     skips the evaluations, which cost a third of an epoch with ten test-time views.
+    tta_epochs: a member with test-time views is evaluated with them only in its last
+    `tta_epochs` epochs; every evaluated epoch of it also gets the plain model's
+    evaluation (`plain_dev`), so one curve runs through all of its epochs
+    (`curve_macro_accuracy`). A search whose objective reads the last epochs
+    pays for the views there alone.
     """
     configs = list(configs)
     check_group(configs)
@@ -331,7 +361,7 @@ def train_group_epochs(configs: Sequence[TrainConfig], data: DeviceData | Splits
             epoch_start = time.perf_counter()
             train_epoch(step, epoch_batches(data, shared, generator), epoch, on_batch)
             keep = record_epoch(step, data, results, epoch, time.perf_counter() - epoch_start, started, on_epoch,
-                                dev_epochs)
+                                dev_epochs, tta_epochs)
             yield results
             step.keep(keep)
             if not step.members:
@@ -342,11 +372,12 @@ def train_group_epochs(configs: Sequence[TrainConfig], data: DeviceData | Splits
 
 def train_group(configs: Sequence[TrainConfig], data: DeviceData | Splits,
                 on_epoch: Callable[[int, EpochStats], bool | None] | None = None,
-                members_per_pass: int | None = None, dev_epochs: int | None = None) -> list[MemberResult]:
+                members_per_pass: int | None = None, dev_epochs: int | None = None,
+                tta_epochs: int | None = None) -> list[MemberResult]:
     """train_group_epochs to the end: result i belongs to configs[i]."""
     results = []
     for results in train_group_epochs(configs, data, on_epoch, members_per_pass=members_per_pass,
-                                      dev_epochs=dev_epochs):
+                                      dev_epochs=dev_epochs, tta_epochs=tta_epochs):
         pass
     return results
 

@@ -64,6 +64,22 @@ def test_evaluating_dev_only_at_the_end_trains_the_same_model(imbalanced, device
         assert [h.train_loss for h in lean.history] == [h.train_loss for h in full.history]
 
 
+def test_test_time_views_come_only_in_the_last_epochs_and_a_plain_curve_runs_through_all(imbalanced, device):
+    configs = [TrainConfig(**{**QUICK, "epochs": 4}, tta="flip", seed=3), TrainConfig(**{**QUICK, "epochs": 4}, seed=3)]
+    data = DeviceData(imbalanced, device)
+    every = list(train_group_epochs(configs, data))[-1]
+    windowed = list(train_group_epochs(configs, data, tta_epochs=2))[-1]
+    viewed, plain = windowed
+    assert [h.dev is None for h in viewed.history] == [True, True, False, False]
+    assert all(h.plain_dev is not None for h in viewed.history)
+    assert [h.dev is None or h.plain_dev is not None for h in plain.history] == [False] * 4, "no views: dev only"
+    for full, lean in zip(every, windowed):
+        assert lean.dev.confusion.tolist() == full.dev.confusion.tolist()  # the same model, the same views at the end
+    flipped_end = viewed.history[-1]
+    assert flipped_end.plain_dev.confusion.tolist() == evaluate(viewed.model, data.dev, data.classes).confusion.tolist()
+    assert flipped_end.curve_dev is flipped_end.plain_dev and flipped_end.dev is not flipped_end.plain_dev
+
+
 def test_a_different_seed_gives_a_different_model(imbalanced, device):
     data = DeviceData(imbalanced, device)
     a = train(TrainConfig(**{**QUICK, "epochs": 1}, seed=0), data)

@@ -10,6 +10,12 @@ FUSE=1, train one at a time through the same loop.
 The value is dev macro accuracy after the *last* epoch: epochs is itself a
 hyperparameter, and taking the best epoch would select on dev noise that a
 retrain of the same config (`make final`) cannot reproduce.
+
+Test-time views (a config's `tta`) are evaluated only in the epochs the
+objective reads (the space's `objective_epochs`): the reported curve, the
+pruner and the collapse rule follow the plain model through every epoch, and
+the value is the model as evaluated. With `flip_translate` (ten views) every
+epoch's evaluation had cost 1.4-1.6x the trial-epoch.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from cnnlib.errors import DivergedError
+from cnnlib.metrics import Evaluation
 from cnnlib.training import DeviceData, EpochStats, TrainConfig, TrainResult, evaluate, group_configs, train_group
 from cnnlib.tta import as_evaluated
 
@@ -76,12 +83,13 @@ COLLAPSE_MARGIN = 0.02
 
 def collapsed(stats: EpochStats) -> str | None:
     """Why this epoch's dev predictions are those of a collapsed model, or None."""
-    predicted = stats.dev.confusion.sum(0)
-    classes = stats.dev.classes
+    dev = stats.curve_dev
+    predicted = dev.confusion.sum(0)
+    classes = dev.classes
     if (predicted > 0).sum() <= 1:
         return f"predicts only {classes[int(predicted.argmax())]}"
-    if stats.dev_macro_accuracy <= 1 / len(classes) + COLLAPSE_MARGIN:
-        return f"macro accuracy {stats.dev_macro_accuracy:.3f} at chance"
+    if dev.macro_accuracy <= 1 / len(classes) + COLLAPSE_MARGIN:
+        return f"macro accuracy {dev.macro_accuracy:.3f} at chance"
     return None
 
 
@@ -108,9 +116,9 @@ class EpochReporter:
 
     def __call__(self, stats: EpochStats) -> bool:
         self.curves["train_loss"].append(stats.train_loss)
-        self.curves["dev_loss"].append(stats.dev_loss)
-        self.curves["dev_macro_accuracy"].append(stats.dev_macro_accuracy)
-        progress.epoch(f"trial {self.trial.number}", stats.epoch, self.epochs, stats.dev_macro_accuracy)
+        self.curves["dev_loss"].append(stats.curve_dev.loss)
+        self.curves["dev_macro_accuracy"].append(stats.curve_macro_accuracy)
+        progress.epoch(f"trial {self.trial.number}", stats.epoch, self.epochs, stats.curve_macro_accuracy)
         why = collapsed(stats) if stats.epoch > self.warmup_epochs else None
         self.collapsed_epochs = self.collapsed_epochs + 1 if why else 0
         if self.collapsed_epochs >= COLLAPSE_EPOCHS:
@@ -119,7 +127,7 @@ class EpochReporter:
                               f"(epochs {stats.epoch - COLLAPSE_EPOCHS + 1}-{stats.epoch})")
         if self.can_prune:
             # Reported before the deadline check: a trial the deadline stops keeps this epoch's value.
-            self.trial.report(stats.dev_macro_accuracy, stats.epoch)
+            self.trial.report(stats.curve_macro_accuracy, stats.epoch)
             if self.trial.should_prune():
                 return self._stop(stats.epoch, STOPPED_BY_PRUNER)
         last = self.epochs is not None and stats.epoch >= self.epochs
@@ -145,7 +153,7 @@ def record_curves(trial: optuna.Trial, curves: dict) -> None:
 
 def record_result(trial: optuna.Trial, result: TrainResult, data: DeviceData) -> dict:
     """Everything a report needs about a finished run, as JSON-able user attributes."""
-    dev = result.dev
+    dev = final_dev(result, data)
     train_eval = evaluate(as_evaluated(result.model, result.config.tta), data.train, data.classes)
     attrs = {
         "dev_macro_accuracy": dev.macro_accuracy,
@@ -162,12 +170,20 @@ def record_result(trial: optuna.Trial, result: TrainResult, data: DeviceData) ->
     return attrs
 
 
+def final_dev(result: TrainResult, data: DeviceData) -> Evaluation:
+    """The trained model on dev as its config evaluates it: the last epoch's, or once now for a trial
+    stopped before the epochs that the loop evaluates with test-time views."""
+    if result.dev is not None:
+        return result.dev
+    return evaluate(as_evaluated(result.model, result.config.tta), data.dev, data.classes)
+
+
 def objective_values(space: SearchSpace, result: TrainResult, data: DeviceData, trial: optuna.Trial) -> list[float]:
     values = []
     for objective in space.objectives:
         if objective == "dev_macro_accuracy":
-            last = [h.dev_macro_accuracy for h in result.history[-space.objective_epochs:]]
-            values.append(sum(last) / len(last))
+            last = [h.dev_macro_accuracy for h in result.history[-space.objective_epochs:] if h.dev is not None]
+            values.append(sum(last) / len(last) if last else final_dev(result, data).macro_accuracy)
         elif objective == "robust_macro_accuracy":
             from cnnlib.attacks import robust_macro_accuracy  # noqa: PLC0415 - only robust spaces need it
             value = robust_macro_accuracy(as_evaluated(result.model, result.config.tta), data.dev, data.classes,
@@ -324,7 +340,9 @@ def _train_group(study, trials, configs, space, data, deadline):
         for trial in trials:
             trial.set_user_attr("fused_with", numbers)
     try:
-        results = train_group(configs, data, on_epoch=lambda member, stats: reporters[member](stats))
+        # Test-time views only where the objective reads them: the curve and the pruner see the plain model.
+        results = train_group(configs, data, on_epoch=lambda member, stats: reporters[member](stats),
+                              tta_epochs=space.objective_epochs)
     except Exception as error:  # noqa: BLE001 - the whole group failed; each trial records why
         results, errors = [None] * len(trials), [error] * len(trials)
     else:
