@@ -155,6 +155,20 @@ def test_a_trial_stops_when_another_epoch_and_telling_its_group_would_end_past_t
     assert deadline.stops_after(epoch_seconds=5.0, group_size=4, now=990.0)  # 5 + 4 x 1 + 2 > 10 left
 
 
+def test_a_trial_whose_last_epochs_end_within_the_grace_finishes_them():
+    from study.search.deadline import Deadline  # noqa: PLC0415
+    from study.search.plan import FINISH_GRACE, Limits, plan_run  # noqa: PLC0415
+
+    deadline = Deadline(at=1000.0, tell_seconds=1.0, closing_seconds=2.0, grace=20.0)
+    # 10 s left: another 5 s epoch and telling 4 trials (6 s) would end past it ...
+    assert not deadline.stops_after(5.0, group_size=4, now=990.0, epochs_left=2)  # 2 x 5 + 6 <= 10 + 20
+    assert not deadline.stops_after(5.0, group_size=4, now=1005.0, epochs_left=1)  # past `at`, within the grace
+    assert deadline.stops_after(5.0, group_size=4, now=990.0, epochs_left=5)  # 5 x 5 + 6 > 10 + 20: cut now
+    assert deadline.stops_after(5.0, group_size=4, now=990.0)  # epochs left unknown: cut
+    plan, _ = plan_run(Limits(None, None, 780, "TIMEOUT"), 1, 1, "cpu")
+    assert plan.grace == FINISH_GRACE * 780 and FINISH_GRACE <= 0.05
+
+
 def test_a_group_starts_only_with_room_for_its_warm_up_epochs_and_its_telling():
     from study.search.deadline import Deadline  # noqa: PLC0415
 

@@ -2,7 +2,9 @@
 
 TIMEOUT is the time the run's trials may train. A trial still training when
 another epoch would end past the deadline stops after the epoch it is in and
-is told PRUNED with `stopped: deadline` (objective.EpochReporter); a group
+is told PRUNED with `stopped: deadline` (objective.EpochReporter), unless
+its remaining epochs end within the run's grace past the deadline (a trial
+at epoch 98 of 100 finishes); a group
 starts only while there is time left for the epochs a trial needs before the
 pruner judges it (the space's `n_warmup_steps`, at least one), at the
 slowest group epoch this worker has seen in this run. The deadline is a
@@ -31,12 +33,13 @@ class Deadline:
     tell_seconds: float = 1.0
     tell_seconds_seen: float = 0.0
     closing_seconds: float = 2.0
+    grace: float = 0.0  # seconds past `at` in which a trial may still finish its last epochs (plan.FINISH_GRACE)
     _trained_at: float | None = field(default=None, repr=False)
 
     @classmethod
-    def for_space(cls, at: float, space: SearchSpace) -> Deadline:
+    def for_space(cls, at: float, space: SearchSpace, grace: float = 0.0) -> Deadline:
         warmup = int((space.pruner or {}).get("n_warmup_steps") or 0)
-        return cls(at, max(1, warmup))
+        return cls(at, max(1, warmup), grace=grace)
 
     def left(self, now: float | None = None) -> float:
         return self.at - (time.time() if now is None else now)
@@ -53,13 +56,18 @@ class Deadline:
         """The most trials, up to `size`, that may start as one group now (0: none may)."""
         return next((k for k in range(size, 0, -1) if self.room_for_group(k, now)), 0)
 
-    def stops_after(self, epoch_seconds: float, group_size: int = 1, now: float | None = None) -> bool:
-        """Whether a trial stops after this epoch: another as long, then telling its group, would end past the deadline.
+    def stops_after(self, epoch_seconds: float, group_size: int = 1, now: float | None = None,
+                    epochs_left: int | None = None) -> bool:
+        """Whether a trial stops after this epoch: another as long, then telling its group, would end past the deadline,
+        and its `epochs_left` would not all end within the grace after it.
 
         A group's trials are recorded and told together once its last member stops,
         so the whole group's telling is kept free before the deadline.
         """
-        return self.left(now) < epoch_seconds + self.telling(group_size)
+        left, telling = self.left(now), self.telling(group_size)
+        if left >= epoch_seconds + telling:
+            return False
+        return epochs_left is None or left + self.grace < epochs_left * epoch_seconds + telling
 
     def telling(self, group_size: int) -> float:
         """Seconds kept free to tell a group of this size and close the run."""

@@ -133,7 +133,8 @@ class EpochReporter:
         last = self.epochs is not None and stats.epoch >= self.epochs
         # Stopped after the last epoch that ends before the deadline, judged by this epoch's length: the
         # run then ends near TIMEOUT instead of an epoch past it.
-        if not last and self.deadline.stops_after(stats.seconds, self.group_size):
+        epochs_left = self.epochs - stats.epoch if self.epochs is not None else None
+        if not last and self.deadline.stops_after(stats.seconds, self.group_size, epochs_left=epochs_left):
             return self._stop(stats.epoch, STOPPED_BY_DEADLINE,
                               f"stopped by the run's deadline after epoch {stats.epoch}"
                               + (f" of {self.epochs}" if self.epochs else "")

@@ -81,7 +81,7 @@ def worker_loop(args, space: SearchSpace, plan: RunPlan, worker: str = "") -> in
     """
     storage = open_storage(args.storage)
     study = create_study(args, space, storage)
-    target, deadline = plan.trials, Deadline.for_space(plan.deadline, space)
+    target, deadline = plan.trials, Deadline.for_space(plan.deadline, space, plan.grace)
     data = DeviceData(load_splits(args), resolve_device(args.device))
     lock = lock_path(args.storage, study.study_name, Path(args.results))
     failures = 0
