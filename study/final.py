@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cnnlib.atomic import FILE_MODE, json_safe, write_atomic, write_json
+from cnnlib.atomic import FILE_MODE, write_atomic, write_json
 from cnnlib.attacks import ATTACKS, DEFAULT_EPSILONS, PGD_STEPS, attack_sweep, check_epsilon
 from cnnlib.checkpoint import load_checkpoint, save_checkpoint
 from cnnlib.device import resolve_device
@@ -46,7 +46,7 @@ from .final_folds import select_by_folds, signal_correlations
 from .final_report import accuracy_figure, flip_figure, format_report, grid_figure, publish, write_csv, write_figures
 from .options import (MAX_GROUP, add_common_options, add_data_options, add_study_options, check_recorded_data,
                       data_config, load_splits, use_cpu_threads, whole_number)
-from .output import study_folder
+from .output import claim_partial, study_folder
 from .search.storage import load_existing_study
 from .search.storage_url import redact
 
@@ -150,10 +150,7 @@ class Retrain:
 
     def reuse(self, classes) -> None:
         """Keep the seeds an interrupted run of the same trial and data already finished."""
-        marker = self.partial / "fingerprint.json"
-        if self.partial.exists() and (not marker.is_file() or json.loads(marker.read_text()) != json_safe(self.fingerprint)):
-            shutil.rmtree(self.partial)  # left by another trial, config or data: nothing in it is ours
-        write_json(marker, self.fingerprint)
+        claim_partial(self.partial, self.fingerprint)
         for record in sorted(self.partial.glob("seed-*.json")):
             checkpoint = record.with_suffix(".pt")
             if checkpoint.is_file():

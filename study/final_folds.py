@@ -19,7 +19,6 @@ A fold model trains on (k-1)/k of train+dev (4219 images at k=4 against
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnlib.atomic import json_safe, write_json
+from cnnlib.atomic import write_json
 from cnnlib.folds import fold_split, pooled, stratified_folds
 from cnnlib.metrics import Evaluation
 from cnnlib.splits import Splits
@@ -38,6 +37,7 @@ from cnnlib.tta import as_evaluated
 from . import progress
 from .errors import UserError
 from .final_choice import choose_by_folds, cv_macro, cv_standard_error, rank_correlation, trial_config
+from .output import claim_partial
 from .search.space import WARM_START_ATTR
 
 FOLD_SEED = 0  # one set of folds for every candidate and every run: their scores pair fold by fold
@@ -88,10 +88,7 @@ class CrossValidation:
 
     def reuse(self, classes) -> None:
         """Keep the folds an interrupted run of the same trial, data and folds already finished."""
-        marker = self.partial / "fingerprint.json"
-        if self.partial.exists() and (not marker.is_file() or json.loads(marker.read_text()) != json_safe(self.fingerprint)):
-            shutil.rmtree(self.partial)  # left by another trial, config, data or fold count: nothing in it is ours
-        write_json(marker, self.fingerprint)
+        claim_partial(self.partial, self.fingerprint)
         for record in sorted(self.partial.glob("fold-*.json")):
             run = FoldRun.from_dict(json.loads(record.read_text()), classes)
             self.runs[run.fold] = run

@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import json
 import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -189,3 +191,12 @@ def write_pngs(figures: dict[Path, object], width: int | None = None, scale: flo
         if Path(path).is_file():
             os.chmod(path, FILE_MODE)
     return None
+
+
+def claim_partial(folder: Path, fingerprint: dict) -> None:
+    """Make `folder` hold the finished parts of this work only: a folder left by other work (another
+    trial, config, data or fold count: another fingerprint) is emptied, then the fingerprint is written."""
+    marker = folder / "fingerprint.json"
+    if folder.exists() and (not marker.is_file() or json.loads(marker.read_text()) != json_safe(fingerprint)):
+        shutil.rmtree(folder)
+    write_json(marker, fingerprint)

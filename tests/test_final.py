@@ -224,15 +224,20 @@ def test_candidates_sharing_batch_settings_retrain_fused_seed_by_seed_as_their_o
         assert (tmp_path / "trial-1" / f"seed-{seed}.pt").is_file()
 
 
+def final_of_two_candidates(storage, results, real_data, device, *extra) -> tuple[dict, Path]:
+    """`make final CANDIDATES=2` on the smoke study, no PNG, one epsilon: (metrics.json, its folder)."""
+    args = final_args(storage, results, real_data, device, "--no-png", "--epsilons", "0", *extra)
+    args[args.index("--candidates") + 1] = "2"
+    assert cli.main(args) == 0
+    out = results / "final" / "smoke"
+    return json.loads((out / "metrics.json").read_text()), out
+
+
 @pytest.mark.slow
 def test_without_trial_the_top_candidates_are_retrained_and_the_best_mean_dev_is_kept(
         smoke_study, tmp_path, real_data, device, capsys):
-    results = tmp_path / "results"
-    args = final_args(smoke_study, results, real_data, device, "--seeds", "2", "--no-png", "--epsilons", "0",
-                      "--folds", "0")
-    args[args.index("--candidates") + 1] = "2"
-    assert cli.main(args) == 0
-    metrics = json.loads((results / "final" / "smoke" / "metrics.json").read_text())
+    metrics, _ = final_of_two_candidates(smoke_study, tmp_path / "results", real_data, device, "--seeds", "2",
+                                         "--folds", "0")
     candidates = metrics["candidates"]
     assert [c["trial"] for c in candidates] == [1, 0]  # best search value first
     best = max(candidates, key=lambda c: c["mean_dev_macro_accuracy"])
@@ -245,13 +250,8 @@ def test_without_trial_the_top_candidates_are_retrained_and_the_best_mean_dev_is
 @pytest.mark.slow
 def test_by_default_the_candidates_are_cross_validated_and_the_best_is_retrained_alone(
         smoke_study, tmp_path, real_data, device, capsys):
-    results = tmp_path / "results"
-    args = final_args(smoke_study, results, real_data, device, "--seeds", "1", "--no-png", "--epsilons", "0",
-                      "--folds", "2")
-    args[args.index("--candidates") + 1] = "2"
-    assert cli.main(args) == 0
-    out = results / "final" / "smoke"
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics, out = final_of_two_candidates(smoke_study, tmp_path / "results", real_data, device, "--seeds", "1",
+                                           "--folds", "2")
     rows = {r["trial"]: r for r in metrics["candidates"]}
     assert set(rows) == {0, 1} and metrics["selection"]["folds"] == 2
     best = max(rows.values(), key=lambda r: r["cv_macro_accuracy"])
