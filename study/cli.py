@@ -50,9 +50,11 @@ COMMANDS = {
     "audit": ("study.audit", "find probably mislabeled images with cross-validated confident learning",
               "Rank probably mislabeled images (K-fold out-of-fold predictions + confident learning) and write "
               "RESULTS/audit/<run>/: suspects.csv, a contact sheet and a corrections draft."),
-    "hpo-bench": ("study.bench.hpo", "default search vs random search vs the user's recipe at an equal budget, on test",
-                  "Compare the default search, random search and the user's recipe at an equal time budget, each "
-                  "best config retrained with several seeds and judged on the held-out test split."),
+    "hpo-bench": ("study.bench.hpo", "is TPE worth it? TPE vs random search (and warm start, Hyperband) at an "
+                                     "equal budget, on test",
+                  "Compare TPE, random search, the warm-started default and TPE with a Hyperband pruner at an equal "
+                  "time budget on two data sets, each search's best config retrained with several seeds and judged "
+                  "on the held-out test split."),
 }
 
 EPILOG = ("Each option can also be set by the Makefile variable (environment variable) named in its help, "

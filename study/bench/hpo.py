@@ -1,36 +1,32 @@
-"""Is the search worth running? Default search vs random search vs the user's recipe, at an equal budget (`make hpo-bench`).
-
-Three methods, each judged on the held-out test split, which no search sees:
-- default: the space file as it is (TPE, its pruner, its enqueued warm-start
-  points), sampler seed = search seed;
-- random: the same space with RandomSampler(seed = search seed), the same
-  pruner and no enqueued points;
-- recipe: the user's hand-tuned recipe (search_spaces/seed_final.yaml), no search.
+"""Is TPE worth it? TPE, random search, the warm-started default and TPE with Hyperband at an equal budget (`make hpo-bench`).
 
 Each search is `make search` with TIMEOUT = BUDGET seconds (the trials still
-training then are stopped and PRUNED, as for a user), in its own
-SQLite storage, for SEARCH_SEEDS search seeds; the two searches of a seed run
-back to back, the leader alternating by seed, so a neighbour's load falls on
-both alike. TPE draws its start-up trials with a RandomSampler of the same
-seed as the random method's, so their early random trials often coincide
-(common random numbers): the methods differ by the warm-start points and by
-TPE's model after its start-up trials. At checkpoints of the
-budget (1/3, 2/3, all of it) and at the search's end (the last trials told
-included), the best trial so far
-(by dev macro accuracy, from trial completion times) is retrained with seeds
-0, 1, 2 as one fused group and scored on test: the mean and sd over those
-seeds, and per-class accuracy. A config retrains once, whichever search or
-checkpoint picks it (the recipe, too, when a search's best is the recipe).
+training then are stopped and PRUNED, as for a user) on a file derived from
+the bench space (hpo_settings: which method changes what), in its own SQLite
+storage, for SEARCH_SEEDS search seeds on each data set. The searches of one
+seed and data set run back to back, the leader rotating seed by seed, so a
+neighbour's load falls on every method alike. Every method's sampler takes
+the search seed, and TPE draws its start-up trials with a RandomSampler of
+that seed, so TPE's and random search's early trials coincide (common random
+numbers): the cold methods differ by TPE's model alone, which acts on the
+asks after its n_startup_trials. The bench space is sized so that each search
+gets two or more of those; a search that got fewer is named in a warning.
+
+At each search's end the best trial by dev macro accuracy is retrained with
+seeds 0, 1, 2 as one fused group and scored on the held-out test split, which
+no search sees; a config retrains once, whichever search picks it.
 
 Writes RESULTS/hpo-bench/<timestamp>/ (a new folder per run): hpo_bench.json
-(rewritten after each search, `complete` true at the end), table.md,
-test_vs_budget.html (+ PNG when kaleido can start Chromium), the space file
-each search ran (spaces/) and its study (studies/<method>-seed<k>.db).
+(rewritten after each search, `complete` true at the end), table.md (a table
+and verdict per data set), dev_vs_time.html (+ PNG when kaleido can start
+Chromium), and per data set the space file each search ran
+(<data set>/spaces/) and its study (<data set>/studies/<method>-seed<k>.db).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import platform
@@ -40,105 +36,39 @@ from pathlib import Path
 
 import optuna
 import torch
-import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from cnnlib.device import resolve_device
 from cnnlib.training import DeviceData, TrainConfig, evaluate, train_group
 from cnnlib.tta import as_evaluated
 
-from ..search import command as search
 from ..errors import UserError
 from ..final import trial_config
-from ..options import MAX_GROUP, add_common_options, add_data_options, load_splits, sqlite_url, use_cpu_threads
+from ..options import add_common_options, add_data_options, load_splits, sqlite_url, use_cpu_threads
 from ..output import fresh_folder, write_atomic, write_json, write_pngs
+from ..search import command as search
 from ..search.objective import STOPPED_BY_DEADLINE
 from ..search.plan import FINISHED
-from ..search.space import load_space
-from .hpo_report import _f, figure, format_table, mean_sd, method_summary
+from ..search.space import WARM_START_ATTR, load_space
+from . import hpo_settings
+from .hpo_report import _f, figure, format_tables, mean_sd, method_summary, verdicts
+from .hpo_settings import RECIPE, derived_space_text, max_epochs, settings_from
 
-SEARCHES = ("default", "random")  # the two methods that search; "recipe" is the third
-DEFAULT_BUDGET = {"cpu": 300, "cuda": 900}  # seconds per search; 2 x 3 searches fit in about an hour on 2 cores
-CHECKPOINTS = (1 / 3, 2 / 3, 1.0)  # fractions of the budget; a last checkpoint ("end") takes every finished trial
 RETRAIN_SEEDS = (0, 1, 2)
+MIN_MODEL_DRIVEN_ASKS = 2  # fewer, and a search says little about TPE's model
+# A search ends within 1.1 x its TIMEOUT after its set-up (study/search/deadline.py); one that
+# ends later is flagged.
+BUDGET_SLACK = 1.1
+# For the start-up line's estimate, measured on the shared 2-core CPU (torch 2.14.1, 1 thread while
+# other jobs ran): a search's set-up (study, split, first ask) and one epoch of a 3-seed retrain.
+SETUP_SECONDS = 6
+RETRAIN_EPOCH_SECONDS = {"cpu": 1.3}
 
 
 def add_arguments(parser) -> None:
-    env = os.environ
-    parser.add_argument("--space", default=env.get("SPACE") or "search_spaces/default.yaml",
-                        help="the space the default and random searches search (env SPACE)")
-    parser.add_argument("--recipe", default="search_spaces/seed_final.yaml",
-                        help="the hand-tuned recipe: a space file whose values are all fixed")
-    parser.add_argument("--budget", default=env.get("BUDGET") or None,
-                        help="seconds per search (TIMEOUT of each `make search`; default "
-                             + ", ".join(f"{k} {v}" for k, v in DEFAULT_BUDGET.items()) + "; env BUDGET)")
-    parser.add_argument("--search-seeds", default=env.get("SEARCH_SEEDS") or "3",
-                        help="search seeds 0..k-1 per searching method (env SEARCH_SEEDS, default 3)")
-    parser.add_argument("--fuse", default=env.get("FUSE") or None,
-                        help="FUSE of each search (default: make search's default for the device; env FUSE)")
+    hpo_settings.add_arguments(parser)
     parser.add_argument("--no-png", action="store_true", help="skip the PNG copy of the figure (the HTML is always written)")
     add_data_options(parser)
     add_common_options(parser)
-
-
-def _whole(name: str, text, minimum: int = 1, maximum: int | None = None) -> int:
-    bounds = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        raise UserError(f"{name} {text!r}: expected a whole number {bounds}") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        raise UserError(f"{name} {text!r}: expected a whole number {bounds}")
-    return value
-
-
-def settings_from(args) -> dict:
-    """The bench's settings from the options; a bad value is one line naming the option."""
-    try:
-        device = resolve_device(args.device)
-    except (ValueError, RuntimeError) as error:
-        raise UserError(f"DEVICE {args.device!r}: {error}") from None
-    budget = _whole("BUDGET (--budget)", args.budget) if args.budget is not None else DEFAULT_BUDGET.get(device.type, 300)
-    seeds = _whole("SEARCH_SEEDS (--search-seeds)", args.search_seeds, maximum=MAX_GROUP)
-    fuse = _whole("FUSE (--fuse)", args.fuse, maximum=MAX_GROUP) if args.fuse is not None else None
-    space = load_space(args.space)
-    if space.objectives != ["dev_macro_accuracy"]:
-        raise UserError(f"{space.path}: hpo-bench ranks trials by dev macro accuracy alone; "
-                        f"this space's objectives are {', '.join(space.objectives)}")
-    recipe = load_space(args.recipe)
-    return {"budget_seconds": budget, "search_seeds": list(range(seeds)), "fuse": fuse, "device": device,
-            "space": space, "recipe": recipe, "recipe_config": recipe.fixed_config()}
-
-
-# --- the run folder and its space files -------------------------------------
-
-def new_run_dir(parent: Path) -> Path:
-    """RESULTS/hpo-bench/<timestamp>/, created now: two runs never share one."""
-    return fresh_folder(parent)
-
-
-def derived_space_text(space_path: Path, method: str, seed: int) -> str:
-    """The space file a search runs: the original with its sampler seeded (default) or replaced (random)."""
-    raw = yaml.safe_load(Path(space_path).read_text())
-    sampler = raw.get("sampler") or {"name": "TPESampler"}
-    sampler = {"name": sampler} if isinstance(sampler, str) else dict(sampler)
-    if method == "default":
-        raw["sampler"] = {**sampler, "seed": seed}
-        what = f"its own sampler ({sampler['name']}) seeded {seed}, its pruner and enqueued points"
-    else:
-        raw["sampler"] = {"name": "RandomSampler", "seed": seed}
-        raw.pop("enqueue", None)
-        what = f"RandomSampler(seed={seed}) instead of {sampler['name']}, the same pruner, no enqueued points"
-    header = f"# make hpo-bench, {method} search, search seed {seed}: {space_path} with {what}.\n"
-    # File order kept (a condition's parent comes first); one line per param, as in search_spaces/.
-    return header + yaml.safe_dump(raw, sort_keys=False, default_flow_style=None, width=1000)
-
-
-def write_search_space(run_dir: Path, space_path: Path, method: str, seed: int) -> Path:
-    path = run_dir / "spaces" / f"{method}-seed{seed}.yaml"
-    write_atomic(path, derived_space_text(space_path, method, seed))
-    load_space(path)  # a derived file that would not load fails now, before any search
-    return path
 
 
 # --- retraining on the held-out test split ------------------------------------
@@ -168,7 +98,7 @@ def retrain(config: TrainConfig, data: DeviceData, seeds=RETRAIN_SEEDS) -> dict:
 
 
 class RetrainCache:
-    """One 3-seed retrain per distinct config (its seed aside): a config that stays best trains once."""
+    """One 3-seed retrain per distinct config (its seed aside): a config that several searches pick trains once."""
 
     def __init__(self, data: DeviceData, seeds=RETRAIN_SEEDS):
         self.data, self.seeds = data, tuple(seeds)
@@ -192,7 +122,7 @@ class RetrainCache:
 
 
 def scores(entry: dict) -> dict:
-    """What a checkpoint (or the recipe) copies from its retrain."""
+    """What a search's end (or the recipe) copies from its retrain."""
     return {"retrain": entry["id"], "test_macro_mean": entry["test_macro_mean"], "test_macro_sd": entry["test_macro_sd"],
             "test_per_class": entry["test_per_class"]}
 
@@ -206,10 +136,44 @@ def describe(entry: dict, cached: bool) -> str:
     return f"retrain {entry['id']} ({how}): test macro {entry['test_macro_mean']:.3f}{sd} over seeds ({per})"
 
 
-# --- one search ---------------------------------------------------------------
+# --- what a search did: its asks, its budget ------------------------------------
 
-def search_args(args, space_file: Path, storage: str, study_name: str, budget: int, fuse: int | None):
-    """`make search`'s options for one search: the bench's data and device, its own space, storage and budget."""
+
+def asks_of(trials: list[FrozenTrial], startup: int) -> dict:
+    """How a search's trials were asked, and how many asks TPE's model drove.
+
+    An ask is the trials a worker asked together (one fused group on the CPU):
+    they share the number of trials finished before them, since the worker
+    tells a group before it asks the next. A trial is model-driven when at
+    least `startup` trials had finished (COMPLETE or PRUNED: what TPESampler
+    counts against its n_startup_trials) as it was asked, and it is not an
+    enqueued warm-start point. For random search the same count says how many
+    asks TPE's model would have driven in its place.
+    """
+    finished_at = sorted(t.datetime_complete for t in trials if t.state in FINISHED and t.datetime_complete)
+    asks: dict[int, list[FrozenTrial]] = {}
+    for trial in trials:
+        if trial.datetime_start is not None:  # a WAITING (enqueued, never asked) trial has none
+            asks.setdefault(bisect.bisect_right(finished_at, trial.datetime_start), []).append(trial)
+    model = {before: [t for t in group if WARM_START_ATTR not in t.user_attrs]
+             for before, group in asks.items() if before >= startup}
+    model = {before: group for before, group in model.items() if group}
+    return {"asks": len(asks), "startup_trials": startup,
+            "model_driven_trials": sum(len(group) for group in model.values()),
+            "model_driven_asks": len(model),
+            # asks of which a trial completed: only a complete trial can be the search's best
+            "model_driven_asks_complete": sum(any(t.state == TrialState.COMPLETE for t in group)
+                                              for group in model.values())}
+
+
+def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
+    """The best complete trial (highest dev macro accuracy, earliest number on ties)."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    return max(done, key=lambda t: (t.value, -t.number)) if done else None
+
+
+def search_args(args, space_file: Path, storage: str, study_name: str, budget: int, fuse: int):
+    """`make search`'s options for one search: the data set's data options, the bench's device, its own space, storage and budget."""
     parser = argparse.ArgumentParser()
     try:
         search.add_arguments(parser)  # its defaults read TRIALS, TIMEOUT, WORKERS, FUSE from the environment
@@ -224,20 +188,12 @@ def search_args(args, space_file: Path, storage: str, study_name: str, budget: i
     return ns
 
 
-def elapsed(trial: FrozenTrial, started: datetime) -> float:
-    return (trial.datetime_complete - started).total_seconds()
-
-
-def best_by(trials: list[FrozenTrial], started: datetime, seconds: float) -> FrozenTrial | None:
-    """The best complete trial (highest dev macro accuracy, earliest number on ties) finished by `seconds`."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and elapsed(t, started) <= seconds]
-    return max(done, key=lambda t: (t.value, -t.number)) if done else None
-
-
-def run_search(args, settings: dict, run_dir: Path, method: str, seed: int, cache: RetrainCache) -> dict:
-    space_file = write_search_space(run_dir, settings["space"].path, method, seed)
+def run_search(args, settings: dict, folder: Path, run_dir: Path, method: str, seed: int,
+               cache: RetrainCache) -> dict:
+    """One search of one method, seed and data set (`args`: that data set's options), then its best retrained on test."""
     name = f"{method}-seed{seed}"
-    db = run_dir / "studies" / f"{name}.db"
+    space_file = folder / "spaces" / f"{name}.yaml"
+    db = folder / "studies" / f"{name}.db"
     db.parent.mkdir(parents=True, exist_ok=True)
     storage = sqlite_url(db)
     budget = settings["budget_seconds"]
@@ -247,141 +203,178 @@ def run_search(args, settings: dict, run_dir: Path, method: str, seed: int, cach
     if code:
         print(f"hpo-bench: {name}: the search ended with exit code {code}; scoring the trials it finished", flush=True)
     trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-    finished = [t for t in trials if t.state in FINISHED]
+    first_ask = min((t.datetime_start for t in trials if t.datetime_start is not None), default=None)
+    # Set-up: from the call to the first ask (study, split, sampler); the deadline counts from about then.
+    setup = (first_ask - started).total_seconds() if first_ask else wall
+    search_seconds = wall - setup
     complete = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.datetime_complete)
     record = {
         "method": method, "search_seed": seed, "space_file": str(space_file.relative_to(run_dir)),
         "storage": str(db.relative_to(run_dir)), "study": name, "exit_code": code,
-        "budget_seconds": budget, "wall_seconds": wall,
-        "trials_finished": len(finished), "trials_complete": len(complete),
+        "budget_seconds": budget, "wall_seconds": wall, "setup_seconds": setup, "search_seconds": search_seconds,
+        "kept_budget": search_seconds <= BUDGET_SLACK * budget,
+        "trials_finished": sum(t.state in FINISHED for t in trials), "trials_complete": len(complete),
         "trials_pruned": sum(t.state == TrialState.PRUNED for t in trials),
         "trials_stopped_by_deadline": sum(t.user_attrs.get("stopped") == STOPPED_BY_DEADLINE for t in trials),
         "trials_failed": sum(t.state == TrialState.FAIL for t in trials),
-        "complete_trials": [{"number": t.number, "elapsed_seconds": elapsed(t, started), "dev_macro_accuracy": t.value}
-                            for t in complete],
-        "best_trial": None, "best_dev": None, "best_config": None, "checkpoints": [],
+        **asks_of(trials, settings["startup_trials"]),
+        "complete_trials": [{"number": t.number, "elapsed_seconds": (t.datetime_complete - started).total_seconds(),
+                             "dev_macro_accuracy": t.value} for t in complete],
+        "best_trial": None, "best_dev": None, "best_config": None,
+        "test": {"retrain": None, "test_macro_mean": None, "test_macro_sd": None, "test_per_class": None},
     }
-    marks = [(f"{fraction:.3g} budget", fraction, fraction * budget) for fraction in CHECKPOINTS]
-    # "end": every trial the search finished, those told after the deadline included (a search that
-    # met its trial quota early counts as ending at the budget, so checkpoints stay in time order).
-    marks.append(("end", None, max(budget, wall, max((elapsed(t, started) for t in finished), default=0.0))))
-    for label, fraction, seconds in marks:
-        best = best_by(trials, started, seconds)
-        point = {"at": label, "fraction_of_budget": fraction, "elapsed_seconds": seconds,
-                 "trials_finished": sum(elapsed(t, started) <= seconds for t in finished),
-                 "best_trial": None, "best_dev": None, "retrain": None,
-                 "test_macro_mean": None, "test_macro_sd": None, "test_per_class": None}
-        if best is not None:
-            config, _ = trial_config(best)
-            entry, cached = cache.get(config)
-            point.update(best_trial=best.number, best_dev=best.value, **scores(entry))
-            print(f"hpo-bench: {name} at {label} ({seconds:.0f} s): best trial {best.number} "
-                  f"(dev {best.value:.3f}); {describe(entry, cached)}", flush=True)
-        else:
-            print(f"hpo-bench: {name} at {label} ({seconds:.0f} s): no complete trial yet", flush=True)
-        record["checkpoints"].append(point)
-    best = best_by(trials, started, float("inf"))
-    if best is not None:
-        record.update(best_trial=best.number, best_dev=best.value, best_config=trial_config(best)[0].to_dict())
+    best = best_trial(trials)
+    if best is None:
+        print(f"hpo-bench: {name}: no trial completed; nothing to retrain", flush=True)
+        return record
+    config, _ = trial_config(best)
+    entry, cached = cache.get(config)
+    record.update(best_trial=best.number, best_dev=best.value, best_config=config.to_dict(), test=scores(entry))
+    print(f"hpo-bench: {name}: best trial {best.number} (dev {best.value:.3f}); {describe(entry, cached)}", flush=True)
     return record
 
 
-# --- writing the figure ---------------------------------------------------------------
+def search_warnings(record: dict, dataset: str) -> list[str]:
+    """What makes one search a weak witness: too few model-driven asks, an overrun budget."""
+    name = f"{dataset} {record['method']} seed {record['search_seed']}"
+    found = []
+    if record["model_driven_asks_complete"] < MIN_MODEL_DRIVEN_ASKS:
+        found.append(f"{name}: {record['model_driven_asks_complete']} model-driven ask(s) with a complete trial "
+                     f"after its {record['startup_trials']} start-up trials (want >= {MIN_MODEL_DRIVEN_ASKS}); "
+                     f"raise BUDGET or shorten the space's trials")
+    if not record["kept_budget"]:
+        found.append(f"{name}: searched {record['search_seconds']:.0f} s after a {record['setup_seconds']:.0f} s "
+                     f"set-up, over {BUDGET_SLACK} x its {record['budget_seconds']} s budget")
+    return found
 
 
-def write_figure(fig, run_dir: Path, png: bool) -> str:
-    """test_vs_budget.html (plotly.js inside: opens offline) and, when kaleido can start Chromium, the PNG."""
-    write_atomic(run_dir / "test_vs_budget.html", fig.to_html(include_plotlyjs=True, full_html=True))
-    if not png:
-        return "PNG skipped (--no-png)"
-    failed = write_pngs({run_dir / "test_vs_budget.png": fig}, width=1100)
-    if failed:
-        return f"PNG export unavailable ({failed}); the HTML report does not need it"
-    return f"wrote 1 PNGs to {run_dir}/"
+# --- the command: settings -> splits -> per data set: recipe, searches seed by seed -> tables, figure ---
 
 
-# --- the command: settings -> the recipe -> the searches, seed by seed -> summary, table, figure ---
+def estimate_minutes(settings: dict) -> float:
+    """The whole run: every search's budget and set-up, and (on the CPU) one retrain per search and the recipe's."""
+    searches = len(settings["datasets"]) * len(settings["searches"]) * len(settings["search_seeds"])
+    seconds = searches * (settings["budget_seconds"] + SETUP_SECONDS)
+    epoch = RETRAIN_EPOCH_SECONDS.get(settings["device"].type)
+    if epoch is not None:
+        seconds += searches * max_epochs(settings["space"]) * epoch
+        if settings["recipe"] is not None:
+            seconds += len(settings["datasets"]) * settings["recipe_config"].epochs * epoch
+    return seconds / 60
+
 
 def run(args) -> int:
     settings = settings_from(args)  # every option and file is checked before data, folders or training
-    splits = load_splits(args)
-    if splits.test is None:
-        raise UserError(f"{args.data}: no test split; hpo-bench scores every method on held-out test images")
-    data = DeviceData(splits, settings["device"])
-    threads = use_cpu_threads(data.device)  # the retrains' threads; each search chooses its own as it starts
-    run_dir = new_run_dir(Path(args.results) / "hpo-bench")
-    write_atomic(run_dir / "spaces" / "recipe.yaml", settings["recipe"].path.read_text())
-    budget, seeds = settings["budget_seconds"], settings["search_seeds"]
-    total = len(SEARCHES) * len(seeds)
-    report = report_skeleton(settings, data, splits)
-    print(f"hpo-bench: {run_dir}: {total} searches of {budget} s ({', '.join(SEARCHES)} x search seeds "
-          f"{', '.join(map(str, seeds))}) on {data.device}{f' ({threads})' if threads else ''}, about {total * budget / 60:.0f} min of search plus the "
-          f"set-up of each search and the {len(RETRAIN_SEEDS)}-seed retrains", flush=True)
-    cache = RetrainCache(data)
+    datasets = settings["datasets"]
+    splits = {}
+    for dataset in datasets:  # every split is built (and checked) before the first search
+        splits[dataset.name] = load_splits(dataset.options(args))
+        if splits[dataset.name].test is None:
+            raise UserError(f"{dataset.path}: no test split; hpo-bench scores every method on held-out test images")
+    run_dir = fresh_folder(Path(args.results) / "hpo-bench")
+    for dataset in datasets:  # every derived space file loads, or the run stops before any search
+        for seed in settings["search_seeds"]:
+            for method in settings["searches"]:
+                path = run_dir / dataset.name / "spaces" / f"{method}-seed{seed}.yaml"
+                write_atomic(path, derived_space_text(settings["space"], method, seed))
+                load_space(path)
+    threads = use_cpu_threads(settings["device"])
+    budget, seeds, methods = settings["budget_seconds"], settings["search_seeds"], settings["searches"]
+    total = len(datasets) * len(methods) * len(seeds)
+    print(f"hpo-bench: {run_dir}: {total} searches of {budget} s ({', '.join(methods)} x search seeds "
+          f"{', '.join(map(str, seeds))} x data sets {', '.join(d.name for d in datasets)}), {settings['fuse']} trials "
+          f"per ask ({settings['fuse_from']}), on {settings['device']}{f' ({threads})' if threads else ''}; "
+          f"about {estimate_minutes(settings):.0f} min with the set-up of each search and the "
+          f"{len(RETRAIN_SEEDS)}-seed retrains", flush=True)
+    report = report_skeleton(settings, datasets, splits)
     bench_started = time.perf_counter()
-
-    def save():
-        report["retrains"] = cache.records()
-        write_json(run_dir / "hpo_bench.json", report)
-
-    report["methods"]["recipe"] = retrain_recipe(settings, cache)
+    save = lambda: write_json(run_dir / "hpo_bench.json", report)  # noqa: E731
     save()
-    run_searches(report, args, settings, run_dir, cache, save, bench_started)
-    for method in SEARCHES:
-        report["methods"][method]["summary"] = method_summary(report["methods"][method]["searches"], data.classes)
+    done = 0
+    for dataset in datasets:
+        part = report["datasets"][dataset.name]
+        data = DeviceData(splits[dataset.name], settings["device"])
+        cache = RetrainCache(data)
+        if settings["recipe"] is not None:
+            part["methods"][RECIPE] = retrain_recipe(settings, cache, dataset.name)
+            part["retrains"] = cache.records()
+            save()
+        for seed in seeds:
+            # The leader rotates seed by seed: a one-off warm-up or a neighbour's drift favours no method.
+            for method in methods[seed % len(methods):] + methods[:seed % len(methods)]:
+                done += 1
+                print(f"\nhpo-bench: [{done}/{total}] {dataset.name}: {method} search, search seed {seed}, budget "
+                      f"{budget} s (bench {(time.perf_counter() - bench_started) / 60:.1f} min elapsed)", flush=True)
+                record = run_search(dataset.options(args), settings, run_dir / dataset.name, run_dir, method, seed,
+                                    cache)
+                part["methods"][method]["searches"].append(record)
+                part["retrains"] = cache.records()
+                print(f"hpo-bench: [{done}/{total}] {dataset.name} {method} seed {seed}: {record['trials_finished']} "
+                      f"trials finished, {record['model_driven_asks_complete']} model-driven ask(s) with a complete "
+                      f"trial, searched {record['search_seconds']:.0f} s of a {budget} s budget "
+                      f"(+{record['setup_seconds']:.0f} s set-up), best dev {_f(record['best_dev'])}, "
+                      f"test {_f(record['test']['test_macro_mean'])}", flush=True)
+                for warning in search_warnings(record, dataset.name):
+                    report["warnings"].append(warning)
+                    print(f"hpo-bench: warning: {warning}", flush=True)
+                save()
+        for method in methods:
+            part["methods"][method]["summary"] = method_summary(part["methods"][method]["searches"], part["classes"])
+        part["verdicts"] = verdicts(part)
+        del data, cache
     report["complete"] = True
     report["settings"]["finished"] = datetime.now().isoformat(timespec="seconds")
     report["settings"]["bench_seconds"] = time.perf_counter() - bench_started
-    table = format_table(report)
-    write_atomic(run_dir / "table.md", table + "\n")
+    tables = format_tables(report)
+    write_atomic(run_dir / "table.md", tables + "\n")
     save()
     png_status = write_figure(figure(report), run_dir, png=not args.no_png)
-    print(f"\n{table}\n\nfigure: {run_dir / 'test_vs_budget.html'}; {png_status}")
-    print(f"wrote {run_dir}/ (hpo_bench.json, table.md, test_vs_budget.html, spaces/, studies/)")
+    print(f"\n{tables}\n\nfigure: {run_dir / 'dev_vs_time.html'}; {png_status}")
+    print(f"wrote {run_dir}/ (hpo_bench.json, table.md, dev_vs_time.html, and per data set spaces/, studies/) "
+          f"in {report['settings']['bench_seconds'] / 60:.1f} min")
     return 0
 
 
-def report_skeleton(settings: dict, data: DeviceData, splits) -> dict:
+def report_skeleton(settings: dict, datasets, splits: dict) -> dict:
     """hpo_bench.json before any training: what runs, on what, with which versions."""
+    space = settings["space"]
     return {
         "complete": False,
-        "settings": {"budget_seconds": settings["budget_seconds"], "search_seeds": settings["search_seeds"],
-                     "checkpoints": [*CHECKPOINTS, "end"],
-                     "retrain_seeds": list(RETRAIN_SEEDS), "space": str(settings["space"].path),
-                     "recipe": str(settings["recipe"].path), "fuse": settings["fuse"], "device": str(data.device),
-                     "classes": list(data.classes), "data": splits.summary(), "torch": torch.__version__,
-                     "optuna": optuna.__version__, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-                     "host": platform.node(), "started": datetime.now().isoformat(timespec="seconds")},
-        "methods": {"recipe": None, **{m: {"searches": []} for m in SEARCHES}},
-        "retrains": {},
+        "settings": {"methods": list(settings["methods"]), "budget_seconds": settings["budget_seconds"],
+                     "budget_slack": BUDGET_SLACK, "search_seeds": settings["search_seeds"],
+                     "retrain_seeds": list(RETRAIN_SEEDS), "space": str(space.path),
+                     "startup_trials": settings["startup_trials"], "min_model_driven_asks": MIN_MODEL_DRIVEN_ASKS,
+                     "fuse": settings["fuse"], "fuse_from": settings["fuse_from"],
+                     "recipe": str(settings["recipe"].path) if settings["recipe"] else None,
+                     "device": str(settings["device"]), "torch": torch.__version__, "optuna": optuna.__version__,
+                     "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "host": platform.node(),
+                     "estimated_minutes": estimate_minutes(settings),
+                     "started": datetime.now().isoformat(timespec="seconds")},
+        "datasets": {d.name: {"data": d.path, "classes": list(splits[d.name].classes),
+                              "split": splits[d.name].summary(),
+                              "methods": {m: {"searches": []} for m in settings["searches"]},
+                              "retrains": {}, "verdicts": []}
+                     for d in datasets},
+        "warnings": [],
     }
 
 
-def retrain_recipe(settings: dict, cache: RetrainCache) -> dict:
-    """The third method: the user's recipe, no search, retrained with the retrain seeds."""
-    print(f"hpo-bench: recipe {settings['recipe'].path}: retraining with seeds "
+def retrain_recipe(settings: dict, cache: RetrainCache, dataset: str) -> dict:
+    """The reference row: the user's recipe, no search, retrained with the retrain seeds."""
+    print(f"hpo-bench: {dataset}: recipe {settings['recipe'].path}: retraining with seeds "
           f"{', '.join(map(str, RETRAIN_SEEDS))}", flush=True)
     entry, cached = cache.get(settings["recipe_config"])
-    print(f"hpo-bench: recipe: {describe(entry, cached)}", flush=True)
-    return {"space_file": "spaces/recipe.yaml", "config": entry["config"],
-            "trials_finished": 0, "dev_macro_mean": entry["dev_macro_mean"], **scores(entry)}
+    print(f"hpo-bench: {dataset}: recipe: {describe(entry, cached)}", flush=True)
+    return {"space_file": str(settings["recipe"].path), "config": entry["config"],
+            "dev_macro_mean": entry["dev_macro_mean"], **scores(entry)}
 
 
-def run_searches(report: dict, args, settings: dict, run_dir: Path, cache: RetrainCache, save,
-                 bench_started: float) -> None:
-    """Both searching methods for every search seed, the report saved after each search."""
-    budget, seeds = settings["budget_seconds"], settings["search_seeds"]
-    total, done = len(SEARCHES) * len(seeds), 0
-    for seed in seeds:
-        # The leader alternates seed by seed: a one-off warm-up or a neighbour's drift favours neither method.
-        for method in (SEARCHES if seed % 2 == 0 else SEARCHES[::-1]):
-            done += 1
-            print(f"\nhpo-bench: [{done}/{total}] {method} search, search seed {seed}, budget {budget} s "
-                  f"(bench {(time.perf_counter() - bench_started) / 60:.1f} min elapsed, "
-                  f"{total * budget / 60:.0f} min of search budget in all)", flush=True)
-            record = run_search(args, settings, run_dir, method, seed, cache)
-            report["methods"][method]["searches"].append(record)
-            print(f"hpo-bench: [{done}/{total}] {method} seed {seed}: {record['trials_finished']} trials finished in "
-                  f"{record['wall_seconds']:.0f} s of a {budget} s budget, best dev {_f(record['best_dev'])}, "
-                  f"test at its end {_f(record['checkpoints'][-1]['test_macro_mean'])}", flush=True)
-            save()
+def write_figure(fig, run_dir: Path, png: bool) -> str:
+    """dev_vs_time.html (plotly.js inside: opens offline) and, when kaleido can start Chromium, the PNG."""
+    write_atomic(run_dir / "dev_vs_time.html", fig.to_html(include_plotlyjs=True, full_html=True))
+    if not png:
+        return "PNG skipped (--no-png)"
+    failed = write_pngs({run_dir / "dev_vs_time.png": fig}, width=1100)
+    if failed:
+        return f"PNG export unavailable ({failed}); the HTML report does not need it"
+    return f"wrote 1 PNGs to {run_dir}/"
