@@ -5,13 +5,13 @@
 DATA     ?=# empty: the shared data beside the checkout (../shared/data/cifar10-cars-trucks-cats), else ./data
 RESULTS  ?= results
 DEVICE   ?= auto
-SPACE    ?=# search: search_spaces/default.yaml, train: search_spaces/seed_final.yaml
+SPACE    ?=# search: search_spaces/default.yaml, train: search_spaces/seed_final.yaml, hpo-bench: search_spaces/bench.yaml
 STUDY    ?=
 STORAGE  ?=# empty: sqlite:///RESULTS/optuna.db (study/options.py default_storage)
 TRIALS   ?=
 TIMEOUT  ?=
 WORKERS  ?= 1
-FUSE     ?=# default: as wide as pays on the device (cpu 16, cuda 64); 1: one trial at a time
+FUSE     ?=# default: as wide as pays on the device (cpu 16, cuda 64); 1: one trial at a time; hpo-bench: the space's n_startup_trials
 PORT     ?= 8080
 # HOST uses '=', not '?=': a HOST the shell exports (containers often set 0.0.0.0) must not
 # open the dashboard to the network; only `make dashboard HOST=...` does.
@@ -33,8 +33,10 @@ SEED         ?=# audit: seed of the model(s), folds and flips
 AUDIT_METHOD ?=# audit: training_dynamics (default) or out_of_fold
 PYTEST_ARGS  ?=
 THREADS      ?=
-BUDGET       ?=# hpo-bench: seconds per search (cpu 300, cuda 900)
-SEARCH_SEEDS ?=# hpo-bench: search seeds per method (3)
+BUDGET       ?=# hpo-bench: seconds per search (160)
+SEARCH_SEEDS ?=# hpo-bench: search seeds per method and data set (3)
+METHODS      ?=# hpo-bench: comma list of tpe, random, default, tpe_hyperband, recipe (default: the four that search)
+DATASETS     ?=# hpo-bench: PATH or PATH:CLASSES, separated by spaces or ';' (default: DATA, and ../shared/data/cifar10-deer-dog-horse as deer,dog,horse)
 # The split: class order (empty: DATA/train's folder names, sorted; car,truck,cat for the user's data)
 # and images per class in that order (empty: the user's counts, for three classes).
 CLASSES      ?=
@@ -45,7 +47,7 @@ SPLIT_SEED   ?=
 
 export DATA RESULTS DEVICE SPACE STUDY STORAGE TRIALS TIMEOUT WORKERS FUSE PORT HOST TRIAL SEEDS CANDIDATES FOLDS \
        EPSILONS ATTACK CSV CHECKPOINT SPLIT TTA TRUST_PICKLE CORRECTIONS FLIP_COUNT SEED AUDIT_METHOD THREADS PYTEST_ARGS \
-       BUDGET SEARCH_SEEDS
+       BUDGET SEARCH_SEEDS METHODS DATASETS
 export CLASSES TRAIN_COUNTS DEV_COUNTS TEST_COUNTS SPLIT_SEED
 
 PYTHON ?= python3
@@ -60,6 +62,7 @@ COMMANDS := search data train evaluate export plots final bench audit hpo-bench
 help:
 	@echo "make search | make test | data train evaluate dashboard export plots final bench audit hpo-bench"
 	@echo "see README.md for the variables (DATA, CLASSES, RESULTS, DEVICE, SPACE, STUDY, STORAGE, ...)"
+	@echo "make hpo-bench: is TPE worth it? TPE, random, warm-started default, TPE + Hyperband (BUDGET, SEARCH_SEEDS, METHODS, DATASETS)"
 
 setup: $(STAMP)
 

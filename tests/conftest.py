@@ -153,7 +153,7 @@ def tiny_run(tiny_inputs):
 STUDY_ENV = ("DATA", "RESULTS", "DEVICE", "SPACE", "STUDY", "STORAGE", "TRIALS", "TIMEOUT", "WORKERS", "FUSE",
              "TRUST_PICKLE", "CORRECTIONS", "CSV", "HOST", "PORT", "CHECKPOINT", "SPLIT", "TRIAL", "SEEDS",
              "BUDGET", "SEARCH_SEEDS", "CLASSES", "TRAIN_COUNTS", "DEV_COUNTS", "TEST_COUNTS", "SPLIT_SEED",
-             "FLIP_COUNT", "SEED", "AUDIT_METHOD", "THREADS")
+             "FLIP_COUNT", "SEED", "AUDIT_METHOD", "THREADS", "METHODS", "DATASETS")
 
 
 @pytest.fixture

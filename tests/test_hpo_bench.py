@@ -130,6 +130,7 @@ def searches(report: dict, method: str | None = None):
 
 # --- the whole bench ---------------------------------------------------------------
 
+@pytest.mark.slow  # trains: the whole bench, once per module
 def test_every_method_ran_every_search_seed_on_both_data_sets(bench):
     report = bench.report
     assert report["complete"] is True
@@ -151,6 +152,7 @@ def test_every_method_ran_every_search_seed_on_both_data_sets(bench):
     assert report["settings"]["fuse"] == 2 and report["settings"]["fuse_from"] == "the space's n_startup_trials"
 
 
+@pytest.mark.slow  # trains: the whole bench, once per module
 def test_each_search_scores_its_best_trial_on_test_with_three_retrain_seeds(bench):
     for name, s in searches(bench.report):
         part = bench.report["datasets"][name]
@@ -165,17 +167,19 @@ def test_each_search_scores_its_best_trial_on_test_with_three_retrain_seeds(benc
         assert retrain["config"] == {k: v for k, v in s["best_config"].items() if k != "seed"}
 
 
+@pytest.mark.slow  # trains: the whole bench, once per module
 def test_every_search_had_three_asks_the_last_two_model_driven(bench):
     """6 trials, 2 per ask, TPE's start-up 2: the first ask is random, the next two are TPE's model's."""
     for name, s in searches(bench.report):
         assert (s["asks"], s["startup_trials"], s["model_driven_asks"]) == (3, 2, 2), (name, s["method"])
         assert s["model_driven_trials"] == 4
-        assert 0 <= s["model_driven_asks_complete"] <= 2
-        weak = s["model_driven_asks_complete"] < hpo_bench.MIN_MODEL_DRIVEN_ASKS
-        line = f"warning: {name} {s['method']} seed {s['search_seed']}: {s['model_driven_asks_complete']} model-driven"
+        assert 0 <= s["model_driven_asks_judged"] <= 2
+        weak = s["model_driven_asks_judged"] < hpo_bench.MIN_MODEL_DRIVEN_ASKS
+        line = f"warning: {name} {s['method']} seed {s['search_seed']}: {s['model_driven_asks_judged']} model-driven"
         assert (line in bench.out) == weak
 
 
+@pytest.mark.slow  # trains: the whole bench, once per module
 def test_every_search_kept_its_budget_and_recorded_its_set_up(bench):
     for _, s in searches(bench.report):
         assert s["kept_budget"] is True
@@ -184,6 +188,7 @@ def test_every_search_kept_its_budget_and_recorded_its_set_up(bench):
         assert s["search_seconds"] <= 1.1 * BUDGET
 
 
+@pytest.mark.slow  # trains: the whole bench, once per module
 def test_each_search_ran_its_methods_space_file(bench):
     original = load_space(bench.report["settings"]["space"])
     for name, s in searches(bench.report):
@@ -198,6 +203,7 @@ def test_each_search_ran_its_methods_space_file(bench):
         assert study.user_attrs["space_text"] == path.read_text()  # the study searched exactly that file
 
 
+@pytest.mark.slow  # trains: the whole bench, once per module
 def test_the_cold_methods_start_up_trials_coincide_seed_for_seed(bench):
     """Common random numbers: TPE's start-up draws are random search's, so the methods differ by TPE's model."""
     for name in bench.names:
@@ -212,6 +218,7 @@ def test_the_cold_methods_start_up_trials_coincide_seed_for_seed(bench):
             assert firsts[("tpe", seed)][0] != firsts[("tpe", seed)][1]  # two draws, not one repeated
 
 
+@pytest.mark.slow  # trains: the whole bench, once per module
 def test_a_config_is_retrained_once_per_data_set(bench):
     for name, part in bench.report["datasets"].items():
         classes = tuple(part["classes"])
@@ -224,6 +231,7 @@ def test_a_config_is_retrained_once_per_data_set(bench):
         assert used | {part["methods"]["recipe"]["retrain"]} == set(part["retrains"])
 
 
+@pytest.mark.slow  # trains: the whole bench, once per module
 def test_the_tables_verdicts_figure_and_progress_name_every_method_and_data_set(bench):
     table = (bench.run_dir / "table.md").read_text()
     for name, part in bench.report["datasets"].items():
@@ -264,7 +272,7 @@ def test_each_methods_space_file_changes_only_what_its_name_says(tmp_path, metho
     else:
         assert space.enqueue == [] and "enqueue" not in raw
     if method == "tpe_hyperband":
-        assert space.pruner == {"name": "HyperbandPruner", "min_resource": 4, "max_resource": 20,
+        assert space.pruner == {"name": "HyperbandPruner", "min_resource": 3, "max_resource": 16,
                                 "reduction_factor": 3}
         assert isinstance(space.make_pruner(), optuna.pruners.HyperbandPruner)
     else:
@@ -283,12 +291,12 @@ def test_the_bench_space_is_the_default_space_with_short_trials():
     shape = lambda p: (p.type, p.low, p.high, p.log, p.choices, p.when, p.field)  # noqa: E731
     assert {n: shape(p) for n, p in bench.params.items() if n not in ("epochs", "tta")} == \
            {n: shape(p) for n, p in default.params.items() if n not in ("epochs", "tta")}
-    assert (bench.params["epochs"].low, bench.params["epochs"].high) == (8, 20)
+    assert (bench.params["epochs"].low, bench.params["epochs"].high) == (6, 16)
     assert bench.params["tta"].value == "none"
     assert {k: v for k, v in bench.sampler.items() if k != "n_startup_trials"} == \
            {k: v for k, v in default.sampler.items() if k != "n_startup_trials"}
     assert hpo_settings.startup_trials(bench) == 8
-    clip = lambda point: {**point, "epochs": min(point["epochs"], 20)}  # noqa: E731
+    clip = lambda point: {**point, "epochs": min(point["epochs"], 16)}  # noqa: E731
     assert bench.enqueue == [clip(point) for point in default.enqueue]
 
 
@@ -301,8 +309,14 @@ def test_the_default_run_fits_in_90_minutes_by_its_own_estimate():
     assert [d.name for d in settings["datasets"]] == [REAL_DATA.name, "cifar10-deer-dog-horse"]
     assert settings["datasets"][1].classes == "deer,dog,horse"
     assert settings["searches"] == ["tpe", "random", "default", "tpe_hyperband"] and settings["recipe"] is None
-    assert settings["budget_seconds"] == 150 and settings["fuse"] == 8
+    assert settings["budget_seconds"] == 160 and settings["fuse"] == 8
     assert hpo_bench.estimate_minutes(settings) <= 90
+
+
+def test_a_seeds_searches_run_back_to_back_with_the_leader_rotating():
+    assert hpo_bench.search_order(["tpe", "random", "default"], [0, 1, 2, 3]) == [
+        (0, "tpe"), (0, "random"), (0, "default"), (1, "random"), (1, "default"), (1, "tpe"),
+        (2, "default"), (2, "tpe"), (2, "random"), (3, "tpe"), (3, "random"), (3, "default")]
 
 
 # --- the data sets and methods options --------------------------------------------------------
@@ -372,40 +386,40 @@ T0 = datetime(2025, 1, 1, 12, 0, 0)
 
 
 def trials_at(rows) -> list:
-    """Stored trials from (asked, told, state, warm-start point) rows, times in seconds after T0."""
+    """Stored trials from (asked, told, state, user attrs) rows, times in seconds after T0."""
     made = []
-    for number, (asked, told, state, warm) in enumerate(rows):
+    for number, (asked, told, state, attrs) in enumerate(rows):
         made.append(FrozenTrial(
             number=number, trial_id=number, state=state, value=0.5 if state == TrialState.COMPLETE else None,
             datetime_start=T0 + timedelta(seconds=asked),
             datetime_complete=T0 + timedelta(seconds=told) if told is not None else None,
-            params={}, distributions={}, user_attrs={WARM_START_ATTR: 0} if warm else {}, system_attrs={},
-            intermediate_values={}))
+            params={}, distributions={}, user_attrs=dict(attrs), system_attrs={}, intermediate_values={}))
     return made
 
 
 C, P, F = TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL
+WARM, CUT = {WARM_START_ATTR: 0}, {"stopped": "deadline"}
 
 
-def test_asks_after_the_start_up_trials_are_counted_as_model_driven():
-    rows = ([(0, 40, C, True)] + [(0, 40, C, False)] * 3  # ask 1: a warm-start point and 3 random picks
-            + [(41, 80, P, False)] * 4  # ask 2: 4 finished before it, under the 6 start-up trials: random
-            + [(81, 120, C, False)] * 4  # ask 3: 8 finished before it: TPE's model
-            + [(121, 150, P, False)] * 2 + [(121, None, F, False)] * 2)  # ask 4: model-driven, none complete
+def test_asks_after_the_start_up_trials_are_model_driven_and_judged_unless_the_deadline_cut_them():
+    rows = ([(0, 40, C, WARM)] + [(0, 40, C, {})] * 3  # ask 1: a warm-start point and 3 random picks
+            + [(41, 80, P, {})] * 4  # ask 2: 4 finished before it, under the 6 start-up trials: random
+            + [(81, 120, P, {"stopped": "pruner"})] * 4  # ask 3: 8 finished before it: TPE's, pruned on merit
+            + [(121, 150, P, CUT)] * 2 + [(121, None, F, CUT)] * 2)  # ask 4: TPE's, cut by the deadline
     asks = hpo_bench.asks_of(trials_at(rows), startup=6)
     assert asks == {"asks": 4, "startup_trials": 6, "model_driven_trials": 8, "model_driven_asks": 2,
-                    "model_driven_asks_complete": 1}
+                    "model_driven_asks_judged": 1}
 
 
 def test_an_enqueued_point_asked_after_the_start_up_is_not_model_driven():
-    rows = [(0, 10, C, False)] * 2 + [(11, 20, C, True)]
+    rows = [(0, 10, C, {})] * 2 + [(11, 20, C, WARM)]
     asks = hpo_bench.asks_of(trials_at(rows), startup=2)
     assert (asks["asks"], asks["model_driven_asks"], asks["model_driven_trials"]) == (2, 0, 0)
 
 
 def search_record(method: str, seed: int, test: float | None, asks: int = 3, seconds: float = 140.0) -> dict:
     return {"method": method, "search_seed": seed, "best_dev": 0.8, "trials_finished": 24, "startup_trials": 8,
-            "model_driven_asks_complete": asks, "search_seconds": seconds, "setup_seconds": 5.0,
+            "model_driven_asks_judged": asks, "search_seconds": seconds, "setup_seconds": 5.0,
             "budget_seconds": 150, "kept_budget": seconds <= 165,
             "test": {"test_macro_mean": test, "test_per_class": None if test is None else {"a": test, "b": test}}}
 
@@ -458,10 +472,26 @@ def test_the_table_has_a_section_per_data_set_with_its_verdict_and_warnings():
     assert table.endswith("Warnings:\n- deer tpe seed 1: 1 model-driven ask(s)")
 
 
+def test_the_figure_draws_best_dev_so_far_and_a_search_without_a_complete_trial_draws_nothing():
+    part = synthetic_part([0.8, 0.8], [0.8, 0.8])
+    tpe, random = part["methods"]["tpe"]["searches"], part["methods"]["random"]["searches"]
+    tpe[0]["complete_trials"] = [{"elapsed_seconds": 30.0, "dev_macro_accuracy": 0.7},
+                                 {"elapsed_seconds": 90.0, "dev_macro_accuracy": 0.6},
+                                 {"elapsed_seconds": 120.0, "dev_macro_accuracy": 0.75}]
+    tpe[1]["complete_trials"] = [{"elapsed_seconds": 60.0, "dev_macro_accuracy": 0.72}]
+    random[0]["complete_trials"] = random[1]["complete_trials"] = []
+    assert hpo_report.best_so_far(tpe[0], [0.0, 30.0, 100.0, 150.0]) == [None, 0.7, 0.7, 0.75]
+    fig = hpo_report.figure({"settings": {"budget_seconds": 150}, "datasets": {"cars": part}})
+    means = {trace.name: trace.y for trace in fig.data if "mean over" in trace.name}
+    assert set(means) == {"tpe, mean over 2 search seed(s)", "random, mean over 2 search seed(s)"}
+    assert all(y is None for y in means["random, mean over 2 search seed(s)"])
+    assert max(y for y in means["tpe, mean over 2 search seed(s)"] if y is not None) == pytest.approx((0.75 + 0.72) / 2)
+
+
 def test_a_search_with_too_few_model_driven_asks_or_over_its_budget_is_named():
     assert hpo_bench.search_warnings(search_record("tpe", 0, 0.8, asks=2, seconds=160), "cars") == []
     few, over = hpo_bench.search_warnings(search_record("random", 1, 0.8, asks=1, seconds=170), "cars")
-    assert few.startswith("cars random seed 1: 1 model-driven ask(s) with a complete trial after its 8 start-up")
+    assert few.startswith("cars random seed 1: 1 model-driven ask(s) judged before the deadline after its 8 start-up")
     assert over == "cars random seed 1: searched 170 s after a 5 s set-up, over 1.1 x its 150 s budget"
 
 

@@ -59,9 +59,10 @@ MIN_MODEL_DRIVEN_ASKS = 2  # fewer, and a search says little about TPE's model
 # ends later is flagged.
 BUDGET_SLACK = 1.1
 # For the start-up line's estimate, measured on the shared 2-core CPU (torch 2.14.1, 1 thread while
-# other jobs ran): a search's set-up (study, split, first ask) and one epoch of a 3-seed retrain.
-SETUP_SECONDS = 6
-RETRAIN_EPOCH_SECONDS = {"cpu": 1.3}
+# other jobs ran, one smoke run): a search's set-up to its first ask (1.4-2.4 s) and one epoch of a
+# 3-seed retrain with its test scoring (29 s for 20 epochs).
+SETUP_SECONDS = 3
+RETRAIN_EPOCH_SECONDS = {"cpu": 1.5}
 
 
 def add_arguments(parser) -> None:
@@ -148,7 +149,9 @@ def asks_of(trials: list[FrozenTrial], startup: int) -> dict:
     least `startup` trials had finished (COMPLETE or PRUNED: what TPESampler
     counts against its n_startup_trials) as it was asked, and it is not an
     enqueued warm-start point. For random search the same count says how many
-    asks TPE's model would have driven in its place.
+    asks TPE's model would have driven in its place. A model-driven ask is
+    judged when one of its trials trained to its end or to the pruner's
+    verdict: an ask the deadline cut short says nothing about the model's picks.
     """
     finished_at = sorted(t.datetime_complete for t in trials if t.state in FINISHED and t.datetime_complete)
     asks: dict[int, list[FrozenTrial]] = {}
@@ -161,9 +164,13 @@ def asks_of(trials: list[FrozenTrial], startup: int) -> dict:
     return {"asks": len(asks), "startup_trials": startup,
             "model_driven_trials": sum(len(group) for group in model.values()),
             "model_driven_asks": len(model),
-            # asks of which a trial completed: only a complete trial can be the search's best
-            "model_driven_asks_complete": sum(any(t.state == TrialState.COMPLETE for t in group)
-                                              for group in model.values())}
+            "model_driven_asks_judged": sum(any(judged(t) for t in group) for group in model.values())}
+
+
+def judged(trial: FrozenTrial) -> bool:
+    """Trained to its end (COMPLETE), or pruned on its merits (the pruner, a collapse, a divergence), not by the deadline."""
+    return trial.state == TrialState.COMPLETE or (trial.state == TrialState.PRUNED and
+                                                  trial.user_attrs.get("stopped") != STOPPED_BY_DEADLINE)
 
 
 def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
@@ -238,8 +245,8 @@ def search_warnings(record: dict, dataset: str) -> list[str]:
     """What makes one search a weak witness: too few model-driven asks, an overrun budget."""
     name = f"{dataset} {record['method']} seed {record['search_seed']}"
     found = []
-    if record["model_driven_asks_complete"] < MIN_MODEL_DRIVEN_ASKS:
-        found.append(f"{name}: {record['model_driven_asks_complete']} model-driven ask(s) with a complete trial "
+    if record["model_driven_asks_judged"] < MIN_MODEL_DRIVEN_ASKS:
+        found.append(f"{name}: {record['model_driven_asks_judged']} model-driven ask(s) judged before the deadline "
                      f"after its {record['startup_trials']} start-up trials (want >= {MIN_MODEL_DRIVEN_ASKS}); "
                      f"raise BUDGET or shorten the space's trials")
     if not record["kept_budget"]:
@@ -261,6 +268,13 @@ def estimate_minutes(settings: dict) -> float:
         if settings["recipe"] is not None:
             seconds += len(settings["datasets"]) * settings["recipe_config"].epochs * epoch
     return seconds / 60
+
+
+def search_order(methods: list[str], seeds: list[int]) -> list[tuple[int, str]]:
+    """(search seed, method) in the order they run on a data set: a seed's searches back to back, the
+    leader rotating seed by seed, so that a one-off warm-up or a neighbour's drift favours no method."""
+    return [(seed, method) for index, seed in enumerate(seeds)
+            for method in methods[index % len(methods):] + methods[:index % len(methods)]]
 
 
 def run(args) -> int:
@@ -299,29 +313,26 @@ def run(args) -> int:
             part["methods"][RECIPE] = retrain_recipe(settings, cache, dataset.name)
             part["retrains"] = cache.records()
             save()
-        for seed in seeds:
-            # The leader rotates seed by seed: a one-off warm-up or a neighbour's drift favours no method.
-            for method in methods[seed % len(methods):] + methods[:seed % len(methods)]:
-                done += 1
-                print(f"\nhpo-bench: [{done}/{total}] {dataset.name}: {method} search, search seed {seed}, budget "
-                      f"{budget} s (bench {(time.perf_counter() - bench_started) / 60:.1f} min elapsed)", flush=True)
-                record = run_search(dataset.options(args), settings, run_dir / dataset.name, run_dir, method, seed,
-                                    cache)
-                part["methods"][method]["searches"].append(record)
-                part["retrains"] = cache.records()
-                print(f"hpo-bench: [{done}/{total}] {dataset.name} {method} seed {seed}: {record['trials_finished']} "
-                      f"trials finished, {record['model_driven_asks_complete']} model-driven ask(s) with a complete "
-                      f"trial, searched {record['search_seconds']:.0f} s of a {budget} s budget "
-                      f"(+{record['setup_seconds']:.0f} s set-up), best dev {_f(record['best_dev'])}, "
-                      f"test {_f(record['test']['test_macro_mean'])}", flush=True)
-                for warning in search_warnings(record, dataset.name):
-                    report["warnings"].append(warning)
-                    print(f"hpo-bench: warning: {warning}", flush=True)
-                save()
+        for seed, method in search_order(methods, seeds):
+            done += 1
+            print(f"\nhpo-bench: [{done}/{total}] {dataset.name}: {method} search, search seed {seed}, budget "
+                  f"{budget} s (bench {(time.perf_counter() - bench_started) / 60:.1f} min elapsed)", flush=True)
+            record = run_search(dataset.options(args), settings, run_dir / dataset.name, run_dir, method, seed, cache)
+            part["methods"][method]["searches"].append(record)
+            part["retrains"] = cache.records()
+            print(f"hpo-bench: [{done}/{total}] {dataset.name} {method} seed {seed}: {record['trials_finished']} "
+                  f"trials finished, {record['model_driven_asks_judged']} model-driven ask(s) judged, "
+                  f"searched {record['search_seconds']:.0f} s of a {budget} s budget "
+                  f"(+{record['setup_seconds']:.0f} s set-up), best dev {_f(record['best_dev'])}, "
+                  f"test {_f(record['test']['test_macro_mean'])}", flush=True)
+            for warning in search_warnings(record, dataset.name):
+                report["warnings"].append(warning)
+                print(f"hpo-bench: warning: {warning}", flush=True)
+            save()
         for method in methods:
             part["methods"][method]["summary"] = method_summary(part["methods"][method]["searches"], part["classes"])
         part["verdicts"] = verdicts(part)
-        del data, cache
+        del data, cache  # this data set's images leave memory before the next one's load
     report["complete"] = True
     report["settings"]["finished"] = datetime.now().isoformat(timespec="seconds")
     report["settings"]["bench_seconds"] = time.perf_counter() - bench_started

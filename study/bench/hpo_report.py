@@ -40,7 +40,7 @@ def method_summary(searches: list[dict], classes) -> dict:
     scored = [s["test"] for s in searches if s["test"]["test_macro_mean"] is not None]
     test_mean, test_sd = mean_sd([t["test_macro_mean"] for t in scored])
     dev_mean, dev_sd = mean_sd([s["best_dev"] for s in searches])
-    asks = [s["model_driven_asks_complete"] for s in searches]
+    asks = [s["model_driven_asks_judged"] for s in searches]
     return {"search_seeds": len(searches), "scored_seeds": len(scored),
             "test_macro_mean": test_mean, "test_macro_sd_over_search_seeds": test_sd,
             "test_per_class": {c: mean_sd([t["test_per_class"][c] for t in scored])[0] for c in classes},
@@ -136,7 +136,8 @@ def format_tables(report: dict) -> str:
         f"trial by dev, retrained with seeds {seeds}; mean over search seeds ± sd over search seeds "
         f"(*recipe: sd over its training seeds); per class: test accuracy, mean. vs random: test macro minus "
         f"random search's of the same search seed, mean ± sd over seeds. Model-driven asks: asks after the "
-        f"start-up trials with a complete trial (for random search, the asks TPE's model would have driven). "
+        f"start-up trials of which a trial completed or was pruned on its merits, not cut by the deadline (for "
+        f"random search, the asks TPE's model would have driven). "
         f"Search s: from the first ask to the search's end (set-up apart); searches ending after "
         f"{settings['budget_slack']} x the budget are counted as over.")
     if report.get("warnings"):
@@ -172,7 +173,7 @@ def figure(report: dict):
             searches = entry.get("searches") or []
             if method == RECIPE or not searches:
                 continue
-            end = max(budget, *(t["elapsed_seconds"] for s in searches for t in s["complete_trials"]))
+            end = max([budget, *(t["elapsed_seconds"] for s in searches for t in s["complete_trials"])])
             times = [end * k / 100 for k in range(101)]
             colour = COLOURS.get(method, "#555555")
             curves = [best_so_far(s, times) for s in searches]

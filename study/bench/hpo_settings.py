@@ -46,10 +46,12 @@ SEARCH_METHODS = {
 RECIPE = "recipe"
 METHOD_NAMES = (*SEARCH_METHODS, RECIPE)
 DEFAULT_METHODS = tuple(SEARCH_METHODS)
-# Seconds per search. With bench.yaml and FUSE 8 on the shared 2-core CPU (1 torch thread, 2.5 s per
-# epoch of a fused group of 8), 150 s is the start-up ask and two or three model-driven asks after it;
-# 2 data sets x 4 methods x 3 seeds of it, with set-up and retrains, fit in 90 minutes (docs/results.md).
-DEFAULT_BUDGET = 150
+# Seconds per search. With bench.yaml and FUSE 8 on the shared 2-core CPU (1 torch thread, 2.3-3.0 s per
+# epoch of a fused group of 8), an ask takes 30-45 s: 160 s is the start-up ask and three model-driven
+# asks after it, two or three judged before the deadline (one smoke search each of default and
+# tpe_hyperband). 2 data sets x 4 methods x 3 seeds of it, with set-up and retrains, take about
+# 75 minutes (hpo.estimate_minutes).
+DEFAULT_BUDGET = 160
 DEFAULT_SEARCH_SEEDS = 3
 SPACE = "search_spaces/bench.yaml"
 RECIPE_SPACE = "search_spaces/seed_final.yaml"
@@ -142,7 +144,7 @@ def parse_datasets(text: str | None, data: str, classes: str | None) -> list[Dat
         entries = [(data, classes), (str(shared_second_dataset()), SECOND_DATASET[1])]
         if Path(entries[0][0]).resolve() == Path(entries[1][0]).resolve():
             entries = entries[:1]
-        where = "DATA" if len(entries) == 1 else "DATA and the second default data set"
+        where = "DATASETS unset (DATA" + ("" if len(entries) == 1 else f", and {entries[1][0]} as {entries[1][1]}") + ")"
     else:
         entries = [tuple(entry.rsplit(":", 1)) if ":" in entry else (entry, None)
                    for entry in re.split(r"[;\s]+", str(text).strip())]
