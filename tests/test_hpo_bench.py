@@ -437,7 +437,10 @@ def synthetic_part(tpe: list[float], random: list[float]) -> dict:
 def test_the_verdict_is_the_paired_difference_over_search_seeds():
     part = synthetic_part(tpe=[0.80, 0.84, 0.79], random=[0.78, 0.80, 0.81])  # diffs +0.02, +0.04, -0.02
     assert part["verdicts"] == ["TPE (cold) vs random (cold): +0.013 test macro "
-                                "(sd 0.031 over 3 paired search seeds; tpe ahead on 2 of 3)"]
+                                "(sd 0.031 over 3 paired search seeds; tpe ahead on 2 of 3); "
+                                "within the seeds' noise (2 standard errors: 0.035)"]
+    clear = synthetic_part(tpe=[0.82, 0.84, 0.83], random=[0.78, 0.80, 0.80])  # +0.04, +0.04, +0.03
+    assert clear["verdicts"][0].endswith("tpe ahead on 3 of 3)")
     summary = part["methods"]["tpe"]["summary"]
     assert summary["test_macro_mean"] == pytest.approx(0.81)
     assert summary["test_macro_sd_over_search_seeds"] == pytest.approx(np.std([0.80, 0.84, 0.79], ddof=1))

@@ -6,6 +6,8 @@ searched (in the order they ran), their searches, and the recipe when it ran.
 
 from __future__ import annotations
 
+import math
+
 import statistics
 
 COLOURS = {"tpe": "#1f77b4", "random": "#ff7f0e", "default": "#2ca02c", "tpe_hyperband": "#9467bd"}
@@ -74,6 +76,8 @@ def verdict_line(label: str, diff: dict) -> str:
     line = (f"{label}: {diff['mean']:+.3f} test macro ({spread}; {diff['method']} ahead on {diff['ahead']} of {n})")
     if diff["mean"] <= 0:
         line += f"; {diff['method']} did not beat {diff['against']} here"
+    elif diff["sd"] is not None and diff["mean"] <= 2 * diff["sd"] / math.sqrt(n):
+        line += f"; within the seeds' noise (2 standard errors: {2 * diff['sd'] / math.sqrt(n):.3f})"
     return line
 
 
