@@ -62,12 +62,13 @@ def main() -> None:
           f"on {device} ({threads})", flush=True)
     fingerprint = {"data": splits.cache_path.name if splits.cache_path else splits.source, "folds": args.folds,
                    "fold_seed": FOLD_SEED}
-    folds = [CrossValidation(f"trial {t.number} ", trial_config(t)[0], out / ".partial" / f"trial-{t.number}-folds",
-                             {**fingerprint, "trial": t.number, "config": trial_config(t)[0].to_dict()}) for t in trials]
+    configs = [trial_config(t)[0] for t in trials]  # rebuilt once per trial, for its folds and its seeds
+    folds = [CrossValidation(f"trial {t.number} ", c, out / ".partial" / f"trial-{t.number}-folds",
+                             {**fingerprint, "trial": t.number, "config": c.to_dict()}) for t, c in zip(trials, configs)]
     cross_validate(folds, splits, device, args.folds)
-    seeds = [Retrain(f"trial {t.number} ", trial_config(t)[0], out / ".partial" / f"trial-{t.number}-seeds",
-                     {**fingerprint, "trial": t.number, "config": {**trial_config(t)[0].to_dict(), "seed": None}})
-             for t in trials]
+    seeds = [Retrain(f"trial {t.number} ", c, out / ".partial" / f"trial-{t.number}-seeds",
+                     {**fingerprint, "trial": t.number, "config": {**c.to_dict(), "seed": None}})
+             for t, c in zip(trials, configs)]
     retrain_seeds(seeds, DeviceData(splits, device), args.seeds)
     rows = []
     for trial, cv, retrain in zip(trials, folds, seeds):
