@@ -20,6 +20,7 @@ TRIAL    ?=
 SEEDS    ?=# final: 3 (seeds 0..2); train: 1
 CANDIDATES ?=# final: the top K trials by dev (3), with the warm-start points, compete
 FOLDS    ?=# final: choose among them by K-fold cross-validation over train+dev (4); 0: by dev over seeds
+ENSEMBLE ?=# final: 1 (default): model.pt is the seeds' ensemble (mean softmax); 0: the median seed
 EPSILONS ?=
 ATTACK   ?= fgsm
 CSV      ?=
@@ -45,7 +46,7 @@ DEV_COUNTS   ?=
 TEST_COUNTS  ?=
 SPLIT_SEED   ?=
 
-export DATA RESULTS DEVICE SPACE STUDY STORAGE TRIALS TIMEOUT WORKERS FUSE PORT HOST TRIAL SEEDS CANDIDATES FOLDS \
+export DATA RESULTS DEVICE SPACE STUDY STORAGE TRIALS TIMEOUT WORKERS FUSE PORT HOST TRIAL SEEDS CANDIDATES FOLDS ENSEMBLE \
        EPSILONS ATTACK CSV CHECKPOINT SPLIT TTA TRUST_PICKLE CORRECTIONS FLIP_COUNT SEED AUDIT_METHOD THREADS PYTEST_ARGS \
        BUDGET SEARCH_SEEDS METHODS DATASETS
 export CLASSES TRAIN_COUNTS DEV_COUNTS TEST_COUNTS SPLIT_SEED

@@ -1,5 +1,8 @@
 """Checkpoints hold weights, the training config and the class names; nothing executable.
 
+A checkpoint holds one model, or a seed ensemble of `members` models of one
+config (cnnlib.ensemble): its weights are then the Ensemble's state dict.
+
 They are written as plain tensors and primitives and read with
 `weights_only=True`, so a crafted file cannot run code on load.
 """
@@ -12,11 +15,13 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path
+from .ensemble import Ensemble, member_states
 from .errors import CheckpointError
-from .model import MODELS, SeedCNN, flat_features
+from .model import MODELS, flat_features
 from .training import CHANNELS_LAST, TrainConfig
 
 FORMAT = "cnnlib-seedcnn-1"
+MAX_MEMBERS = 256  # as many as `make final` has seeds
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, config: TrainConfig, classes, image_size: int = 32,
@@ -30,14 +35,16 @@ def save_checkpoint(path: Path, model: torch.nn.Module, config: TrainConfig, cla
         "classes": list(classes),
         "image_size": int(image_size),
         "extra": extra or {},
+        "members": len(model.members) if isinstance(model, Ensemble) else 1,
     }
     with atomic_path(path) as tmp:  # never a half-written checkpoint under the real name
         torch.save(payload, tmp)
     return path
 
 
-def load_checkpoint(path: Path, device="cpu") -> tuple[SeedCNN, TrainConfig, tuple[str, ...], dict]:
-    """(model in eval mode, config, classes, extra); errors name the file and what was wrong."""
+def load_checkpoint(path: Path, device="cpu") -> tuple[torch.nn.Module, TrainConfig, tuple[str, ...], dict]:
+    """(model in eval mode: a SeedCNN or an Ensemble of them, config, classes, extra); errors name the file and
+    what was wrong."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -51,24 +58,36 @@ def load_checkpoint(path: Path, device="cpu") -> tuple[SeedCNN, TrainConfig, tup
     try:
         config = TrainConfig.from_dict(payload["config"])
         classes = _class_names(path, payload["classes"])
-        state = payload["state_dict"]
+        count = _member_count(path, payload.get("members", 1))
+        states = member_states(payload["state_dict"], count) if count > 1 else [payload["state_dict"]]
         if config.model == "seed_cnn":  # its first linear layer is sized by the image size
-            _check_image_size(path, payload["image_size"], state, len(classes))
-        model = MODELS[config.model](len(classes), config.dropout, int(payload["image_size"])).to(device)
+            for state in states:
+                _check_image_size(path, payload["image_size"], state, len(classes))
+        models = [MODELS[config.model](len(classes), config.dropout, int(payload["image_size"])).to(device)
+                  for _ in states]
     except KeyError as error:
         raise CheckpointError(f"{path}: checkpoint lacks its {error.args[0]!r} entry") from None
     except CheckpointError:
         raise
     except (TypeError, ValueError, OverflowError) as error:  # settings this version does not know, or impossible values
         raise CheckpointError(f"{path}: checkpoint settings do not fit this code ({error})") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
-        raise CheckpointError(f"{path}: weights do not fit the seed CNN for {len(classes)} classes ({detail})") from None
+    for model, state in zip(models, states):
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+            raise CheckpointError(f"{path}: weights do not fit the seed CNN for {len(classes)} classes "
+                                  f"({detail})") from None
     if CHANNELS_LAST:
-        model = model.to(memory_format=torch.channels_last)
+        models = [m.to(memory_format=torch.channels_last) for m in models]
+    model = Ensemble(models) if len(models) > 1 else models[0]
     return model.eval(), config, classes, payload.get("extra", {})
+
+
+def _member_count(path: Path, members) -> int:
+    if isinstance(members, bool) or not isinstance(members, int) or not 1 <= members <= MAX_MEMBERS:
+        raise CheckpointError(f"{path}: members {reprlib.repr(members)} is not a whole number from 1 to {MAX_MEMBERS}")
+    return members
 
 
 def _class_names(path: Path, names) -> tuple[str, ...]:

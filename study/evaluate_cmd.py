@@ -15,6 +15,7 @@ from pathlib import Path
 from cnnlib.atomic import write_json
 from cnnlib.checkpoint import load_checkpoint
 from cnnlib.device import resolve_device
+from cnnlib.ensemble import first_member
 from cnnlib.errors import CheckpointError
 from cnnlib.metrics import majority_baseline
 from cnnlib.model import flat_features
@@ -49,7 +50,7 @@ def _newest_checkpoint(results: Path) -> Path | None:
 
 def _fits(model, image_size: int) -> bool:
     try:
-        return flat_features(image_size) == model.classifier[1].in_features
+        return flat_features(image_size) == first_member(model).classifier[1].in_features
     except ValueError:
         return False
 

@@ -198,6 +198,13 @@ def _attack_table(rows: list[dict], classes) -> str:
                     *[_pct(r[f"accuracy_{c}"]) for c in classes], _pct(r["attack_success_rate"])] for r in rows])
 
 
+def model_words(kept: dict) -> str:
+    """How report lines name the model kept: 'ensemble of seeds 0, 1, 2' or 'median seed 1'."""
+    if kept["kind"] == "ensemble":
+        return "ensemble of seeds " + ", ".join(map(str, kept["seeds"]))
+    return f"median seed {kept['seeds'][0]}"
+
+
 def _candidates_section(metrics: dict, classes) -> list[str]:
     """The candidates side by side: what chose among them, ± its standard error, and their test scores."""
     rows, selection = metrics.get("candidates") or [], metrics.get("selection") or {}
@@ -227,6 +234,18 @@ def _candidates_section(metrics: dict, classes) -> list[str]:
     return out + [_table(["trial", "search dev", "mean dev over seeds", "mean test over seeds"], body), ""]
 
 
+def _kept(metrics: dict) -> dict:
+    return metrics.get("model") or {"kind": "median seed", "seeds": [metrics["median_seed"]]}
+
+
+def _model_sentence(metrics: dict) -> str:
+    kept = _kept(metrics)
+    if kept["kind"] == "ensemble":
+        return (f"The checkpoint [model.pt](model.pt) is the {model_words(kept)}: the mean of their softmax, each "
+                "with the config's test-time views (ENSEMBLE=0 keeps the median seed instead).")
+    return f"The checkpoint [model.pt](model.pt) is seed {kept['seeds'][0]}, the median by dev macro accuracy."
+
+
 def _mean_sd(mean, sd) -> str:
     if mean is None:
         return "–"
@@ -242,17 +261,18 @@ def format_report(metrics: dict, rows: list[dict], figures: dict) -> str:
            f"Chosen: {trial['selection']}. Search value(s): {', '.join(f'{v:.4f}' for v in trial['values'] or [])}.",
            f"Config from {trial['config_source']}; retrained on train with seeds "
            f"{', '.join(str(r['seed']) for r in metrics['seeds'])} on {metrics['device']}. "
-           f"The checkpoint [model.pt](model.pt) is seed {metrics['median_seed']}, the median by dev macro accuracy.", "",
+           + _model_sentence(metrics), "",
            _table(["setting", "value"], [[k, f"`{v}`"] for k, v in config.items() if k != "seed"]), "",
            "## Accuracy", ""]
     seeds = len(metrics["seeds"])
     if seeds > 1:
-        out += ["Median-seed model; mean ± std (sample std) over the seeds; the majority-class baseline predicts the "
-                "most frequent training class for everything.", ""]
+        out += [f"Macro and per class: the model kept ({model_words(_kept(metrics))}); mean ± std (sample std): "
+                "the seeds alone; the majority-class baseline predicts the most frequent training class for "
+                "everything.", ""]
     else:  # a spread needs two seeds; "± 0.0%" would claim a stability nobody measured
         out += ["One seed, so no spread over seeds (SEEDS=3 or more measures how much of the score is luck); the "
                 "majority-class baseline predicts the most frequent training class for everything.", ""]
-    spread_column = [f"mean ± std ({seeds} seeds)"] if seeds > 1 else []
+    spread_column = [f"single seeds, mean ± std ({seeds})"] if seeds > 1 else []
     header = ["split", "macro accuracy", *spread_column, *classes, "majority baseline"]
     body = []
     for s in splits:
@@ -264,7 +284,7 @@ def format_report(metrics: dict, rows: list[dict], figures: dict) -> str:
                    [[r["seed"], *[_pct(r[s]["macro_accuracy"]) for s in splits], r["epochs"], f"{r['seconds']:.1f}"]
                     for r in metrics["seeds"]]), ""]
     for s in splits:
-        out += ["```", Evaluation.from_dict(classes, metrics[s]).format(f"{s} (median seed)"), "```", ""]
+        out += ["```", Evaluation.from_dict(classes, metrics[s]).format(f"{s} ({model_words(_kept(metrics))})"), "```", ""]
     out += _candidates_section(metrics, classes)
     attack = metrics["attack"]
     pgd = f" (PGD: {attack['pgd_steps']} steps)" if "pgd" in attack["attacks"] else ""

@@ -83,6 +83,18 @@ def fraction(variable: str):
     return parse
 
 
+def switch(variable: str):
+    """argparse type for on/off: 1, yes, on, true or 0, no, off, false; its error names the variable."""
+    def parse(text) -> bool:
+        word = str(text).strip().lower()
+        if word in ("1", "yes", "on", "true"):
+            return True
+        if word in ("0", "no", "off", "false"):
+            return False
+        raise argparse.ArgumentTypeError(f"{variable}={text!r}: expected 1 (on) or 0 (off)")
+    return parse
+
+
 def counts(variable: str):
     def parse(text) -> tuple[int, ...]:
         try:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cnnlib.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from cnnlib.ensemble import Ensemble
 from cnnlib.errors import CheckpointError
 from cnnlib.model import SeedCNN
 from cnnlib.splits import DataConfig, prepare_splits
@@ -116,3 +117,41 @@ def test_predictions_depend_on_the_loaded_weights_not_a_fresh_init(trained, tmp_
     fresh = SeedCNN(3, result.config.dropout).eval()
     x = torch.from_numpy(np.ascontiguousarray(splits.test.images)).permute(0, 3, 1, 2).float() / 255
     assert not torch.allclose(predict_logits(model, x), predict_logits(fresh, x))
+
+
+def test_an_ensemble_round_trips_and_predicts_the_mean_softmax_of_its_members(trained, tmp_path, device):
+    result, splits = trained
+    other = SeedCNN(n_classes=3, dropout=0.3).eval()  # a second member with other weights
+    ensemble = Ensemble([result.model, other]).eval()
+    path = save_checkpoint(tmp_path / "model.pt", ensemble, result.config, CLASSES, extra={"seeds": [0, 1]})
+    model, config, classes, extra = load_checkpoint(path, device)
+    assert isinstance(model, Ensemble) and len(model.members) == 2 and not model.training
+    assert config == result.config and classes == CLASSES and extra == {"seeds": [0, 1]}
+    x = DeviceData(splits, "cpu").test.x
+    with torch.no_grad():
+        mean = (result.model(x).softmax(-1) + other(x).softmax(-1)) / 2
+        loaded = model(x.to(device)).cpu()
+    torch.testing.assert_close(loaded.exp(), mean, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("members", [0, -1, True, "2", 3, 10**9])
+def test_an_ensemble_whose_member_count_does_not_fit_its_weights_is_refused_by_name(trained, tmp_path, members):
+    result, _ = trained
+    path = save_checkpoint(tmp_path / "model.pt", Ensemble([result.model, result.model]), result.config, CLASSES)
+    payload = torch.load(path, weights_only=True)
+    payload["members"] = members
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"model\.pt: (members .* is not a whole number|checkpoint settings "
+                                              r"do not fit this code \(weight|weights do not fit)"):
+        load_checkpoint(path)
+
+
+def test_a_one_model_checkpoint_read_as_an_ensemble_is_refused_by_name(trained, tmp_path):
+    result, _ = trained
+    path = save_checkpoint(tmp_path / "model.pt", result.model, result.config, CLASSES)
+    payload = torch.load(path, weights_only=True)
+    payload["members"] = 2
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"model\.pt: checkpoint settings do not fit this code \(weight "
+                                              r"'[^']+' belongs to no member of an ensemble of 2"):
+        load_checkpoint(path)

@@ -76,3 +76,21 @@ def test_evaluate_uses_the_checkpoints_tta_unless_told_another(tiny_inputs, tiny
     code, out, err = evaluate_cli(tiny_inputs, "--checkpoint", run_dir / "model.pt", "--tta", "flip", "--json", out_json)
     assert code == 0, err
     assert json.loads(out_json.read_text())["tta"] == "flip" and "tta:        flip (the checkpoint says none)" in out
+
+
+@pytest.mark.slow
+def test_evaluate_takes_a_seed_ensemble_and_scores_its_mean_softmax(tiny_inputs, tiny_run, tmp_path):
+    from cnnlib.checkpoint import load_checkpoint, save_checkpoint
+    from cnnlib.ensemble import Ensemble
+    from cnnlib.model import SeedCNN
+
+    run_dir, _ = tiny_run
+    model, config, classes, _ = load_checkpoint(run_dir / "model.pt")
+    path = save_checkpoint(tmp_path / "ensemble.pt", Ensemble([model, SeedCNN(len(classes)).eval()]), config, classes)
+    out_json = tmp_path / "eval.json"
+    code, out, err = evaluate_cli(tiny_inputs, "--checkpoint", path, "--split", "test", "--json", out_json)
+    assert code == 0, err
+    alone = json.loads((run_dir / "metrics.json").read_text())["test"]
+    together = json.loads(out_json.read_text())["evaluation"]
+    assert sum(map(sum, together["confusion_matrix"])) == sum(map(sum, alone["confusion_matrix"]))
+    assert together["loss"] != pytest.approx(alone["loss"])  # the second member counts

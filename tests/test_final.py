@@ -22,6 +22,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from cnnlib.checkpoint import load_checkpoint
+from cnnlib.ensemble import Ensemble
 from cnnlib.metrics import Evaluation
 from cnnlib.training import DeviceData, evaluate
 from study import cli, final, final_report
@@ -104,7 +105,7 @@ def test_final_on_a_smoke_study_writes_every_file(smoke_study, tmp_path, real_da
         summary = metrics["summary"][split]["macro_accuracy"]
         per_seed = [s[split]["macro_accuracy"] for s in metrics["seeds"]]
         assert summary["mean"] == pytest.approx(sum(per_seed) / 2)
-        assert block["macro_accuracy"] in per_seed
+    assert metrics["model"] == {"kind": "ensemble", "seeds": [0, 1]}
 
     rows = read_rows(out / "fgsm.csv")
     assert [(r["split"], r["attack"], float(r["epsilon"])) for r in rows] == [
@@ -119,10 +120,14 @@ def test_final_on_a_smoke_study_writes_every_file(smoke_study, tmp_path, real_da
         assert float(p["macro_accuracy"]) <= float(f["macro_accuracy"])
 
     model, config, classes, extra = load_checkpoint(out / "model.pt", device)
-    assert extra["seed"] == metrics["median_seed"] and list(classes) == CLASSES
+    assert isinstance(model, Ensemble) and len(model.members) == 2
+    assert extra["seeds"] == [0, 1] and list(classes) == CLASSES
     data = DeviceData(final.load_splits(cli_namespace(real_data, results)), device)
     for split in ("dev", "test"):  # the kept checkpoint is the model the numbers describe
         assert evaluate(model, getattr(data, split), classes).confusion.tolist() == metrics[split]["confusion_matrix"]
+    for i, member in enumerate(model.members):  # each member is its seed's own model
+        alone = evaluate(member, data.test, classes).macro_accuracy
+        assert alone == pytest.approx(metrics["seeds"][i]["test"]["macro_accuracy"])
     html = (out / "accuracy_vs_epsilon.html").read_text()
     assert re.findall(r"<script[^>]*\bsrc=\"([^\"]+)\"", html) == ["plotly.min.js"], "one local plotly.js, no CDN"
     assert "Plotly.newPlot" in html and len(html) < 200_000
@@ -236,8 +241,8 @@ def final_of_two_candidates(storage, results, real_data, device, *extra) -> tupl
 @pytest.mark.slow
 def test_without_trial_the_top_candidates_are_retrained_and_the_best_mean_dev_is_kept(
         smoke_study, tmp_path, real_data, device, capsys):
-    metrics, _ = final_of_two_candidates(smoke_study, tmp_path / "results", real_data, device, "--seeds", "2",
-                                         "--folds", "0")
+    metrics, out = final_of_two_candidates(smoke_study, tmp_path / "results", real_data, device, "--seeds", "2",
+                                           "--folds", "0", "--ensemble", "0")
     candidates = metrics["candidates"]
     assert [c["trial"] for c in candidates] == [1, 0]  # best search value first
     best = max(candidates, key=lambda c: c["mean_dev_macro_accuracy"])
@@ -245,6 +250,13 @@ def test_without_trial_the_top_candidates_are_retrained_and_the_best_mean_dev_is
     assert metrics["summary"]["dev"]["macro_accuracy"]["mean"] == pytest.approx(best["mean_dev_macro_accuracy"])
     assert "top 2 trials" in metrics["trial"]["selection"]
     assert "by the mean dev over seeds" in capsys.readouterr().out
+    # ENSEMBLE=0: the model is the median seed, and the numbers are its own
+    assert metrics["model"] == {"kind": "median seed", "seeds": [metrics["median_seed"]]}
+    median = next(s for s in metrics["seeds"] if s["seed"] == metrics["median_seed"])
+    assert metrics["test"]["confusion_matrix"] == median["test"]["confusion_matrix"]
+    _, _, _, extra = load_checkpoint(out / "model.pt")
+    assert extra["seed"] == metrics["median_seed"]
+    assert f"is seed {metrics['median_seed']}, the median by dev" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow
