@@ -261,6 +261,7 @@ def run(args) -> int:
         selection = f"of {what}, cross-validated on {args.folds} folds of train+dev: {why}"
         print(f"chosen: trial {trial.number} ({selection}); retraining it on train with {args.seeds} seed(s)",
               flush=True)
+        print_config(trial_config(trial)[0])
         trial, config, config_source, runs, _ = retrain_candidates(study, [trial], data, args, out, splits)[0]
     else:
         (trial, config, config_source, runs, why), candidate_summary = retrain_candidates(study, candidates, data,
@@ -268,6 +269,7 @@ def run(args) -> int:
         if len(candidates) > 1:
             selection = f"of {what}, retrained with {args.seeds} seed(s): {why}"
             print(f"chosen: trial {trial.number} ({selection})", flush=True)
+            print_config(config)
     chosen = median_run(runs)
     # Everything is made in .next/ and moved into place at the end: until then the last run's files stay whole.
     stage = out / ".next"
@@ -320,14 +322,18 @@ def selection_record(args, candidates, rows: list[dict]) -> dict:
 def announce(study, trial, selection: str | None, what: str, config: TrainConfig, classes, recorded,
              folds: int) -> None:
     """What is retrained, with which config and class order; `selection` None: several candidates."""
-    if selection is None:
+    if selection is None:  # the config is printed once one is chosen
         how = f"cross-validation on {folds} folds of train+dev" if folds else "the mean dev over seeds"
         print(f"study {study.study_name!r}: choosing among {what} by {how}", flush=True)
     else:
         print(f"study {study.study_name!r}: trial {trial.number} ({selection})", flush=True)
-    print(f"config: {json.dumps({k: v for k, v in config.to_dict().items() if k != 'seed'})}", flush=True)
+        print_config(config)
     print(f"classes: {', '.join(f'{i} {c}' for i, c in enumerate(classes))}"
           f"{' (as recorded on the study)' if recorded else ''}", flush=True)
+
+
+def print_config(config: TrainConfig) -> None:
+    print(f"config: {json.dumps({k: v for k, v in config.to_dict().items() if k != 'seed'})}", flush=True)
 
 
 def pick_candidates(study, args) -> tuple:

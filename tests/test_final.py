@@ -274,9 +274,13 @@ def test_by_default_the_candidates_are_cross_validated_and_the_best_is_retrained
         assert sum(map(sum, row["cv_confusion_matrix"])) == 320 + 48 + 32 + 60 + 20 + 20  # every image once
         assert row["fold_test_macro_accuracy"] is not None
     assert [r["seed"] for r in metrics["seeds"]] == [0]  # only the chosen one retrains on train
+    printed = capsys.readouterr().out
+    configs = [line for line in printed.splitlines() if line.startswith("config: ")]
+    assert len(configs) == 1 and printed.index("chosen: trial") < printed.index("config: ")  # the kept one's
+    assert json.loads(configs[0][len("config: "):]) == {k: v for k, v in metrics["config"].items() if k != "seed"}
     report = (out / "report.md").read_text()
     assert "## Candidates" in report and "CV macro ± SE" in report
-    assert "fold 2/2" in capsys.readouterr().out
+    assert "fold 2/2" in printed
 
 
 def test_unknown_study_is_a_one_line_error_listing_the_studies(smoke_study, tmp_path, real_data, capsys):

@@ -25,7 +25,7 @@ from study.lifetime import PARENT_VARIABLE
 from study.search import plan as plan_module
 from study.search import worker_processes as workers_module
 from study.search.space import SpaceError, load_space
-from test_reliability import hang_in_training, inject, search_command, worker_pids
+from test_reliability import hang_in_training, inject, make_search_command, search_command, worker_pids
 from test_search import FINISHED, SMOKE, small_data, sqlite_url, subprocess_env, trials_of, write_space  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,9 +95,7 @@ def test_sigkill_of_a_two_worker_search_ends_every_worker_and_the_resource_track
 @pytest.mark.slow
 def test_sigkill_of_make_search_ends_the_search_and_its_workers(small_data, tmp_path):
     url = sqlite_url(tmp_path)
-    command = ["make", "--no-print-directory", "-C", str(ROOT), "-o", ".venv/.installed", "search",
-               f"SPACE={SMOKE}", "TRIALS=4", "WORKERS=2", "FUSE=1", f"PY={sys.executable}", f"DATA={small_data}",
-               f"RESULTS={tmp_path}", f"STORAGE={url}"]
+    command = make_search_command(small_data, tmp_path, url, trials=4)
 
     left, seconds, output = sigkill_when_training(command, tmp_path, training=2)
 

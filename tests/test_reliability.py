@@ -118,6 +118,13 @@ def search_command(data: Path, results: Path, storage: str, *extra: str) -> list
             "--data", str(data), "--results", str(results), "--fuse", "1", *extra]
 
 
+def make_search_command(data: Path, results: Path, storage: str, trials: int) -> list[str]:
+    """`make search` with two one-trial-at-a-time workers on the smoke space, as a user would start it."""
+    return ["make", "--no-print-directory", "-C", str(ROOT), "-o", ".venv/.installed", "search",
+            f"SPACE={SMOKE}", f"TRIALS={trials}", "WORKERS=2", "FUSE=1", f"PY={sys.executable}", f"DATA={data}",
+            f"RESULTS={results}", f"STORAGE={storage}"]
+
+
 def finished_params(trials) -> list[tuple]:
     return [tuple(sorted(t.params.items())) for t in trials if t.state in FINISHED]
 
@@ -641,9 +648,7 @@ def terminate_search(command: list[str], flag: Path, results: Path, training: in
 @pytest.mark.slow
 def test_sigterm_to_make_search_stops_every_worker_and_marks_their_trials_failed(small_data, tmp_path):
     url = sqlite_url(tmp_path)
-    command = ["make", "--no-print-directory", "-C", str(ROOT), "-o", ".venv/.installed", "search",
-               f"SPACE={SMOKE}", "TRIALS=3", "WORKERS=2", "FUSE=1", f"PY={sys.executable}", f"DATA={small_data}",
-               f"RESULTS={tmp_path}", f"STORAGE={url}"]
+    command = make_search_command(small_data, tmp_path, url, trials=3)
 
     stopped = terminate_search(command, tmp_path / "training.pids", tmp_path, training=2)
 

@@ -6,7 +6,7 @@ For every study in STORAGE (or only STUDY) this writes, under RESULTS/<study>/:
   state, value or values_<objective>, datetime_start, datetime_complete,
   duration in seconds, params_*), then the user attributes flattened into
   scalars: user_attrs_dev_macro_accuracy, user_attrs_dev_acc_<class>,
-  user_attrs_train_macro_accuracy, user_attrs_train_acc_<class>,
+  user_attrs_train_macro_accuracy, user_attrs_train_acc_<class> (the plain model, no test-time views),
   user_attrs_dev_cm_<true>_as_<predicted> (the dev confusion matrix),
   user_attrs_config_<key> (the full training config, fixed values included),
   user_attrs_train_seconds, user_attrs_device, user_attrs_pruned_reason, ...
