@@ -33,7 +33,12 @@ def evaluate_members(net, split, classes, loss: MemberLoss, views: list[int] | N
     """cnnlib.training.evaluate for every member of a pass at once (dropout off); split: a DeviceSplit.
 
     views: each member's test-time augmentation views (cnnlib.tta.VIEW_COUNTS); None: one each.
+    Members with different counts are evaluated as sub-passes, one per count, so each pays for
+    its own views only: a plain member beside one with ten views costs one forward, not ten.
     """
+    views = views or [1] * net.k
+    if len(set(views)) > 1:
+        return _evaluate_by_view_count(net, split, classes, loss, views)
     k, n = net.k, len(classes)
     device = net.flat.device
     numerator = torch.zeros(k, device=device)
@@ -45,7 +50,7 @@ def evaluate_members(net, split, classes, loss: MemberLoss, views: list[int] | N
     try:
         for start in range(0, len(split), chunk):
             x, y = split.x[start:start + chunk], split.y[start:start + chunk]
-            logits = log_mean_softmax(net, x, views or [1] * k)
+            logits = log_mean_softmax(net, x, views[0])
             num, den = loss.sums(logits, y)
             numerator += num
             denominator += den
@@ -55,6 +60,18 @@ def evaluate_members(net, split, classes, loss: MemberLoss, views: list[int] | N
     losses = (numerator / denominator).tolist() if len(split) else [float("nan")] * k
     matrices = counts.view(k, n, n).cpu().numpy()
     return [Evaluation(tuple(classes), matrices[row].copy(), losses[row]) for row in range(k)]
+
+
+def _evaluate_by_view_count(net, split, classes, loss: MemberLoss, views: list[int]) -> list[Evaluation]:
+    out: list[Evaluation | None] = [None] * len(views)
+    for count in sorted(set(views)):
+        rows = [row for row, v in enumerate(views) if v == count]
+        sub_net, sub_loss = copy.copy(net), copy.copy(loss)  # select() replaces their tensors, not these
+        sub_net.select(rows)
+        sub_loss.select(rows)
+        for row, evaluation in zip(rows, evaluate_members(sub_net, split, classes, sub_loss, [count] * len(rows))):
+            out[row] = evaluation
+    return out
 
 
 # Eager steps before a pass captures its CUDA graph (torch.cuda.graphs' whole-network example warms up 3).

@@ -145,7 +145,7 @@ class StackedStep:
 
     def evaluate(self, split, classes, plain: set[int] | None = None) -> dict[int, Evaluation]:
         """Every member on `split`, as its config evaluates it (test-time views); the members in `plain` with one
-        view. A pass runs as many views as its most-viewed member: all-plain passes cost one."""
+        view. Each member pays for its own views only (cnnlib.passes.evaluate_members)."""
         out, plain = {}, plain or set()
 
         def evaluate_passes(mine: list[Pass]) -> None:

@@ -9,8 +9,11 @@ import torch.nn.functional as F
 from cnnlib.attacks import attack_sweep, fgsm
 from cnnlib.augment import augment_batch, random_cutout
 from cnnlib.checkpoint import load_checkpoint, save_checkpoint
+from cnnlib.losses import MemberLoss
 from cnnlib.model import SeedCNN
+from cnnlib.passes import evaluate_members
 from cnnlib.splits import DataConfig, prepare_splits
+from cnnlib.stacked_model import StackedSeedCNN
 from cnnlib.training import DeviceData, TrainConfig, evaluate, train, train_group
 from cnnlib.tta import TTAModel, VIEW_COUNTS, as_evaluated, log_mean_softmax, view
 
@@ -118,6 +121,23 @@ def test_fused_dev_evaluation_uses_each_members_views(small_data):
         alone = evaluate(as_evaluated(result.model, mode), small_data.dev, small_data.classes)
         assert result.dev.confusion.tolist() == alone.confusion.tolist()
     assert results[0].dev.confusion.tolist() == plain.confusion.tolist()
+
+
+def test_a_fused_evaluation_gives_each_member_its_own_views_and_pays_for_no_more(small_data, monkeypatch):
+    torch.manual_seed(0)
+    models = [SeedCNN(3, 0.0, 32).eval() for _ in range(3)]
+    modes = ("flip_translate", "none", "flip")
+    net = StackedSeedCNN.from_models(models, "cpu")
+    loss = MemberLoss([TrainConfig()] * 3, small_data.train.y, 3)
+    member_forwards = []
+    forward = StackedSeedCNN.forward
+    monkeypatch.setattr(StackedSeedCNN, "forward", lambda self, x, masks=None: member_forwards.append(
+        self.k * len(x)) or forward(self, x, masks))
+    together = evaluate_members(net, small_data.dev, small_data.classes, loss, [VIEW_COUNTS[m] for m in modes])
+    assert sum(member_forwards) == sum(VIEW_COUNTS[m] for m in modes) * len(small_data.dev)  # 13 views, not 30
+    for model, mode, evaluation in zip(models, modes, together):
+        alone = evaluate(as_evaluated(model, mode), small_data.dev, small_data.classes)
+        assert evaluation.confusion.tolist() == alone.confusion.tolist()
 
 
 def test_attacks_differentiate_through_the_views(small_data):
