@@ -6,7 +6,9 @@ with and without `ema` train together, a cutout changes the batches so its
 variants are a group of their own), then evaluates every trained model on dev
 and test with each test-time augmentation: TTA is evaluation only, so the
 same weights are judged with and without it. Writes one JSON and prints the
-table rows (mean test macro over the seeds, per class).
+table rows (mean test macro over the seeds, per class). With --ensemble N,
+seeds 0..N-1, N..2N-1, ... also make disjoint seed ensembles (mean softmax,
+cnnlib.ensemble, as `make final` keeps), each judged the same way.
 
     PYTHONPATH=. .venv/bin/python scripts/levers_ablation.py --space search_spaces/strong.yaml \
         --variant base --variant ema=0.99 --variant cutout=8 --variant cutout=8,ema=0.99 --out ablation.json
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 from cnnlib.checkpoint import save_checkpoint
+from cnnlib.ensemble import Ensemble
 from cnnlib.training import DeviceData, TrainConfig, evaluate, group_configs, train_group
 from cnnlib.tta import TTA_MODES, as_evaluated
 from study.options import add_common_options, add_data_options, load_splits, use_cpu_threads
@@ -49,6 +52,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--ensemble", type=int, default=0,
+                        help="also judge disjoint ensembles of this many consecutive seeds (0: none)")
     parser.add_argument("--save", default=None, help="also keep every model here (<variant>-seed<s>.pt)")
     add_data_options(parser)
     add_common_options(parser)
@@ -60,7 +65,7 @@ def main() -> None:
     threads = use_cpu_threads(data.device)
     configs = [TrainConfig.from_dict({**base, **overrides, "seed": seed})
                for overrides in args.variant for seed in range(args.seeds)]
-    rows, started = [None] * len(configs), time.perf_counter()
+    rows, models, started = [None] * len(configs), [None] * len(configs), time.perf_counter()
     for group in group_configs(configs):
         group_started = time.perf_counter()
         results = train_group([configs[i] for i in group], data)
@@ -73,6 +78,7 @@ def main() -> None:
                 name = "-".join(f"{k}{v}" for k, v in args.variant[i // args.seeds].items()) or "base"
                 save_checkpoint(Path(args.save) / f"{name}-seed{configs[i].seed}.pt", result.model, configs[i],
                                 data.classes, data.image_size)
+            models[i] = result.model
             rows[i] = {"variant": args.variant[i // args.seeds], "seed": configs[i].seed,
                        **{f"{split}_{mode}": evaluate(as_evaluated(result.model, mode), getattr(data, split),
                                                       data.classes).to_dict()
@@ -80,20 +86,42 @@ def main() -> None:
     report = {"space": args.space, "base": base, "classes": list(data.classes), "seeds": args.seeds,
               "torch": torch.__version__, "machine": f"{platform.node()} {platform.processor()} "
               f"{torch.get_num_threads()} thread(s) ({threads})", "seconds": time.perf_counter() - started,
-              "rows": rows}
+              "rows": rows, "ensembles": ensemble_rows(args, models, data)}
     with open(args.out, "w") as handle:
         json.dump(report, handle, indent=1)
     for overrides in args.variant:
-        mine = [r for r in rows if r["variant"] == overrides]
-        for mode in TTA_MODES:
-            test = [r[f"test_{mode}"] for r in mine]
-            macro = [t["macro_accuracy"] for t in test]
-            per = " / ".join(f"{statistics.fmean(t['per_class'][c] for t in test):.3f}" for c in data.classes)
-            dev = statistics.fmean(r[f"dev_{mode}"]["macro_accuracy"] for r in mine)
-            print(f"{json.dumps(overrides) or 'base'} tta {mode}: dev {dev:.3f}  test {statistics.fmean(macro):.3f} ± "
-                  f"{statistics.stdev(macro) if len(macro) > 1 else 0:.3f} ({', '.join(f'{m:.3f}' for m in macro)})  "
-                  f"{per}", flush=True)
+        print_rows(overrides, [r for r in rows if r["variant"] == overrides], data.classes)
+        if report["ensembles"]:
+            print_rows(overrides, [r for r in report["ensembles"] if r["variant"] == overrides], data.classes,
+                       f"ensembles of {args.ensemble}")
 
+
+def ensemble_rows(args, models: list, data: DeviceData) -> list[dict]:
+    """Each variant's disjoint seed ensembles, judged with each test-time augmentation."""
+    size, rows = args.ensemble, []
+    if size < 2:
+        return rows
+    for v, overrides in enumerate(args.variant):
+        for first in range(0, args.seeds - size + 1, size):
+            ensemble = Ensemble(models[v * args.seeds + first:v * args.seeds + first + size]).eval()
+            rows.append({"variant": overrides, "seeds": list(range(first, first + size)),
+                         **{f"{split}_{mode}": evaluate(as_evaluated(ensemble, mode), getattr(data, split),
+                                                        data.classes).to_dict()
+                            for split in ("dev", "test") for mode in TTA_MODES}})
+    return rows
+
+
+def print_rows(overrides: dict, mine: list[dict], classes, what: str = "") -> None:
+    """One line per test-time augmentation: dev, test mean ± sd (each model's), per class."""
+    label = (json.dumps(overrides) if overrides else "base") + (f" {what}" if what else "")
+    for mode in TTA_MODES:
+        test = [r[f"test_{mode}"] for r in mine]
+        macro = [t["macro_accuracy"] for t in test]
+        per = " / ".join(f"{statistics.fmean(t['per_class'][c] for t in test):.3f}" for c in classes)
+        dev = statistics.fmean(r[f"dev_{mode}"]["macro_accuracy"] for r in mine)
+        spread = statistics.stdev(macro) if len(macro) > 1 else 0
+        print(f"{label} tta {mode}: dev {dev:.3f}  test {statistics.fmean(macro):.3f} ± {spread:.3f} "
+              f"({', '.join(f'{m:.3f}' for m in macro)})  {per}", flush=True)
 
 if __name__ == "__main__":
     main()
