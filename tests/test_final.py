@@ -387,7 +387,8 @@ def test_figures_are_written_as_html_even_when_no_browser_can_draw_png(tmp_path,
 @pytest.mark.parametrize("flag, value, message", [("--epsilons", "0,abc", "EPSILONS"), ("--epsilons", "0,2", "pixel scale"),
                                                   ("--attack", "cw", "fgsm, pgd or both"), ("--seeds", "0", ">= 1"),
                                                   ("--folds", "1", "expected 0 (choose by dev over seeds) or 2"),
-                                                  ("--folds", "11", "FOLDS")])
+                                                  ("--folds", "11", "FOLDS"),
+                                                  ("--ensemble", "maybe", "ENSEMBLE='maybe': expected 1 (on) or 0")])
 def test_bad_option_values_name_themselves(flag, value, message, capsys):
     with pytest.raises(SystemExit):
         cli.main(["final", flag, value])
