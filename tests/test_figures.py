@@ -130,4 +130,4 @@ def test_one_seed_reports_no_spread_and_no_plural():
     assert "1 seeds" not in text and "± 0.0%" not in text
     assert "one seed" in text.lower()
     three = final.format_report(report_metrics(3, ["fgsm"]), sweep_rows(), {"png": [], "png_status": "skipped"})
-    assert "mean ± std (3 seeds)" in three and "80.0% ± 2.0%" in three
+    assert "single seeds, mean ± std (3)" in three and "80.0% ± 2.0%" in three
