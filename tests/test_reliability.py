@@ -571,7 +571,7 @@ def test_make_final_killed_leaves_whole_files_and_a_rerun_finishes_the_job(final
     assert_outputs_whole(out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["attack"]["epsilons"] == [0.0, 0.05]  # every file is from the rerun, none left from before
-    assert load_checkpoint(out / "model.pt")[3]["seed"] == metrics["median_seed"]
+    assert load_checkpoint(out / "model.pt")[3]["seeds"] == metrics["model"]["seeds"] == [0, 1]
     assert {float(row["epsilon"]) for row in read_rows(out / "fgsm.csv")} == {0.0, 0.05}
     assert not (out / ".partial").exists() and not (out / ".next").exists()
 
