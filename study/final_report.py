@@ -234,12 +234,7 @@ def _candidates_section(metrics: dict, classes) -> list[str]:
     return out + [_table(["trial", "search dev", "mean dev over seeds", "mean test over seeds"], body), ""]
 
 
-def _kept(metrics: dict) -> dict:
-    return metrics.get("model") or {"kind": "median seed", "seeds": [metrics["median_seed"]]}
-
-
-def _model_sentence(metrics: dict) -> str:
-    kept = _kept(metrics)
+def _model_sentence(kept: dict) -> str:
     if kept["kind"] == "ensemble":
         return (f"The checkpoint [model.pt](model.pt) is the {model_words(kept)}: the mean of their softmax, each "
                 "with the config's test-time views (ENSEMBLE=0 keeps the median seed instead).")
@@ -257,16 +252,17 @@ def format_report(metrics: dict, rows: list[dict], figures: dict) -> str:
     trial = metrics["trial"]
     config = metrics["config"]
     splits = [s for s in ("dev", "test") if s in metrics]
+    kept = model_words(metrics["model"])
     out = [f"# Final model: study `{metrics['study']}`, trial {trial['number']}", "",
            f"Chosen: {trial['selection']}. Search value(s): {', '.join(f'{v:.4f}' for v in trial['values'] or [])}.",
            f"Config from {trial['config_source']}; retrained on train with seeds "
            f"{', '.join(str(r['seed']) for r in metrics['seeds'])} on {metrics['device']}. "
-           + _model_sentence(metrics), "",
+           + _model_sentence(metrics["model"]), "",
            _table(["setting", "value"], [[k, f"`{v}`"] for k, v in config.items() if k != "seed"]), "",
            "## Accuracy", ""]
     seeds = len(metrics["seeds"])
     if seeds > 1:
-        out += [f"Macro and per class: the model kept ({model_words(_kept(metrics))}); mean ± std (sample std): "
+        out += [f"Macro and per class: the model kept ({kept}); mean ± std (sample std): "
                 "the seeds alone; the majority-class baseline predicts the most frequent training class for "
                 "everything.", ""]
     else:  # a spread needs two seeds; "± 0.0%" would claim a stability nobody measured
@@ -284,7 +280,7 @@ def format_report(metrics: dict, rows: list[dict], figures: dict) -> str:
                    [[r["seed"], *[_pct(r[s]["macro_accuracy"]) for s in splits], r["epochs"], f"{r['seconds']:.1f}"]
                     for r in metrics["seeds"]]), ""]
     for s in splits:
-        out += ["```", Evaluation.from_dict(classes, metrics[s]).format(f"{s} ({model_words(_kept(metrics))})"), "```", ""]
+        out += ["```", Evaluation.from_dict(classes, metrics[s]).format(f"{s} ({kept})"), "```", ""]
     out += _candidates_section(metrics, classes)
     attack = metrics["attack"]
     pgd = f" (PGD: {attack['pgd_steps']} steps)" if "pgd" in attack["attacks"] else ""

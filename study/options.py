@@ -83,13 +83,18 @@ def fraction(variable: str):
     return parse
 
 
+# The words a Makefile variable may say on or off with (env_flag, switch).
+ON_WORDS = ("1", "true", "yes", "on")
+OFF_WORDS = ("0", "false", "no", "off")
+
+
 def switch(variable: str):
-    """argparse type for on/off: 1, yes, on, true or 0, no, off, false; its error names the variable."""
+    """argparse type for on/off (ON_WORDS, OFF_WORDS); its error names the variable."""
     def parse(text) -> bool:
         word = str(text).strip().lower()
-        if word in ("1", "yes", "on", "true"):
+        if word in ON_WORDS:
             return True
-        if word in ("0", "no", "off", "false"):
+        if word in OFF_WORDS:
             return False
         raise argparse.ArgumentTypeError(f"{variable}={text!r}: expected 1 (on) or 0 (off)")
     return parse
@@ -132,7 +137,7 @@ def env(name: str, fallback=None):
 
 
 def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    return os.environ.get(name, "").strip().lower() in ON_WORDS
 
 
 # --- option groups ----------------------------------------------------------------------------

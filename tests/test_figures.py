@@ -109,7 +109,8 @@ def report_metrics(seeds: int, attacks: list[str]) -> dict:
     spread = {"mean": 0.8, "std": 0.0 if seeds == 1 else 0.02, "min": 0.78, "max": 0.82, "n": seeds}
     return {"study": "smoke", "classes": CLASSES, "config": {"lr": 0.001, "seed": 0}, "device": "cpu",
             "trial": {"number": 1, "selection": "best", "values": [0.8], "config_source": "user attribute 'config'"},
-            "seeds": seed_runs, "median_seed": 0,
+            "seeds": seed_runs, "median_seed": 0, "model": {"kind": "ensemble", "seeds": list(range(seeds))}
+            if seeds > 1 else {"kind": "median seed", "seeds": [0]},
             "summary": {s: {"macro_accuracy": spread} for s in ("dev", "test")},
             "dev": {**evaluation, "majority_baseline": baseline}, "test": {**evaluation, "majority_baseline": baseline},
             "attack": {"attacks": attacks, "epsilons": [0, 0.05, 0.1], "pgd_steps": 10, "seconds": 0.5},

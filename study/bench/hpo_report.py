@@ -7,7 +7,6 @@ searched (in the order they ran), their searches, and the recipe when it ran.
 from __future__ import annotations
 
 import math
-
 import statistics
 
 COLOURS = {"tpe": "#1f77b4", "random": "#ff7f0e", "default": "#2ca02c", "tpe_hyperband": "#9467bd"}
