@@ -4,7 +4,7 @@ For every rankable trial of a study (or the top N by search value), three
 signals and one truth:
 - the search's own value (one seed, dev, the study's objective);
 - the mean dev macro accuracy of SEEDS retrains on train (the old make final);
-- make final's k-fold cross-validation over train+dev (study.final_folds);
+- make final's k-fold cross-validation over train+dev (study.final.folds);
 - truth: the mean held-out test macro accuracy of the SEEDS retrains on train,
   models that no signal saw.
 Prints and writes (OUT/selection_signals.json, OUT/table.md) each trial's
@@ -30,10 +30,10 @@ import torch
 from cnnlib.atomic import write_atomic, write_json
 from cnnlib.device import resolve_device
 from cnnlib.training import DeviceData
-from study.final import Retrain, retrain_seeds
-from study.final_choice import (cv_macro, cv_standard_error, mean_dev, rank_correlation, rankable_trials,
+from study.final.command import Retrain, retrain_seeds
+from study.final.choice import (cv_macro, cv_standard_error, mean_dev, rank_correlation, rankable_trials,
                                 trial_config)
-from study.final_folds import CrossValidation, FOLD_SEED, cross_validate
+from study.final.folds import CrossValidation, FOLD_SEED, cross_validate
 from study.options import add_common_options, add_data_options, load_splits, use_cpu_threads
 from study.search.storage import load_existing_study
 

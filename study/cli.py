@@ -24,11 +24,11 @@ from .lifetime import follow_parent_from_environment
 # name -> (module, one line for the command list, what --help says about it). The text is for users:
 # what the command does and writes, never where the code lives (module docstrings are for developers).
 COMMANDS = {
-    "data": ("study.data_cmd", "build the user's split and print its class counts",
+    "data": ("study.data", "build the user's split and print its class counts",
              "Build (or reuse from the cache) the train/dev/test split and write RESULTS/data/summary.json."),
-    "train": ("study.train_cmd", "train one config (a search-space file whose values are all fixed)",
+    "train": ("study.train", "train one config (a search-space file whose values are all fixed)",
               "Train one fixed config and write RESULTS/runs/<name>/ (metrics.json, history.csv, model.pt)."),
-    "evaluate": ("study.evaluate_cmd", "evaluate a checkpoint on a split (macro, per-class, confusion)",
+    "evaluate": ("study.evaluate", "evaluate a checkpoint on a split (macro, per-class, confusion)",
                  "Evaluate a model.pt on one split: macro and per-class accuracy, confusion matrix, and the "
                  "majority-class baseline beside them."),
     "search": ("study.search.command", "run or continue an Optuna study",
@@ -41,13 +41,13 @@ COMMANDS = {
               "Write an offline HTML report (and PNGs when Chromium is there) from the CSVs of `export`."),
     "dashboard": ("study.search.dashboard", "serve the study storage with optuna-dashboard",
                   "Serve STORAGE with optuna-dashboard, with each trial's report (note and artifacts)."),
-    "final": ("study.final", "retrain the best trial with several seeds, evaluate, FGSM sweep",
+    "final": ("study.final.command", "retrain the best trial with several seeds, evaluate, FGSM sweep",
               "Retrain the study's best trial (or TRIAL) with SEEDS seeds, report dev and held-out test accuracy, "
               "and attack the median-seed model; writes RESULTS/final/<study>/. Epsilons are on the [0, 1] pixel "
               "scale (the user's [-1, 1]-scale eps 0.1 is 0.05 here)."),
     "bench": ("study.bench.training_loop", "time the project training loop against a naive DataLoader loop",
               "Time the project's training loop against a tutorial DataLoader loop; writes RESULTS/bench/."),
-    "audit": ("study.audit", "find probably mislabeled images with cross-validated confident learning",
+    "audit": ("study.audit.command", "find probably mislabeled images with cross-validated confident learning",
               "Rank probably mislabeled images (K-fold out-of-fold predictions + confident learning) and write "
               "RESULTS/audit/<run>/: suspects.csv, a contact sheet and a corrections draft."),
     "hpo-bench": ("study.bench.hpo", "is TPE worth it? TPE vs random search (and warm start, Hyperband) at an "

@@ -16,9 +16,9 @@ from cnnlib.model import MODELS
 from cnnlib.sources import LabeledImages, list_class_folders, read_images
 from cnnlib.splits import DataConfig, prepare_splits
 from cnnlib.training import TrainConfig
-from study.audit import DEFAULT_MODEL, EPOCHS, METHODS, RECIPES, precision_recall_at_k, rank_label_issues
-from study.audit_outputs import suggested_labels
-from study.audit_probabilities import (
+from study.audit.command import DEFAULT_MODEL, EPOCHS, METHODS, RECIPES, precision_recall_at_k, rank_label_issues
+from study.audit.outputs import suggested_labels
+from study.audit.probabilities import (
     DynamicsRecorder, agreement_macro_accuracy, flip_labels, near_chance, out_of_fold_probabilities, stratified_folds,
     training_dynamics_probabilities, window_start,
 )

@@ -10,7 +10,7 @@ import pytest
 import numpy as np
 
 from conftest import run_cli, write_image
-from study.audit_probabilities import chance_warning
+from study.audit.probabilities import chance_warning
 
 pytestmark = pytest.mark.usefixtures("no_study_env")  # conftest: no Makefile variable leaks in
 

@@ -19,7 +19,7 @@ import pytest
 from optuna.trial import TrialState
 
 from study.errors import UserError
-from study.final_choice import choose_trial, top_trials, warm_start_trials
+from study.final.choice import choose_trial, top_trials, warm_start_trials
 from test_search import SMOKE, small_data, sqlite_url, subprocess_env, trials_of, write_space  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("no_study_env")  # conftest: no Makefile variable leaks in

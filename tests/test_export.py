@@ -212,7 +212,7 @@ def test_two_study_names_never_share_a_folder(tmp_path, names):
 
 
 def test_final_writes_each_study_to_its_own_folder(tmp_path):
-    from study.final import output_folder  # noqa: PLC0415
+    from study.final.command import output_folder  # noqa: PLC0415
 
     assert output_folder(tmp_path, "a/b") != output_folder(tmp_path, "a_b")
     assert output_folder(tmp_path, "smoke") == tmp_path / "final" / "smoke"

@@ -14,7 +14,8 @@ import pytest
 from plotly.colors import hex_to_rgb, unlabel_rgb
 
 from cnnlib.metrics import Evaluation
-from study import final, final_report
+from study.final import command as final
+from study.final import report as final_report
 from study.report import figures, plots
 
 CLASSES = ["car", "truck", "cat"]

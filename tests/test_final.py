@@ -25,7 +25,9 @@ from cnnlib.checkpoint import load_checkpoint
 from cnnlib.ensemble import Ensemble
 from cnnlib.metrics import Evaluation
 from cnnlib.training import DeviceData, evaluate
-from study import cli, final, final_report
+from study import cli
+from study.final import command as final
+from study.final import report as final_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["car", "truck", "cat"]

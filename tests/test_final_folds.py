@@ -10,9 +10,9 @@ from cnnlib.folds import fold_split, pooled, stratified_folds
 from cnnlib.metrics import Evaluation
 from cnnlib.sources import LabeledImages
 from cnnlib.splits import Splits
-from study.final_choice import (choose_by_folds, cv_macro, cv_standard_error, paired_standard_error,
+from study.final.choice import (choose_by_folds, cv_macro, cv_standard_error, paired_standard_error,
                                 rank_correlation)
-from study.final_folds import FoldRun, candidate_row, signal_correlations
+from study.final.folds import FoldRun, candidate_row, signal_correlations
 
 CLASSES = ("a", "b")
 

@@ -19,7 +19,8 @@ import optuna
 import pytest
 
 from conftest import STUDY_ENV, build_image_tree, run_cli
-from study import cli, hints
+from study import cli
+from study.search import hints
 
 ROOT = Path(__file__).resolve().parents[1]
 OTHER = ("airplane", "ship", "bird")

@@ -16,7 +16,8 @@ import pytest
 from cnnlib.splits import DataConfig, prepare_splits
 from cnnlib.training import DeviceData, TrainConfig
 from conftest import build_image_tree, run_cli
-from study import audit, final
+from study.audit import command as audit
+from study.final import command as final
 from study.search import trial_lines
 from study.progress import Progress
 

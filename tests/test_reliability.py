@@ -36,7 +36,7 @@ from cnnlib.checkpoint import load_checkpoint
 from conftest import class_image
 from postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
 from study import cli
-from study import final_report as final_module
+from study.final import report as final_module
 from study.search import objective as objective_module
 from study.search import storage as storage_module
 from study.search import trial_claims as claims_module
@@ -476,9 +476,9 @@ KILL_MID_PUBLISH = """\
 # Every Python process of this test loads this: `make final` dies with SIGKILL after moving
 # two of its finished files into place, the rest still waiting in .next/.
 import os, signal
-import study.final
+import study.final.command
 
-_real_publish, _real_replace = study.final.publish, os.replace
+_real_publish, _real_replace = study.final.command.publish, os.replace
 
 
 def publish(stage, out):
@@ -494,7 +494,7 @@ def publish(stage, out):
     _real_publish(stage, out)
 
 
-study.final.publish = publish
+study.final.command.publish = publish
 """
 
 

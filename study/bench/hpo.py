@@ -42,7 +42,7 @@ from cnnlib.training import DeviceData, TrainConfig, evaluate, train_group
 from cnnlib.tta import as_evaluated
 
 from ..errors import UserError
-from ..final import trial_config
+from ..final.choice import trial_config
 from ..options import add_common_options, add_data_options, load_splits, sqlite_url, use_cpu_threads
 from ..output import fresh_folder, write_atomic, write_json, write_pngs
 from ..search import command as search

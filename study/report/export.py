@@ -37,7 +37,7 @@ import pandas as pd
 from cnnlib.atomic import atomic_path, write_atomic, write_json
 from cnnlib.splits import RECORD_KEYS
 
-from .. import hints
+from ..search import hints
 from ..errors import UserError
 from ..options import add_storage_option
 from ..output import study_folder  # noqa: F401 - where export writes: RESULTS/<study>

@@ -7,7 +7,7 @@ from optuna.trial import TrialState
 
 from cnnlib.metrics import Evaluation
 
-from .. import hints
+from . import hints
 from .objective import STOPPED_BY_DEADLINE
 from .plan import RUN_ATTR, count_states
 from .storage import open_storage

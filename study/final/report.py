@@ -22,7 +22,7 @@ from cnnlib.attacks import perturb
 from cnnlib.metrics import Evaluation
 from cnnlib.training import predict_logits
 
-from .output import BUNDLE, write_html, write_pngs
+from ..output import BUNDLE, write_html, write_pngs
 
 FIGURES = ("accuracy_vs_epsilon", "examples_grid", "flip_example")
 

@@ -21,13 +21,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cnnlib.training import TrainConfig
 
-from .errors import UserError
-from .search.objective import STOPPED_BY_DEADLINE
-from .search.space import WARM_START_ATTR
+from ..errors import UserError
+from ..search.objective import STOPPED_BY_DEADLINE
+from ..search.space import WARM_START_ATTR
 
 if TYPE_CHECKING:
-    from .final import SeedRun
-    from .final_folds import FoldRun
+    from .command import SeedRun
+    from .folds import FoldRun
 
 # A trial that the run's deadline stopped after this share of its epochs still ranks its config:
 # `make final` retrains every candidate for all its epochs. On a busy 2-core CPU a default search

@@ -27,8 +27,8 @@ from cnnlib.sources import LabeledImages
 from cnnlib.splits import Splits
 from cnnlib.training import DeviceData, TrainConfig, predict_logits, train
 
-from . import progress
-from .errors import UserError
+from .. import progress
+from ..errors import UserError
 
 # training_dynamics averages each image's at-visit softmax over this share of the last epochs.
 # small_vgg, 30 epochs, the user's train+dev with 100 flips (draws 0/1/2, model seed = draw):

@@ -34,11 +34,11 @@ from cnnlib.splits import Splits
 from cnnlib.training import DeviceData, TrainConfig, evaluate, group_configs, predict_logits, train_group
 from cnnlib.tta import as_evaluated
 
-from . import progress
-from .errors import UserError
-from .final_choice import choose_by_folds, cv_macro, cv_standard_error, rank_correlation, trial_config
-from .output import claim_partial
-from .search.space import WARM_START_ATTR
+from .. import progress
+from ..errors import UserError
+from .choice import choose_by_folds, cv_macro, cv_standard_error, rank_correlation, trial_config
+from ..output import claim_partial
+from ..search.space import WARM_START_ATTR
 
 FOLD_SEED = 0  # one set of folds for every candidate and every run: their scores pair fold by fold
 

@@ -42,18 +42,19 @@ from cnnlib.splits import require_every_class
 from cnnlib.training import DeviceData, TrainConfig, evaluate, group_configs, make_criterion, train_group
 from cnnlib.tta import as_evaluated
 
-from . import hints, progress
-from .errors import UserError
-from .final_choice import (choose_retrained, choose_trial, epochs_trained, mean_dev, top_trials, trial_config,
+from .. import progress
+from ..search import hints
+from ..errors import UserError
+from .choice import (choose_retrained, choose_trial, epochs_trained, mean_dev, top_trials, trial_config,
                            warm_start_trials)
-from .final_folds import select_by_folds, signal_correlations
-from .final_report import (accuracy_figure, flip_figure, format_report, grid_figure, model_words, publish, write_csv,
+from .folds import select_by_folds, signal_correlations
+from .report import (accuracy_figure, flip_figure, format_report, grid_figure, model_words, publish, write_csv,
                            write_figures)
-from .options import (MAX_GROUP, add_common_options, add_data_options, add_study_options, check_recorded_data,
+from ..options import (MAX_GROUP, add_common_options, add_data_options, add_study_options, check_recorded_data,
                       data_config, load_splits, switch, use_cpu_threads, whole_number)
-from .output import claim_partial, study_folder
-from .search.storage import load_existing_study
-from .search.storage_url import redact
+from ..output import claim_partial, study_folder
+from ..search.storage import load_existing_study
+from ..search.storage_url import redact
 
 
 # --- options --------------------------------------------------------------

@@ -14,9 +14,9 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import program_name
-from .options import default_data, default_storage
-from .search.storage_url import redact
+from ..cli import program_name
+from ..options import default_data, default_storage
+from .storage_url import redact
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def _same(name: str, value, default) -> bool:
     if value is None or default is None:
         return value is None
     if name == "SPACE":  # `smoke`, `smoke.yaml` and `search_spaces/smoke.yaml` are one file
-        from .search.space import find_space  # noqa: PLC0415 - only search hints carry a space
+        from .space import find_space  # noqa: PLC0415 - only search hints carry a space
 
         return find_space(value).resolve() == find_space(default).resolve()
     if name in PATH_SETTINGS:

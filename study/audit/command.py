@@ -38,14 +38,14 @@ from cnnlib.config import MAX_EPOCHS, MAX_SEED
 from cnnlib.sources import LabeledImages
 from cnnlib.training import TrainConfig
 
-from .audit_outputs import (contact_sheet_html, contact_sheet_png, write_class_distribution, write_corrections_draft,
+from .outputs import (contact_sheet_html, contact_sheet_png, write_class_distribution, write_corrections_draft,
                             write_suspects)
-from .audit_probabilities import (DYNAMICS_WINDOW, Pool, _minutes, agreement_macro_accuracy, chance_warning,
+from .probabilities import (DYNAMICS_WINDOW, Pool, _minutes, agreement_macro_accuracy, chance_warning,
                                   flip_labels, out_of_fold_probabilities, pool_splits, stratified_folds,
                                   training_dynamics_probabilities, window_start)
-from .errors import UserError
-from .output import atomic_path, fresh_folder, output_name, write_atomic, write_csv, write_json
-from .options import add_common_options, add_data_options, fraction, load_splits, whole_number
+from ..errors import UserError
+from ..output import atomic_path, fresh_folder, output_name, write_atomic, write_csv, write_json
+from ..options import add_common_options, add_data_options, fraction, load_splits, whole_number
 
 # How each image gets its predicted probabilities (see the module docstring).
 METHODS = ("training_dynamics", "out_of_fold")
