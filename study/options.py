@@ -253,33 +253,3 @@ def load_splits(args: argparse.Namespace) -> Splits:
     if splits.test is not None:
         require_every_class(splits, ("test",), config)
     return splits
-
-
-def _split_text(summary: dict) -> str:
-    """'train 4000/600/400, dev 503/51/71, test 400/400/400' in the class order."""
-    classes = summary.get("classes") or []
-    return ", ".join(f"{name} {'/'.join(str(counts.get(c, 0)) for c in classes)}"
-                     for name, counts in (summary.get("splits") or {}).items())
-
-
-def check_recorded_data(study, splits, corrections: str | None = None,
-                        fix: str = "pass the same DATA, CLASSES, *_COUNTS, SPLIT_SEED and CORRECTIONS as the search"
-                        ) -> None:
-    """Refuse data options that give another split than the one the study recorded (studies that recorded
-    nothing, from before, are taken as they are): its trials' scores say nothing about another split."""
-    attrs = study.user_attrs
-    if "corrections_digest" in attrs and attrs["corrections_digest"] != splits.corrections_digest:
-        def name(digest):
-            return f"corrections sha256 {digest[:12]}" if digest else "no corrections"
-        raise UserError(f"study {study.study_name!r} was searched with {name(attrs['corrections_digest'])}, but "
-                        f"CORRECTIONS={corrections or '(empty)'} is {name(splits.corrections_digest)}; {fix}")
-    summary = attrs.get("data_summary")
-    now = splits.summary()
-    if isinstance(summary, dict) and (summary.get("classes"), summary.get("splits")) != (now["classes"], now["splits"]):
-        raise UserError(f"study {study.study_name!r} was searched on split {_split_text(summary)} "
-                        f"({','.join(summary.get('classes') or [])}), but the data options give "
-                        f"{_split_text(now)} ({','.join(now['classes'])}); {fix}")
-    key = attrs.get("split_cache_key")
-    if key and key != splits.cache_key:
-        raise UserError(f"study {study.study_name!r} was searched on split cache key {key}, but the data options "
-                        f"give {splits.cache_key} (same class counts, other images or source); {fix}")

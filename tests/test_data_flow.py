@@ -16,7 +16,7 @@ import pytest
 
 from cnnlib.splits import DataConfig, prepare_splits
 from study.errors import UserError
-from study.options import check_recorded_data
+from study.records import check_recorded_data
 from study.report.export import export_study
 from study.report.figures import rebuild_study, recorded_log_scales
 

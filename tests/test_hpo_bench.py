@@ -25,7 +25,8 @@ from cnnlib.splits import DataConfig, prepare_splits
 from cnnlib.training import DeviceData, TrainConfig
 from study.bench import hpo as hpo_bench
 from study.bench import hpo_report, hpo_settings
-from study.search.space import WARM_START_ATTR, load_space
+from study.records import WARM_START_ATTR
+from study.search.space import load_space
 from conftest import REAL_DATA, STUDY_ENV, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

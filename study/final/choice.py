@@ -19,20 +19,12 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from cnnlib.training import TrainConfig
-
 from ..errors import UserError
-from ..search.objective import STOPPED_BY_DEADLINE
-from ..search.space import WARM_START_ATTR
+from ..records import WARM_START_ATTR, nearly_done
 
 if TYPE_CHECKING:
     from .command import SeedRun
     from .folds import FoldRun
-
-# A trial that the run's deadline stopped after this share of its epochs still ranks its config:
-# `make final` retrains every candidate for all its epochs. On a busy 2-core CPU a default search
-# cut the two enqueued 100-epoch recipes at epoch 98; without this they could not compete.
-NEARLY_DONE = 0.8
 
 
 # --- before retraining: the candidates and their data --------------------
@@ -40,20 +32,6 @@ NEARLY_DONE = 0.8
 def dev_objective_index(study: optuna.Study) -> int:
     names = study.metric_names or study.user_attrs.get("objectives") or []  # `make search` stores the latter
     return names.index("dev_macro_accuracy") if "dev_macro_accuracy" in names else 0
-
-
-def epochs_trained(trial: FrozenTrial) -> tuple[int, int | None]:
-    """(epochs reported, epochs asked for): a trial reports once per epoch."""
-    config = trial.user_attrs.get("config")
-    asked = config.get("epochs") if isinstance(config, dict) else trial.params.get("epochs")
-    return len(trial.intermediate_values), (int(asked) if isinstance(asked, (int, float)) else None)
-
-
-def nearly_done(trial: FrozenTrial) -> bool:
-    """A PRUNED trial that the deadline (not the pruner) stopped after NEARLY_DONE of its epochs."""
-    done, asked = epochs_trained(trial)
-    return (trial.state == TrialState.PRUNED and trial.user_attrs.get("stopped") == STOPPED_BY_DEADLINE
-            and trial.value is not None and bool(asked) and done >= NEARLY_DONE * asked)
 
 
 def rankable_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -92,18 +70,6 @@ def choose_trial(study: optuna.Study, number: int | None = None) -> tuple[Frozen
     best = max(front, key=lambda t: (t.values[index], -t.number))
     return best, (f"multi-objective study: of the {len(front)} Pareto-optimal trial{'s' if len(front) != 1 else ''}, the one with the best "
                   f"dev macro accuracy (objective {index})")
-
-
-def trial_config(trial: FrozenTrial) -> tuple[TrainConfig, str]:
-    """The trial's full config from user attr "config"; else its params over TrainConfig defaults."""
-    try:
-        if isinstance(trial.user_attrs.get("config"), dict):
-            return TrainConfig.from_dict(trial.user_attrs["config"]), "user attribute 'config'"
-        known = set(TrainConfig().to_dict())
-        params = {k: v for k, v in trial.params.items() if k in known}
-        return TrainConfig.from_dict(params), "trial params over TrainConfig defaults (no 'config' attribute)"
-    except ValueError as error:
-        raise UserError(f"trial {trial.number}: its config cannot be rebuilt ({error})") from None
 
 
 def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:

@@ -45,13 +45,13 @@ from cnnlib.tta import as_evaluated
 from .. import progress
 from ..search import hints
 from ..errors import UserError
-from .choice import (choose_retrained, choose_trial, epochs_trained, mean_dev, top_trials, trial_config,
-                           warm_start_trials)
+from .choice import choose_retrained, choose_trial, mean_dev, top_trials, warm_start_trials
 from .folds import select_by_folds, signal_correlations
 from .report import (accuracy_figure, flip_figure, format_report, grid_figure, model_words, publish, write_csv,
                            write_figures)
-from ..options import (MAX_GROUP, add_common_options, add_data_options, add_study_options, check_recorded_data,
-                      data_config, load_splits, switch, use_cpu_threads, whole_number)
+from ..options import (MAX_GROUP, add_common_options, add_data_options, add_study_options, data_config, load_splits,
+                      switch, use_cpu_threads, whole_number)
+from ..records import check_recorded_data, epochs_trained, trial_config
 from ..output import claim_partial, study_folder
 from ..search.storage import load_existing_study
 from ..search.storage_url import redact

@@ -36,9 +36,9 @@ from cnnlib.tta import as_evaluated
 
 from .. import progress
 from ..errors import UserError
-from .choice import choose_by_folds, cv_macro, cv_standard_error, rank_correlation, trial_config
+from .choice import choose_by_folds, cv_macro, cv_standard_error, rank_correlation
 from ..output import claim_partial
-from ..search.space import WARM_START_ATTR
+from ..records import WARM_START_ATTR, trial_config
 
 FOLD_SEED = 0  # one set of folds for every candidate and every run: their scores pair fold by fold
 

@@ -37,9 +37,10 @@ from cnnlib.training import DeviceData, EpochStats, TrainConfig, TrainResult, ev
 from cnnlib.tta import as_evaluated
 
 from .. import progress
+from ..records import STOPPED_BY_DEADLINE, STOPPED_BY_PRUNER, STOPPED_COLLAPSED, STOPPED_DIVERGED, WARM_START_ATTR
 from .artifacts import attach_trial_artifacts
 from .deadline import Deadline
-from .space import ENQUEUED_FIXED_ATTR, WARM_START_ATTR, SearchSpace
+from .space import ENQUEUED_FIXED_ATTR, SearchSpace
 
 
 class Heartbeat:
@@ -91,11 +92,6 @@ def collapsed(stats: EpochStats) -> str | None:
     if dev.macro_accuracy <= 1 / len(classes) + COLLAPSE_MARGIN:
         return f"macro accuracy {dev.macro_accuracy:.3f} at chance"
     return None
-
-
-# Why a PRUNED trial stopped (user attribute "stopped"): export, notes and hpo-bench tell a
-# trial the run's deadline cut short from one the pruner judged.
-STOPPED_BY_PRUNER, STOPPED_COLLAPSED, STOPPED_DIVERGED, STOPPED_BY_DEADLINE = "pruner", "collapsed", "diverged", "deadline"
 
 
 @dataclass

@@ -21,6 +21,7 @@ import yaml
 from cnnlib.config import SHARED
 from cnnlib.training import TrainConfig
 
+from ..records import WARM_START_ATTR
 from . import strict_yaml
 from .space_params import (CONFIG_KEYS, Param, SpaceError, check_values, fail, number, parse_enqueue,
                            parse_param)
@@ -30,9 +31,6 @@ TOP_KEYS = {"description", "objective", "objective_epochs", "robust", "sampler",
             "enqueue"}
 # The user attribute that carries an enqueued point's values for fixed params (SearchSpace.enqueue_into).
 ENQUEUED_FIXED_ATTR = "enqueued_fixed_params"
-# The user attribute that marks a trial of a space file's known point: its index in `enqueue:`.
-# make final always retrains these beside the search's top trials (study.final_choice.warm_start_trials).
-WARM_START_ATTR = "warm_start_point"
 SHARED_SEED_SAMPLERS = {"GridSampler", "QMCSampler", "BruteForceSampler"}  # see SearchSpace.make_sampler
 # Where the shipped spaces are: inside the package when installed from a wheel (pyproject.toml maps
 # search_spaces/ to study/search_spaces), at the checkout's top level when run from source.

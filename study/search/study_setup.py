@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 
 from ..errors import UserError
-from ..options import check_recorded_data
+from ..records import check_recorded_data
 from .artifacts import record_artifact_dir
 from .locks import file_lock, lock_path
 from .space import SearchSpace

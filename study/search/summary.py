@@ -7,8 +7,8 @@ from optuna.trial import TrialState
 
 from cnnlib.metrics import Evaluation
 
+from ..records import STOPPED_BY_DEADLINE
 from . import hints
-from .objective import STOPPED_BY_DEADLINE
 from .plan import RUN_ATTR, count_states
 from .storage import open_storage
 from .storage_errors import storage_failures

@@ -21,10 +21,11 @@ from cnnlib.training import DeviceData
 
 from .. import progress
 from ..options import load_splits
+from ..records import STOPPED_BY_DEADLINE
 from .artifacts import note_outcome
 from .deadline import Deadline
 from .locks import file_lock, lock_path
-from .objective import STOPPED_BY_DEADLINE, run_trials
+from .objective import run_trials
 from .plan import FINISHED, RUN_ATTR, RunPlan, count_states
 from .space import SearchSpace
 from .storage import open_storage
