@@ -30,11 +30,11 @@ import torch
 from cnnlib.atomic import write_atomic, write_json
 from cnnlib.device import resolve_device
 from cnnlib.training import DeviceData
-from study.final.command import Retrain, retrain_seeds
-from study.final.choice import (cv_macro, cv_standard_error, mean_dev, rank_correlation, rankable_trials,
-                                trial_config)
+from study.final.choice import cv_macro, cv_standard_error, mean_dev, rank_correlation, rankable_trials
 from study.final.folds import CrossValidation, FOLD_SEED, cross_validate
+from study.final.retrain import Retrain, retrain_seeds
 from study.options import add_common_options, add_data_options, load_splits, use_cpu_threads
+from study.records import trial_config
 from study.search.storage import load_existing_study
 
 

@@ -19,6 +19,7 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -43,11 +44,11 @@ PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a name that is its own
 # --- files ------------------------------------------------------------------------
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
-    """A CSV of `header` and `rows`, written then renamed."""
+    """A CSV of `header` and `rows`, written then renamed: lines end in \n, a NaN is an empty cell (as pandas writes)."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(header)
-        writer.writerows(rows)
+        writer.writerows(["" if isinstance(v, float) and math.isnan(v) else v for v in row] for row in rows)
     return Path(path)
 
 

@@ -14,7 +14,7 @@ import pytest
 from plotly.colors import hex_to_rgb, unlabel_rgb
 
 from cnnlib.metrics import Evaluation
-from study.final import command as final
+from study.final import attack as final_attack
 from study.final import report as final_report
 from study.report import figures, plots
 
@@ -35,7 +35,7 @@ def sweep_rows(attack: str = "fgsm") -> list[dict]:
 # --- the FGSM figure ---------------------------------------------------------------------
 
 def test_the_fgsm_figure_shows_its_per_class_curves():
-    figure = final.accuracy_figure(sweep_rows(), CLASSES, {"dev": 1 / 3, "test": 1 / 3})
+    figure = final_attack.accuracy_figure(sweep_rows(), CLASSES, {"dev": 1 / 3, "test": 1 / 3})
     per_class = [t for t in figure.data if t.name.endswith((" car", " truck", " cat"))]
     assert len(per_class) == 2 * len(CLASSES)
     assert all(t.visible in (None, True) for t in per_class), "the subtitle promises dotted per-class lines"
@@ -94,7 +94,7 @@ def test_the_plots_report_is_small_and_shares_one_plotly_js_beside_it(tmp_path):
 
 def test_final_figures_are_small_and_share_one_plotly_js(tmp_path):
     figures = {name: go.Figure(go.Scatter(x=[0, 1], y=[1, 0])) for name in final_report.FIGURES}
-    final.write_figures(figures, tmp_path, png=False)
+    final_report.write_figures(figures, tmp_path, png=False)
     for name in final_report.FIGURES:
         html = tmp_path / f"{name}.html"
         assert html.stat().st_size < SMALL_HTML, name
@@ -120,16 +120,16 @@ def report_metrics(seeds: int, attacks: list[str]) -> dict:
 
 
 def test_the_report_mentions_pgd_only_when_pgd_ran():
-    fgsm_only = final.format_report(report_metrics(3, ["fgsm"]), sweep_rows(), {"png": [], "png_status": "skipped"})
-    both = final.format_report(report_metrics(3, ["fgsm", "pgd"]), sweep_rows() + sweep_rows("pgd"),
+    fgsm_only = final_report.format_report(report_metrics(3, ["fgsm"]), sweep_rows(), {"png": [], "png_status": "skipped"})
+    both = final_report.format_report(report_metrics(3, ["fgsm", "pgd"]), sweep_rows() + sweep_rows("pgd"),
                                {"png": [], "png_status": "skipped"})
     assert "PGD" not in fgsm_only
     assert "PGD: 10 steps" in both
 
 
 def test_one_seed_reports_no_spread_and_no_plural():
-    text = final.format_report(report_metrics(1, ["fgsm"]), sweep_rows(), {"png": [], "png_status": "skipped"})
+    text = final_report.format_report(report_metrics(1, ["fgsm"]), sweep_rows(), {"png": [], "png_status": "skipped"})
     assert "1 seeds" not in text and "± 0.0%" not in text
     assert "one seed" in text.lower()
-    three = final.format_report(report_metrics(3, ["fgsm"]), sweep_rows(), {"png": [], "png_status": "skipped"})
+    three = final_report.format_report(report_metrics(3, ["fgsm"]), sweep_rows(), {"png": [], "png_status": "skipped"})
     assert "single seeds, mean ± std (3)" in three and "80.0% ± 2.0%" in three

@@ -25,9 +25,12 @@ from cnnlib.checkpoint import load_checkpoint
 from cnnlib.ensemble import Ensemble
 from cnnlib.metrics import Evaluation
 from cnnlib.training import DeviceData, evaluate
-from study import cli
+from study import cli, records
+from study.final import choice as final_choice
 from study.final import command as final
 from study.final import report as final_report
+from study.final import retrain as final_retrain
+from study.final import runs as final_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["car", "truck", "cat"]
@@ -149,7 +152,7 @@ def test_interrupted_run_keeps_old_outputs_and_a_rerun_finishes_without_redoing_
     assert cli.main(final_args(smoke_study, results, real_data, device, *quick, "--epsilons", "0,0.1")) == 0
     first = json.loads((out / "metrics.json").read_text())
 
-    real_train, calls = final.train_group, []
+    real_train, calls = final_retrain.train_group, []
 
     def train_then_interrupt(configs, *args, **kwargs):
         calls.extend(c.seed for c in configs)
@@ -157,13 +160,13 @@ def test_interrupted_run_keeps_old_outputs_and_a_rerun_finishes_without_redoing_
             raise KeyboardInterrupt
         return real_train(configs, *args, **kwargs)
 
-    monkeypatch.setattr(final, "train_group", train_then_interrupt)
+    monkeypatch.setattr(final_retrain, "train_group", train_then_interrupt)
     assert cli.main(final_args(smoke_study, results, real_data, device, *quick, "--epsilons", "0,0.05")) == 130
     assert json.loads((out / "metrics.json").read_text()) == first, "an interrupted run leaves the last outputs whole"
     assert (out / ".partial" / "trial-1" / "seed-0.json").is_file()
 
     calls.clear()
-    monkeypatch.setattr(final, "train_group",
+    monkeypatch.setattr(final_retrain, "train_group",
                         lambda configs, *a, **k: calls.extend(c.seed for c in configs) or real_train(configs, *a, **k))
     assert cli.main(final_args(smoke_study, results, real_data, device, *quick, "--epsilons", "0,0.05")) == 0
     assert calls == [1], "seed 0 finished before the interruption and is reused"
@@ -178,7 +181,7 @@ def _retrained(number, devs, warm_start=False):
     trial = create_trial(state=TrialState.COMPLETE, value=max(devs), params={}, distributions={},
                          user_attrs={"warm_start_point": 0} if warm_start else {})
     trial.number = number
-    runs = [final.SeedRun(seed, {"dev": Evaluation(("a", "b"), [[round(100 * d), 100 - round(100 * d)], [0, 100]])},
+    runs = [final_runs.SeedRun(seed, {"dev": Evaluation(("a", "b"), [[round(100 * d), 100 - round(100 * d)], [0, 100]])},
                           1.0, 1, Path("x")) for seed, d in enumerate(devs)]
     return trial, None, "test", runs
 
@@ -186,12 +189,12 @@ def _retrained(number, devs, warm_start=False):
 def test_a_search_trial_within_the_seeds_noise_of_a_warm_start_point_leaves_it_the_choice():
     # Mean dev (macro over two classes, the second always right): 0.90 vs 0.895; seed spread ~0.03.
     lucky, known = _retrained(31, [0.84, 0.86, 0.90]), _retrained(0, [0.82, 0.86, 0.89], warm_start=True)
-    chosen = final.choose_retrained([lucky, known])
+    chosen = final_choice.choose_retrained([lucky, known])
     assert chosen[0].number == 0 and "within the seeds' noise" in chosen[4]
     clear = _retrained(31, [0.96, 0.98, 0.97])
-    chosen = final.choose_retrained([clear, known])
+    chosen = final_choice.choose_retrained([clear, known])
     assert chosen[0].number == 31 and "more than the seeds' noise" in chosen[4]
-    one_seed = final.choose_retrained([_retrained(31, [0.9]), _retrained(0, [0.88], warm_start=True)])
+    one_seed = final_choice.choose_retrained([_retrained(31, [0.9]), _retrained(0, [0.88], warm_start=True)])
     assert one_seed[0].number == 31, "one seed shows no spread: the best mean dev stands"
 
 
@@ -201,9 +204,9 @@ def test_completed_warm_start_points_join_the_top_trials_as_candidates():
                          (0.70, {"warm_start_point": 1})):
         study.add_trial(create_trial(state=TrialState.COMPLETE, value=value, user_attrs=attrs))
     study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs={"warm_start_point": 2}))
-    top = final.top_trials(study, 3)
+    top = final_choice.top_trials(study, 3)
     assert [t.number for t in top] == [1, 2, 3]
-    assert [t.number for t in final.warm_start_trials(study, top)] == [0, 4]
+    assert [t.number for t in final_choice.warm_start_trials(study, top)] == [0, 4]
 
 
 def test_candidates_sharing_batch_settings_retrain_fused_seed_by_seed_as_their_own_runs(real_data, tmp_path,
@@ -217,16 +220,16 @@ def test_candidates_sharing_batch_settings_retrain_fused_seed_by_seed_as_their_o
     data = DeviceData(splits, "cpu")
     configs = [TrainConfig.from_dict(smoke_config(epochs=2, batch_size=16, lr=lr)) for lr in (3e-3, 1e-3)]
     configs.append(TrainConfig.from_dict(smoke_config(epochs=2, batch_size=32)))  # other batches: its own group
-    real, groups = final.train_group, []
-    monkeypatch.setattr(final, "train_group", lambda cs, *a, **k: groups.append([c.seed for c in cs]) or real(cs, *a, **k))
-    retrains = [final.Retrain(f"trial {i} ", c, tmp_path / f"trial-{i}", {"trial": i}) for i, c in enumerate(configs)]
-    final.retrain_seeds(retrains, data, 2)
+    real, groups = final_retrain.train_group, []
+    monkeypatch.setattr(final_retrain, "train_group", lambda cs, *a, **k: groups.append([c.seed for c in cs]) or real(cs, *a, **k))
+    retrains = [final_retrain.Retrain(f"trial {i} ", c, tmp_path / f"trial-{i}", {"trial": i}) for i, c in enumerate(configs)]
+    final_retrain.retrain_seeds(retrains, data, 2)
     assert groups == [[0, 0], [0], [1, 1], [1]]
     for seed in (0, 1):
         alone = train(TrainConfig.from_dict({**configs[1].to_dict(), "seed": seed}), data)
         fused = retrains[1].runs[seed]
         assert fused.evaluations["dev"].loss == pytest.approx(evaluate(alone.model, data.dev, data.classes,
-                                                                       final.make_criterion(configs[1], data.train.y, 3)).loss,
+                                                                       final_retrain.make_criterion(configs[1], data.train.y, 3)).loss,
                                                               rel=1e-3)
         assert (tmp_path / "trial-1" / f"seed-{seed}.pt").is_file()
 
@@ -294,21 +297,21 @@ def test_unknown_study_is_a_one_line_error_listing_the_studies(smoke_study, tmp_
 
 
 def test_best_trial_is_chosen_by_default(smoke_study):
-    trial, why = final.choose_trial(optuna.load_study(study_name="smoke", storage=smoke_study))
+    trial, why = final_choice.choose_trial(optuna.load_study(study_name="smoke", storage=smoke_study))
     assert trial.number == 1 and "best" in why
 
 
 def test_trial_number_overrides_the_best(smoke_study):
-    trial, why = final.choose_trial(optuna.load_study(study_name="smoke", storage=smoke_study), 0)
+    trial, why = final_choice.choose_trial(optuna.load_study(study_name="smoke", storage=smoke_study), 0)
     assert trial.number == 0 and "TRIAL=0" in why
 
 
 def test_a_failed_or_missing_trial_number_is_refused_with_its_state(smoke_study):
     study = optuna.load_study(study_name="smoke", storage=smoke_study)
     with pytest.raises(cli.UserError, match="trial 2 of study 'smoke' is FAIL, not COMPLETE"):
-        final.choose_trial(study, 2)
+        final_choice.choose_trial(study, 2)
     with pytest.raises(cli.UserError, match="has no trial 9"):
-        final.choose_trial(study, 9)
+        final_choice.choose_trial(study, 9)
 
 
 @pytest.mark.parametrize("names, where, dev_index", [
@@ -327,7 +330,7 @@ def test_multi_objective_study_picks_the_pareto_trial_with_the_best_dev_accuracy
     for dev, robust in ((0.70, 0.20), (0.60, 0.50), (0.65, 0.30), (0.50, 0.10)):
         values = [dev, robust] if dev_index == 0 else [robust, dev]
         add_trial(study, None, smoke_config(), values=values)
-    trial, why = final.choose_trial(study)
+    trial, why = final_choice.choose_trial(study)
     assert trial.number == 0
     assert "Pareto" in why and "3 Pareto-optimal" in why
 
@@ -335,14 +338,14 @@ def test_multi_objective_study_picks_the_pareto_trial_with_the_best_dev_accuracy
 def test_config_comes_from_the_config_attribute():
     study = optuna.create_study(direction="maximize")
     add_trial(study, 0.5, smoke_config(batch_size=128, dropout=0.3))
-    config, source = final.trial_config(study.trials[0])
+    config, source = records.trial_config(study.trials[0])
     assert (config.batch_size, config.dropout) == (128, 0.3) and "config" in source
 
 
 def test_config_falls_back_to_params_over_defaults_without_the_attribute():
     study = optuna.create_study(direction="maximize")
     add_trial(study, 0.5, smoke_config(lr=2e-3, optimizer="sgd", batch_size=128), with_config=False)
-    config, source = final.trial_config(study.trials[0])
+    config, source = records.trial_config(study.trials[0])
     assert (config.lr, config.optimizer) == (2e-3, "sgd")
     assert config.batch_size == final.TrainConfig().batch_size, "unsearched settings keep TrainConfig defaults"
     assert "params" in source
@@ -351,10 +354,10 @@ def test_config_falls_back_to_params_over_defaults_without_the_attribute():
 def test_median_seed_is_chosen_on_dev_and_is_the_lower_middle_for_even_counts():
     def run(seed, dev, test):
         evaluations = {"dev": Evaluation(tuple(CLASSES), _matrix(dev)), "test": Evaluation(tuple(CLASSES), _matrix(test))}
-        return final.SeedRun(seed, evaluations, 1.0, 3, Path("x"))
+        return final_runs.SeedRun(seed, evaluations, 1.0, 3, Path("x"))
     runs = [run(0, 0.5, 0.9), run(1, 0.7, 0.1), run(2, 0.6, 0.5)]
-    assert final.median_run(runs).seed == 2
-    assert final.median_run(runs[:2]).seed == 0
+    assert final_runs.median_run(runs).seed == 2
+    assert final_runs.median_run(runs[:2]).seed == 0
 
 
 def _matrix(accuracy: float):
@@ -371,7 +374,7 @@ def test_publish_moves_every_output_into_place_and_drops_files_this_run_did_not_
     (out / "notes.txt").write_text("the user's own file")
     for name in ("report.md", "fgsm.csv"):
         (stage / name).write_text("new")
-    final.publish(stage, out)
+    final_report.publish(stage, out)
     assert (out / "report.md").read_text() == "new" and (out / "fgsm.csv").read_text() == "new"
     assert not (out / "examples_grid.png").exists(), "a PNG of the previous model must not outlive it"
     assert (out / "notes.txt").exists() and not stage.exists()
@@ -381,7 +384,7 @@ def test_figures_are_written_as_html_even_when_no_browser_can_draw_png(tmp_path,
     import plotly.graph_objects as go
 
     monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-chromium-here"))  # where kaleido looks for Chromium
-    png, status = final.write_figures({"accuracy_vs_epsilon": go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))}, tmp_path, True)
+    png, status = final_report.write_figures({"accuracy_vs_epsilon": go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))}, tmp_path, True)
     assert png == [] and status.startswith("unavailable")
     assert (tmp_path / "accuracy_vs_epsilon.html").is_file() and not list(tmp_path.glob("*.png"))
 

@@ -12,7 +12,8 @@ from cnnlib.sources import LabeledImages
 from cnnlib.splits import Splits
 from study.final.choice import (choose_by_folds, cv_macro, cv_standard_error, paired_standard_error,
                                 rank_correlation)
-from study.final.folds import FoldRun, candidate_row, signal_correlations
+from study.final.folds import candidate_row, signal_correlations
+from study.final.runs import FoldRun
 
 CLASSES = ("a", "b")
 

@@ -17,7 +17,7 @@ from cnnlib.splits import DataConfig, prepare_splits
 from cnnlib.training import DeviceData, TrainConfig
 from conftest import build_image_tree, run_cli
 from study.audit import command as audit
-from study.final import command as final
+from study.final import retrain as final_retrain
 from study.search import trial_lines
 from study.progress import Progress
 
@@ -113,7 +113,7 @@ def test_search_reports_epochs_inside_each_trial(tiny_data, tmp_path):
 def test_final_reports_epochs_while_each_seed_trains(tiny_data, tmp_path, capsys):
     _, splits = tiny_data
     config = TrainConfig(epochs=2, batch_size=8)
-    final.retrain_seeds([final.Retrain("", config, tmp_path / ".partial", {"test": 1})], DeviceData(splits, "cpu"), 2)
+    final_retrain.retrain_seeds([final_retrain.Retrain("", config, tmp_path / ".partial", {"test": 1})], DeviceData(splits, "cpu"), 2)
     err = capsys.readouterr().err
     assert "seed 0: epoch 1/2" in err and "seed 1: epoch 2/2" in err
 

@@ -1,11 +1,11 @@
 """Which trial `make final` retrains, and which retrained candidate it keeps.
 
 Before retraining: the candidates (the best trial, the top CANDIDATES by dev,
-or TRIAL=n; plus the space file's warm-start points that completed), their
-full configs, and a check that the data options give the split the study was
-searched on. After: the candidate that cross-validates best over train+dev
-(or, with FOLDS=0, whose seeds score best on dev on average), unless it is a
-search trial within the noise of a known recipe.
+or TRIAL=n; plus the space file's warm-start points that completed), read
+from what each trial recorded (study.records). After: the candidate that
+cross-validates best over train+dev (or, with FOLDS=0, whose seeds score best
+on dev on average), unless it is a search trial within the noise of a known
+recipe.
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ from ..errors import UserError
 from ..records import WARM_START_ATTR, nearly_done
 
 if TYPE_CHECKING:
-    from .command import SeedRun
-    from .folds import FoldRun
+    from .runs import FoldRun, SeedRun
 
 
-# --- before retraining: the candidates and their data --------------------
+# --- before retraining: the candidates -------------------------------------------
 
 def dev_objective_index(study: optuna.Study) -> int:
     names = study.metric_names or study.user_attrs.get("objectives") or []  # `make search` stores the latter
@@ -137,7 +136,7 @@ def choose_retrained(retrained) -> tuple:
                      f"led it by {gap:.3f}, within the seeds' noise ({noise:.3f})")
 
 
-# --- choosing by cross-validation (study.final_folds) -------------------------
+# --- choosing by cross-validation (folds.py) -------------------------------------
 
 def cv_macro(folds: list[FoldRun]) -> float:
     """The selection value: held-out macro accuracy, averaged over the folds."""

@@ -21,10 +21,8 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cnnlib.atomic import write_json
@@ -36,60 +34,19 @@ from cnnlib.tta import as_evaluated
 
 from .. import progress
 from ..errors import UserError
-from .choice import choose_by_folds, cv_macro, cv_standard_error, rank_correlation
-from ..output import claim_partial
 from ..records import WARM_START_ATTR, trial_config
+from .choice import choose_by_folds, cv_macro, cv_standard_error, rank_correlation
+from .runs import CandidateRuns, FoldRun
 
 FOLD_SEED = 0  # one set of folds for every candidate and every run: their scores pair fold by fold
 
 
-@dataclass
-class FoldRun:
-    """One candidate's model for one fold: its predictions on the held-out fold, and its test score."""
-
-    fold: int
-    labels: np.ndarray  # the held-out images' labels, in pool order
-    predictions: np.ndarray  # the model's (as evaluated, test-time views and all) class per held-out image
-    test: Evaluation | None
-    seconds: float
-    classes: tuple[str, ...] = ()
-
-    @property
-    def held_out(self) -> Evaluation:
-        n = len(self.classes)
-        matrix = np.bincount(self.labels * n + self.predictions, minlength=n * n).reshape(n, n)
-        return Evaluation(self.classes, matrix)
-
-    @property
-    def correct(self) -> np.ndarray:
-        return self.labels == self.predictions
-
-    def to_dict(self) -> dict:
-        return {"fold": self.fold, "seconds": self.seconds, "labels": self.labels.tolist(),
-                "predictions": self.predictions.tolist(), "held_out": self.held_out.to_dict(),
-                "test": self.test.to_dict() if self.test is not None else None}
-
-    @classmethod
-    def from_dict(cls, data: dict, classes) -> "FoldRun":
-        test = Evaluation.from_dict(classes, data["test"]) if data.get("test") else None
-        return cls(data["fold"], np.asarray(data["labels"], dtype=np.int64),
-                   np.asarray(data["predictions"], dtype=np.int64), test, data["seconds"], tuple(classes))
-
-
-@dataclass
-class CrossValidation:
-    """One candidate's folds; each is recorded under `partial` as it finishes, so a killed run resumes there."""
-
-    label: str  # "trial 29 "
-    config: TrainConfig
-    partial: Path
-    fingerprint: dict
-    runs: dict[int, FoldRun] = field(default_factory=dict)
+class CrossValidation(CandidateRuns):
+    """One candidate's folds (runs: fold -> FoldRun)."""
 
     def reuse(self, classes) -> None:
         """Keep the folds an interrupted run of the same trial, data and folds already finished."""
-        claim_partial(self.partial, self.fingerprint)
-        for record in sorted(self.partial.glob("fold-*.json")):
+        for record in self.records("fold-*.json"):
             run = FoldRun.from_dict(json.loads(record.read_text()), classes)
             self.runs[run.fold] = run
 

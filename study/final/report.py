@@ -1,170 +1,26 @@
-"""What `make final` writes besides the model: the attack figures, report.md, and the move into place.
+"""What `make final` writes besides the model: the figure files, report.md, and the move into place.
 
-Figures are self-contained HTML beside one plotly.min.js (PNG too when
-kaleido can start Chromium); report.md says what was chosen, how it scored
-over the seeds and under attack. Everything is made in a staging folder and
+Figures (drawn in attack.py) are self-contained HTML beside one plotly.min.js
+(PNG too when kaleido can start Chromium); report.md says what was chosen,
+how it scored over the seeds and under attack. Everything is made in a staging folder and
 `publish` moves it into place one rename each, report.md last.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from cnnlib.atomic import write_atomic
-from cnnlib.attacks import perturb
 from cnnlib.metrics import Evaluation
-from cnnlib.training import predict_logits
 
 from ..output import BUNDLE, write_html, write_pngs
+from .attack import GRID_IMAGES
 
 FIGURES = ("accuracy_vs_epsilon", "examples_grid", "flip_example")
 
 
-GRID_IMAGES = 5
-
-
 # --- figures --------------------------------------------------------------
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """NCHW floats in [0, 1] -> NHWC uint8 for plotly's Image trace."""
-    return (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def _label(true: str, predicted: str) -> str:
-    colour = "#1a7f37" if true == predicted else "#cf222e"
-    return f"{true} → <span style='color:{colour}'><b>{predicted}</b></span>"
-
-
-def accuracy_figure(rows: list[dict], classes, baseline: dict[str, float]):
-    import plotly.graph_objects as go  # noqa: PLC0415 - plotting only here
-    from plotly.subplots import make_subplots  # noqa: PLC0415
-
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("macro accuracy (dotted: per class)", "attack success rate"))
-    dash = {"fgsm": "solid", "pgd": "dash"}
-    palette = {"dev": "#1f77b4", "test": "#d62728"}
-    for split in sorted({r["split"] for r in rows}):
-        for attack in sorted({r["attack"] for r in rows}):
-            part = [r for r in rows if r["split"] == split and r["attack"] == attack]
-            if not part:
-                continue
-            x = [r["epsilon"] for r in part]
-            name = f"{split} {attack}"
-            line = dict(color=palette.get(split), dash=dash.get(attack))
-            fig.add_trace(go.Scatter(x=x, y=[r["macro_accuracy"] for r in part], name=name, mode="lines+markers",
-                                     line=line, legendgroup=name), 1, 1)
-            fig.add_trace(go.Scatter(x=x, y=[r["attack_success_rate"] for r in part], name=name, mode="lines+markers",
-                                     line=line, legendgroup=name, showlegend=False), 1, 2)
-            for c in classes:
-                fig.add_trace(go.Scatter(x=x, y=[r[f"accuracy_{c}"] for r in part], name=f"{name} {c}",
-                                         mode="lines", line=dict(color=palette.get(split), dash="dot", width=1),
-                                         legendgroup=name), 1, 1)
-    for value in sorted(set(round(v, 6) for v in baseline.values())):  # macro of a constant guess is 1/K on every split
-        fig.add_hline(y=value, line=dict(color="grey", dash="dot"), row=1, col=1,
-                      annotation_text="majority-class baseline", annotation_position="bottom right")
-    fig.update_xaxes(title_text="epsilon ([0, 1] pixel scale)")
-    fig.update_yaxes(range=[0, 1.02])
-    fig.update_layout(title="Accuracy under attack", height=480, width=1100, template="plotly_white")
-    return fig
-
-
-def grid_indices(y: torch.Tensor, correct: torch.Tensor, n_classes: int, count: int = GRID_IMAGES) -> list[int]:
-    """`count` correctly classified images, classes taken in turn, earliest first: the same images every rerun."""
-    pools = [torch.nonzero((y == c) & correct).flatten().tolist() for c in range(n_classes)]
-    if not any(pools):
-        pools = [torch.nonzero(y == c).flatten().tolist() for c in range(n_classes)]
-    chosen = []
-    while len(chosen) < count and any(pools):
-        for pool in pools:
-            if pool and len(chosen) < count:
-                chosen.append(pool.pop(0))
-    return chosen
-
-
-def grid_figure(model, split, split_name: str, classes, epsilons, attack: str, options: dict):
-    import plotly.graph_objects as go  # noqa: PLC0415
-    from plotly.subplots import make_subplots  # noqa: PLC0415
-
-    clean = predict_logits(model, split.x).argmax(1)
-    index = grid_indices(split.y, clean == split.y, len(classes))
-    x, y = split.x[index], split.y[index]
-    cells, titles = [], []
-    for epsilon in epsilons:
-        x_adv = perturb(model, x, y, attack, epsilon, **options)
-        predicted = predict_logits(model, x_adv).argmax(1).tolist()
-        cells.append(to_uint8(x_adv))
-        titles += [f"ε={epsilon:g}: {_label(classes[t], classes[p])}" for t, p in zip(y.tolist(), predicted)]
-    fig = make_subplots(rows=len(epsilons), cols=len(index), subplot_titles=titles,
-                        horizontal_spacing=0.02, vertical_spacing=0.3 / len(epsilons))
-    for row, images in enumerate(cells, start=1):
-        for col, image in enumerate(images, start=1):
-            fig.add_trace(go.Image(z=image, hoverinfo="skip"), row, col)
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    fig.update_annotations(font_size=11)
-    fig.update_layout(title=f"{attack.upper()} on {split_name} images: true → predicted, per epsilon",
-                      height=150 * len(epsilons) + 80, width=170 * len(index) + 40,
-                      margin=dict(l=10, r=10, t=80, b=10), template="plotly_white")
-    return fig
-
-
-def find_flip(model, split, classes, epsilons, attack: str, options: dict):
-    """(index, epsilon, x_adv) of the smallest-epsilon flip, preferring car -> truck; None when nothing flips."""
-    prefer = (classes.index("car"), classes.index("truck")) if {"car", "truck"} <= set(classes) else None
-    clean = predict_logits(model, split.x).argmax(1)
-    correct = clean == split.y
-    fallback = None
-    for epsilon in [e for e in epsilons if e > 0]:
-        x_adv = perturb(model, split.x, split.y, attack, epsilon, **options)
-        predicted = predict_logits(model, x_adv).argmax(1)
-        flipped = correct & (predicted != split.y)
-        if prefer is not None:
-            wanted = torch.nonzero(flipped & (split.y == prefer[0]) & (predicted == prefer[1])).flatten()
-            if wanted.numel():
-                i = int(wanted[0])
-                return i, epsilon, x_adv[i:i + 1]
-        if fallback is None and flipped.any():
-            i = int(torch.nonzero(flipped).flatten()[0])
-            fallback = (i, epsilon, x_adv[i:i + 1])
-    return fallback
-
-
-def flip_figure(model, split, split_name: str, classes, epsilons, attack: str, options: dict):
-    import plotly.graph_objects as go  # noqa: PLC0415
-    from plotly.subplots import make_subplots  # noqa: PLC0415
-
-    found = find_flip(model, split, classes, epsilons, attack, options)
-    if found is None:  # a model that predicts one class whatever the input: nothing to flip
-        index, epsilon = 0, max(epsilons)
-        x_adv = perturb(model, split.x[:1], split.y[:1], attack, epsilon, **options)
-        note = f"no correctly classified {split_name} image flips at any epsilon; showing {split_name} image 0"
-    else:
-        index, epsilon, x_adv = found
-        note = f"the smallest ε that flips a correctly classified {split_name} image (car → truck preferred)"
-    x = split.x[index:index + 1]
-    probs = torch.softmax(predict_logits(model, torch.cat([x, x_adv])), 1).cpu()
-    before, after = probs.argmax(1).tolist()
-    scale = max(epsilon, 1e-12)
-    noise = ((x_adv - x) / (2 * scale) + 0.5).clamp(0, 1)  # -eps..+eps stretched to black..white
-    true = classes[int(split.y[index])]
-    titles = (f"original: pred {classes[before]} ({probs[0, before]:.0%})",
-              f"noise ×{0.5 / scale:.0f} (ε={epsilon:g})",
-              f"perturbed: pred {classes[after]} ({probs[1, after]:.0%})")
-    fig = make_subplots(rows=1, cols=3, subplot_titles=titles, horizontal_spacing=0.03)
-    for col, image in enumerate((x, noise, x_adv), start=1):
-        fig.add_trace(go.Image(z=to_uint8(image)[0], hoverinfo="skip"), 1, col)
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    fig.update_layout(title=dict(text=f"{attack.upper()} at ε={epsilon:g} on a true {true}<br><sup>{note}</sup>"),
-                      height=420, width=1000, template="plotly_white")
-    return fig, {"index": index, "id": None, "true": true, "before": classes[before], "after": classes[after],
-                 "epsilon": epsilon, "attack": attack, "flipped": found is not None}
 
 
 def write_figures(figures: dict, out: Path, png: bool) -> tuple[list[str], str]:
@@ -251,15 +107,24 @@ def format_report(metrics: dict, rows: list[dict], figures: dict) -> str:
     classes = metrics["classes"]
     trial = metrics["trial"]
     config = metrics["config"]
-    splits = [s for s in ("dev", "test") if s in metrics]
-    kept = model_words(metrics["model"])
     out = [f"# Final model: study `{metrics['study']}`, trial {trial['number']}", "",
            f"Chosen: {trial['selection']}. Search value(s): {', '.join(f'{v:.4f}' for v in trial['values'] or [])}.",
            f"Config from {trial['config_source']}; retrained on train with seeds "
            f"{', '.join(str(r['seed']) for r in metrics['seeds'])} on {metrics['device']}. "
            + _model_sentence(metrics["model"]), "",
-           _table(["setting", "value"], [[k, f"`{v}`"] for k, v in config.items() if k != "seed"]), "",
-           "## Accuracy", ""]
+           _table(["setting", "value"], [[k, f"`{v}`"] for k, v in config.items() if k != "seed"]), ""]
+    out += _accuracy_section(metrics, classes)
+    out += _candidates_section(metrics, classes)
+    out += _robustness_section(metrics, rows, classes, config.get("tta", "none"))
+    out += _figures_section(metrics, figures)
+    return "\n".join(out)
+
+
+def _accuracy_section(metrics: dict, classes) -> list[str]:
+    """The model kept on each split beside the seeds' spread and the majority baseline; each seed; confusions."""
+    splits = [s for s in ("dev", "test") if s in metrics]
+    kept = model_words(metrics["model"])
+    out = ["## Accuracy", ""]
     seeds = len(metrics["seeds"])
     if seeds > 1:
         out += [f"Macro and per class: the model kept ({kept}); mean ± std (sample std): "
@@ -281,17 +146,20 @@ def format_report(metrics: dict, rows: list[dict], figures: dict) -> str:
                     for r in metrics["seeds"]]), ""]
     for s in splits:
         out += ["```", Evaluation.from_dict(classes, metrics[s]).format(f"{s} ({kept})"), "```", ""]
-    out += _candidates_section(metrics, classes)
+    return out
+
+
+def _robustness_section(metrics: dict, rows: list[dict], classes, tta: str) -> list[str]:
+    """The attacks, their epsilon scale and the sweep's rows (with test-time views: the plain model's too)."""
     attack = metrics["attack"]
     pgd = f" (PGD: {attack['pgd_steps']} steps)" if "pgd" in attack["attacks"] else ""
-    out += ["## Adversarial robustness", "",
-            f"Attacks: {', '.join(a.upper() for a in attack['attacks'])}{pgd}. "
-            "Epsilon is on the [0, 1] pixel scale; on the user's [-1, 1] inputs the same perturbation is 2 × epsilon "
-            "(their eps 0.1 = 0.05 here). Success rate = share of correctly classified images the attack flips. "
-            f"Sweep time: {attack['seconds']:.1f} s on {metrics['device']}.", "",
-            "Full rows (per-class accuracy, counts): [fgsm.csv](fgsm.csv); everything above as data: "
-            "[metrics.json](metrics.json).", ""]
-    tta = config.get("tta", "none")
+    out = ["## Adversarial robustness", "",
+           f"Attacks: {', '.join(a.upper() for a in attack['attacks'])}{pgd}. "
+           "Epsilon is on the [0, 1] pixel scale; on the user's [-1, 1] inputs the same perturbation is 2 × epsilon "
+           "(their eps 0.1 = 0.05 here). Success rate = share of correctly classified images the attack flips. "
+           f"Sweep time: {attack['seconds']:.1f} s on {metrics['device']}.", "",
+           "Full rows (per-class accuracy, counts): [fgsm.csv](fgsm.csv); everything above as data: "
+           "[metrics.json](metrics.json).", ""]
     if tta != "none":
         out += [f"The model as evaluated: test-time augmentation `{tta}`, the attacks differentiate through its "
                 "views. The plain model (no views) below it, for comparison.", ""]
@@ -299,8 +167,12 @@ def format_report(metrics: dict, rows: list[dict], figures: dict) -> str:
     if tta != "none":
         out += ["", "### The plain model (tta none)", "",
                 _attack_table([r for r in rows if r.get("tta", "none") == "none"], classes)]
+    return out
+
+
+def _figures_section(metrics: dict, figures: dict) -> list[str]:
     flip = metrics["flip_example"]
-    out += ["", "## Figures", ""]
+    out = ["", "## Figures", ""]
     descriptions = {"accuracy_vs_epsilon": "Accuracy and attack success rate against epsilon",
                     "examples_grid": f"{GRID_IMAGES} {metrics['figure_split']} images per epsilon, true → predicted",
                     "flip_example": f"A true {flip['true']} predicted {flip['before']}, turned into {flip['after']} "
@@ -309,16 +181,7 @@ def format_report(metrics: dict, rows: list[dict], figures: dict) -> str:
         png = f" · [PNG]({name}.png)" if name in figures["png"] else ""
         out.append(f"- {descriptions[name]}: [{name}.html]({name}.html){png}")
     out += ["", f"PNG export: {figures['png_status']}.", ""]
-    return "\n".join(out)
-
-
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    return write_atomic(path, buffer.getvalue())
+    return out
 
 
 # --- putting a finished run in place -----------------------------------------

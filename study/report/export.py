@@ -174,7 +174,7 @@ def data_record(study: optuna.Study) -> dict | None:
 
 # --- the command -------------------------------------------------------------------
 
-def write_csv(frame: pd.DataFrame, path: Path) -> None:
+def write_frame(frame: pd.DataFrame, path: Path) -> None:
     """Write then rename, so a reader never sees half a file."""
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
@@ -186,9 +186,9 @@ def export_study(study: optuna.Study, results: Path) -> dict[str, Path]:
     epochs = epochs_table(study, trials)
     data, data_source = data_table(study)
     paths = {"trials": folder / "trials.csv", "epochs": folder / "epochs.csv", "data": folder / "data.csv"}
-    write_csv(trials, paths["trials"])
-    write_csv(epochs, paths["epochs"])
-    write_csv(data, paths["data"])
+    write_frame(trials, paths["trials"])
+    write_frame(epochs, paths["epochs"])
+    write_frame(data, paths["data"])
     record, space_text = data_record(study), study.user_attrs.get("space_text")
     if record is not None:
         paths["record"] = write_json(folder / "data.json", record)
