@@ -30,7 +30,9 @@ from cnnlib.checkpoint import save_checkpoint
 from cnnlib.ensemble import Ensemble
 from cnnlib.training import DeviceData, TrainConfig, evaluate, group_configs, train_group
 from cnnlib.tta import TTA_MODES, as_evaluated
-from study.options import add_common_options, add_data_options, load_splits, use_cpu_threads
+from study.data import load_splits
+from study.options import add_common_options, add_data_options
+from study.threads import use_cpu_threads
 from study.search.space import load_space
 
 

@@ -33,7 +33,9 @@ from cnnlib.training import DeviceData
 from study.final.choice import cv_macro, cv_standard_error, mean_dev, rank_correlation, rankable_trials
 from study.final.folds import CrossValidation, FOLD_SEED, cross_validate
 from study.final.retrain import Retrain, retrain_seeds
-from study.options import add_common_options, add_data_options, load_splits, use_cpu_threads
+from study.data import load_splits
+from study.options import add_common_options, add_data_options
+from study.threads import use_cpu_threads
 from study.records import trial_config
 from study.search.storage import load_existing_study
 

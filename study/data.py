@@ -1,12 +1,72 @@
-"""Build (or load from cache) the user's imbalanced split and write RESULTS/data/summary.json."""
+"""The user's split as the data options give it, and `make data`, which builds it.
+
+Every command loads its split here (load_splits): built from DATA, CLASSES,
+*_COUNTS, SPLIT_SEED and CORRECTIONS once, and cached under RESULTS/data.
+`make data` builds (or reuses from the cache) that split and writes
+RESULTS/data/summary.json.
+"""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from cnnlib.splits import format_summary, write_summary
+from cnnlib.sources import infer_classes, parse_classes
+from cnnlib.splits import (DataConfig, Splits, USER_DEV_COUNTS, USER_TEST_COUNTS, USER_TRAIN_COUNTS, format_summary,
+                           prepare_splits, require_every_class, write_summary)
 
-from .options import add_common_options, add_data_options, describe_classes, load_splits
+from .errors import UserError
+from .options import add_common_options, add_data_options
+
+
+# --- the split the data options give ---------------------------------------------------
+
+def data_classes(args: argparse.Namespace) -> tuple[str, ...]:
+    return parse_classes(args.classes) if args.classes else infer_classes(Path(args.data))
+
+
+def describe_classes(args: argparse.Namespace, classes) -> str:
+    """One line that states the class order in use and where it came from."""
+    labels = ", ".join(f"{i} {c}" for i, c in enumerate(classes))
+    if args.classes:
+        return f"classes: {labels} (from CLASSES)"
+    return f"classes: {labels} (from the folder names of {args.data}; set CLASSES=... to choose another order)"
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    classes = data_classes(args)
+    defaults = {"train": USER_TRAIN_COUNTS, "dev": USER_DEV_COUNTS, "test": USER_TEST_COUNTS}
+    chosen = {}
+    for split, default in defaults.items():
+        given = getattr(args, f"{split}_counts")
+        if given is None and len(classes) != len(default):
+            raise UserError(f"{len(classes)} classes ({','.join(classes)}): give the images per class with "
+                            f"TRAIN_COUNTS, DEV_COUNTS and TEST_COUNTS (--train-counts ...), "
+                            f"e.g. TRAIN_COUNTS={','.join(['100'] * len(classes))}")
+        chosen[split] = default if given is None else given
+    return DataConfig(
+        source=Path(args.data), classes=classes,
+        train_counts=chosen["train"], dev_counts=chosen["dev"], test_counts=chosen["test"],
+        seed=args.split_seed, trust_pickle=args.trust_pickle,
+        corrections=Path(args.corrections) if args.corrections else None,
+    )
+
+
+def load_splits(args: argparse.Namespace) -> Splits:
+    """The user's split for these options, built once and cached under RESULTS/data.
+
+    Every split a command can be judged on holds every class: a test split
+    without cats would report a macro accuracy over two classes, and an empty
+    one no number at all (nan). train and dev are checked where they are built.
+    """
+    config = data_config(args)
+    splits = prepare_splits(config, Path(args.results) / "data")
+    if splits.test is not None:
+        require_every_class(splits, ("test",), config)
+    return splits
+
+
+# --- the command ---------------------------------------------------------------------------
 
 
 def add_arguments(parser) -> None:

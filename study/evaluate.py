@@ -23,8 +23,10 @@ from cnnlib.sources import parse_classes
 from cnnlib.training import DeviceSplit, evaluate, make_criterion
 from cnnlib.tta import TTA_MODES, as_evaluated
 
+from .data import load_splits
 from .errors import UserError
-from .options import add_common_options, add_data_options, load_splits, use_cpu_threads
+from .options import add_common_options, add_data_options
+from .threads import use_cpu_threads
 
 SPLITS = ("train", "dev", "test")
 

@@ -1,11 +1,12 @@
-"""Command-line options shared by every command, and the one way data is loaded from them.
+"""Command-line options shared by every command: their types, defaults and groups.
 
 Each option mirrors a Makefile variable (DATA, RESULTS, DEVICE, ...), so the
 Makefile passes them through the environment and a user can also call
 `cnn-hpo` directly. A variable's value is parsed by the same argparse type as
 its flag, so a typo in either is one line (`error: ... TRIALS='abc' ...`).
 Defaults do not depend on the working directory: the shared data is found
-beside the project checkout, search spaces in the package.
+beside the project checkout, search spaces in the package. The split the
+data options give is loaded in data.py; THREADS is read in threads.py.
 """
 
 from __future__ import annotations
@@ -13,15 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 from pathlib import Path
 
-import torch
-
-from cnnlib.device import cpu_threads
-from cnnlib.sources import infer_classes, parse_classes
-from cnnlib.splits import (DataConfig, Splits, prepare_splits, require_every_class, USER_DEV_COUNTS, USER_TEST_COUNTS,
-                           USER_TRAIN_COUNTS)
+from cnnlib.splits import USER_DEV_COUNTS, USER_TEST_COUNTS, USER_TRAIN_COUNTS
 
 from .errors import UserError
 
@@ -142,32 +137,6 @@ def env_flag(name: str) -> bool:
 
 # --- option groups ----------------------------------------------------------------------------
 
-def choose_cpu_threads(device, processes: int = 1) -> tuple[int, str]:
-    """Torch CPU threads per process: THREADS, or chosen by load (cnnlib.device.cpu_threads); (1, "") off the CPU."""
-    if getattr(device, "type", device) != "cpu":
-        return 1, ""
-    text = env("THREADS")
-    if text is not None and not (text.isdigit() and int(text) >= 1):
-        raise UserError(f"THREADS {text!r}: expected a whole number >= 1")
-    threads, why = cpu_threads(int(text) if text else None, processes)
-    if text and threads < int(text):
-        print(f"note: {why}", file=sys.stderr)
-    return threads, why
-
-
-def use_cpu_threads(device, processes: int = 1) -> str:
-    """Set torch's CPU threads for this process (THREADS, or chosen by load) and say what was chosen.
-
-    Every command that trains calls it: torch's default (one thread per core) on a
-    busy 2-core machine made `make final` take 25 s per epoch instead of ~2 (its
-    OpenMP threads wait for each other; see cnnlib.device.cpu_threads).
-    """
-    threads, why = choose_cpu_threads(device, processes)
-    if not why:
-        return ""
-    torch.set_num_threads(threads)
-    return f"{threads} thread(s): {why}"
-
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
@@ -206,50 +175,3 @@ def add_storage_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", default=env("STORAGE"),
                         help="Optuna storage URL: sqlite:///..., postgresql+psycopg2://..., or journal:PATH "
                              f"(env STORAGE; default: {default_storage('RESULTS')})")
-
-
-# --- the data ---------------------------------------------------------------------------------
-
-def data_classes(args: argparse.Namespace) -> tuple[str, ...]:
-    return parse_classes(args.classes) if args.classes else infer_classes(Path(args.data))
-
-
-def describe_classes(args: argparse.Namespace, classes) -> str:
-    """One line that states the class order in use and where it came from."""
-    labels = ", ".join(f"{i} {c}" for i, c in enumerate(classes))
-    if args.classes:
-        return f"classes: {labels} (from CLASSES)"
-    return f"classes: {labels} (from the folder names of {args.data}; set CLASSES=... to choose another order)"
-
-
-def data_config(args: argparse.Namespace) -> DataConfig:
-    classes = data_classes(args)
-    defaults = {"train": USER_TRAIN_COUNTS, "dev": USER_DEV_COUNTS, "test": USER_TEST_COUNTS}
-    chosen = {}
-    for split, default in defaults.items():
-        given = getattr(args, f"{split}_counts")
-        if given is None and len(classes) != len(default):
-            raise UserError(f"{len(classes)} classes ({','.join(classes)}): give the images per class with "
-                            f"TRAIN_COUNTS, DEV_COUNTS and TEST_COUNTS (--train-counts ...), "
-                            f"e.g. TRAIN_COUNTS={','.join(['100'] * len(classes))}")
-        chosen[split] = default if given is None else given
-    return DataConfig(
-        source=Path(args.data), classes=classes,
-        train_counts=chosen["train"], dev_counts=chosen["dev"], test_counts=chosen["test"],
-        seed=args.split_seed, trust_pickle=args.trust_pickle,
-        corrections=Path(args.corrections) if args.corrections else None,
-    )
-
-
-def load_splits(args: argparse.Namespace) -> Splits:
-    """The user's split for these options, built once and cached under RESULTS/data.
-
-    Every split a command can be judged on holds every class: a test split
-    without cats would report a macro accuracy over two classes, and an empty
-    one no number at all (nan). train and dev are checked where they are built.
-    """
-    config = data_config(args)
-    splits = prepare_splits(config, Path(args.results) / "data")
-    if splits.test is not None:
-        require_every_class(splits, ("test",), config)
-    return splits

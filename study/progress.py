@@ -45,7 +45,7 @@ class Progress:
         per_epoch = (now - first[0]) / (epoch - first[1])
         left = per_epoch * (total - epoch)
         rate = f"{per_epoch:.2f}" if per_epoch < 10 else f"{per_epoch:.0f}"
-        return f", {rate} s/epoch" + (f", ~{_minutes(left)} left" if left > 0 else "")
+        return f", {rate} s/epoch" + (f", ~{minutes(left)} left" if left > 0 else "")
 
     def epoch(self, label: str, epoch: int, total_epochs: int | None, macro_accuracy: float,
               metric: str = "dev macro") -> None:
@@ -76,7 +76,8 @@ class Progress:
             self.drawn = False
 
 
-def _minutes(seconds: float) -> str:
+def minutes(seconds: float) -> str:
+    """A duration for a progress line: "20 s" below 90 seconds, else "1.5 min"."""
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 

@@ -22,10 +22,12 @@ from cnnlib.metrics import majority_baseline
 from cnnlib.training import DeviceData, EpochStats, TrainConfig, evaluate, make_criterion, train_group
 from cnnlib.tta import as_evaluated
 
+from .data import load_splits
 from .errors import UserError
-from .options import MAX_GROUP, add_common_options, add_data_options, load_splits, use_cpu_threads, whole_number
+from .options import MAX_GROUP, add_common_options, add_data_options, whole_number
 from .output import check_output_name, fresh_folder, output_name, timestamp
 from .search.space import load_space
+from .threads import use_cpu_threads
 
 RUN_FILES = ("metrics.json", "history.csv", "model.pt")
 

@@ -376,7 +376,7 @@ def test_unpickling_a_trusted_pickle_says_so(tmp_path, capsys):
 
 
 def test_threads_above_the_core_count_are_capped_with_a_note(monkeypatch, capsys):
-    from study.options import choose_cpu_threads  # noqa: PLC0415
+    from study.threads import choose_cpu_threads  # noqa: PLC0415
 
     monkeypatch.setenv("THREADS", "1000")
     threads, why = choose_cpu_threads("cpu")

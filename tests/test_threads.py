@@ -7,7 +7,7 @@ import torch
 
 from conftest import run_cli
 from study.errors import UserError
-from study.options import use_cpu_threads
+from study.threads import use_cpu_threads
 
 
 def test_threads_set_by_the_variable_are_what_torch_then_uses(monkeypatch, restore_threads):

@@ -38,14 +38,16 @@ from cnnlib.config import MAX_EPOCHS, MAX_SEED
 from cnnlib.sources import LabeledImages
 from cnnlib.training import TrainConfig
 
-from .outputs import (contact_sheet_html, contact_sheet_png, write_class_distribution, write_corrections_draft,
-                            write_suspects)
-from .probabilities import (DYNAMICS_WINDOW, Pool, _minutes, agreement_macro_accuracy, chance_warning,
-                                  flip_labels, out_of_fold_probabilities, pool_splits, stratified_folds,
-                                  training_dynamics_probabilities, window_start)
+from ..data import load_splits
 from ..errors import UserError
+from ..options import add_common_options, add_data_options, fraction, whole_number
 from ..output import atomic_path, fresh_folder, output_name, write_atomic, write_csv, write_json
-from ..options import add_common_options, add_data_options, fraction, load_splits, whole_number
+from ..progress import minutes
+from .outputs import (contact_sheet_html, contact_sheet_png, write_class_distribution, write_corrections_draft,
+                      write_suspects)
+from .probabilities import (DYNAMICS_WINDOW, Pool, agreement_macro_accuracy, chance_warning, flip_labels,
+                            out_of_fold_probabilities, pool_splits, stratified_folds, training_dynamics_probabilities,
+                            window_start)
 
 # How each image gets its predicted probabilities (see the module docstring).
 METHODS = ("training_dynamics", "out_of_fold")
@@ -201,7 +203,7 @@ def run(args) -> int:
     ranked, flagged = rank_label_issues(labels, probs, args.filter_by, args.rank_by)
     seconds = time.perf_counter() - started
     per_split = {n: int((pool.split[flagged] == n).sum()) for n in names}
-    print(f"{int(flagged.sum())} suspected label issues in {_minutes(seconds)} "
+    print(f"{int(flagged.sum())} suspected label issues in {minutes(seconds)} "
           f"({', '.join(f'{n}: {c}' for n, c in per_split.items())}); every image ranked in suspects.csv")
     macro = agreement_macro_accuracy(labels, probs)
     warning = chance_warning(macro, len(classes))

@@ -13,8 +13,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cnnlib.splits import Splits
 
-from .probabilities import Pool
 from ..output import write_csv, write_html, write_json
+from .probabilities import Pool
 
 SHEET_SCALE = 4  # 32x32 -> 128x128: big enough to judge, nearest-neighbour keeps the real pixels
 

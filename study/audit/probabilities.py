@@ -113,7 +113,7 @@ def out_of_fold_probabilities(images: LabeledImages, classes: Sequence[str], fol
                       "held_out_macro_accuracy": dev.macro_accuracy, "held_out_per_class": dev.per_class,
                       "seconds": round(result.seconds, 2)})
         elapsed = time.perf_counter() - started
-        left = f"; about {_minutes(elapsed / (k + 1) * (folds - k - 1))} left" if k + 1 < folds else ""
+        left = f"; about {progress.minutes(elapsed / (k + 1) * (folds - k - 1))} left" if k + 1 < folds else ""
         log(f"fold {k + 1}/{folds}: held-out macro accuracy {dev.macro_accuracy:.3f} "
             f"(vs given labels), {result.seconds:.0f}s{left}")
     return probs, stats
@@ -181,9 +181,6 @@ def training_dynamics_probabilities(images: LabeledImages, classes: Sequence[str
 
 
 # --- agreement with the given labels -------------------------------------------
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds:.0f}s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def agreement_macro_accuracy(labels: np.ndarray, probs: np.ndarray) -> float:

@@ -242,7 +242,8 @@ def format_variants(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..options import add_common_options, add_data_options, load_splits
+    from ..data import load_splits
+    from ..options import add_common_options, add_data_options
 
     parser = argparse.ArgumentParser(prog="python -m study.bench.fused", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ks", default=",".join(map(str, FUSED_KS)), help="comma-separated group sizes K")

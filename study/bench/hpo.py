@@ -41,13 +41,15 @@ from optuna.trial import FrozenTrial, TrialState
 from cnnlib.training import DeviceData, TrainConfig, evaluate, train_group
 from cnnlib.tta import as_evaluated
 
+from ..data import load_splits
 from ..errors import UserError
-from ..options import add_common_options, add_data_options, load_splits, sqlite_url, use_cpu_threads
+from ..options import add_common_options, add_data_options, sqlite_url
 from ..output import fresh_folder, write_atomic, write_json, write_pngs
 from ..records import STOPPED_BY_DEADLINE, WARM_START_ATTR, trial_config
 from ..search import command as search
 from ..search.plan import FINISHED
 from ..search.space import load_space
+from ..threads import use_cpu_threads
 from . import hpo_settings
 from .hpo_report import _f, figure, format_tables, mean_sd, method_summary, verdicts
 from .hpo_settings import RECIPE, derived_space_text, max_epochs, settings_from

@@ -31,12 +31,13 @@ from cnnlib.model import model_flops_per_image
 from cnnlib.splits import Splits
 from cnnlib.training import DeviceData, LoopOptions, TrainConfig, TrainResult
 
+from ..data import data_config, load_splits
 from ..errors import UserError
+from ..options import add_common_options, add_data_options, whole_number
+from ..output import fresh_file, timestamp, write_json
 from .interleave import Timed, interleave, lone_trial_epochs
 from .machine import device_facts
 from .naive_loop import naive_train_epochs
-from ..options import add_common_options, add_data_options, data_config, load_splits, whole_number
-from ..output import fresh_file, timestamp, write_json
 
 # The user's recipe at three batch sizes, 32 being the user's own.
 BATCH_SIZES = (16, 32, 128)

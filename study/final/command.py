@@ -44,14 +44,15 @@ from cnnlib.splits import require_every_class
 from cnnlib.training import DeviceData, TrainConfig
 from cnnlib.tta import as_evaluated
 
+from ..data import data_config, load_splits
 from ..errors import UserError
-from ..options import (MAX_GROUP, add_common_options, add_data_options, add_study_options, data_config, load_splits,
-                      switch, use_cpu_threads, whole_number)
+from ..options import MAX_GROUP, add_common_options, add_data_options, add_study_options, switch, whole_number
 from ..output import study_folder
 from ..records import check_recorded_data, trial_config
 from ..search import hints
 from ..search.storage import load_existing_study
 from ..search.storage_url import redact
+from ..threads import use_cpu_threads
 from .attack import attack_record, draw_figures, run_attack_sweep
 from .choice import choose_trial, top_trials, warm_start_trials
 from .folds import select_by_folds, signal_correlations

@@ -37,10 +37,10 @@ import pandas as pd
 from cnnlib.atomic import atomic_path, write_atomic, write_json
 from cnnlib.splits import RECORD_KEYS
 
-from ..search import hints
 from ..errors import UserError
 from ..options import add_storage_option
 from ..output import study_folder  # noqa: F401 - where export writes: RESULTS/<study>
+from ..search import hints
 from ..search.storage import load_existing_study, open_storage
 from ..search.storage_url import redact, storage_file
 

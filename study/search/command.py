@@ -31,8 +31,8 @@ import torch
 from cnnlib.device import resolve_device
 from cnnlib.step import GROUP_SIZE
 
-from ..options import (MAX_GROUP, add_common_options, add_data_options, add_study_options, describe_classes, env,
-                       load_splits, whole_number)
+from ..data import describe_classes, load_splits
+from ..options import MAX_GROUP, add_common_options, add_data_options, add_study_options, env, whole_number
 from .plan import DEFAULT_TIMEOUT, choose_limits, count_states, describe_limits, plan_run
 from .space import load_space
 from .storage_errors import storage_failures

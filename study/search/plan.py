@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from ..options import choose_cpu_threads
+from ..threads import choose_cpu_threads
 from .space import SearchSpace
 
 DEFAULT_TIMEOUT = 780  # seconds: with the set-up, a default run takes about 14 min

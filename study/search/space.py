@@ -23,8 +23,7 @@ from cnnlib.training import TrainConfig
 
 from ..records import WARM_START_ATTR
 from . import strict_yaml
-from .space_params import (CONFIG_KEYS, Param, SpaceError, check_values, fail, number, parse_enqueue,
-                           parse_param)
+from .space_params import CONFIG_KEYS, Param, SpaceError, check_values, fail, number, parse_enqueue, parse_param
 
 OBJECTIVES = ("dev_macro_accuracy", "robust_macro_accuracy")
 TOP_KEYS = {"description", "objective", "objective_epochs", "robust", "sampler", "pruner", "budget", "params",

@@ -20,7 +20,7 @@ from cnnlib.device import resolve_device
 from cnnlib.training import DeviceData
 
 from .. import progress
-from ..options import load_splits
+from ..data import load_splits
 from ..records import STOPPED_BY_DEADLINE
 from .artifacts import note_outcome
 from .deadline import Deadline
