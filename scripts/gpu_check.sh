@@ -74,7 +74,7 @@ fi
 PYTHONUNBUFFERED=1 timeout 400 "$PY" - "$DATA" "$OUT" <<'PYEOF'
 import argparse, os, shlex, shutil, sys, time
 from pathlib import Path
-from study.bench import training_loop as bench
+from study.bench import command as bench
 data, out = sys.argv[1], Path(sys.argv[2])
 parser = argparse.ArgumentParser()
 bench.add_arguments(parser)

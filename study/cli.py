@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import signal
-import os
 import re
+import signal
 import sys
 import threading
 
@@ -19,38 +18,40 @@ from cnnlib.allocator import keep_freed_memory
 from cnnlib.errors import CnnlibError
 
 from .errors import UserError
-from .lifetime import follow_parent_from_environment
+from .lifetime import follow_parent_from_environment, interrupt_on_sigterm, program_name
 
-# name -> (module, one line for the command list, what --help says about it). The text is for users:
-# what the command does and writes, never where the code lives (module docstrings are for developers).
+# name -> (where it lives, one line for the command list, what --help says about it). One rule finds the module
+# (_load): study.<where>, entered through its command.py when <where> is a package (search, final, audit, bench).
+# The texts are for users: what the command does and writes, never where the code lives (docstrings are for that).
 COMMANDS = {
-    "data": ("study.data", "build the user's split and print its class counts",
+    "data": ("data", "build the user's split and print its class counts",
              "Build (or reuse from the cache) the train/dev/test split and write RESULTS/data/summary.json."),
-    "train": ("study.train", "train one config (a search-space file whose values are all fixed)",
+    "train": ("train", "train one config (a search-space file whose values are all fixed)",
               "Train one fixed config and write RESULTS/runs/<name>/ (metrics.json, history.csv, model.pt)."),
-    "evaluate": ("study.evaluate", "evaluate a checkpoint on a split (macro, per-class, confusion)",
+    "evaluate": ("evaluate", "evaluate a checkpoint on a split (macro, per-class, confusion)",
                  "Evaluate a model.pt on one split: macro and per-class accuracy, confusion matrix, and the "
                  "majority-class baseline beside them."),
-    "search": ("study.search.command", "run or continue an Optuna study",
+    "search": ("search", "run or continue an Optuna study",
                "Run or continue an Optuna study of the seed CNN. Running it again continues the same study; "
                "TRIALS counts the trials this run adds; Ctrl-C stops it and the next run continues."),
-    "export": ("study.report.export", "write trials.csv and epochs.csv for a study",
+    "export": ("report.export", "write trials.csv and epochs.csv for a study",
                "Write RESULTS/<study>/trials.csv (one row per trial), epochs.csv (one row per epoch) and data.csv "
                "(class counts) for each study in STORAGE, or only STUDY."),
-    "plots": ("study.report.plots", "HTML report (and PNGs) from exported CSVs",
+    "plots": ("report.plots", "HTML report (and PNGs) from exported CSVs",
               "Write an offline HTML report (and PNGs when Chromium is there) from the CSVs of `export`."),
-    "dashboard": ("study.search.dashboard", "serve the study storage with optuna-dashboard",
+    "dashboard": ("search.dashboard", "serve the study storage with optuna-dashboard",
                   "Serve STORAGE with optuna-dashboard, with each trial's report (note and artifacts)."),
-    "final": ("study.final.command", "retrain the best trial with several seeds, evaluate, FGSM sweep",
+    "final": ("final", "retrain the best trial with several seeds, evaluate, FGSM sweep",
               "Retrain the study's best trial (or TRIAL) with SEEDS seeds, report dev and held-out test accuracy, "
-              "and attack the median-seed model; writes RESULTS/final/<study>/. Epsilons are on the [0, 1] pixel "
-              "scale (the user's [-1, 1]-scale eps 0.1 is 0.05 here)."),
-    "bench": ("study.bench.training_loop", "time the project training loop against a naive DataLoader loop",
+              "and attack the model kept, the seeds' ensemble (ENSEMBLE=0: the median seed); writes "
+              "RESULTS/final/<study>/. Epsilons are on the [0, 1] pixel scale (the user's [-1, 1]-scale eps 0.1 is "
+              "0.05 here)."),
+    "bench": ("bench", "time the project training loop against a naive DataLoader loop",
               "Time the project's training loop against a tutorial DataLoader loop; writes RESULTS/bench/."),
-    "audit": ("study.audit.command", "find probably mislabeled images with cross-validated confident learning",
+    "audit": ("audit", "find probably mislabeled images with cross-validated confident learning",
               "Rank probably mislabeled images (K-fold out-of-fold predictions + confident learning) and write "
               "RESULTS/audit/<run>/: suspects.csv, a contact sheet and a corrections draft."),
-    "hpo-bench": ("study.bench.hpo", "is TPE worth it? TPE vs random search (and warm start, Hyperband) at an "
+    "hpo-bench": ("bench.hpo", "is TPE worth it? TPE vs random search (and warm start, Hyperband) at an "
                                      "equal budget, on test",
                   "Compare TPE, random search, the warm-started default and TPE with a Hyperband pruner at an equal "
                   "time budget on two data sets, each search's best config retrained with several seeds and judged "
@@ -59,26 +60,6 @@ COMMANDS = {
 
 EPILOG = ("Each option can also be set by the Makefile variable (environment variable) named in its help, "
           "e.g. `make search TRIALS=20` is `--trials 20`.")
-
-
-def interrupt_on_sigterm(signum=None, frame=None):
-    """SIGTERM handler: stop the way Ctrl-C does, so running trials are told FAIL and outputs stay whole.
-
-    `make` passes SIGTERM on to the command it runs (as do kill, systemd and
-    docker stop); by default Python would die on the spot and leave its worker
-    processes training. The interrupt's text says which signal it was.
-    Further SIGTERMs are ignored, so that they cannot cut short the telling of
-    trials FAIL: a worker whose search was SIGKILLed gets one parent-death
-    signal per thread of the dead search (the kernel hands it from thread to
-    thread as each dies). SIGKILL still ends a stop that hangs.
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt("SIGTERM")
-
-
-def program_name() -> str:
-    """What the user typed to start us, so that usage lines and printed commands can be pasted back."""
-    return "cnn-hpo" if os.path.basename(sys.argv[0] or "") == "cnn-hpo" else "python -m study"
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -137,7 +118,9 @@ def storage_failure(args: argparse.Namespace, error: Exception) -> str | None:
 
 
 def _load(name: str):
-    return importlib.import_module(COMMANDS[name][0])
+    """The command's module: study.<where>, or that package's command.py."""
+    module = importlib.import_module(f"study.{COMMANDS[name][0]}")
+    return importlib.import_module(f"{module.__name__}.command") if hasattr(module, "__path__") else module
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli import program_name
+from ..lifetime import program_name
 from ..options import default_data, default_storage
 from .storage_url import redact
 

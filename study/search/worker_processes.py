@@ -24,9 +24,8 @@ from cnnlib.device import flush_denormals
 from cnnlib.errors import CnnlibError
 
 from .. import progress
-from ..cli import interrupt_on_sigterm
 from ..errors import UserError
-from ..lifetime import follow_parent
+from ..lifetime import follow_parent, interrupt_on_sigterm
 from .plan import RunPlan, count_states
 from .space import SearchSpace, load_space
 from .storage import open_storage
