@@ -33,7 +33,7 @@ from cnnlib.tta import TTA_MODES, as_evaluated
 from study.data import load_splits
 from study.options import add_common_options, add_data_options
 from study.threads import use_cpu_threads
-from study.search.space import load_space
+from study.search.space_file import load_space
 
 
 def variant(text: str) -> dict:

@@ -30,7 +30,7 @@ from cnnlib.training import DeviceData, TrainConfig, train_group_epochs
 from study.bench.interleave import interleave
 from study.data import load_splits
 from study.options import add_common_options, add_data_options
-from study.search.space import load_space
+from study.search.space_file import load_space
 
 VARIANTS = {"recipe": {}, "ema 0.999": {"ema": 0.999}, "cutout 8": {"cutout": 8},
             "ema + cutout": {"ema": 0.999, "cutout": 8}, "tta flip_translate": {"tta": "flip_translate"}}

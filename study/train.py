@@ -26,7 +26,7 @@ from .data import load_splits
 from .errors import UserError
 from .options import MAX_GROUP, add_common_options, add_data_options, whole_number
 from .output import check_output_name, fresh_folder, output_name, timestamp
-from .search.space import load_space
+from .search.space_file import load_space
 from .threads import use_cpu_threads
 
 RUN_FILES = ("metrics.json", "history.csv", "model.pt")

@@ -185,7 +185,7 @@ def test_a_group_starts_only_with_room_for_its_warm_up_epochs_and_its_telling():
 
 def test_the_warm_up_a_group_needs_is_the_pruners_n_warmup_steps(tmp_path):
     from study.search.deadline import Deadline  # noqa: PLC0415
-    from study.search.space import load_space  # noqa: PLC0415
+    from study.search.space_file import load_space  # noqa: PLC0415
 
     assert Deadline.for_space(0.0, load_space("default")).warmup_epochs == 15
     assert Deadline.for_space(0.0, load_space(SMOKE)).warmup_epochs == 1

@@ -26,7 +26,7 @@ from cnnlib.training import DeviceData, TrainConfig
 from study.bench import hpo as hpo_bench
 from study.bench import hpo_report, hpo_settings
 from study.records import WARM_START_ATTR
-from study.search.space import load_space
+from study.search.space_file import load_space
 from conftest import REAL_DATA, STUDY_ENV, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from study import options
-from study.search.space import find_space, load_space
+from study.search.space_file import find_space, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,8 @@ from study import cli
 from study.lifetime import PARENT_VARIABLE
 from study.search import plan as plan_module
 from study.search import worker_processes as workers_module
-from study.search.space import SpaceError, load_space
+from study.search.space import SpaceError
+from study.search.space_file import load_space
 from test_reliability import hang_in_training, inject, make_search_command, search_command, worker_pids
 from test_search import FINISHED, SMOKE, small_data, sqlite_url, subprocess_env, trials_of, write_space  # noqa: F401
 

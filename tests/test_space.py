@@ -9,7 +9,8 @@ import optuna
 import pytest
 
 from study import cli
-from study.search.space import SpaceError, load_space
+from study.search.space import SpaceError
+from study.search.space_file import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "search_spaces").rglob("*.yaml"))

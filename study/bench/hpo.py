@@ -48,7 +48,7 @@ from ..output import fresh_folder, write_atomic, write_json, write_pngs
 from ..records import STOPPED_BY_DEADLINE, WARM_START_ATTR, trial_config
 from ..search import command as search
 from ..search.plan import FINISHED
-from ..search.space import load_space
+from ..search.space_file import load_space
 from ..threads import use_cpu_threads
 from . import hpo_settings
 from .hpo_report import _f, figure, format_tables, mean_sd, method_summary, verdicts

@@ -35,7 +35,8 @@ from cnnlib.training import TrainConfig
 
 from ..errors import UserError
 from ..options import MAX_GROUP, PROJECT_ROOT, env
-from ..search.space import SearchSpace, load_space
+from ..search.space import SearchSpace
+from ..search.space_file import load_space
 
 SEARCH_METHODS = {
     "tpe": "the space's TPESampler, seeded, no enqueued points",

@@ -34,7 +34,7 @@ from cnnlib.step import GROUP_SIZE
 from ..data import describe_classes, load_splits
 from ..options import MAX_GROUP, add_common_options, add_data_options, add_study_options, env, whole_number
 from .plan import DEFAULT_TIMEOUT, choose_limits, count_states, describe_limits, plan_run
-from .space import load_space
+from .space_file import load_space
 from .storage_errors import storage_failures
 from .storage_url import redact
 from .study_setup import prepare_study

@@ -65,7 +65,7 @@ def _same(name: str, value, default) -> bool:
     if value is None or default is None:
         return value is None
     if name == "SPACE":  # `smoke`, `smoke.yaml` and `search_spaces/smoke.yaml` are one file
-        from .space import find_space  # noqa: PLC0415 - only search hints carry a space
+        from .space_file import find_space  # noqa: PLC0415 - only search hints carry a space
 
         return find_space(value).resolve() == find_space(default).resolve()
     if name in PATH_SETTINGS:

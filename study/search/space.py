@@ -1,40 +1,64 @@
-"""Search-space files: hyperparameter ranges, sampler, pruner and objective as data.
+"""A search space as the record a space file becomes: its params, sampler, pruner and objectives.
 
-A space is a YAML file someone who never saw the code can read (see
-search_spaces/default.yaml). Every mistake in it is reported before any
-training starts, with the file and the key. A space whose params are all
-fixed values is simply a training config (`make train`).
+`SearchSpace` is what space_file.load_space builds from a YAML file (see
+search_spaces/default.yaml), and what a study asks of it: a trial's config
+(`suggest`), the known points queued first (`enqueue_into`), the sampler and
+the pruner. A space whose params are all fixed values is simply a training
+config (`make train`).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
-import yaml
 
-from cnnlib.config import SHARED
-from cnnlib.training import TrainConfig
+from cnnlib.config import SHARED, TrainConfig
+from cnnlib.errors import CnnlibError
 
 from ..records import WARM_START_ATTR
-from . import strict_yaml
-from .space_params import CONFIG_KEYS, Param, SpaceError, check_values, fail, number, parse_enqueue, parse_param
 
-OBJECTIVES = ("dev_macro_accuracy", "robust_macro_accuracy")
-TOP_KEYS = {"description", "objective", "objective_epochs", "robust", "sampler", "pruner", "budget", "params",
-            "enqueue"}
+CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
 # The user attribute that carries an enqueued point's values for fixed params (SearchSpace.enqueue_into).
 ENQUEUED_FIXED_ATTR = "enqueued_fixed_params"
 SHARED_SEED_SAMPLERS = {"GridSampler", "QMCSampler", "BruteForceSampler"}  # see SearchSpace.make_sampler
-# Where the shipped spaces are: inside the package when installed from a wheel (pyproject.toml maps
-# search_spaces/ to study/search_spaces), at the checkout's top level when run from source.
-_PACKAGE = Path(__file__).resolve().parents[1]  # study/
-SHIPPED_SPACE_DIRS = (_PACKAGE / "search_spaces", _PACKAGE.parent / "search_spaces")
+
+
+class SpaceError(CnnlibError, ValueError):
+    """A search-space file is invalid; the message names the file and the key."""
+
+
+@dataclass
+class Param:
+    name: str
+    type: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: list | None = None
+    value: Any = None
+    when: dict = field(default_factory=dict)
+    # The TrainConfig setting this param sets; by default its own name. Two params may set
+    # one field under exclusive conditions: `weight_decay_adamw: {field: weight_decay, when: ...}`
+    # gives decoupled decay its own range beside L2's.
+    field: str = ""
+
+    def __post_init__(self):
+        self.field = self.field or self.name
+
+    def suggest(self, trial: optuna.Trial):
+        if self.type == "fixed":
+            return self.value
+        if self.type == "categorical":
+            return trial.suggest_categorical(self.name, self.choices)
+        if self.type == "int":
+            return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1, log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
 
 
 class SeededPerTrial(optuna.samplers.BaseSampler):
@@ -229,174 +253,3 @@ class SearchSpace:
         if self.sampler.get("name") != "GridSampler":
             return None
         return math.prod(len(p.choices) for p in self.params.values() if p.type == "categorical")
-
-
-def _parse_component(path, key, spec, module, base, default):
-    """A sampler or pruner spec; its name must be a public class of `module` that subclasses `base`.
-
-    Any other attribute (a helper function such as optuna.pruners._filter_study)
-    would be called with the file's arguments.
-    """
-    if spec is None:
-        return default
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-        raise fail(path, key, f"expected {{name: ..., <args>}}, got {spec!r}")
-    usable = sorted(n for n, c in vars(module).items() if not n.startswith("_") and isinstance(c, type)
-                    and issubclass(c, base) and not inspect.isabstract(c))
-    if spec["name"] not in usable:
-        raise fail(path, f"{key}.name", f"{spec['name']!r} is not a public {key} class of {module.__name__}; "
-                                         f"expected one of {', '.join(usable)}")
-    arguments = inspect.signature(getattr(module, spec["name"])).parameters
-    for name, value in spec.items():  # YAML's yes/on are booleans: `seed: yes` would quietly be seed 1
-        annotation = str(arguments[name].annotation) if name in arguments else ""
-        if isinstance(value, bool) and re.search(r"\b(int|float)\b", annotation) and "bool" not in annotation:
-            raise fail(path, f"{key}.{name}", f"expected a number, got {value!r}")
-    return dict(spec)
-
-
-def _check_sampler_proposes(space: SearchSpace) -> None:
-    """Ask one trial of a throwaway in-memory study.
-
-    A sampler can be built and still fail inside `study.ask()` (PartialFixedSampler
-    given the text `base_sampler: TPESampler`), and by then the real storage holds
-    the new trial, RUNNING, with no worker to ever finish it.
-    """
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line
-    try:
-        space.suggest(optuna.create_study(sampler=space.make_sampler(), directions=space.directions).ask())
-    except SpaceError:
-        raise
-    except Exception as error:  # noqa: BLE001 - a sampler can raise anything
-        detail = (str(error).strip().splitlines() or [""])[0]
-        raise fail(space.path, "sampler", f"cannot propose a trial ({type(error).__name__}: {detail})") from None
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-
-
-def shipped_spaces() -> list[str]:
-    folder = next((d for d in SHIPPED_SPACE_DIRS if d.is_dir()), None)
-    return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml")) if folder else []
-
-
-def find_space(name: str | Path) -> Path:
-    """The space file as given, else the shipped one of that name.
-
-    So `SPACE=smoke`, `smoke.yaml` and `search_spaces/smoke.yaml` all work from
-    any working directory, and from an installed package that has no checkout.
-    """
-    path = Path(name)
-    if path.is_file():
-        return path
-    relative = Path(*path.parts[1:]) if path.parts[:1] == ("search_spaces",) else path
-    if not relative.suffix:
-        relative = relative.with_suffix(".yaml")
-    if not relative.is_absolute():
-        for folder in SHIPPED_SPACE_DIRS:
-            if (folder / relative).is_file():
-                return folder / relative
-    return path
-
-
-def load_space(path: str | Path) -> SearchSpace:
-    """Read and validate a space file; raises SpaceError naming the file and key."""
-    path = find_space(path)
-    raw = _read_yaml(path)
-    params = _parse_params(path, raw)
-    objectives, robust, objective_epochs = _parse_objectives(path, raw)
-    budget = _parse_budget(path, raw.get("budget") or {})
-    sampler = _parse_component(path, "sampler", raw.get("sampler"), optuna.samplers, optuna.samplers.BaseSampler,
-                               {"name": "TPESampler"})
-    pruner = _parse_component(path, "pruner", raw.get("pruner"), optuna.pruners, optuna.pruners.BasePruner, None)
-    enqueue = parse_enqueue(path, raw.get("enqueue"), params)
-    space = SearchSpace(path, params, objectives, sampler, pruner, robust, budget, str(raw.get("description", "")),
-                        enqueue, objective_epochs)
-    _check_space(space)
-    return space
-
-
-def _read_yaml(path: Path) -> dict:
-    """The file's top-level mapping; a missing file, bad YAML or an unknown top key is one SpaceError."""
-    if path.is_dir():
-        raise SpaceError(f"{path}: is a folder; expected a search-space YAML file (see search_spaces/)")
-    if not path.is_file():
-        raise SpaceError(f"{path}: search-space file not found (shipped spaces: {', '.join(shipped_spaces())})")
-    try:
-        raw = strict_yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        what = problem if isinstance(error, strict_yaml.RefusedYAML) else f"not valid YAML ({problem})"
-        raise SpaceError(f"{path}: {where}{what}") from None
-    except RecursionError:
-        raise SpaceError(f"{path}: YAML nested too deeply to be a search space") from None
-    except UnicodeDecodeError as error:
-        raise SpaceError(f"{path}: not a UTF-8 text file (byte {error.start}); expected a YAML search space") from None
-    if not isinstance(raw, dict):
-        raise SpaceError(f"{path}: expected a mapping at the top level with a 'params' key")
-    unknown = set(raw) - TOP_KEYS
-    if unknown:
-        raise fail(path, sorted(unknown)[0], f"unknown key; allowed: {', '.join(sorted(TOP_KEYS))}")
-    return raw
-
-
-def _parse_params(path: Path, raw: dict) -> dict[str, Param]:
-    """Each param, in file order; a `when:` may only depend on a param listed before it."""
-    if not isinstance(raw.get("params"), dict) or not raw["params"]:
-        raise fail(path, "params", "missing or empty; list the hyperparameters")
-    params = {name: parse_param(path, name, spec) for name, spec in raw["params"].items()}
-    names = list(params)
-    for name, param in params.items():
-        for parent in param.when:
-            if parent not in params:
-                raise fail(path, f"params.{name}.when", f"depends on {parent!r}, which is not a param of this file")
-            if names.index(parent) > names.index(name):
-                raise fail(path, f"params.{name}.when", f"depends on {parent!r}, which must be a param listed before it")
-    return params
-
-
-def _parse_objectives(path: Path, raw: dict) -> tuple[list[str], dict, int]:
-    """(objectives, the robust objective's attack settings, epochs a trial's value averages over)."""
-    objectives = raw.get("objective", "dev_macro_accuracy")
-    objectives = objectives if isinstance(objectives, list) else [objectives]
-    for objective in objectives:
-        if objective not in OBJECTIVES:
-            raise fail(path, "objective", f"unknown objective {objective!r}; expected {', '.join(OBJECTIVES)}")
-    robust = raw.get("robust") or {}
-    epsilon = robust.get("epsilon")
-    if "robust_macro_accuracy" in objectives and (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float))):
-        raise fail(path, "robust.epsilon", "the robust objective needs robust: {attack: fgsm, epsilon: 0.03}")
-    objective_epochs = raw.get("objective_epochs", 1)
-    if number(path, "objective_epochs", objective_epochs, integer=True) < 1:
-        raise fail(path, "objective_epochs", f"must be at least 1, got {objective_epochs}")
-    return objectives, robust, objective_epochs
-
-
-def _parse_budget(path: Path, budget: dict) -> dict:
-    for key, value in budget.items():
-        if key not in ("trials", "timeout"):
-            raise fail(path, f"budget.{key}", "unknown key; allowed: trials, timeout")
-        if value is not None and number(path, f"budget.{key}", value, integer=True) < 1:  # 0 is not "no limit"
-            raise fail(path, f"budget.{key}", f"must be at least 1, got {value}")
-    return budget
-
-
-def _check_space(space: SearchSpace) -> None:
-    """What only the whole space shows: grid params, usable values, a sampler and pruner that build and propose."""
-    path, params = space.path, space.params
-    if space.sampler["name"] == "GridSampler":
-        bad = [n for n, p in params.items() if p.type not in ("categorical", "fixed")]
-        if bad:
-            raise fail(path, f"params.{bad[0]}", "a GridSampler space lists values as categorical choices")
-    check_values(path, params)  # a value TrainConfig rejects fails now, not mid-study
-    for key, make in (("sampler", space.make_sampler), ("pruner", space.make_pruner)):
-        try:
-            make()
-        except SpaceError:
-            raise
-        except ValueError as error:
-            raise fail(path, key, str(error)) from None
-    _check_sampler_proposes(space)

@@ -27,7 +27,8 @@ from .. import progress
 from ..errors import UserError
 from ..lifetime import follow_parent, interrupt_on_sigterm
 from .plan import RunPlan, count_states
-from .space import SearchSpace, load_space
+from .space import SearchSpace
+from .space_file import load_space
 from .storage import open_storage
 from .storage_errors import storage_failures
 from .worker import POLL_SECONDS, worker_loop
