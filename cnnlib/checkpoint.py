@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path
+from .config import TrainConfig
 from .ensemble import Ensemble, member_states
 from .errors import CheckpointError
 from .model import MODELS, flat_features
-from .training import CHANNELS_LAST, TrainConfig
+from .stacked_model import CHANNELS_LAST
 
 FORMAT = "cnnlib-seedcnn-1"
 MAX_MEMBERS = 256  # as many as `make final` has seeds

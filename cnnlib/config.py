@@ -16,6 +16,7 @@ dropped by the fused path.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Sequence
 
 from .model import MODELS
 from .tta import TTA_MODES
@@ -106,6 +107,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def augments(self) -> bool:
+        """Whether training batches are augmented: the one list of the augmentation settings."""
+        return bool(self.crop or self.flip or self.jitter or self.cutout)
+
 
 # What decides the images of a step is SHARED: the batch size and the augmentation
 # draws. `imbalance` is per member (each member has its own loss) except that a
@@ -132,3 +138,40 @@ def group_key(config: TrainConfig) -> tuple:
     """Configs with equal keys see the same batches, so they can be trained as one fused group."""
     check_roles(type(config))
     return tuple(getattr(config, name) for name in SHARED) + (config.imbalance == "weighted_sampler",)
+
+
+# --- fused groups: configs that can share a batch --------------------------------------
+
+def group_configs(configs: Sequence[TrainConfig], max_size: int | None = None) -> list[list[int]]:
+    """Indices into `configs`, split into fusable groups (equal `group_key`) of at most `max_size`.
+
+    Groups come in order of their first member; members keep their input order.
+    """
+    if max_size is not None and max_size < 1:
+        raise ValueError(f"max_size must be at least 1, got {max_size}")
+    groups: dict[tuple, list[list[int]]] = {}
+    for index, config in enumerate(configs):
+        chunks = groups.setdefault(group_key(config), [[]])
+        if max_size is not None and len(chunks[-1]) >= max_size:
+            chunks.append([])
+        chunks[-1].append(index)
+    return [chunk for chunks in groups.values() for chunk in chunks]
+
+
+def check_group(configs: Sequence[TrainConfig]) -> None:
+    """Members must agree on every SHARED setting (and on using a weighted sampler)."""
+    if not configs:
+        raise ValueError("training needs at least one config")
+    check_roles(type(configs[0]))
+    first = configs[0]
+    for index, config in enumerate(configs[1:], start=1):
+        for name in SHARED:
+            if getattr(config, name) != getattr(first, name):
+                raise ValueError(
+                    f"config {index} has {name}={getattr(config, name)!r} but config 0 has "
+                    f"{getattr(first, name)!r}; members of a group must share {', '.join(SHARED)} "
+                    "(split them with group_configs)")
+        if (config.imbalance == "weighted_sampler") != (first.imbalance == "weighted_sampler"):
+            raise ValueError(f"config {index} has imbalance={config.imbalance!r} but config 0 has "
+                             f"{first.imbalance!r}; a weighted sampler draws other batches, so all members "
+                             "or none must use it")

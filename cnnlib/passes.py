@@ -295,7 +295,7 @@ def concurrent_passes_pay(configs: Sequence[TrainConfig]) -> bool:
     """The measured case (see CONCURRENT_MAX_BATCH): members share batch size and augmentation."""
     first = configs[0]
     threads = torch.get_num_threads()
-    augmented = first.crop or first.flip or first.jitter or first.cutout
+    augmented = first.augments
     return (threads > 1 and not augmented and first.batch_size <= CONCURRENT_MAX_BATCH
             and len(configs) >= threads * CONCURRENT_MIN_MEMBERS)
 

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from .augment import augment_batch
-from .config import IMBALANCE_METHODS, OPTIMIZERS, SCHEDULES, SHARED, TrainConfig, check_roles, group_key  # noqa: F401
+from .config import TrainConfig, check_group
 from .device import resolve_device
 from .errors import DivergedError
-from .losses import class_weights, make_criterion  # noqa: F401 - part of this module's interface
+from .losses import class_weights
 from .metrics import Evaluation
 from .schedules import steps_per_epoch
 from .sources import LabeledImages
@@ -198,42 +198,6 @@ def seed_everything(seed: int, device: torch.device, cudnn_benchmark: bool = Fal
     return generator
 
 
-# --- groups ------------------------------------------------------------------------------
-
-def group_configs(configs: Sequence[TrainConfig], max_size: int | None = None) -> list[list[int]]:
-    """Indices into `configs`, split into fusable groups (equal `group_key`) of at most `max_size`.
-
-    Groups come in order of their first member; members keep their input order.
-    """
-    if max_size is not None and max_size < 1:
-        raise ValueError(f"max_size must be at least 1, got {max_size}")
-    groups: dict[tuple, list[list[int]]] = {}
-    for index, config in enumerate(configs):
-        chunks = groups.setdefault(group_key(config), [[]])
-        if max_size is not None and len(chunks[-1]) >= max_size:
-            chunks.append([])
-        chunks[-1].append(index)
-    return [chunk for chunks in groups.values() for chunk in chunks]
-
-
-def check_group(configs: Sequence[TrainConfig]) -> None:
-    """Members must agree on every SHARED setting (and on using a weighted sampler)."""
-    if not configs:
-        raise ValueError("training needs at least one config")
-    check_roles(type(configs[0]))
-    first = configs[0]
-    for index, config in enumerate(configs[1:], start=1):
-        for name in SHARED:
-            if getattr(config, name) != getattr(first, name):
-                raise ValueError(
-                    f"config {index} has {name}={getattr(config, name)!r} but config 0 has "
-                    f"{getattr(first, name)!r}; members of a group must share {', '.join(SHARED)} "
-                    "(split them with cnnlib.training.group_configs)")
-        if (config.imbalance == "weighted_sampler") != (first.imbalance == "weighted_sampler"):
-            raise ValueError(f"config {index} has imbalance={config.imbalance!r} but config 0 has "
-                             f"{first.imbalance!r}; a weighted sampler draws other batches, so all members "
-                             "or none must use it")
-
 
 # --- the loop ---------------------------------------------------------------------------------
 
@@ -243,7 +207,7 @@ def epoch_batches(data: DeviceData, shared: TrainConfig, generator: torch.Genera
     the epoch's order sliced, each batch augmented on the device."""
     train, batch = data.train, shared.batch_size
     order = epoch_order(len(train), train.y, data.n_classes, shared.imbalance, generator)
-    augment = shared.crop or shared.flip or shared.jitter or shared.cutout
+    augment = shared.augments
     for start in range(0, len(train), batch):
         index = order[start:start + batch]
         x = train.x.index_select(0, index)
@@ -303,6 +267,26 @@ def record_epoch(step: StackedStep, data: DeviceData, results: list[MemberResult
     return keep
 
 
+def start_group(configs: list[TrainConfig], data: DeviceData | Splits, options: LoopOptions,
+                members_per_pass: int | None, order_seed: int | None,
+                on_batch: Callable | None) -> tuple[DeviceData, torch.Generator, StackedStep]:
+    """The group checked, its data on the device, the batch-order generator seeded, the step built."""
+    check_group(configs)
+    if on_batch is not None and len(configs) > 1:
+        raise ValueError("on_batch records one model's training predictions; train the config alone")
+    if not isinstance(data, DeviceData):
+        data = DeviceData(data, channels_last=options.channels_last)
+    shared = configs[0]
+    generator = seed_everything(shared.seed, data.device, options.cudnn_benchmark)
+    if order_seed is not None:
+        generator.manual_seed(order_seed)
+    step = StackedStep(configs, data, steps_per_epoch(len(data.train), shared.batch_size),
+                       members_per_pass=members_per_pass, precision=options.precision, graphs=options.cuda_graphs,
+                       pass_threads=options.pass_threads, optimizer_kernels=options.optimizer_kernels,
+                       channels_last=options.channels_last)
+    return data, generator, step
+
+
 def train_group_epochs(configs: Sequence[TrainConfig], data: DeviceData | Splits,
                        on_epoch: Callable[[int, EpochStats], bool | None] | None = None, *,
                        members_per_pass: int | None = None, order_seed: int | None = None,
@@ -339,19 +323,8 @@ def train_group_epochs(configs: Sequence[TrainConfig], data: DeviceData | Splits
     pays for the views there alone.
     """
     configs = list(configs)
-    check_group(configs)
-    if on_batch is not None and len(configs) > 1:
-        raise ValueError("on_batch records one model's training predictions; train the config alone")
-    if not isinstance(data, DeviceData):
-        data = DeviceData(data, channels_last=options.channels_last)
+    data, generator, step = start_group(configs, data, options, members_per_pass, order_seed, on_batch)
     shared = configs[0]
-    generator = seed_everything(shared.seed, data.device, options.cudnn_benchmark)
-    if order_seed is not None:
-        generator.manual_seed(order_seed)
-    step = StackedStep(configs, data, steps_per_epoch(len(data.train), shared.batch_size),
-                       members_per_pass=members_per_pass, precision=options.precision, graphs=options.cuda_graphs,
-                       pass_threads=options.pass_threads, optimizer_kernels=options.optimizer_kernels,
-                       channels_last=options.channels_last)
     results = [MemberResult(None, config, device=str(data.device)) for config in configs]
     started = time.perf_counter()
     try:

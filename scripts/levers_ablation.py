@@ -1,7 +1,7 @@
 """The levers' ablation (docs/results.md, "Cutout, weight averaging, test-time augmentation").
 
 Trains a recipe and its variants with seeds 0..S-1, every config that shares
-batch settings as one fused group (cnnlib.training.group_configs: members
+batch settings as one fused group (cnnlib.config.group_configs: members
 with and without `ema` train together, a cutout changes the batches so its
 variants are a group of their own), then evaluates every trained model on dev
 and test with each test-time augmentation: TTA is evaluation only, so the
@@ -27,8 +27,10 @@ from pathlib import Path
 import torch
 
 from cnnlib.checkpoint import save_checkpoint
+from cnnlib.config import TrainConfig
+from cnnlib.config import group_configs
 from cnnlib.ensemble import Ensemble
-from cnnlib.training import DeviceData, TrainConfig, evaluate, group_configs, train_group
+from cnnlib.training import DeviceData, evaluate, train_group
 from cnnlib.tta import TTA_MODES, as_evaluated
 from study.data import load_splits
 from study.options import add_common_options, add_data_options

@@ -26,7 +26,8 @@ import statistics
 
 import torch
 
-from cnnlib.training import DeviceData, TrainConfig, train_group_epochs
+from cnnlib.config import TrainConfig
+from cnnlib.training import DeviceData, train_group_epochs
 from study.bench.interleave import interleave
 from study.data import load_splits
 from study.options import add_common_options, add_data_options

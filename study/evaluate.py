@@ -17,10 +17,11 @@ from cnnlib.checkpoint import load_checkpoint
 from cnnlib.device import resolve_device
 from cnnlib.ensemble import first_member
 from cnnlib.errors import CheckpointError
+from cnnlib.losses import make_criterion
 from cnnlib.metrics import majority_baseline
 from cnnlib.model import flat_features
 from cnnlib.sources import parse_classes
-from cnnlib.training import DeviceSplit, evaluate, make_criterion
+from cnnlib.training import DeviceSplit, evaluate
 from cnnlib.tta import TTA_MODES, as_evaluated
 
 from .data import load_splits

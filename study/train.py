@@ -18,8 +18,10 @@ from pathlib import Path
 from cnnlib.atomic import write_atomic, write_json
 from cnnlib.checkpoint import save_checkpoint
 from cnnlib.config import MAX_EPOCHS
+from cnnlib.config import TrainConfig
+from cnnlib.losses import make_criterion
 from cnnlib.metrics import majority_baseline
-from cnnlib.training import DeviceData, EpochStats, TrainConfig, evaluate, make_criterion, train_group
+from cnnlib.training import DeviceData, EpochStats, evaluate, train_group
 from cnnlib.tta import as_evaluated
 
 from .data import load_splits

@@ -13,7 +13,8 @@ from cnnlib import attacks
 from cnnlib.attacks import attack_sweep, fgsm, pgd, perturb, robust_macro_accuracy
 from cnnlib.model import SeedCNN
 from cnnlib.splits import DataConfig, prepare_splits
-from cnnlib.training import DeviceData, TrainConfig, evaluate, train
+from cnnlib.config import TrainConfig
+from cnnlib.training import DeviceData, evaluate, train
 
 TOL = 1e-6  # float32 rounding of x + eps - x
 

@@ -15,7 +15,7 @@ from cnnlib.corrections import apply_corrections
 from cnnlib.model import MODELS
 from cnnlib.sources import LabeledImages, list_class_folders, read_images
 from cnnlib.splits import DataConfig, prepare_splits
-from cnnlib.training import TrainConfig
+from cnnlib.config import TrainConfig
 from study.audit.command import DEFAULT_MODEL, EPOCHS, METHODS, RECIPES, precision_recall_at_k, rank_label_issues
 from study.audit.outputs import suggested_labels
 from study.audit.probabilities import (

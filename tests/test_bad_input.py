@@ -25,7 +25,7 @@ import torch
 from cnnlib.checkpoint import FORMAT, save_checkpoint
 from cnnlib.model import SeedCNN
 from cnnlib.splits import DataConfig, prepare_splits
-from cnnlib.training import TrainConfig
+from cnnlib.config import TrainConfig
 from conftest import build_image_tree, class_image, run_cli, write_image
 
 ROOT = Path(__file__).resolve().parents[1]

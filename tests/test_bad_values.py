@@ -32,7 +32,7 @@ from cnnlib import device as device_module
 from cnnlib.checkpoint import save_checkpoint
 from cnnlib.model import SeedCNN
 from cnnlib.splits import DataConfig, prepare_splits
-from cnnlib.training import TrainConfig
+from cnnlib.config import TrainConfig
 from conftest import build_image_tree, run_cli
 from study import output
 from study.search import storage as storage_module

@@ -11,7 +11,8 @@ from cnnlib import training
 from cnnlib.model import INPUT_MEAN, INPUT_STD, model_flops_per_image
 from cnnlib.splits import DataConfig, prepare_splits
 from cnnlib.stacked_model import make_model
-from cnnlib.training import DeviceData, TrainConfig, train
+from cnnlib.config import TrainConfig
+from cnnlib.training import DeviceData, train
 from study.bench import machine
 from study.bench import training_loop as bench
 from study.cli import main

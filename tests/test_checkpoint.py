@@ -13,7 +13,8 @@ from cnnlib.ensemble import Ensemble
 from cnnlib.errors import CheckpointError
 from cnnlib.model import SeedCNN
 from cnnlib.splits import DataConfig, prepare_splits
-from cnnlib.training import DeviceData, TrainConfig, predict_logits, train
+from cnnlib.config import TrainConfig
+from cnnlib.training import DeviceData, predict_logits, train
 
 from conftest import build_image_tree
 

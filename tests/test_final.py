@@ -213,7 +213,8 @@ def test_candidates_sharing_batch_settings_retrain_fused_seed_by_seed_as_their_o
                                                                                        monkeypatch):
     """One fused group per seed (make final's 9 retrains ~1.8x faster); each member is its unfused run."""
     from cnnlib.splits import DataConfig, prepare_splits
-    from cnnlib.training import TrainConfig, train
+    from cnnlib.config import TrainConfig
+    from cnnlib.training import train
 
     splits = prepare_splits(DataConfig(real_data, train_counts=(80, 24, 16), dev_counts=(20, 20, 20),
                                        test_counts=(10, 10, 10)), tmp_path / "cache")

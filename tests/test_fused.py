@@ -43,17 +43,19 @@ import torch
 from torch import nn
 
 from cnnlib import passes, stacked_model, step as step_module
-from cnnlib.errors import DivergedError
 from cnnlib.config import PER_MEMBER as PER_MEMBER_FIELDS, SHARED as SHARED_FIELDS, group_key
+from cnnlib.config import TrainConfig
+from cnnlib.config import check_group, group_configs
+from cnnlib.errors import DivergedError
 from cnnlib.losses import MemberLoss, member_losses
+from cnnlib.losses import class_weights, make_criterion
 from cnnlib.member_dropout import MemberDropout
-from cnnlib.schedules import lr_factors
 from cnnlib.model import SeedCNN
-from cnnlib.stacked_optimizer import StackedOptimizer
+from cnnlib.schedules import lr_factors
 from cnnlib.splits import DataConfig, prepare_splits
-from cnnlib.training import (DeviceData, EpochStats, LoopOptions, MemberResult, TrainConfig, check_group, class_weights,
-                             epoch_batches, evaluate, group_configs, make_criterion, train, train_group,
-                             train_group_epochs)
+from cnnlib.stacked_optimizer import StackedOptimizer
+from cnnlib.training import (DeviceData, EpochStats, LoopOptions, MemberResult, epoch_batches, evaluate, train,
+                             train_group, train_group_epochs)
 
 FIRST_EPOCH_TOLERANCE = 1e-4
 LOSS_TOLERANCE, WEIGHT_TOLERANCE = 1e-2, 5e-2

@@ -22,7 +22,8 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from cnnlib.splits import DataConfig, prepare_splits
-from cnnlib.training import DeviceData, TrainConfig
+from cnnlib.config import TrainConfig
+from cnnlib.training import DeviceData
 from study.bench import hpo as hpo_bench
 from study.bench import hpo_report, hpo_settings
 from study.records import WARM_START_ATTR

@@ -14,7 +14,8 @@ from cnnlib.model import SeedCNN
 from cnnlib.passes import evaluate_members
 from cnnlib.splits import DataConfig, prepare_splits
 from cnnlib.stacked_model import StackedSeedCNN
-from cnnlib.training import DeviceData, TrainConfig, evaluate, train, train_group
+from cnnlib.config import TrainConfig
+from cnnlib.training import DeviceData, evaluate, train, train_group
 from cnnlib.tta import TTAModel, VIEW_COUNTS, as_evaluated, log_mean_softmax, view
 
 

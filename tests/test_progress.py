@@ -14,7 +14,8 @@ import optuna
 import pytest
 
 from cnnlib.splits import DataConfig, prepare_splits
-from cnnlib.training import DeviceData, TrainConfig
+from cnnlib.config import TrainConfig
+from cnnlib.training import DeviceData
 from conftest import build_image_tree, run_cli
 from study.audit import command as audit
 from study.final import retrain as final_retrain

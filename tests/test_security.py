@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from cnnlib.checkpoint import FORMAT
-from cnnlib.training import TrainConfig
+from cnnlib.config import TrainConfig
 from conftest import STUDY_ENV, build_image_tree, class_image, run_cli
 from study.search.storage import open_storage
 

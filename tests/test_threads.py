@@ -102,7 +102,7 @@ def test_a_fused_steps_activations_reuse_resident_pages():
 
     from cnnlib.allocator import keep_freed_memory
     from cnnlib.step import StackedStep
-    from cnnlib.training import TrainConfig
+    from cnnlib.config import TrainConfig
 
     if not sys.platform.startswith("linux"):
         pytest.skip("mallopt is glibc's; elsewhere keep_freed_memory is a no-op by design")

@@ -11,7 +11,9 @@ from torch import nn
 
 from cnnlib.errors import DivergedError
 from cnnlib.splits import DataConfig, prepare_splits
-from cnnlib.training import DeviceData, TrainConfig, class_weights, epoch_order, evaluate, train, train_group_epochs
+from cnnlib.config import TrainConfig
+from cnnlib.losses import class_weights
+from cnnlib.training import DeviceData, epoch_order, evaluate, train, train_group_epochs
 
 # Quick settings: a few epochs on a few hundred images, enough to see each behaviour.
 QUICK = dict(optimizer="adam", lr=3e-3, weight_decay=0.0, batch_size=32, epochs=3)

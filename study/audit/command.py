@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnlib.device import cpu_threads, resolve_device
 from cnnlib.config import MAX_EPOCHS, MAX_SEED
+from cnnlib.config import TrainConfig
+from cnnlib.device import cpu_threads, resolve_device
 from cnnlib.sources import LabeledImages
-from cnnlib.training import TrainConfig
 
 from ..data import load_splits
 from ..errors import UserError

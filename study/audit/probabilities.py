@@ -19,13 +19,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from cnnlib.config import TrainConfig
 from cnnlib.device import resolve_device
 from cnnlib.folds import pooled
 from cnnlib.folds import stratified_folds as folds_of
 from cnnlib.metrics import confusion_matrix, macro_accuracy
 from cnnlib.sources import LabeledImages
 from cnnlib.splits import Splits
-from cnnlib.training import DeviceData, TrainConfig, predict_logits, train
+from cnnlib.training import DeviceData, predict_logits, train
 
 from .. import progress
 from ..errors import UserError

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
+from cnnlib.config import TrainConfig
 from cnnlib.device import cpu_threads
 from cnnlib.model import model_flops_per_image
 from cnnlib.splits import Splits
-from cnnlib.training import DeviceData, TrainConfig
+from cnnlib.training import DeviceData
 
 from ..data import data_config, load_splits
 from ..errors import UserError

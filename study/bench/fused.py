@@ -35,9 +35,10 @@ from typing import Callable
 
 import torch
 
+from cnnlib.config import TrainConfig
 from cnnlib.model import SeedCNN
 from cnnlib.splits import Splits
-from cnnlib.training import DeviceData, LoopOptions, TrainConfig, train_group_epochs
+from cnnlib.training import DeviceData, LoopOptions, train_group_epochs
 
 from ..output import fresh_file, timestamp, write_json
 from .interleave import interleave, lone_trial_epochs

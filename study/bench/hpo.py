@@ -38,7 +38,8 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from cnnlib.training import DeviceData, TrainConfig, evaluate, train_group
+from cnnlib.config import TrainConfig
+from cnnlib.training import DeviceData, evaluate, train_group
 from cnnlib.tta import as_evaluated
 
 from ..data import load_splits

@@ -29,9 +29,9 @@ from pathlib import Path
 import optuna
 import yaml
 
+from cnnlib.config import TrainConfig
 from cnnlib.device import resolve_device
 from cnnlib.sources import parse_classes
-from cnnlib.training import TrainConfig
 
 from ..errors import UserError
 from ..options import MAX_GROUP, PROJECT_ROOT, env

@@ -21,7 +21,8 @@ from typing import Any, Iterator
 
 import torch
 
-from cnnlib.training import LoopOptions, TrainConfig, TrainResult, train_group_epochs
+from cnnlib.config import TrainConfig
+from cnnlib.training import LoopOptions, TrainResult, train_group_epochs
 
 
 def lone_trial_epochs(config: TrainConfig, data, options: LoopOptions = LoopOptions()) -> Iterator[TrainResult]:

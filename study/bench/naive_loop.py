@@ -29,13 +29,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision import transforms
 
+from cnnlib.config import TrainConfig
 from cnnlib.device import resolve_device
 from cnnlib.errors import DivergedError
+from cnnlib.losses import class_weights, make_criterion
 from cnnlib.metrics import Evaluation
 from cnnlib.model import INPUT_MEAN, INPUT_STD, SeedCNN
 from cnnlib.sources import LabeledImages
 from cnnlib.splits import Splits
-from cnnlib.training import EpochStats, TrainConfig, TrainResult, class_weights, make_criterion
+from cnnlib.training import EpochStats, TrainResult
 
 
 class ImageDataset(Dataset):

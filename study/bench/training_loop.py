@@ -13,8 +13,9 @@ from typing import Iterator
 
 import torch
 
+from cnnlib.config import TrainConfig
 from cnnlib.splits import Splits
-from cnnlib.training import DeviceData, LoopOptions, TrainConfig, TrainResult
+from cnnlib.training import DeviceData, LoopOptions, TrainResult
 
 from .interleave import Timed, interleave, lone_trial_epochs
 from .naive_loop import naive_train_epochs

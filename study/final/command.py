@@ -38,10 +38,11 @@ from pathlib import Path
 
 from cnnlib.atomic import write_atomic, write_json
 from cnnlib.attacks import ATTACKS, DEFAULT_EPSILONS, PGD_STEPS, check_epsilon
+from cnnlib.config import TrainConfig
 from cnnlib.device import resolve_device
 from cnnlib.metrics import majority_baseline
 from cnnlib.splits import require_every_class
-from cnnlib.training import DeviceData, TrainConfig
+from cnnlib.training import DeviceData
 from cnnlib.tta import as_evaluated
 
 from ..data import data_config, load_splits

@@ -26,10 +26,12 @@ from pathlib import Path
 import torch
 
 from cnnlib.atomic import write_json
+from cnnlib.config import TrainConfig
+from cnnlib.config import group_configs
 from cnnlib.folds import fold_split, pooled, stratified_folds
 from cnnlib.metrics import Evaluation
 from cnnlib.splits import Splits
-from cnnlib.training import DeviceData, TrainConfig, evaluate, group_configs, predict_logits, train_group
+from cnnlib.training import DeviceData, evaluate, predict_logits, train_group
 from cnnlib.tta import as_evaluated
 
 from .. import progress

@@ -15,9 +15,12 @@ from pathlib import Path
 
 from cnnlib.atomic import FILE_MODE, write_json
 from cnnlib.checkpoint import load_checkpoint, save_checkpoint
+from cnnlib.config import TrainConfig
+from cnnlib.config import group_configs
 from cnnlib.ensemble import Ensemble
+from cnnlib.losses import make_criterion
 from cnnlib.metrics import Evaluation
-from cnnlib.training import DeviceData, TrainConfig, evaluate, group_configs, make_criterion, train_group
+from cnnlib.training import DeviceData, evaluate, train_group
 from cnnlib.tta import as_evaluated
 
 from .. import progress

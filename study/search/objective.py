@@ -4,7 +4,7 @@ cnnlib knows nothing of Optuna: this module turns its epoch callback into
 `trial.report` / `should_prune` and its results into user attributes, so that
 export, plots, dashboard and `make final` read every trial the same way,
 however it was trained. Trials asked together (FUSE=K) that share a batch
-(cnnlib.training.group_configs) train as one fused group; the rest, and
+(cnnlib.config.group_configs) train as one fused group; the rest, and
 FUSE=1, train one at a time through the same loop.
 
 The value is dev macro accuracy after the *last* epoch: epochs is itself a
@@ -31,9 +31,11 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from cnnlib.config import TrainConfig
+from cnnlib.config import group_configs
 from cnnlib.errors import DivergedError
 from cnnlib.metrics import Evaluation
-from cnnlib.training import DeviceData, EpochStats, TrainConfig, TrainResult, evaluate, group_configs, train_group
+from cnnlib.training import DeviceData, EpochStats, TrainResult, evaluate, train_group
 from cnnlib.tta import as_evaluated
 
 from .. import progress
