@@ -1,6 +1,10 @@
-"""Readers for the three ways images arrive: an image-folder tree, a .npz, a legacy pickle.
+"""A data folder: what it holds, listed once, and how its images are read (an image tree, .npz, a legacy pickle).
 
-Every reader returns a `LabeledImages`: uint8 HWC images, int64 labels in the
+`list_source` lists the folder once (SourceListing): an image tree's files
+per split folder and class, or its array files. An image tree's drawn files
+are read with `read_images`; an array folder's splits are read as its files
+hold them (`read_array_splits`). Drawing the user's split from a listing is
+cnnlib/splits.py. Every reader returns a `LabeledImages`: uint8 HWC images, int64 labels in the
 configured class order, and a string id per image (a path relative to the
 source, or `file.npz#index`) so that audits and corrections can name images.
 """
@@ -83,6 +87,7 @@ def infer_classes(source: Path) -> tuple[str, ...]:
 # --- the source folder, listed once --------------------------------------
 
 ARRAY_SUFFIXES = (".npz", ".pickle", ".pkl")
+MIN_IMAGE_SIZE = 16  # the seed CNN's two 5x5-conv + 2x2-pool stages leave nothing of less (model.flat_features)
 SPLIT_FILES = ("train", "dev", "test")  # the array files a folder may hold; test is optional
 
 
@@ -346,6 +351,35 @@ def read_array_file(path: Path, classes: Sequence[str], trust_pickle: bool = Fal
     if suffix in (".pickle", ".pkl"):
         return read_pickle(path, classes, trust_pickle)
     raise DataError(f"{path}: unknown data file type {suffix!r} (expected .npz, .pickle or .pkl)")
+
+
+def read_array_splits(listing: SourceListing, classes: Sequence[str], trust_pickle: bool = False
+                      ) -> dict[str, LabeledImages | None]:
+    """train/dev (and test, when there) as an array folder's files hold them; every split of one square size."""
+    parts = {}
+    for split in SPLIT_FILES:
+        path = listing.arrays[split]
+        if path is None and split != "test":
+            raise DataError(f"{listing.root}: no {split}.npz / {split}.pickle found "
+                            "(a data folder is either an image tree with train/ and test/, or holds train.* and dev.* files)")
+        parts[split] = read_array_file(path, classes, trust_pickle) if path else None
+        _check_image_shape(parts[split], path, parts["train"], listing.arrays["train"])
+    return parts
+
+
+def _check_image_shape(part: LabeledImages | None, path: Path, train: LabeledImages, train_path: Path) -> None:
+    """One model sees every split: the images must be square and the same size in all of them."""
+    if part is None or not len(part):
+        return
+    height, width = part.images.shape[1:3]
+    if height != width:
+        raise DataError(f"{path}: images are {width}x{height}; the seed CNN needs square images")
+    if height < MIN_IMAGE_SIZE:
+        raise DataError(f"{path}: images are {width}x{height}; the seed CNN needs at least "
+                        f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}")
+    if len(train) and part.images.shape[1:3] != train.images.shape[1:3]:
+        raise DataError(f"{path}: images are {width}x{height}, but {train_path} has "
+                        f"{train.images.shape[2]}x{train.images.shape[1]}; every split needs one size")
 
 
 def file_fingerprint(paths: Sequence[Path]) -> list[tuple[str, int, int]]:

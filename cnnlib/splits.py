@@ -1,4 +1,4 @@
-"""The user's imbalanced split, built from the balanced shared tree and cached.
+"""The user's imbalanced split, drawn from the balanced shared tree, corrected and cached.
 
 The shared data is balanced CIFAR-10 (5000/1000 per class); the user's problem
 was train 80% car / 12% truck / 8% cat and an imbalanced dev set. We rebuild
@@ -21,9 +21,8 @@ import numpy as np
 from .atomic import atomic_path, write_json
 from .corrections import apply_corrections
 from .errors import DataError
-from .sources import (
-    DEFAULT_CLASSES, LabeledImages, SourceListing, array_file, is_image_tree, list_source, read_array_file, read_images,
-)
+from .sources import (DEFAULT_CLASSES, LabeledImages, SourceListing, array_file, is_image_tree, list_source,
+                      read_array_splits, read_images)
 
 # Counts of the user's report: 5000 train images at 80/12/8 %, dev 503/51/71.
 # The balanced test split is ours: 400 per class keeps it disjoint from dev
@@ -34,7 +33,6 @@ USER_TEST_COUNTS = (400, 400, 400)
 SPLIT_NAMES = ("train", "dev", "test")
 RECORD_KEYS = ("data_summary", "split_cache_key", "corrections_digest")  # Splits.record(), as a study keeps it
 CACHE_FORMAT = 1
-MIN_IMAGE_SIZE = 16  # the seed CNN's two 5x5-conv + 2x2-pool stages leave nothing of less (model.flat_features)
 STALE_TMP_SECONDS = 600  # a cache temporary untouched this long lost its writer (a live one takes about a second)
 
 
@@ -147,16 +145,8 @@ def _draw_from_tree(config: DataConfig, source: SourceListing) -> Splits:
 
 def _read_array_files(config: DataConfig, source: SourceListing) -> Splits:
     """train/dev (and test, when there) as the files hold them."""
-    parts = {}
-    for split in SPLIT_NAMES:
-        path = source.arrays[split]
-        if path is None and split != "test":
-            raise DataError(f"{config.source}: no {split}.npz / {split}.pickle found "
-                            "(a data folder is either an image tree with train/ and test/, or holds train.* and dev.* files)")
-        parts[split] = read_array_file(path, config.classes, config.trust_pickle) if path else None
-        _check_image_shape(parts[split], path, parts["train"], source.arrays["train"])
+    parts = read_array_splits(source, config.classes, config.trust_pickle)
     return Splits(config.classes, parts["train"], parts["dev"], parts["test"], str(config.source))
-
 
 
 def _take(files: list[Path], counts: Sequence[int], rng: np.random.Generator, where: Path) -> list[list[Path]]:
@@ -170,21 +160,6 @@ def _take(files: list[Path], counts: Sequence[int], rng: np.random.Generator, wh
         out.append(sorted(files[i] for i in order[start:start + n]))
         start += n
     return out
-
-
-def _check_image_shape(part: LabeledImages | None, path: Path, train: LabeledImages, train_path: Path) -> None:
-    """One model sees every split: the images must be square and the same size in all of them."""
-    if part is None or not len(part):
-        return
-    height, width = part.images.shape[1:3]
-    if height != width:
-        raise DataError(f"{path}: images are {width}x{height}; the seed CNN needs square images")
-    if height < MIN_IMAGE_SIZE:
-        raise DataError(f"{path}: images are {width}x{height}; the seed CNN needs at least "
-                        f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}")
-    if len(train) and part.images.shape[1:3] != train.images.shape[1:3]:
-        raise DataError(f"{path}: images are {width}x{height}, but {train_path} has "
-                        f"{train.images.shape[2]}x{train.images.shape[1]}; every split needs one size")
 
 
 # --- the cache: keyed by the source listing and the settings -------------

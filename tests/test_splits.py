@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from cnnlib import sources as sources_module
 from cnnlib import splits as splits_module
 from cnnlib.errors import DataError
 from cnnlib.splits import DataConfig, format_summary, prepare_splits, write_summary
@@ -175,6 +176,6 @@ def test_a_temporary_left_by_a_killed_cache_write_is_removed_by_the_next_build(i
 def test_the_smallest_image_size_is_the_one_the_seed_cnn_needs():
     from cnnlib.model import flat_features  # noqa: PLC0415
 
-    assert flat_features(splits_module.MIN_IMAGE_SIZE) > 0
+    assert flat_features(sources_module.MIN_IMAGE_SIZE) > 0
     with pytest.raises(ValueError):
-        flat_features(splits_module.MIN_IMAGE_SIZE - 1)
+        flat_features(sources_module.MIN_IMAGE_SIZE - 1)
