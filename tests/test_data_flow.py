@@ -18,7 +18,8 @@ from cnnlib.splits import DataConfig, prepare_splits
 from study.errors import UserError
 from study.records import check_recorded_data
 from study.report.export import export_study
-from study.report.figures import rebuild_study, recorded_log_scales
+from study.report.figures import recorded_log_scales
+from study.report.optuna_figures import rebuild_study
 
 COUNTS = {"train_counts": (4, 4, 4), "dev_counts": (2, 2, 2), "test_counts": (2, 2, 2)}
 SPACE_TEXT = """# a space file, comments and all

@@ -16,7 +16,7 @@ from plotly.colors import hex_to_rgb, unlabel_rgb
 from cnnlib.metrics import Evaluation
 from study.final import attack as final_attack
 from study.final import report as final_report
-from study.report import figures, plots
+from study.report import figures, optuna_figures, plots
 
 CLASSES = ["car", "truck", "cat"]
 SMALL_HTML = 100_000  # bytes: a figure's own data; plotly.js alone is ~4.6 MB
@@ -58,7 +58,7 @@ def luminance(colour: str) -> float:
 
 def test_parallel_coordinates_draw_every_trial_visibly_on_white():
     trials = trials_frame(5).assign(value=[0.30, 0.31, 0.5, 0.7, 0.8])
-    figure = figures.parallel_coordinates(trials, ["value"])
+    figure = optuna_figures.parallel_coordinates(trials, ["value"])
     lines = [t for t in figure.data if t.mode == "lines"]
     assert len(lines) == 5
     shades = {round(float(t.y[0]), 3): luminance(t.line.color) for t in lines}  # first axis: scaled accuracy

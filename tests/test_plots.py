@@ -27,7 +27,7 @@ from PIL import Image
 
 from study import cli
 from study.errors import UserError
-from study.report.figures import param_importances, rebuild_study
+from study.report.optuna_figures import param_importances, rebuild_study
 from study.report.plots import make_report, read_csv
 
 from test_export import smoke_export, smoke_study  # noqa: F401 - fixtures shared with test_export

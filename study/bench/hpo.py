@@ -45,14 +45,14 @@ from cnnlib.tta import as_evaluated
 from ..data import load_splits
 from ..errors import UserError
 from ..options import add_common_options, add_data_options, sqlite_url
-from ..output import fresh_folder, write_atomic, write_json, write_pngs
+from ..output import fresh_folder, write_atomic, write_json
 from ..records import STOPPED_BY_DEADLINE, WARM_START_ATTR, trial_config
 from ..search import command as search
 from ..search.plan import FINISHED
 from ..search.space_file import load_space
 from ..threads import use_cpu_threads
 from . import hpo_settings
-from .hpo_report import _f, figure, format_tables, mean_sd, method_summary, verdicts
+from .hpo_report import figure, format_tables, mean_sd, method_summary, number_text, verdicts, write_figure
 from .hpo_settings import RECIPE, derived_space_text, max_epochs, settings_from
 
 RETRAIN_SEEDS = (0, 1, 2)
@@ -282,18 +282,7 @@ def search_order(methods: list[str], seeds: list[int]) -> list[tuple[int, str]]:
 def run(args) -> int:
     settings = settings_from(args)  # every option and file is checked before data, folders or training
     datasets = settings["datasets"]
-    splits = {}
-    for dataset in datasets:  # every split is built (and checked) before the first search
-        splits[dataset.name] = load_splits(dataset.options(args))
-        if splits[dataset.name].test is None:
-            raise UserError(f"{dataset.path}: no test split; hpo-bench scores every method on held-out test images")
-    run_dir = fresh_folder(Path(args.results) / "hpo-bench")
-    for dataset in datasets:  # every derived space file loads, or the run stops before any search
-        for seed in settings["search_seeds"]:
-            for method in settings["searches"]:
-                path = run_dir / dataset.name / "spaces" / f"{method}-seed{seed}.yaml"
-                write_atomic(path, derived_space_text(settings["space"], method, seed))
-                load_space(path)
+    splits, run_dir = prepare(args, settings)
     threads = use_cpu_threads(settings["device"])
     budget, seeds, methods = settings["budget_seconds"], settings["search_seeds"], settings["searches"]
     total = len(datasets) * len(methods) * len(seeds)
@@ -325,8 +314,8 @@ def run(args) -> int:
             print(f"hpo-bench: [{done}/{total}] {dataset.name} {method} seed {seed}: {record['trials_finished']} "
                   f"trials finished, {record['model_driven_asks_judged']} model-driven ask(s) judged, "
                   f"searched {record['search_seconds']:.0f} s of a {budget} s budget "
-                  f"(+{record['setup_seconds']:.0f} s set-up), best dev {_f(record['best_dev'])}, "
-                  f"test {_f(record['test']['test_macro_mean'])}", flush=True)
+                  f"(+{record['setup_seconds']:.0f} s set-up), best dev {number_text(record['best_dev'])}, "
+                  f"test {number_text(record['test']['test_macro_mean'])}", flush=True)
             for warning in search_warnings(record, dataset.name):
                 report["warnings"].append(warning)
                 print(f"hpo-bench: warning: {warning}", flush=True)
@@ -346,6 +335,25 @@ def run(args) -> int:
     print(f"wrote {run_dir}/ (hpo_bench.json, table.md, dev_vs_time.html, and per data set spaces/, studies/) "
           f"in {report['settings']['bench_seconds'] / 60:.1f} min")
     return 0
+
+
+def prepare(args, settings: dict) -> tuple[dict, Path]:
+    """(split per data set, the run's folder): every split built and every derived space file loaded before any
+    search, so that a bad one stops the run before it trains."""
+    datasets = settings["datasets"]
+    splits = {}
+    for dataset in datasets:  # every split is built (and checked) before the first search
+        splits[dataset.name] = load_splits(dataset.options(args))
+        if splits[dataset.name].test is None:
+            raise UserError(f"{dataset.path}: no test split; hpo-bench scores every method on held-out test images")
+    run_dir = fresh_folder(Path(args.results) / "hpo-bench")
+    for dataset in datasets:  # every derived space file loads, or the run stops before any search
+        for seed in settings["search_seeds"]:
+            for method in settings["searches"]:
+                path = run_dir / dataset.name / "spaces" / f"{method}-seed{seed}.yaml"
+                write_atomic(path, derived_space_text(settings["space"], method, seed))
+                load_space(path)
+    return splits, run_dir
 
 
 def report_skeleton(settings: dict, datasets, splits: dict) -> dict:
@@ -380,14 +388,3 @@ def retrain_recipe(settings: dict, cache: RetrainCache, dataset: str) -> dict:
     print(f"hpo-bench: {dataset}: recipe: {describe(entry, cached)}", flush=True)
     return {"space_file": str(settings["recipe"].path), "config": entry["config"],
             "dev_macro_mean": entry["dev_macro_mean"], **scores(entry)}
-
-
-def write_figure(fig, run_dir: Path, png: bool) -> str:
-    """dev_vs_time.html (plotly.js inside: opens offline) and, when kaleido can start Chromium, the PNG."""
-    write_atomic(run_dir / "dev_vs_time.html", fig.to_html(include_plotlyjs=True, full_html=True))
-    if not png:
-        return "PNG skipped (--no-png)"
-    failed = write_pngs({run_dir / "dev_vs_time.png": fig}, width=1100)
-    if failed:
-        return f"PNG export unavailable ({failed}); the HTML report does not need it"
-    return f"wrote 1 PNGs to {run_dir}/"

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
+
+from ..output import write_atomic, write_pngs
 
 COLOURS = {"tpe": "#1f77b4", "random": "#ff7f0e", "default": "#2ca02c", "tpe_hyperband": "#9467bd"}
 RECIPE = "recipe"
@@ -26,7 +29,8 @@ def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def _f(value, digits: int = 3) -> str:
+def number_text(value, digits: int = 3) -> str:
+    """A number with `digits` decimals, "–" for none."""
     return "–" if value is None else f"{value:.{digits}f}"
 
 
@@ -112,15 +116,15 @@ def format_table(name: str, part: dict, budget: int) -> str:
         lines.append("| " + " | ".join([
             method, str(s["search_seeds"]), _pm(s["test_macro_mean"], s["test_macro_sd_over_search_seeds"]),
             "–" if diff is None else _pm(diff["mean"], diff["sd"], sign="+"),
-            *(_f(s["test_per_class"][c]) for c in classes),
-            _pm(s["best_dev_mean"], s["best_dev_sd_over_search_seeds"]), _f(s["trials_finished_mean"], 1),
+            *(number_text(s["test_per_class"][c]) for c in classes),
+            _pm(s["best_dev_mean"], s["best_dev_sd_over_search_seeds"]), number_text(s["trials_finished_mean"], 1),
             f"{s['model_driven_asks_min']}–{s['model_driven_asks_max']}",
-            _f(s["search_seconds_max"], 0) + over]) + " |")
+            number_text(s["search_seconds_max"], 0) + over]) + " |")
     recipe = part["methods"].get(RECIPE)
     if recipe:
         sd = f" ± {recipe['test_macro_sd']:.3f}*" if recipe["test_macro_sd"] is not None else ""
-        lines.append("| " + " | ".join(["recipe (no search)", "–", _f(recipe["test_macro_mean"]) + sd, "–",
-                                         *(_f(recipe["test_per_class"][c]) for c in classes), "–", "–", "–", "–"])
+        lines.append("| " + " | ".join(["recipe (no search)", "–", number_text(recipe["test_macro_mean"]) + sd, "–",
+                                         *(number_text(recipe["test_per_class"][c]) for c in classes), "–", "–", "–", "–"])
                      + " |")
     lines.append("")
     lines.extend(f"- {line}" for line in part.get("verdicts") or [])
@@ -196,3 +200,14 @@ def figure(report: dict):
                             "trial; held-out test scores are in table.md</sup>",
                       height=500, width=550 * len(names) + 150, template="plotly_white")
     return fig
+
+
+def write_figure(fig, run_dir: Path, png: bool) -> str:
+    """dev_vs_time.html (plotly.js inside: opens offline) and, when kaleido can start Chromium, the PNG."""
+    write_atomic(run_dir / "dev_vs_time.html", fig.to_html(include_plotlyjs=True, full_html=True))
+    if not png:
+        return "PNG skipped (--no-png)"
+    failed = write_pngs({run_dir / "dev_vs_time.png": fig}, width=1100)
+    if failed:
+        return f"PNG export unavailable ({failed}); the HTML report does not need it"
+    return f"wrote 1 PNGs to {run_dir}/"

@@ -29,12 +29,12 @@ import plotly.graph_objects as go
 
 from cnnlib.atomic import write_atomic
 
-from ..errors import UserError
 from .. import output
+from ..errors import UserError
 from ..output import BUNDLE, study_folder, write_bundle
 from .figures import (TOP_TRIALS, Unavailable, accuracy_against, best_trial_confusion, class_distribution,
-                      learning_curves, optimization_history, optimizer_comparison, parallel_coordinates,
-                      param_importances, recorded_log_scales, top_trials)
+                      learning_curves, optimization_history, optimizer_comparison, recorded_log_scales, top_trials)
+from .optuna_figures import parallel_coordinates, param_importances
 
 
 ID_COLUMNS = ("number", "trial", "epoch")  # whole numbers, never empty
