@@ -66,7 +66,7 @@ class SmallVGG(nn.Module):
     """3x3 conv-BN-ReLU stages with a max-pool between stages, global average pool, dropout, linear.
 
     The default widths (16, 16) (32, 32) (64) are the label audit's fold model
-    (study/audit.py; figures there): about 7.5 M multiply-adds per image against
+    (study/audit/command.py; figures there): about 7.5 M multiply-adds per image against
     the seed CNN's 0.65 M, and 0.80-0.81 out-of-fold macro accuracy on the user's
     train+dev where the seed CNN reaches 0.67-0.71. Global pooling makes it
     work at any image size of at least 2 ** (stages - 1) pixels.

@@ -110,7 +110,7 @@ def _train_fold(members: list[CrossValidation], configs: list[TrainConfig], data
 
 
 def select_by_folds(study_name: str, candidates, splits: Splits, device, folds: int, out: Path) -> tuple:
-    """Cross-validate every candidate and choose one (final_choice.choose_by_folds).
+    """Cross-validate every candidate and choose one (choice.choose_by_folds).
 
     Returns (the chosen trial, why, one summary row per candidate). Each row
     carries the fold models' mean test score beside the selection value, and
