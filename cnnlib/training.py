@@ -198,7 +198,6 @@ def seed_everything(seed: int, device: torch.device, cudnn_benchmark: bool = Fal
     return generator
 
 
-
 # --- the loop ---------------------------------------------------------------------------------
 
 def epoch_batches(data: DeviceData, shared: TrainConfig, generator: torch.Generator

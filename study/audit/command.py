@@ -88,7 +88,6 @@ FILTER_METHODS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_le
 RANK_METHODS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
 
 
-
 # --- ranking --------------------------------------------------------------------
 
 def rank_label_issues(labels: np.ndarray, probs: np.ndarray, filter_by: str = "prune_by_noise_rate",

@@ -129,7 +129,6 @@ def output_folder(results: Path, study_name: str) -> Path:
     return study_folder(Path(results) / "final", study_name)
 
 
-
 # --- the command: candidates -> data -> retrain and choose -> attack -> outputs ---
 
 def run(args) -> int:
