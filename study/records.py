@@ -20,6 +20,8 @@ STOPPED_BY_PRUNER, STOPPED_COLLAPSED, STOPPED_DIVERGED, STOPPED_BY_DEADLINE = "p
 # The user attribute that marks a trial of a space file's known point: its index in `enqueue:`.
 # make final always retrains these beside the search's top trials (study.final.choice.warm_start_trials).
 WARM_START_ATTR = "warm_start_point"
+# The states of a finished trial: its value is in (COMPLETE), or it stopped with one (PRUNED).
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # A trial that the run's deadline stopped after this share of its epochs still ranks its config:
 # `make final` retrains every candidate for all its epochs. On a busy 2-core CPU a default search
 # cut the two enqueued 100-epoch recipes at epoch 98; without this they could not compete.

@@ -46,9 +46,8 @@ from ..data import load_splits
 from ..errors import UserError
 from ..options import add_common_options, add_data_options, sqlite_url
 from ..output import fresh_folder, write_atomic, write_json
-from ..records import STOPPED_BY_DEADLINE, WARM_START_ATTR, trial_config
+from ..records import FINISHED, STOPPED_BY_DEADLINE, WARM_START_ATTR, trial_config
 from ..search import command as search
-from ..search.plan import FINISHED
 from ..search.space_file import load_space
 from ..threads import use_cpu_threads
 from . import hpo_settings

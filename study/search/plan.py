@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
+from ..records import FINISHED
 from ..threads import choose_cpu_threads
 from .space import SearchSpace
 
 DEFAULT_TIMEOUT = 780  # seconds: with the set-up, a default run takes about 14 min
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RUN_ATTR = "search_run"  # trial user attribute: the id of the run whose worker trained the trial
 
 # A trial whose last epochs end within this share of TIMEOUT past the deadline finishes them instead of

@@ -21,12 +21,12 @@ from cnnlib.training import DeviceData
 
 from .. import progress
 from ..data import load_splits
-from ..records import STOPPED_BY_DEADLINE
+from ..records import FINISHED, STOPPED_BY_DEADLINE
 from .artifacts import note_outcome
 from .deadline import Deadline
 from .locks import file_lock, lock_path
 from .objective import run_trials
-from .plan import FINISHED, RUN_ATTR, RunPlan, count_states
+from .plan import RUN_ATTR, RunPlan, count_states
 from .space import SearchSpace
 from .storage import open_storage
 from .study_setup import create_study
