@@ -24,7 +24,8 @@ from cnnlib.training import DeviceSplit, evaluate, make_criterion
 from cnnlib.tta import TTA_MODES, as_evaluated
 
 from .errors import UserError
-from .options import add_common_options, add_data_options, load_splits, use_cpu_threads
+from .options import add_common_options, add_data_options, env, load_splits, use_cpu_threads
+from .output import output_place
 
 SPLITS = ("train", "dev", "test")
 
@@ -36,7 +37,8 @@ def add_arguments(parser) -> None:
                         help="which split to evaluate on (env SPLIT)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also show the majority-class baseline (on by default, so `make evaluate` shows it)")
-    parser.add_argument("--json", default=None, help="also write the evaluation to this JSON file")
+    parser.add_argument("--json", type=output_place("EVAL_JSON / --json", folder=False), default=env("EVAL_JSON"),
+                        help="also write the evaluation to this JSON file (env EVAL_JSON)")
     parser.add_argument("--tta", default=os.environ.get("TTA") or None, choices=TTA_MODES,
                         help="test-time augmentation views (env TTA; default: the checkpoint's own `tta`)")
     add_data_options(parser)  # CLASSES, when given, must be the checkpoint's order (run refuses another)

@@ -22,12 +22,14 @@ import json
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from cnnlib.atomic import FILE_MODE, atomic_path, json_safe, write_atomic, write_json  # noqa: F401 - the toolkit's writes
+from cnnlib.atomic import (FILE_MODE, atomic_path, json_safe, kind_of, write_atomic,  # noqa: F401 - the toolkit's writes
+                           write_json)
 
 from .errors import UserError
 
@@ -49,6 +51,50 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> Pa
         writer.writerow(header)
         writer.writerows(rows)
     return Path(path)
+
+
+# --- places the user names for outputs --------------------------------------------------
+
+def unwritable(folder: Path) -> str | None:
+    """Why this user cannot make files in an existing `folder` (None: it can). Root passes every permission
+    check but still cannot write a read-only mount, which access() reports too."""
+    if os.access(folder, os.W_OK | os.X_OK):
+        return None
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return "is on a read-only file system" if read_only else "is not writable by this user"
+
+
+def check_output_place(named: str, text: str, folder: bool) -> Path:
+    """A path the user gave for an output (`folder`: a folder to write into, else a file to replace), checked
+    before any work: what is there must be of that kind (a link is fine: a write replaces the link itself),
+    and the nearest existing folder writable."""
+    path, wanted = Path(text), f"a {'folder' if folder else 'regular file'} or a path to create one at"
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except NotADirectoryError:
+        raise UserError(f"{named} {text!r} runs through a file; expected {wanted}") from None
+    if mode is not None and not stat.S_ISLNK(mode) and not (stat.S_ISDIR if folder else stat.S_ISREG)(mode):
+        raise UserError(f"{named} {text!r} is {'a file' if stat.S_ISREG(mode) else kind_of(mode)}; expected {wanted}")
+    nearest = next(place for place in (path.absolute(), *path.absolute().parents) if place.is_dir())
+    problem = unwritable(nearest)
+    if problem:
+        raise UserError(f"{named} {text!r}: {nearest} {problem}")
+    return path
+
+
+def output_place(named: str, folder: bool):
+    """argparse type of an option that names an output folder or file outside RESULTS (check_output_place)."""
+    def parse(text: str) -> Path:
+        try:
+            return check_output_place(named, text, folder)
+        except UserError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return parse
 
 
 # --- names and run folders -------------------------------------------------------------

@@ -14,12 +14,14 @@ are specified below it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pickle
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -97,9 +99,12 @@ def inputs(tmp_path_factory) -> Path:
 # --- the table -----------------------------------------------------------------------------
 
 # id: (command, extra arguments, environment, what the one line must name). In arguments and
-# values, {inputs} is the case's copy of the inputs and {results} its RESULTS folder.
+# values, {inputs} is the case's copy of the inputs (with a named pipe, `pipe`, and where this user may
+# make one, a character device, `device`), {results} its RESULTS folder and {readonly} an empty
+# read-only file system.
 DATA = {"DATA": "{inputs}/data", **COUNTS}
 STORED = {"STORAGE": "sqlite:///{inputs}/study.db"}
+MODEL = {"CHECKPOINT": "{inputs}/model.pt", **DATA}
 CASES = {
     # search
     "search TRIALS text": ("search", [], {"TRIALS": "abc", **DATA}, ["TRIALS", "'abc'"]),
@@ -119,6 +124,8 @@ CASES = {
     "search DEVICE mps": ("search", [], {"DEVICE": "mps", "SPACE": "smoke", **DATA}, ["DEVICE='mps'"]),
     "search RESULTS a file": ("search", [], {"RESULTS": "{inputs}/notes.txt", "SPACE": "smoke", **DATA},
                               ["RESULTS='{inputs}/notes.txt'", "is a file"]),
+    "search RESULTS read-only": ("search", [], {"RESULTS": "{readonly}", "SPACE": "smoke", **DATA},
+                                 ["RESULTS='{readonly}'", "read-only file system"]),
     # data
     "data no car in test": ("data", [], {**DATA, "TEST_COUNTS": "0,3,3"}, ["--test-counts 0,3,3", "'car'"]),
     "data empty test": ("data", [], {**DATA, "TEST_COUNTS": "0,0,0"}, ["--test-counts 0,0,0", "'car', 'truck', 'cat'"]),
@@ -143,6 +150,15 @@ CASES = {
     "evaluate CLASSES not the checkpoint's": ("evaluate", [], {"CLASSES": "car,truck", "CHECKPOINT": "{inputs}/model.pt",
                                                                **DATA}, ["CLASSES='car,truck'", "car,truck,cat"]),
     "evaluate DEVICE xpu": ("evaluate", [], {"DEVICE": "xpu", "CHECKPOINT": "{inputs}/model.pt", **DATA}, ["DEVICE='xpu'"]),
+    "evaluate RESULTS read-only": ("evaluate", [], {"RESULTS": "{readonly}", **MODEL},
+                                   ["RESULTS='{readonly}'", "Read-only file system"]),
+    "evaluate --json a folder": ("evaluate", ["--json", "{inputs}/data"], MODEL, ["--json", "'{inputs}/data'", "a folder"]),
+    "evaluate EVAL_JSON a named pipe": ("evaluate", [], {"EVAL_JSON": "{inputs}/pipe", **MODEL},
+                                        ["EVAL_JSON", "'{inputs}/pipe'", "named pipe"]),
+    "evaluate --json a device": ("evaluate", ["--json", "{inputs}/device"], MODEL,
+                                 ["--json", "'{inputs}/device'", "character device"]),
+    "evaluate --json read-only": ("evaluate", ["--json", "{readonly}/eval.json"], MODEL,
+                                  ["--json", "'{readonly}/eval.json'", "read-only file system"]),
     # export: reads the storage, never writes it
     "export a SQLite file as a journal": ("export", [], {"STORAGE": "journal:{inputs}/study.db"},
                                           ["journal:{inputs}/study.db", "not an Optuna journal"]),
@@ -156,8 +172,18 @@ CASES = {
                                              ["sqlite:///{inputs}/notes.db", "no Optuna tables"]),
     "export in-memory": ("export", [], {"STORAGE": "sqlite://"}, ["STORAGE='sqlite://'"]),
     "export an unknown STUDY": ("export", [], {"STUDY": "nope", **STORED}, ["'nope'"]),
+    "export RESULTS read-only": ("export", [], {"RESULTS": "{readonly}", **STORED},
+                                 ["RESULTS='{readonly}'", "read-only file system"]),
     # plots
     "plots CSV missing": ("plots", ["--no-png"], {"CSV": "{inputs}/missing.csv"}, ["{inputs}/missing.csv"]),
+    "plots --out a file": ("plots", ["--no-png", "--out", "{inputs}/notes.txt"], {}, ["--out", "'{inputs}/notes.txt'",
+                                                                                      "is a file"]),
+    "plots PLOTS_OUT a device": ("plots", ["--no-png"], {"PLOTS_OUT": "{inputs}/device"},
+                                 ["PLOTS_OUT", "'{inputs}/device'", "character device"]),
+    "plots --out a named pipe": ("plots", ["--no-png", "--out", "{inputs}/pipe"], {},
+                                 ["--out", "'{inputs}/pipe'", "named pipe"]),
+    "plots --out read-only": ("plots", ["--no-png", "--out", "{readonly}/plots"], {},
+                              ["--out", "'{readonly}/plots'", "read-only file system"]),
     # final
     "final SEEDS huge": ("final", [], {"SEEDS": "100000", **STORED, **DATA}, ["SEEDS", "'100000'"]),
     "final TRIAL text": ("final", [], {"TRIAL": "best", **STORED, **DATA}, ["TRIAL", "'best'"]),
@@ -167,6 +193,8 @@ CASES = {
                                          ["journal:{inputs}/study.db", "not an Optuna journal"]),
     "final an empty test split": ("final", ["--no-png"], {**STORED, **DATA, "TEST_COUNTS": "0,0,0", "DEVICE": "cpu"},
                                   ["--test-counts 0,0,0"]),
+    "final RESULTS read-only": ("final", ["--no-png"], {"RESULTS": "{readonly}/results", **STORED, **DATA},
+                                ["RESULTS='{readonly}/results'", "read-only file system"]),
     # dashboard
     "dashboard PORT 0": ("dashboard", [], {"PORT": "0", **STORED}, ["PORT", "'0'"]),
     "dashboard a SQLite file as a journal": ("dashboard", [], {"STORAGE": "journal:{inputs}/study.db"},
@@ -188,13 +216,25 @@ CASES = {
 
 
 def files_of(folder: Path, skip: Path) -> dict[str, str]:
-    """Every file under `folder` but those under `skip`, with a digest of its bytes."""
+    """Every file under `folder` but those under `skip`, with a digest of its bytes (of a pipe or a device:
+    its kind and number, as reading one would block or read the device)."""
     found = {}
     for path in sorted(folder.rglob("*")):
         if skip in path.parents or path == skip or path.is_dir():
             continue
-        found[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
+        info = path.lstat()
+        found[str(path.relative_to(folder))] = (hashlib.sha256(path.read_bytes()).hexdigest()
+                                                if stat.S_ISREG(info.st_mode) else f"{info.st_mode:o} {info.st_rdev}")
     return found
+
+
+def make_special_files(folder: Path) -> None:
+    """A named pipe and, where this user may make one, a character device in the case's own inputs (copytree
+    copies neither, and no case may point at a system device). Major 1, minor 3 is what /dev/null is: a
+    write that got through would vanish."""
+    os.mkfifo(folder / "pipe")
+    with contextlib.suppress(PermissionError):
+        os.mknod(folder / "device", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
 
 
 # Each case is its own process, as `python -m study` is: its own environment, working folder and
@@ -239,15 +279,22 @@ for line in sys.stdin:
 """
 
 
-def run_case(server: subprocess.Popen, base: Path, inputs: Path, case_id: str) -> dict:
+def run_case(server: subprocess.Popen, base: Path, inputs: Path, read_only: Path | None, case_id: str) -> dict:
     command, arguments, environment, _ = CASES[case_id]
     parent = base / hashlib.sha256(case_id.encode()).hexdigest()[:10]
     shutil.copytree(inputs, parent / "inputs")
+    make_special_files(parent / "inputs")
     results, streams = parent / "results", base / f"{parent.name}.streams"
     streams.mkdir()
+    case_text = repr(CASES[case_id])
+    if "{readonly}" in case_text and read_only is None:
+        return {"skip": "this machine lets no test mount a read-only file system (root with CAP_SYS_ADMIN can)"}
+    if "{inputs}/device" in case_text and not (parent / "inputs" / "device").exists():
+        return {"skip": "this user may not make a device node (root can)"}
 
     def fill(text: str) -> str:
-        return text.replace("{inputs}", str(parent / "inputs")).replace("{results}", str(results))
+        return (text.replace("{inputs}", str(parent / "inputs")).replace("{results}", str(results))
+                .replace("{readonly}", str(read_only)))
 
     env = subprocess_env(RESULTS=str(results), DEVICE="cpu")
     env.update({name: fill(value) for name, value in environment.items()})
@@ -262,13 +309,13 @@ def run_case(server: subprocess.Popen, base: Path, inputs: Path, case_id: str) -
 
 
 @pytest.fixture(scope="module")
-def outcomes(inputs, tmp_path_factory) -> dict[str, dict]:
+def outcomes(inputs, read_only_folder, tmp_path_factory) -> dict[str, dict]:
     base = tmp_path_factory.mktemp("bad-values")
     server = subprocess.Popen([sys.executable, "-c", FORK_SERVER, str(CASE_SECONDS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, env=subprocess_env(), cwd=base)
     try:
         assert server.stdout.readline().strip() == "ready"
-        return {case_id: run_case(server, base, inputs, case_id) for case_id in CASES}
+        return {case_id: run_case(server, base, inputs, read_only_folder, case_id) for case_id in CASES}
     finally:
         server.stdin.close()
         server.wait(timeout=60)
@@ -277,6 +324,8 @@ def outcomes(inputs, tmp_path_factory) -> dict[str, dict]:
 @pytest.mark.parametrize("case_id", CASES)
 def test_a_bad_value_stops_the_command_with_one_line_naming_it_and_writes_nothing_outside_results(outcomes, case_id):
     outcome = outcomes[case_id]
+    if "skip" in outcome:
+        pytest.skip(outcome["skip"])
     culprits = [outcome["fill"](text) for text in CASES[case_id][3]]
 
     assert_one_line_error((outcome["code"], outcome["out"], outcome["err"]), *culprits)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
+import os
 import re
 import sys
 from pathlib import Path
@@ -135,3 +137,34 @@ def test_usage_names_cnn_hpo_when_started_as_cnn_hpo(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["/somewhere/bin/cnn-hpo", "search", "--help"])
     text = help_text("search", capsys)
     assert text.startswith("usage: cnn-hpo search")
+
+
+# --- a write that fails in an output place is one line naming that place ---------------------------
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC])
+def test_a_failed_write_inside_results_is_one_line_naming_results(code, tmp_path):
+    """The one mapping every command's writes fall back on; the table in test_bad_values.py runs real mounts."""
+    results = tmp_path / "results"
+    failed = OSError(code, os.strerror(code), str(results / "final" / "s" / "metrics.json"))
+
+    line = cli.output_failure(argparse.Namespace(results=str(results)), failed)
+
+    assert line == f"RESULTS={str(results)!r}: cannot write {results}/final/s/metrics.json ({os.strerror(code)})"
+
+
+def test_a_failed_write_beside_a_json_target_names_the_option_not_results(tmp_path):
+    """An atomic write fails on its temporary file, beside the target: that is still the --json path's failure."""
+    target = tmp_path / "eval.json"
+    failed = OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".eval.json.k1ll3d.tmp"))
+
+    line = cli.output_failure(argparse.Namespace(results=str(tmp_path / "results"), json=target), failed)
+
+    assert line.startswith(f"EVAL_JSON / --json {str(target)!r}: cannot write ")
+
+
+def test_an_error_outside_every_output_place_is_left_as_it_was(tmp_path):
+    unreadable = OSError(errno.EACCES, "Permission denied", str(tmp_path / "data" / "train" / "car" / "0.jpg"))
+    elsewhere = argparse.Namespace(results=str(tmp_path / "results"))
+
+    assert cli.output_failure(elsewhere, unreadable) is None
+    assert cli.output_failure(elsewhere, ValueError("not a write")) is None
