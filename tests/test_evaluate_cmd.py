@@ -94,3 +94,14 @@ def test_evaluate_takes_a_seed_ensemble_and_scores_its_mean_softmax(tiny_inputs,
     together = json.loads(out_json.read_text())["evaluation"]
     assert sum(map(sum, together["confusion_matrix"])) == sum(map(sum, alone["confusion_matrix"]))
     assert together["loss"] != pytest.approx(alone["loss"])  # the second member counts
+
+
+@pytest.mark.slow
+def test_eval_json_from_the_environment_is_where_the_evaluation_goes(tiny_inputs, tiny_run, tmp_path, monkeypatch):
+    """`make evaluate EVAL_JSON=...` hands the path over as EVAL_JSON; it was once dropped without a word."""
+    run_dir, _ = tiny_run
+    monkeypatch.setenv("EVAL_JSON", str(tmp_path / "eval.json"))
+    code, out, err = evaluate_cli(tiny_inputs, "--checkpoint", run_dir / "model.pt")
+    assert code == 0, err
+    assert json.loads((tmp_path / "eval.json").read_text())["split"] == "dev"
+    assert f"wrote: {tmp_path / 'eval.json'}" in out
