@@ -15,13 +15,13 @@ from pathlib import Path
 from cnnlib.atomic import write_json
 from cnnlib.checkpoint import load_checkpoint
 from cnnlib.device import resolve_device
-from cnnlib.ensemble import first_member
+from cnnlib.ensemble import Ensemble, first_member
 from cnnlib.errors import CheckpointError
 from cnnlib.metrics import majority_baseline
 from cnnlib.model import flat_features
 from cnnlib.sources import parse_classes
 from cnnlib.training import DeviceSplit, evaluate, make_criterion
-from cnnlib.tta import TTA_MODES, as_evaluated
+from cnnlib.tta import TTA_MODES, VIEW_COUNTS, as_evaluated
 
 from .errors import UserError
 from .options import add_common_options, add_data_options, env, load_splits, use_cpu_threads
@@ -57,6 +57,29 @@ def _fits(model, image_size: int) -> bool:
         return False
 
 
+def model_record(model, config, extra: dict, tta: str) -> dict:
+    """What is evaluated: its member networks, their seeds and the views each sees.
+
+    An ensemble's config is its first member's, seed and all; its members' seeds
+    are the ones `make final` recorded beside it (None when it recorded none).
+    """
+    members = len(model.members) if isinstance(model, Ensemble) else 1
+    seeds = extra.get("seeds") if members > 1 else [config.seed]
+    if not (isinstance(seeds, list) and len(seeds) == members and all(type(s) is int for s in seeds)):
+        seeds = None
+    return {"members": members, "seeds": seeds, "views": VIEW_COUNTS[tta], "tta": tta}
+
+
+def model_words(what: dict) -> str:
+    """'ensemble of 3 networks (seeds 0, 1, 2), each seeing 10 views (tta flip_translate): 30 forwards an image'."""
+    views = f"{what['views']} view{'s' if what['views'] > 1 else ''} (tta {what['tta']})"
+    seeds = ", ".join(map(str, what["seeds"])) if what["seeds"] else "not recorded"
+    if what["members"] == 1:
+        return f"one network (seed {seeds}), seeing {views}"
+    return (f"ensemble of {what['members']} networks (seeds {seeds}), each seeing {views}: "
+            f"{what['members'] * what['views']} forwards an image")
+
+
 def run(args) -> int:
     if not args.checkpoint:
         newest = _newest_checkpoint(Path(args.results))
@@ -88,12 +111,15 @@ def run(args) -> int:
         raise UserError(f"TTA={tta!r}: expected one of {', '.join(TTA_MODES)}")
     evaluation = evaluate(as_evaluated(model, tta), DeviceSplit(split, device), classes, criterion)
 
-    print(f"checkpoint: {args.checkpoint}  (config {config.to_dict()})")
+    what = model_record(model, config, extra, tta)
+    shown = {k: v for k, v in config.to_dict().items() if k != "seed" or what["members"] == 1}
+    print(f"checkpoint: {args.checkpoint}  (config {shown})")
+    print(f"model:      {model_words(what)}")
     print(f"tta:        {tta}{'' if tta == config.tta else f' (the checkpoint says {config.tta})'}")
     print(f"data:       {splits.source}, {args.split} split, {len(split)} images")
     print(evaluation.format(f"{args.split}:"))
     report = {"checkpoint": str(args.checkpoint), "split": args.split, "classes": list(classes), "tta": tta,
-              "config": config.to_dict(), "checkpoint_extra": extra, "evaluation": evaluation.to_dict()}
+              "model": what, "config": shown, "checkpoint_extra": extra, "evaluation": evaluation.to_dict()}
     if args.baseline:
         majority = majority_baseline(splits.train.labels, split.labels, len(classes), classes)
         name = classes[int(majority.confusion.sum(axis=0).argmax())] if len(split) else "?"

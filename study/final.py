@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from cnnlib.attacks import ATTACKS, DEFAULT_EPSILONS, PGD_STEPS, attack_sweep, c
 from cnnlib.checkpoint import load_checkpoint, save_checkpoint
 from cnnlib.device import resolve_device
 from cnnlib.ensemble import Ensemble
+from cnnlib.errors import CheckpointError
 from cnnlib.metrics import Evaluation, majority_baseline
 from cnnlib.splits import require_every_class
 from cnnlib.training import DeviceData, TrainConfig, evaluate, group_configs, make_criterion, train_group
@@ -51,7 +53,7 @@ from .final_report import (accuracy_figure, flip_figure, format_report, grid_fig
                            write_figures)
 from .options import (MAX_GROUP, add_common_options, add_data_options, add_study_options, check_recorded_data,
                       data_config, load_splits, switch, use_cpu_threads, whole_number)
-from .output import claim_partial, study_folder
+from .output import claim_partial, read_record, sole_writer, study_folder
 from .search.storage import load_existing_study
 from .search.storage_url import redact
 
@@ -140,7 +142,27 @@ class SeedRun:
     @classmethod
     def from_dict(cls, data: dict, classes, checkpoint: Path) -> "SeedRun":
         evaluations = {name: Evaluation.from_dict(classes, data[name]) for name in ("dev", "test") if name in data}
+        if "dev" not in evaluations:  # the median seed is chosen on dev
+            raise KeyError("dev")
         return cls(data["seed"], evaluations, data["seconds"], data["epochs"], checkpoint)
+
+    def named(self, record: Path) -> "SeedRun":
+        """Itself, when it is the seed its record's name says (seed-<n>.json)."""
+        if type(self.seed) is not int or f"seed-{self.seed}" != record.stem:
+            raise ValueError(f"it records seed {self.seed!r}")
+        return self
+
+
+def _loads(checkpoint: Path) -> bool:
+    """Whether a resumed seed's checkpoint loads; one that does not is set aside with a note, to be trained again."""
+    try:
+        load_checkpoint(checkpoint)
+        return True
+    except CheckpointError as error:
+        aside = checkpoint.with_name(checkpoint.name + ".damaged")
+        os.replace(checkpoint, aside)
+        print(f"note: {error}; set aside as {aside.name}, that seed is trained again", file=sys.stderr, flush=True)
+        return False
 
 
 def eval_splits(data: DeviceData) -> dict:
@@ -157,12 +179,16 @@ class Retrain:
     runs: dict[int, SeedRun] = field(default_factory=dict)
 
     def reuse(self, classes) -> None:
-        """Keep the seeds an interrupted run of the same trial and data already finished."""
+        """Keep the seeds an interrupted run of the same trial and data already finished; a seed whose record or
+        checkpoint is damaged is set aside with a note and trained again."""
         claim_partial(self.partial, self.fingerprint)
         for record in sorted(self.partial.glob("seed-*.json")):
             checkpoint = record.with_suffix(".pt")
-            if checkpoint.is_file():
-                run = SeedRun.from_dict(json.loads(record.read_text()), classes, checkpoint)
+            if not checkpoint.is_file():
+                continue
+            run = read_record(record, lambda data: SeedRun.from_dict(data, classes, checkpoint).named(record),
+                              redo="that seed is trained again")
+            if run is not None and _loads(checkpoint):
                 self.runs[run.seed] = run
 
 
@@ -244,69 +270,79 @@ def spread(values: list[float]) -> dict:
 def run(args) -> int:
     device = resolve_device(args.device)  # a device this machine lacks fails before any work
     study = load_existing_study(args.study, args.storage)
-    trial, selection, candidates, what = pick_candidates(study, args)
-    config, _ = trial_config(trial)  # a trial whose config cannot be rebuilt fails before the data loads
-    recorded = study.user_attrs.get("classes")
-    splits = load_study_splits(study, trial, args)
-    data = DeviceData(splits, device)
-    threads = use_cpu_threads(device)
-    if threads:
-        print(f"cpu: {threads}", flush=True)
+    refuse_several_objectives(study)
     out = output_folder(args.results, study.study_name)
-    announce(study, trial, selection if len(candidates) == 1 else None, what, config, data.classes, recorded,
-             args.folds)
+    with sole_writer(out, args.results, "make final"):  # two runs on one folder would publish each other's halves
+        trial, selection, candidates, what = pick_candidates(study, args)
+        config, _ = trial_config(trial)  # a trial whose config cannot be rebuilt fails before the data loads
+        recorded = study.user_attrs.get("classes")
+        splits = load_study_splits(study, trial, args)
+        data = DeviceData(splits, device)
+        threads = use_cpu_threads(device)
+        if threads:
+            print(f"cpu: {threads}", flush=True)
+        announce(study, trial, selection if len(candidates) == 1 else None, what, config, data.classes, recorded,
+                 args.folds)
 
-    if len(candidates) > 1 and args.folds:
-        trial, why, candidate_summary = select_by_folds(study.study_name, candidates, splits, device, args.folds, out)
-        selection = f"of {what}, cross-validated on {args.folds} folds of train+dev: {why}"
-        print(f"chosen: trial {trial.number} ({selection}); retraining it on train with {args.seeds} seed(s)",
-              flush=True)
-        print_config(trial_config(trial)[0])
-        trial, config, config_source, runs, _ = retrain_candidates(study, [trial], data, args, out, splits)[0]
-    else:
-        (trial, config, config_source, runs, why), candidate_summary = retrain_candidates(study, candidates, data,
-                                                                                          args, out, splits)
-        if len(candidates) > 1:
-            selection = f"of {what}, retrained with {args.seeds} seed(s): {why}"
-            print(f"chosen: trial {trial.number} ({selection})", flush=True)
-            print_config(config)
-    chosen = median_run(runs)
-    # Everything is made in .next/ and moved into place at the end: until then the last run's files stay whole.
-    stage = out / ".next"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    if args.ensemble and len(runs) > 1:
-        model, evaluations, kept = stage_ensemble(stage, runs, study.study_name, trial.number, data, device)
-    else:
-        model = stage_model(stage, chosen, study.study_name, trial.number, data, device)
-        evaluations, kept = chosen.evaluations, {"kind": "median seed", "seeds": [chosen.seed]}
-    rows, plain_rows, sweep_seconds = run_attack_sweep(model, config.tta, data, args, stage)
-    baseline = {name: majority_baseline(splits.train.labels, getattr(splits, name).labels, data.n_classes, data.classes)
-                for name in eval_splits(data)}
-    # The figures show the model as evaluated, views and all.
-    figures, flip, figure_name = draw_figures(as_evaluated(model, config.tta), data, splits, args, rows, baseline)
-    png, png_status = write_figures(figures, stage, png=not args.no_png)
-    print(f"figures: HTML written; PNG {png_status}", flush=True)
+        if len(candidates) > 1 and args.folds:
+            trial, why, candidate_summary = select_by_folds(study.study_name, candidates, splits, device, args.folds, out)
+            selection = f"of {what}, cross-validated on {args.folds} folds of train+dev: {why}"
+            print(f"chosen: trial {trial.number} ({selection}); retraining it on train with {args.seeds} seed(s)",
+                  flush=True)
+            print_config(trial_config(trial)[0])
+            trial, config, config_source, runs, _ = retrain_candidates(study, [trial], data, args, out, splits)[0]
+        else:
+            (trial, config, config_source, runs, why), candidate_summary = retrain_candidates(study, candidates, data,
+                                                                                              args, out, splits)
+            if len(candidates) > 1:
+                selection = f"of {what}, retrained with {args.seeds} seed(s): {why}"
+                print(f"chosen: trial {trial.number} ({selection})", flush=True)
+                print_config(config)
+        chosen = median_run(runs)
+        # Everything is made in .next/ and moved into place at the end: until then the last run's files stay whole.
+        stage = out / ".next"
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        if args.ensemble and len(runs) > 1:
+            model, evaluations, kept = stage_ensemble(stage, runs, study.study_name, trial.number, data, device)
+        else:
+            model = stage_model(stage, chosen, study.study_name, trial.number, data, device)
+            evaluations, kept = chosen.evaluations, {"kind": "median seed", "seeds": [chosen.seed]}
+        rows, plain_rows, sweep_seconds = run_attack_sweep(model, config.tta, data, args, stage)
+        baseline = {name: majority_baseline(splits.train.labels, getattr(splits, name).labels, data.n_classes, data.classes)
+                    for name in eval_splits(data)}
+        # The figures show the model as evaluated, views and all.
+        figures, flip, figure_name = draw_figures(as_evaluated(model, config.tta), data, splits, args, rows, baseline)
+        png, png_status = write_figures(figures, stage, png=not args.no_png)
+        print(f"figures: HTML written; PNG {png_status}", flush=True)
 
-    metrics = {
-        "study": study.study_name, "storage": redact(args.storage), "classes": list(data.classes),
-        "trial": {"number": trial.number, "selection": selection, "params": trial.params,
-                  "values": trial.values, "config_source": config_source},
-        "config": config.to_dict(), "device": str(device), "data": splits.summary(),
-        "seeds": [r.to_dict() for r in runs], "median_seed": chosen.seed, "model": kept,
-        "candidates": candidate_summary,
-        "selection": selection_record(args, candidates, candidate_summary),
-        "summary": seed_summary(runs, data), "attack": attack_record(args, sweep_seconds),
-        "figure_split": figure_name, "flip_example": flip,
-        **{name: {**evaluations[name].to_dict(), "majority_baseline": baseline[name].to_dict()}
-           for name in eval_splits(data)},
-    }
-    write_json(stage / "metrics.json", metrics)
-    write_atomic(stage / "report.md", format_report(metrics, rows + plain_rows, {"png": png, "png_status": png_status}))
-    publish(stage, out)
-    shutil.rmtree(out / ".partial", ignore_errors=True)  # done: a later run retrains from scratch
-    print_outcome(metrics, baseline, data, out, args)
-    return 0
+        metrics = {
+            "study": study.study_name, "storage": redact(args.storage), "classes": list(data.classes),
+            "trial": {"number": trial.number, "selection": selection, "params": trial.params,
+                      "values": trial.values, "config_source": config_source},
+            "config": config.to_dict(), "device": str(device), "data": splits.summary(),
+            "seeds": [r.to_dict() for r in runs], "median_seed": chosen.seed, "model": kept,
+            "candidates": candidate_summary,
+            "selection": selection_record(args, candidates, candidate_summary),
+            "summary": seed_summary(runs, data), "attack": attack_record(args, sweep_seconds),
+            "figure_split": figure_name, "flip_example": flip,
+            **{name: {**evaluations[name].to_dict(), "majority_baseline": baseline[name].to_dict()}
+               for name in eval_splits(data)},
+        }
+        write_json(stage / "metrics.json", metrics)
+        write_atomic(stage / "report.md", format_report(metrics, rows + plain_rows, {"png": png, "png_status": png_status}))
+        publish(stage, out)
+        shutil.rmtree(out / ".partial", ignore_errors=True)  # done: a later run retrains from scratch
+        print_outcome(metrics, baseline, data, out, args)
+        return 0
+
+
+def refuse_several_objectives(study) -> None:
+    """A study of several objectives has no one value to rank or report its trials by: refused in one line."""
+    if len(study.directions) > 1:
+        names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
+        raise UserError(f"study {study.study_name!r} has {len(study.directions)} objectives ({', '.join(names)}); "
+                        "make final retrains the trial of a single-objective study only")
 
 
 def selection_record(args, candidates, rows: list[dict]) -> dict:

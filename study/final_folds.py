@@ -18,7 +18,6 @@ A fold model trains on (k-1)/k of train+dev (4219 images at k=4 against
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from cnnlib.tta import as_evaluated
 from . import progress
 from .errors import UserError
 from .final_choice import choose_by_folds, cv_macro, cv_standard_error, rank_correlation, trial_config
-from .output import claim_partial
+from .output import claim_partial, read_record
 from .search.space import WARM_START_ATTR
 
 FOLD_SEED = 0  # one set of folds for every candidate and every run: their scores pair fold by fold
@@ -64,6 +63,12 @@ class FoldRun:
     def correct(self) -> np.ndarray:
         return self.labels == self.predictions
 
+    def named(self, record: Path) -> "FoldRun":
+        """Itself, when it is the fold its record's name says (fold-<n>.json)."""
+        if type(self.fold) is not int or f"fold-{self.fold}" != record.stem:
+            raise ValueError(f"it records fold {self.fold!r}")
+        return self
+
     def to_dict(self) -> dict:
         return {"fold": self.fold, "seconds": self.seconds, "labels": self.labels.tolist(),
                 "predictions": self.predictions.tolist(), "held_out": self.held_out.to_dict(),
@@ -72,8 +77,13 @@ class FoldRun:
     @classmethod
     def from_dict(cls, data: dict, classes) -> "FoldRun":
         test = Evaluation.from_dict(classes, data["test"]) if data.get("test") else None
-        return cls(data["fold"], np.asarray(data["labels"], dtype=np.int64),
-                   np.asarray(data["predictions"], dtype=np.int64), test, data["seconds"], tuple(classes))
+        labels, predictions = (np.asarray(data[key], dtype=np.int64) for key in ("labels", "predictions"))
+        if labels.ndim != 1 or labels.shape != predictions.shape:
+            raise ValueError(f"labels {labels.shape} and predictions {predictions.shape} are not one per image")
+        if labels.size and not (0 <= min(labels.min(), predictions.min()) and
+                                max(labels.max(), predictions.max()) < len(classes)):
+            raise ValueError(f"a class outside 0..{len(classes) - 1}")
+        return cls(data["fold"], labels, predictions, test, data["seconds"], tuple(classes))
 
 
 @dataclass
@@ -90,8 +100,10 @@ class CrossValidation:
         """Keep the folds an interrupted run of the same trial, data and folds already finished."""
         claim_partial(self.partial, self.fingerprint)
         for record in sorted(self.partial.glob("fold-*.json")):
-            run = FoldRun.from_dict(json.loads(record.read_text()), classes)
-            self.runs[run.fold] = run
+            run = read_record(record, lambda data: FoldRun.from_dict(data, classes).named(record),
+                              redo="that fold is trained again")
+            if run is not None:
+                self.runs[run.fold] = run
 
     def folds(self) -> list[FoldRun]:
         return [self.runs[f] for f in sorted(self.runs)]

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import stat
+import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -239,10 +242,80 @@ def write_pngs(figures: dict[Path, object], width: int | None = None, scale: flo
     return None
 
 
+# --- one run per output folder, and the records it resumes from -----------------------------
+
+@contextmanager
+def sole_writer(folder: Path, results: Path, command: str):
+    """Hold `folder` for this run: another run of `command` on it meanwhile stops in one line naming this one's pid.
+
+    Two runs on one folder share its work folders and each other's half-made
+    outputs. The lock is an flock on a file under RESULTS/.locks, which the
+    kernel releases when its process ends however it ends, so a killed run
+    never leaves the folder locked; the file stays (removing it would let two
+    runs lock two different files).
+    """
+    lock = Path(results) / ".locks" / f"{Path(folder).parent.name}-{Path(folder).name}.lock"
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a+")
+    except OSError as error:
+        raise UserError(f"RESULTS={str(results)!r}: cannot create the lock file {lock} ({error.strerror})") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{folder}/ is being written by another {command} (pid {_holder(handle)}); one "
+                            f"{command} per output folder at a time: wait for it to end, or stop it, and run this "
+                            "again") from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+
+
+def _holder(handle) -> str:
+    """The pid the lock's holder wrote, which it does just after taking the lock."""
+    for _ in range(20):
+        handle.seek(0)
+        text = handle.read().strip()
+        if text.isdigit():
+            return text
+        time.sleep(0.05)
+    return "unknown"
+
+
+def read_record(path: Path, parse=lambda data: data, redo: str = "its part is done again"):
+    """`parse` of the JSON resume record at `path`; None when the record is damaged (cut short, not JSON, or
+    lacking what `parse` needs): it is then set aside as <name>.damaged with a one-line note, and the caller
+    does its part again. A killed run, a full disk or a hand edit must cost that part, not every rerun."""
+    path = Path(path)
+    try:
+        return parse(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:  # JSONDecodeError is a ValueError
+        aside = path.with_name(path.name + ".damaged")
+        os.replace(path, aside)
+        print(f"note: {path} is a damaged resume record ({_damage(error)}); set aside as {aside.name}, {redo}",
+              file=sys.stderr, flush=True)
+        return None
+
+
+def _damage(error: Exception) -> str:
+    if isinstance(error, json.JSONDecodeError):
+        return f"not whole JSON: {error.msg} at line {error.lineno}"
+    if isinstance(error, KeyError):
+        return f"no {error.args[0]!r} entry"
+    if isinstance(error, UnicodeDecodeError):
+        return "not UTF-8 text"
+    first = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
 def claim_partial(folder: Path, fingerprint: dict) -> None:
     """Make `folder` hold the finished parts of this work only: a folder left by other work (another
-    trial, config, data or fold count: another fingerprint) is emptied, then the fingerprint is written."""
+    trial, config, data or fold count: another fingerprint; or one whose fingerprint is damaged) is
+    emptied, then the fingerprint is written."""
     marker = folder / "fingerprint.json"
-    if folder.exists() and (not marker.is_file() or json.loads(marker.read_text()) != json_safe(fingerprint)):
+    if folder.exists() and (not marker.is_file() or read_record(marker, redo=f"the parts in {folder.name}/ are "
+                                                                             "done again") != json_safe(fingerprint)):
         shutil.rmtree(folder)
     write_json(marker, fingerprint)

@@ -24,14 +24,17 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
+import torch
 
 from cnnlib import device as device_module
 from cnnlib.checkpoint import save_checkpoint
+from cnnlib.ensemble import Ensemble
 from cnnlib.model import SeedCNN
 from cnnlib.splits import DataConfig, prepare_splits
 from cnnlib.training import TrainConfig
@@ -93,6 +96,17 @@ def inputs(tmp_path_factory) -> Path:
     (folder / "huge_range.yaml").write_text("params:\n  epochs: {type: int, low: 2, high: 100000000000000}\n")
     (folder / "fixed.yaml").write_text("params:\n  epochs: 1\n")
     save_checkpoint(folder / "model.pt", SeedCNN(), TrainConfig(epochs=1), CLASSES)
+    three = save_checkpoint(folder / "members-edited.pt", Ensemble([SeedCNN() for _ in range(3)]), TrainConfig(epochs=1),
+                            CLASSES)
+    payload = torch.load(three, weights_only=True)
+    torch.save({**payload, "members": 4}, three)
+    # Every car image of train but one is drawn at TRAIN_COUNTS=5,6,6; the file corrects them all.
+    (folder / "undrawn.csv").write_text("id,new_label\n" + "".join(f"train/car/{i:04d}.png,car\n" for i in range(6)))
+    two = optuna.create_study(study_name="robust", storage=f"sqlite:///{folder / 'two.db'}",
+                              directions=["maximize", "maximize"])
+    with warnings.catch_warnings():  # Optuna calls set_metric_names experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        two.set_metric_names(["dev_macro_accuracy", "robust_macro_accuracy"])
     return folder
 
 
@@ -129,6 +143,11 @@ CASES = {
     # data
     "data no car in test": ("data", [], {**DATA, "TEST_COUNTS": "0,3,3"}, ["--test-counts 0,3,3", "'car'"]),
     "data empty test": ("data", [], {**DATA, "TEST_COUNTS": "0,0,0"}, ["--test-counts 0,0,0", "'car', 'truck', 'cat'"]),
+    "data CLASSES with a class that has no folder": ("data", [], {**DATA, "CLASSES": "car,truck,dog"},
+                                                     ["CLASSES", "class dog has no folder", "its folders: car, cat, truck"]),
+    "data CORRECTIONS of an image the split did not draw": (
+        "data", [], {**DATA, "TRAIN_COUNTS": "5,6,6", "CORRECTIONS": "{inputs}/undrawn.csv"},
+        ["{inputs}/undrawn.csv", "is an image of {inputs}/data, but the split did not draw it"]),
     "data RESULTS through a file": ("data", [], {"RESULTS": "{inputs}/notes.txt/results", **DATA},
                                     ["RESULTS='{inputs}/notes.txt/results'", "file {inputs}/notes.txt"]),
     # train
@@ -149,6 +168,13 @@ CASES = {
                                                     "TEST_COUNTS": "0,3,3"}, ["--test-counts 0,3,3", "'car'"]),
     "evaluate CLASSES not the checkpoint's": ("evaluate", [], {"CLASSES": "car,truck", "CHECKPOINT": "{inputs}/model.pt",
                                                                **DATA}, ["CLASSES='car,truck'", "car,truck,cat"]),
+    "evaluate a text file as the checkpoint": ("evaluate", [], {"CHECKPOINT": "{inputs}/notes.txt", **DATA},
+                                               ["{inputs}/notes.txt: not a loadable checkpoint",
+                                                "not the zip archive torch.save writes (it begins b'first line"]),
+    "evaluate an ensemble whose members were edited": ("evaluate", [], {"CHECKPOINT": "{inputs}/members-edited.pt",
+                                                                        **DATA},
+                                                       ["{inputs}/members-edited.pt", "'members' entry says 4",
+                                                        "those of 3"]),
     "evaluate DEVICE xpu": ("evaluate", [], {"DEVICE": "xpu", "CHECKPOINT": "{inputs}/model.pt", **DATA}, ["DEVICE='xpu'"]),
     "evaluate RESULTS read-only": ("evaluate", [], {"RESULTS": "{readonly}", **MODEL},
                                    ["RESULTS='{readonly}'", "Read-only file system"]),
@@ -195,6 +221,8 @@ CASES = {
                                   ["--test-counts 0,0,0"]),
     "final RESULTS read-only": ("final", ["--no-png"], {"RESULTS": "{readonly}/results", **STORED, **DATA},
                                 ["RESULTS='{readonly}/results'", "read-only file system"]),
+    "final a two-objective study": ("final", [], {"STORAGE": "sqlite:///{inputs}/two.db", "STUDY": "robust", **DATA},
+                                    ["study 'robust' has 2 objectives", "dev_macro_accuracy, robust_macro_accuracy"]),
     # dashboard
     "dashboard PORT 0": ("dashboard", [], {"PORT": "0", **STORED}, ["PORT", "'0'"]),
     "dashboard a SQLite file as a journal": ("dashboard", [], {"STORAGE": "journal:{inputs}/study.db"},
@@ -212,6 +240,10 @@ CASES = {
     # benches
     "bench THREADS 0": ("bench", [], {"THREADS": "0", **DATA}, ["THREADS", "'0'"]),
     "hpo-bench SEARCH_SEEDS huge": ("hpo-bench", [], {"SEARCH_SEEDS": "100000", **DATA}, ["SEARCH_SEEDS", "'100000'"]),
+    "hpo-bench DATASETS with a class that has no folder": ("hpo-bench", [], {"DATASETS": "{inputs}/data:car,truck,dog",
+                                                                              **COUNTS},
+                                                           ["DATASETS", "'{inputs}/data:car,truck,dog'",
+                                                            "class dog has no folder", "its folders: car, cat, truck"]),
 }
 
 
@@ -330,6 +362,10 @@ def test_a_bad_value_stops_the_command_with_one_line_naming_it_and_writes_nothin
 
     assert_one_line_error((outcome["code"], outcome["out"], outcome["err"]), *culprits)
     assert outcome["after"] == outcome["before"]  # inputs, storage included, byte for byte; no file beside them
+
+
+def test_a_class_order_from_datasets_is_blamed_on_datasets_not_on_classes(outcomes):
+    assert "CLASSES" not in outcomes["hpo-bench DATASETS with a class that has no folder"]["err"]
 
 
 def test_a_bad_value_read_by_the_real_python_m_study_is_one_line(inputs, tmp_path):

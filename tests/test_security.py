@@ -130,6 +130,7 @@ def test_evaluate_refuses_a_checkpoint_that_carries_code_and_never_runs_it(tmp_p
 
     assert code == 2 and err.startswith(f"error: {checkpoint}: not a loadable checkpoint")
     assert len(err.strip().splitlines()) == 1
+    assert "weights_only" not in err and "Re-running" not in err  # torch's advice would run the file's code
     assert not marker.exists()
 
 
