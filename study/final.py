@@ -15,7 +15,8 @@ select anything.
 Outputs are made in .next/ and renamed into place only when all are done,
 so an interrupted run leaves the last run's files whole, and a rerun replaces
 them one whole file at a time. Finished seeds are kept under .partial/ until
-the run completes: an interrupted run picks up where it stopped.
+the run completes: an interrupted run picks up where it stopped. One run at a
+time holds the folder (output.sole_writer): two would share .next/ and .partial/.
 Epsilons are on the [0, 1] pixel scale (see cnnlib/attacks.py): the user's
 [-1, 1]-scale eps 0.1 is 0.05 here.
 """
@@ -340,7 +341,8 @@ def run(args) -> int:
 def refuse_several_objectives(study) -> None:
     """A study of several objectives has no one value to rank or report its trials by: refused in one line."""
     if len(study.directions) > 1:
-        names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
+        names = (study.metric_names or study.user_attrs.get("objectives")
+                 or [f"objective {i}" for i in range(len(study.directions))])
         raise UserError(f"study {study.study_name!r} has {len(study.directions)} objectives ({', '.join(names)}); "
                         "make final retrains the trial of a single-objective study only")
 

@@ -707,6 +707,8 @@ DAMAGES = {  # id: (the file under .partial/ ({seeds}: the chosen trial's folder
     "fold fingerprint cut short": ("trial-0-folds/fingerprint.json", cut_short, {"trial 0 fold 1", "trial 0 fold 2"}),
     "seed record cut short": ("{seeds}/seed-0.json", cut_short, {"seed 0"}),
     "seed record without dev": ("{seeds}/seed-1.json", without("dev"), {"seed 1"}),
+    "seed record of another class count": ("{seeds}/seed-0.json", lambda path: path.write_text(json.dumps(
+        {**json.loads(path.read_text()), "dev": {"confusion_matrix": [[1, 0], [0, 1]]}})), {"seed 0"}),
     "seeds fingerprint cut short": ("{seeds}/fingerprint.json", cut_short, {"seed 0", "seed 1"}),
     "seed checkpoint of garbage": ("{seeds}/seed-1.pt", lambda path: path.write_text("garbage\n"), {"seed 1"}),
     "seed checkpoint that runs code": ("{seeds}/seed-0.pt", lambda path: path.write_bytes(
