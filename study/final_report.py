@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnlib.atomic import write_atomic
+from cnnlib.atomic import check_replaceable, write_atomic
 from cnnlib.attacks import perturb
 from cnnlib.metrics import Evaluation
 from cnnlib.training import predict_logits
@@ -342,6 +342,8 @@ def publish(stage: Path, out: Path) -> None:
     if lacking:
         raise UserError(f"{stage}: this run's outputs are incomplete (no {', '.join(sorted(lacking))}); nothing in "
                         f"{out} was replaced")
+    for name in made | (OUTPUTS - made):  # a device or a pipe planted there stays, and nothing moves
+        check_replaceable(out / name)
     for name in sorted(made - {"report.md"}, key=lambda n: n != "model.pt"):
         os.replace(stage / name, out / name)
     for name in OUTPUTS - made:

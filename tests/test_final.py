@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from optuna.trial import TrialState, create_trial
 
 from cnnlib.checkpoint import load_checkpoint
 from cnnlib.ensemble import Ensemble
+from cnnlib.errors import OutputError
 from cnnlib.metrics import Evaluation
 from cnnlib.training import DeviceData, evaluate
 from study import cli, final, final_report
@@ -395,6 +397,19 @@ def test_publish_of_an_incomplete_stage_replaces_and_removes_nothing(tmp_path, m
         final.publish(stage, out)
 
     assert {p.name: p.read_text() for p in out.iterdir() if p.is_file()} == dict.fromkeys(final_report.OUTPUTS, "old")
+
+
+def test_publish_never_puts_a_file_in_place_of_a_pipe_planted_among_the_outputs(tmp_path):
+    """A rename onto a named pipe (or a device) would replace it with a regular file: refused before anything moves."""
+    out = tmp_path / "final"
+    stage = stage_of(out, final_report.REQUIRED_OUTPUTS)
+    os.mkfifo(out / "fgsm.csv")
+    (out / "model.pt").write_text("old")
+
+    with pytest.raises(OutputError, match="named pipe"):
+        final.publish(stage, out)
+
+    assert stat.S_ISFIFO(os.lstat(out / "fgsm.csv").st_mode) and (out / "model.pt").read_text() == "old"
 
 
 def test_figures_are_written_as_html_even_when_no_browser_can_draw_png(tmp_path, monkeypatch):
