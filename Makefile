@@ -24,9 +24,12 @@ ENSEMBLE ?=# final: 1 (default): model.pt is the seeds' ensemble (mean softmax);
 EPSILONS ?=
 ATTACK   ?= fgsm
 CSV      ?=
+PLOTS_OUT ?=# plots: output folder (empty: plots/ beside the CSV)
 CHECKPOINT ?=
 SPLIT    ?= dev
 TTA      ?=# evaluate: test-time augmentation views (none, flip, flip_translate); empty: the checkpoint's own
+EVAL_JSON ?=# evaluate: also write the evaluation to this JSON file
+FUSED_KS ?=# bench: also time K fused trials for each K, e.g. 1,4,16,64
 TRUST_PICKLE ?=
 CORRECTIONS  ?=
 FLIP_COUNT   ?=
@@ -46,15 +49,24 @@ DEV_COUNTS   ?=
 TEST_COUNTS  ?=
 SPLIT_SEED   ?=
 
-export DATA RESULTS DEVICE SPACE STUDY STORAGE TRIALS TIMEOUT WORKERS FUSE PORT HOST TRIAL SEEDS CANDIDATES FOLDS ENSEMBLE \
-       EPSILONS ATTACK CSV CHECKPOINT SPLIT TTA TRUST_PICKLE CORRECTIONS FLIP_COUNT SEED AUDIT_METHOD THREADS PYTEST_ARGS \
-       BUDGET SEARCH_SEEDS METHODS DATASETS
-export CLASSES TRAIN_COUNTS DEV_COUNTS TEST_COUNTS SPLIT_SEED
+VARIABLES := DATA RESULTS DEVICE SPACE STUDY STORAGE TRIALS TIMEOUT WORKERS FUSE PORT HOST TRIAL SEEDS CANDIDATES FOLDS \
+       ENSEMBLE EPSILONS ATTACK CSV PLOTS_OUT CHECKPOINT SPLIT TTA EVAL_JSON FUSED_KS TRUST_PICKLE CORRECTIONS FLIP_COUNT \
+       SEED AUDIT_METHOD THREADS PYTEST_ARGS BUDGET SEARCH_SEEDS METHODS DATASETS \
+       CLASSES TRAIN_COUNTS DEV_COUNTS TEST_COUNTS SPLIT_SEED
+export $(VARIABLES)
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+
+# A variable on make's command line that is none of these (a typo, OUT for PLOTS_OUT) would reach the command
+# as an environment variable that nothing reads, and the output would go to the default place: refuse it.
+UNKNOWN := $(filter-out $(VARIABLES) PYTHON VENV PY STAMP,\
+             $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
+ifneq ($(strip $(UNKNOWN)),)
+$(error $(firstword $(UNKNOWN)) is not a variable of this Makefile; the variables are listed in README.md (Variables) and in `python -m study <command> --help`)
+endif
 
 COMMANDS := search data train evaluate export plots final bench audit hpo-bench
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from .errors import OutputError
 
 
 def _file_mode() -> int:
@@ -26,17 +28,38 @@ def _file_mode() -> int:
 
 FILE_MODE = _file_mode()
 
+KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+         (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def kind_of(mode: int) -> str:
+    return next((name for test, name in KINDS if test(mode)), "not a regular file")
+
+
+def check_replaceable(path: Path) -> None:
+    """A target that exists must be a regular file, or a link (the rename replaces the link, never what it
+    points to). Renaming onto a device or a named pipe would put a regular file in its place: as root,
+    `--json /dev/null` would replace the system's /dev/null."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise OutputError(path, f"{path} is {kind_of(mode)}, not a regular file: refusing to replace it")
+
 
 @contextmanager
 def atomic_path(path: Path):
     """Yields a temporary path beside `path`; renamed onto it only if the block succeeds."""
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, FILE_MODE)
+        check_replaceable(path)  # again: the block may have run for minutes
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -9,14 +9,18 @@ They are written as plain tensors and primitives and read with
 
 from __future__ import annotations
 
+import pickle
+import re
 import reprlib
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 
 from .atomic import atomic_path
 from .config import TrainConfig
-from .ensemble import Ensemble, member_states
+from .ensemble import PREFIX, Ensemble, member_states
 from .errors import CheckpointError
 from .model import MODELS, flat_features
 from .stacked_model import CHANNELS_LAST
@@ -50,16 +54,17 @@ def load_checkpoint(path: Path, device="cpu") -> tuple[torch.nn.Module, TrainCon
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        payload = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a pickle's protocol: the refusal below says what matters
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # unpickler refusal, truncation, not a zip...
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: not a loadable checkpoint: {_why_unloadable(path, error)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} checkpoint")
     try:
         config = TrainConfig.from_dict(payload["config"])
         classes = _class_names(path, payload["classes"])
-        count = _member_count(path, payload.get("members", 1))
+        count = _member_count(path, payload.get("members", 1), payload["state_dict"])
         states = member_states(payload["state_dict"], count) if count > 1 else [payload["state_dict"]]
         if config.model == "seed_cnn":  # its first linear layer is sized by the image size
             for state in states:
@@ -85,9 +90,40 @@ def load_checkpoint(path: Path, device="cpu") -> tuple[torch.nn.Module, TrainCon
     return model.eval(), config, classes, payload.get("extra", {})
 
 
-def _member_count(path: Path, members) -> int:
+def _why_unloadable(path: Path, error: Exception) -> str:
+    """Why torch.load refused `path`, in words of our own: torch's text for a refused pickle advises loading it
+    with weights_only=False, which would run whatever code the file carries."""
+    text = str(error)
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+    if not head:
+        return "the file is empty"
+    code = re.search(r"GLOBAL (\S+)", text)
+    if code:
+        return (f"it holds a Python object ({code.group(1)}) that could run code when loaded; refused without "
+                "loading it (a checkpoint of this project holds only tensors and plain values)")
+    if head.startswith(b"PK\x03\x04"):
+        if "central directory" in text or not zipfile.is_zipfile(path):
+            return "its zip archive is damaged or cut short"
+        if isinstance(error, pickle.UnpicklingError):
+            return "it holds something other than tensors and plain values"
+        return "a zip archive, but not one that torch.save wrote"
+    if head[:1] == b"\x80":  # a pickle's protocol opcode
+        return ("it is a plain pickle, not the zip archive torch.save writes; refused without unpickling it "
+                "(unpickling can run code)")
+    return f"it is not the zip archive torch.save writes (it begins {head!r})"
+
+
+def _member_count(path: Path, members, state) -> int:
+    """The member count the checkpoint claims, which its weights must bear out."""
     if isinstance(members, bool) or not isinstance(members, int) or not 1 <= members <= MAX_MEMBERS:
         raise CheckpointError(f"{path}: members {reprlib.repr(members)} is not a whole number from 1 to {MAX_MEMBERS}")
+    if isinstance(state, dict):
+        held = {key[len(PREFIX):].partition(".")[0] for key in state if isinstance(key, str) and key.startswith(PREFIX)}
+        models = len(held) or 1  # weights without the members prefix are one model's
+        if models != members:
+            raise CheckpointError(f"{path}: its 'members' entry says {members} model(s), but its weights are "
+                                  f"those of {models}")
     return members
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .sources import LabeledImages
+from .sources import IMAGE_SUFFIXES, LabeledImages
 
 DROP = "drop"
 REQUIRED_COLUMNS = ("id", "new_label")
@@ -119,6 +119,25 @@ def apply_corrections(splits, path: Path):
         c = unknown[0]
         example = next(iter(splits.train.ids.tolist()), "")
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        if _undrawn_image(splits.source, c.image_id):
+            raise DataError(f"{path}: line {c.line}: id {c.image_id!r} is an image of {splits.source}, but the split "
+                            f"did not draw it into train, dev or test{more}; the counts (TRAIN_COUNTS, DEV_COUNTS, "
+                            "TEST_COUNTS) and SPLIT_SEED choose the images: remove the line or use the counts the "
+                            "file was made with")
         raise DataError(f"{path}: line {c.line}: id {c.image_id!r} is not an image of any split{more}; "
                         f"ids look like {example!r} (see suspects.csv from make audit)")
     return dataclasses.replace(splits, train=fixed["train"], dev=fixed["dev"], test=fixed.get("test"))
+
+
+def _undrawn_image(source: str, image_id: str) -> bool:
+    """Whether `image_id` is an image file of the data folder `source` (ids are paths under it), which the split,
+    a draw of some of them, may have left out."""
+    if not source:
+        return False
+    root = Path(source)
+    path = root / image_id
+    try:
+        inside = path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        return False
+    return inside and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()

@@ -28,3 +28,11 @@ class DivergedError(CnnlibError, FloatingPointError):
 
 class CheckpointError(CnnlibError, ValueError):
     """A checkpoint file is missing, not ours, or for another model shape."""
+
+
+class OutputError(CnnlibError):
+    """An output path holds something a write must not replace (a folder, a device, a named pipe)."""
+
+    def __init__(self, path, message: str):
+        super().__init__(message)
+        self.path = path

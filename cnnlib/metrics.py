@@ -73,7 +73,10 @@ class Evaluation:
 
     @classmethod
     def from_dict(cls, classes, data: dict) -> "Evaluation":
-        return cls(tuple(classes), np.asarray(data["confusion_matrix"]), data.get("loss", float("nan")))
+        matrix = np.asarray(data["confusion_matrix"])
+        if matrix.shape != (len(classes), len(classes)):
+            raise ValueError(f"a confusion matrix of shape {matrix.shape} for {len(classes)} classes")
+        return cls(tuple(classes), matrix, data.get("loss", float("nan")))
 
     def format(self, title: str = "") -> str:
         """A plain-text block: macro and per-class accuracy, then the matrix."""

@@ -142,20 +142,35 @@ def list_source(root: Path, classes: Sequence[str]) -> SourceListing:
 
 # --- image-folder trees ---------------------------------------------------
 
+def class_folder_problem(split_dir: Path, classes: Sequence[str]) -> str | None:
+    """What does not match between a class order and a split's class folders, naming no option (the caller
+    names the one that set the order); None when every class has its folder and every folder is a class.
+
+    A class without a folder comes first: `car,truck,dog` over car/, cat/, truck/ is about `dog`, not `cat`.
+    """
+    folders = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    missing = [name for name in classes if name not in folders]
+    if missing:
+        which = f"class {missing[0]} has" if len(missing) == 1 else f"classes {', '.join(missing)} have"
+        return (f"{split_dir / missing[0]}: class folder missing: {which} no folder in {split_dir} (class order "
+                f"{','.join(classes)}; its folders: {', '.join(folders) or 'none'})")
+    unknown = [name for name in folders if name not in classes]
+    if unknown:
+        return (f"{split_dir}: class folder(s) {', '.join(unknown)} not in the configured class order "
+                f"({','.join(classes)})")
+    return None
+
+
 def list_class_folders(split_dir: Path, classes: Sequence[str]) -> dict[str, list[Path]]:
     """Image files per class, sorted by name; every folder must be a known, non-empty class."""
     if not split_dir.is_dir():
         raise DataError(f"{split_dir}: folder not found (expected one sub-folder per class: {', '.join(classes)})")
-    folders = sorted(p for p in split_dir.iterdir() if p.is_dir())
-    unknown = [p.name for p in folders if p.name not in classes]
-    if unknown:
-        raise DataError(f"{split_dir}: class folder(s) {', '.join(unknown)} not in the configured class order "
-                        f"({','.join(classes)}); list them in CLASSES=... (--classes) or remove the folders")
+    problem = class_folder_problem(split_dir, classes)
+    if problem:
+        raise DataError(f"{problem}; CLASSES=... (--classes) must name the class folders")
     files = {}
     for name in classes:
         folder = split_dir / name
-        if not folder.is_dir():
-            raise DataError(f"{folder}: class folder missing (configured classes: {','.join(classes)})")
         found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not found:
             raise DataError(f"{folder}: class folder holds no .jpg/.jpeg/.png images")

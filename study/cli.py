@@ -8,6 +8,7 @@ one line and exit 2, not a traceback and not argparse's usage block.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import re
 import signal
@@ -15,7 +16,7 @@ import sys
 import threading
 
 from cnnlib.allocator import keep_freed_memory
-from cnnlib.errors import CnnlibError
+from cnnlib.errors import CnnlibError, OutputError
 
 from .errors import UserError
 from .lifetime import follow_parent_from_environment, interrupt_on_sigterm, program_name
@@ -96,12 +97,18 @@ def check_env_choices(parser: argparse.ArgumentParser | None, args: argparse.Nam
         raise UserError(f"{named} {value!r}: choose {', '.join(choices[:-1])} or {choices[-1]}")
 
 
+# Commands that may run on a RESULTS they cannot write: they read it (plots writes where --out says, evaluate
+# only a split cache it lacks); any write they do make there that fails is told by output_failure.
+READS_RESULTS = {"plots", "dashboard", "evaluate"}
+
+
 def check_places(args: argparse.Namespace) -> None:
-    """Where a command writes and computes, checked before it starts: RESULTS a folder, DEVICE one this machine has."""
+    """Where a command writes and computes, checked before it starts: RESULTS a folder it can write (before a
+    search or a retraining spends minutes), DEVICE one this machine has."""
     if getattr(args, "results", None):
         from .options import check_results_folder  # noqa: PLC0415 - torch loads only once a command runs
 
-        check_results_folder(args.results)
+        check_results_folder(args.results, writes=args.command not in READS_RESULTS)
     if getattr(args, "device", None):
         from cnnlib.device import resolve_device  # noqa: PLC0415
 
@@ -115,6 +122,42 @@ def storage_failure(args: argparse.Namespace, error: Exception) -> str | None:
     from .search.storage_errors import storage_failure_message  # noqa: PLC0415 - loaded already when optuna is
 
     return storage_failure_message(args.storage, error)
+
+
+# What a write fails with where it may not write: read-only, no permission, full, or something in the way.
+WRITE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EISDIR,
+                errno.ENOTDIR, errno.EEXIST}
+# The options that name where outputs go, most specific first: (attribute, how the line names it).
+OUTPUT_PLACES = (("json", "EVAL_JSON / --json"), ("out", "PLOTS_OUT / --out"), ("results", "RESULTS"))
+
+
+def _within(path: str, place: str) -> bool:
+    """`path` is `place`, inside it, or the temporary file an atomic write makes beside it."""
+    path, place = os.path.abspath(path), os.path.abspath(place)
+    return (path == place or path.startswith(place.rstrip(os.sep) + os.sep)
+            or (os.path.dirname(path) == os.path.dirname(place)
+                and os.path.basename(path).startswith(f".{os.path.basename(place)}.")))
+
+
+def output_failure(args: argparse.Namespace, error: Exception) -> str | None:
+    """One line for a write that fails in an output place (RESULTS, --json, --out), naming that place.
+
+    The one place that turns a failed write into a user error: RESULTS on a
+    read-only mount, a --json path that is a folder, a full disk. None for
+    other errors, and for a failing path that is no output place (a read).
+    """
+    if isinstance(error, OutputError):
+        path, reason = error.path, str(error)
+    elif isinstance(error, OSError) and error.errno in WRITE_ERRNOS and (error.filename2 or error.filename):
+        path = os.fsdecode(error.filename2 or error.filename)  # a rename's target, else the path
+        reason = f"cannot write {path} ({error.strerror})"
+    else:
+        return None
+    for attr, named in OUTPUT_PLACES:
+        place = getattr(args, attr, None)
+        if place and _within(os.fspath(path), os.fspath(place)):
+            return f"{named}={str(place)!r}: {reason}" if named == "RESULTS" else f"{named} {str(place)!r}: {reason}"
+    return reason if isinstance(error, OutputError) else None
 
 
 def _load(name: str):
@@ -154,10 +197,10 @@ def main(argv=None) -> int:
         check_places(args)
         return int(_load(args.command).run(args) or 0)
     except (CnnlibError, UserError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {output_failure(args, error) or error}", file=sys.stderr)
         return 2
     except Exception as error:
-        message = storage_failure(args, error)
+        message = output_failure(args, error) or storage_failure(args, error)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)

@@ -15,18 +15,19 @@ from pathlib import Path
 from cnnlib.atomic import write_json
 from cnnlib.checkpoint import load_checkpoint
 from cnnlib.device import resolve_device
-from cnnlib.ensemble import first_member
+from cnnlib.ensemble import Ensemble, first_member
 from cnnlib.errors import CheckpointError
 from cnnlib.losses import make_criterion
 from cnnlib.metrics import majority_baseline
 from cnnlib.model import flat_features
 from cnnlib.sources import parse_classes
 from cnnlib.training import DeviceSplit, evaluate
-from cnnlib.tta import TTA_MODES, as_evaluated
+from cnnlib.tta import TTA_MODES, VIEW_COUNTS, as_evaluated
 
 from .data import load_splits
 from .errors import UserError
-from .options import add_common_options, add_data_options
+from .options import add_common_options, add_data_options, env
+from .output import output_place
 from .threads import use_cpu_threads
 
 SPLITS = ("train", "dev", "test")
@@ -39,7 +40,8 @@ def add_arguments(parser) -> None:
                         help="which split to evaluate on (env SPLIT)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also show the majority-class baseline (on by default, so `make evaluate` shows it)")
-    parser.add_argument("--json", default=None, help="also write the evaluation to this JSON file")
+    parser.add_argument("--json", type=output_place("EVAL_JSON / --json", folder=False), default=env("EVAL_JSON"),
+                        help="also write the evaluation to this JSON file (env EVAL_JSON)")
     parser.add_argument("--tta", default=os.environ.get("TTA") or None, choices=TTA_MODES,
                         help="test-time augmentation views (env TTA; default: the checkpoint's own `tta`)")
     add_data_options(parser)  # CLASSES, when given, must be the checkpoint's order (run refuses another)
@@ -56,6 +58,29 @@ def _fits(model, image_size: int) -> bool:
         return flat_features(image_size) == first_member(model).classifier[1].in_features
     except ValueError:
         return False
+
+
+def model_record(model, config, extra: dict, tta: str) -> dict:
+    """What is evaluated: its member networks, their seeds and the views each sees.
+
+    An ensemble's config is its first member's, seed and all; its members' seeds
+    are the ones `make final` recorded beside it (None when it recorded none).
+    """
+    members = len(model.members) if isinstance(model, Ensemble) else 1
+    seeds = extra.get("seeds") if members > 1 else [config.seed]
+    if not (isinstance(seeds, list) and len(seeds) == members and all(type(s) is int for s in seeds)):
+        seeds = None
+    return {"members": members, "seeds": seeds, "views": VIEW_COUNTS[tta], "tta": tta}
+
+
+def model_words(what: dict) -> str:
+    """'ensemble of 3 networks (seeds 0, 1, 2), each seeing 10 views (tta flip_translate): 30 forwards an image'."""
+    views = f"{what['views']} view{'s' if what['views'] > 1 else ''} (tta {what['tta']})"
+    seeds = ", ".join(map(str, what["seeds"])) if what["seeds"] else "not recorded"
+    if what["members"] == 1:
+        return f"one network (seed {seeds}), seeing {views}"
+    return (f"ensemble of {what['members']} networks (seeds {seeds}), each seeing {views}: "
+            f"{what['members'] * what['views']} forwards an image")
 
 
 def run(args) -> int:
@@ -89,12 +114,15 @@ def run(args) -> int:
         raise UserError(f"TTA={tta!r}: expected one of {', '.join(TTA_MODES)}")
     evaluation = evaluate(as_evaluated(model, tta), DeviceSplit(split, device), classes, criterion)
 
-    print(f"checkpoint: {args.checkpoint}  (config {config.to_dict()})")
+    what = model_record(model, config, extra, tta)
+    shown = {k: v for k, v in config.to_dict().items() if k != "seed" or what["members"] == 1}
+    print(f"checkpoint: {args.checkpoint}  (config {shown})")
+    print(f"model:      {model_words(what)}")
     print(f"tta:        {tta}{'' if tta == config.tta else f' (the checkpoint says {config.tta})'}")
     print(f"data:       {splits.source}, {args.split} split, {len(split)} images")
     print(evaluation.format(f"{args.split}:"))
     report = {"checkpoint": str(args.checkpoint), "split": args.split, "classes": list(classes), "tta": tta,
-              "config": config.to_dict(), "checkpoint_extra": extra, "evaluation": evaluation.to_dict()}
+              "model": what, "config": shown, "checkpoint_extra": extra, "evaluation": evaluation.to_dict()}
     if args.baseline:
         majority = majority_baseline(splits.train.labels, split.labels, len(classes), classes)
         name = classes[int(majority.confusion.sum(axis=0).argmax())] if len(split) else "?"

@@ -19,6 +19,7 @@ from pathlib import Path
 from cnnlib.splits import USER_DEV_COUNTS, USER_TEST_COUNTS, USER_TRAIN_COUNTS
 
 from .errors import UserError
+from .output import unwritable
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path("shared") / "data" / "cifar10-cars-trucks-cats"
@@ -115,14 +116,19 @@ def device_name(text: str) -> str:
     return str(text).strip()
 
 
-def check_results_folder(results: str | Path) -> None:
-    """RESULTS is a folder, or a path where one can be made: not a file, nor a path through one."""
+def check_results_folder(results: str | Path, writes: bool = True) -> None:
+    """RESULTS is a folder, or a path where one can be made: not a file, nor a path through one; and, for a
+    command that `writes` there, on a file system this user can write."""
     path = Path(results)
     for place in (path, *path.parents):
         if place.exists() or place.is_symlink():
             if not place.is_dir():
                 where = "is a file" if place == path else f"runs through the file {place}"
                 raise UserError(f"RESULTS={str(results)!r} {where}; expected a folder (or a path to create one at)")
+            problem = unwritable(place) if writes else None
+            if problem:
+                where = "" if place == path else f" (its nearest existing folder {place})"
+                raise UserError(f"RESULTS={str(results)!r}{where} {problem}; expected a folder this user can write")
             return
 
 

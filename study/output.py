@@ -17,18 +17,23 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import stat
+import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from cnnlib.atomic import FILE_MODE, atomic_path, json_safe, write_atomic, write_json  # noqa: F401 - the toolkit's writes
+from cnnlib.atomic import (FILE_MODE, atomic_path, json_safe, kind_of, write_atomic,  # noqa: F401 - the toolkit's writes
+                           write_json)
 
 from .errors import UserError
 
@@ -50,6 +55,50 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> Pa
         writer.writerow(header)
         writer.writerows(["" if isinstance(v, float) and math.isnan(v) else v for v in row] for row in rows)
     return Path(path)
+
+
+# --- places the user names for outputs --------------------------------------------------
+
+def unwritable(folder: Path) -> str | None:
+    """Why this user cannot make files in an existing `folder` (None: it can). Root passes every permission
+    check but still cannot write a read-only mount, which access() reports too."""
+    if os.access(folder, os.W_OK | os.X_OK):
+        return None
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return "is on a read-only file system" if read_only else "is not writable by this user"
+
+
+def check_output_place(named: str, text: str, folder: bool) -> Path:
+    """A path the user gave for an output (`folder`: a folder to write into, else a file to replace), checked
+    before any work: what is there must be of that kind (a link is fine: a write replaces the link itself),
+    and the nearest existing folder writable."""
+    path, wanted = Path(text), f"a {'folder' if folder else 'regular file'} or a path to create one at"
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except NotADirectoryError:
+        raise UserError(f"{named} {text!r} runs through a file; expected {wanted}") from None
+    if mode is not None and not stat.S_ISLNK(mode) and not (stat.S_ISDIR if folder else stat.S_ISREG)(mode):
+        raise UserError(f"{named} {text!r} is {'a file' if stat.S_ISREG(mode) else kind_of(mode)}; expected {wanted}")
+    nearest = next(place for place in (path.absolute(), *path.absolute().parents) if place.is_dir())
+    problem = unwritable(nearest)
+    if problem:
+        raise UserError(f"{named} {text!r}: {nearest} {problem}")
+    return path
+
+
+def output_place(named: str, folder: bool):
+    """argparse type of an option that names an output folder or file outside RESULTS (check_output_place)."""
+    def parse(text: str) -> Path:
+        try:
+            return check_output_place(named, text, folder)
+        except UserError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return parse
 
 
 # --- names and run folders -------------------------------------------------------------
@@ -194,10 +243,80 @@ def write_pngs(figures: dict[Path, object], width: int | None = None, scale: flo
     return None
 
 
+# --- one run per output folder, and the records it resumes from -----------------------------
+
+@contextmanager
+def sole_writer(folder: Path, results: Path, command: str):
+    """Hold `folder` for this run: another run of `command` on it meanwhile stops in one line naming this one's pid.
+
+    Two runs on one folder share its work folders and each other's half-made
+    outputs. The lock is an flock on a file under RESULTS/.locks, which the
+    kernel releases when its process ends however it ends, so a killed run
+    never leaves the folder locked; the file stays (removing it would let two
+    runs lock two different files).
+    """
+    lock = Path(results) / ".locks" / f"{Path(folder).parent.name}-{Path(folder).name}.lock"
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a+")
+    except OSError as error:
+        raise UserError(f"RESULTS={str(results)!r}: cannot create the lock file {lock} ({error.strerror})") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{folder}/ is being written by another {command} (pid {_holder(handle)}); one "
+                            f"{command} per output folder at a time: wait for it to end, or stop it, and run this "
+                            "again") from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+
+
+def _holder(handle) -> str:
+    """The pid the lock's holder wrote, which it does just after taking the lock."""
+    for _ in range(20):
+        handle.seek(0)
+        text = handle.read().strip()
+        if text.isdigit():
+            return text
+        time.sleep(0.05)
+    return "unknown"
+
+
+def read_record(path: Path, parse=lambda data: data, redo: str = "its part is done again"):
+    """`parse` of the JSON resume record at `path`; None when the record is damaged (cut short, not JSON, or
+    lacking what `parse` needs): it is then set aside as <name>.damaged with a one-line note, and the caller
+    does its part again. A killed run, a full disk or a hand edit must cost that part, not every rerun."""
+    path = Path(path)
+    try:
+        return parse(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:  # JSONDecodeError is a ValueError
+        aside = path.with_name(path.name + ".damaged")
+        os.replace(path, aside)
+        print(f"note: {path} is a damaged resume record ({_damage(error)}); set aside as {aside.name}, {redo}",
+              file=sys.stderr, flush=True)
+        return None
+
+
+def _damage(error: Exception) -> str:
+    if isinstance(error, json.JSONDecodeError):
+        return f"not whole JSON: {error.msg} at line {error.lineno}"
+    if isinstance(error, KeyError):
+        return f"no {error.args[0]!r} entry"
+    if isinstance(error, UnicodeDecodeError):
+        return "not UTF-8 text"
+    first = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
 def claim_partial(folder: Path, fingerprint: dict) -> None:
     """Make `folder` hold the finished parts of this work only: a folder left by other work (another
-    trial, config, data or fold count: another fingerprint) is emptied, then the fingerprint is written."""
+    trial, config, data or fold count: another fingerprint; or one whose fingerprint is damaged) is
+    emptied, then the fingerprint is written."""
     marker = folder / "fingerprint.json"
-    if folder.exists() and (not marker.is_file() or json.loads(marker.read_text()) != json_safe(fingerprint)):
+    if folder.exists() and (not marker.is_file() or read_record(marker, redo=f"the parts in {folder.name}/ are "
+                                                                             "done again") != json_safe(fingerprint)):
         shutil.rmtree(folder)
     write_json(marker, fingerprint)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -153,7 +155,8 @@ def tiny_run(tiny_inputs):
 STUDY_ENV = ("DATA", "RESULTS", "DEVICE", "SPACE", "STUDY", "STORAGE", "TRIALS", "TIMEOUT", "WORKERS", "FUSE",
              "TRUST_PICKLE", "CORRECTIONS", "CSV", "HOST", "PORT", "CHECKPOINT", "SPLIT", "TRIAL", "SEEDS",
              "BUDGET", "SEARCH_SEEDS", "CLASSES", "TRAIN_COUNTS", "DEV_COUNTS", "TEST_COUNTS", "SPLIT_SEED",
-             "FLIP_COUNT", "SEED", "AUDIT_METHOD", "THREADS", "METHODS", "DATASETS")
+             "FLIP_COUNT", "SEED", "AUDIT_METHOD", "THREADS", "METHODS", "DATASETS", "EVAL_JSON", "PLOTS_OUT",
+             "FUSED_KS")
 
 
 @pytest.fixture
@@ -161,6 +164,22 @@ def no_study_env(monkeypatch):
     """Modules that run commands use it (pytestmark) so only their own arguments count."""
     for name in STUDY_ENV:
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def read_only_folder(tmp_path_factory):
+    """An empty read-only file system (a tmpfs mounted ro), or None where this machine lets no test mount one.
+
+    chmod cannot stand in for it: root writes through every permission bit,
+    but not through a read-only mount.
+    """
+    folder = tmp_path_factory.mktemp("read-only")
+    mounted = (os.geteuid() == 0 and shutil.which("mount") is not None
+               and subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                                  capture_output=True).returncode == 0)
+    yield folder if mounted else None
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
 
 
 @pytest.fixture

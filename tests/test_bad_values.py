@@ -14,22 +14,27 @@ are specified below it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pickle
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
+import torch
 
 from cnnlib import device as device_module
 from cnnlib.checkpoint import save_checkpoint
+from cnnlib.ensemble import Ensemble
 from cnnlib.model import SeedCNN
 from cnnlib.splits import DataConfig, prepare_splits
 from cnnlib.config import TrainConfig
@@ -91,15 +96,29 @@ def inputs(tmp_path_factory) -> Path:
     (folder / "huge_range.yaml").write_text("params:\n  epochs: {type: int, low: 2, high: 100000000000000}\n")
     (folder / "fixed.yaml").write_text("params:\n  epochs: 1\n")
     save_checkpoint(folder / "model.pt", SeedCNN(), TrainConfig(epochs=1), CLASSES)
+    three = save_checkpoint(folder / "members-edited.pt", Ensemble([SeedCNN() for _ in range(3)]), TrainConfig(epochs=1),
+                            CLASSES)
+    payload = torch.load(three, weights_only=True)
+    torch.save({**payload, "members": 4}, three)
+    # Every car image of train but one is drawn at TRAIN_COUNTS=5,6,6; the file corrects them all.
+    (folder / "undrawn.csv").write_text("id,new_label\n" + "".join(f"train/car/{i:04d}.png,car\n" for i in range(6)))
+    two = optuna.create_study(study_name="robust", storage=f"sqlite:///{folder / 'two.db'}",
+                              directions=["maximize", "maximize"])
+    with warnings.catch_warnings():  # Optuna calls set_metric_names experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        two.set_metric_names(["dev_macro_accuracy", "robust_macro_accuracy"])
     return folder
 
 
 # --- the table -----------------------------------------------------------------------------
 
 # id: (command, extra arguments, environment, what the one line must name). In arguments and
-# values, {inputs} is the case's copy of the inputs and {results} its RESULTS folder.
+# values, {inputs} is the case's copy of the inputs (with a named pipe, `pipe`, and where this user may
+# make one, a character device, `device`), {results} its RESULTS folder and {readonly} an empty
+# read-only file system.
 DATA = {"DATA": "{inputs}/data", **COUNTS}
 STORED = {"STORAGE": "sqlite:///{inputs}/study.db"}
+MODEL = {"CHECKPOINT": "{inputs}/model.pt", **DATA}
 CASES = {
     # search
     "search TRIALS text": ("search", [], {"TRIALS": "abc", **DATA}, ["TRIALS", "'abc'"]),
@@ -119,9 +138,16 @@ CASES = {
     "search DEVICE mps": ("search", [], {"DEVICE": "mps", "SPACE": "smoke", **DATA}, ["DEVICE='mps'"]),
     "search RESULTS a file": ("search", [], {"RESULTS": "{inputs}/notes.txt", "SPACE": "smoke", **DATA},
                               ["RESULTS='{inputs}/notes.txt'", "is a file"]),
+    "search RESULTS read-only": ("search", [], {"RESULTS": "{readonly}", "SPACE": "smoke", **DATA},
+                                 ["RESULTS='{readonly}'", "read-only file system"]),
     # data
     "data no car in test": ("data", [], {**DATA, "TEST_COUNTS": "0,3,3"}, ["--test-counts 0,3,3", "'car'"]),
     "data empty test": ("data", [], {**DATA, "TEST_COUNTS": "0,0,0"}, ["--test-counts 0,0,0", "'car', 'truck', 'cat'"]),
+    "data CLASSES with a class that has no folder": ("data", [], {**DATA, "CLASSES": "car,truck,dog"},
+                                                     ["CLASSES", "class dog has no folder", "its folders: car, cat, truck"]),
+    "data CORRECTIONS of an image the split did not draw": (
+        "data", [], {**DATA, "TRAIN_COUNTS": "5,6,6", "CORRECTIONS": "{inputs}/undrawn.csv"},
+        ["{inputs}/undrawn.csv", "is an image of {inputs}/data, but the split did not draw it"]),
     "data RESULTS through a file": ("data", [], {"RESULTS": "{inputs}/notes.txt/results", **DATA},
                                     ["RESULTS='{inputs}/notes.txt/results'", "file {inputs}/notes.txt"]),
     # train
@@ -142,7 +168,23 @@ CASES = {
                                                     "TEST_COUNTS": "0,3,3"}, ["--test-counts 0,3,3", "'car'"]),
     "evaluate CLASSES not the checkpoint's": ("evaluate", [], {"CLASSES": "car,truck", "CHECKPOINT": "{inputs}/model.pt",
                                                                **DATA}, ["CLASSES='car,truck'", "car,truck,cat"]),
+    "evaluate a text file as the checkpoint": ("evaluate", [], {"CHECKPOINT": "{inputs}/notes.txt", **DATA},
+                                               ["{inputs}/notes.txt: not a loadable checkpoint",
+                                                "not the zip archive torch.save writes (it begins b'first line"]),
+    "evaluate an ensemble whose members were edited": ("evaluate", [], {"CHECKPOINT": "{inputs}/members-edited.pt",
+                                                                        **DATA},
+                                                       ["{inputs}/members-edited.pt", "'members' entry says 4",
+                                                        "those of 3"]),
     "evaluate DEVICE xpu": ("evaluate", [], {"DEVICE": "xpu", "CHECKPOINT": "{inputs}/model.pt", **DATA}, ["DEVICE='xpu'"]),
+    "evaluate RESULTS read-only": ("evaluate", [], {"RESULTS": "{readonly}", **MODEL},
+                                   ["RESULTS='{readonly}'", "Read-only file system"]),
+    "evaluate --json a folder": ("evaluate", ["--json", "{inputs}/data"], MODEL, ["--json", "'{inputs}/data'", "a folder"]),
+    "evaluate EVAL_JSON a named pipe": ("evaluate", [], {"EVAL_JSON": "{inputs}/pipe", **MODEL},
+                                        ["EVAL_JSON", "'{inputs}/pipe'", "named pipe"]),
+    "evaluate --json a device": ("evaluate", ["--json", "{inputs}/device"], MODEL,
+                                 ["--json", "'{inputs}/device'", "character device"]),
+    "evaluate --json read-only": ("evaluate", ["--json", "{readonly}/eval.json"], MODEL,
+                                  ["--json", "'{readonly}/eval.json'", "read-only file system"]),
     # export: reads the storage, never writes it
     "export a SQLite file as a journal": ("export", [], {"STORAGE": "journal:{inputs}/study.db"},
                                           ["journal:{inputs}/study.db", "not an Optuna journal"]),
@@ -156,8 +198,18 @@ CASES = {
                                              ["sqlite:///{inputs}/notes.db", "no Optuna tables"]),
     "export in-memory": ("export", [], {"STORAGE": "sqlite://"}, ["STORAGE='sqlite://'"]),
     "export an unknown STUDY": ("export", [], {"STUDY": "nope", **STORED}, ["'nope'"]),
+    "export RESULTS read-only": ("export", [], {"RESULTS": "{readonly}", **STORED},
+                                 ["RESULTS='{readonly}'", "read-only file system"]),
     # plots
     "plots CSV missing": ("plots", ["--no-png"], {"CSV": "{inputs}/missing.csv"}, ["{inputs}/missing.csv"]),
+    "plots --out a file": ("plots", ["--no-png", "--out", "{inputs}/notes.txt"], {}, ["--out", "'{inputs}/notes.txt'",
+                                                                                      "is a file"]),
+    "plots PLOTS_OUT a device": ("plots", ["--no-png"], {"PLOTS_OUT": "{inputs}/device"},
+                                 ["PLOTS_OUT", "'{inputs}/device'", "character device"]),
+    "plots --out a named pipe": ("plots", ["--no-png", "--out", "{inputs}/pipe"], {},
+                                 ["--out", "'{inputs}/pipe'", "named pipe"]),
+    "plots --out read-only": ("plots", ["--no-png", "--out", "{readonly}/plots"], {},
+                              ["--out", "'{readonly}/plots'", "read-only file system"]),
     # final
     "final SEEDS huge": ("final", [], {"SEEDS": "100000", **STORED, **DATA}, ["SEEDS", "'100000'"]),
     "final TRIAL text": ("final", [], {"TRIAL": "best", **STORED, **DATA}, ["TRIAL", "'best'"]),
@@ -167,6 +219,10 @@ CASES = {
                                          ["journal:{inputs}/study.db", "not an Optuna journal"]),
     "final an empty test split": ("final", ["--no-png"], {**STORED, **DATA, "TEST_COUNTS": "0,0,0", "DEVICE": "cpu"},
                                   ["--test-counts 0,0,0"]),
+    "final RESULTS read-only": ("final", ["--no-png"], {"RESULTS": "{readonly}/results", **STORED, **DATA},
+                                ["RESULTS='{readonly}/results'", "read-only file system"]),
+    "final a two-objective study": ("final", [], {"STORAGE": "sqlite:///{inputs}/two.db", "STUDY": "robust", **DATA},
+                                    ["study 'robust' has 2 objectives", "dev_macro_accuracy, robust_macro_accuracy"]),
     # dashboard
     "dashboard PORT 0": ("dashboard", [], {"PORT": "0", **STORED}, ["PORT", "'0'"]),
     "dashboard a SQLite file as a journal": ("dashboard", [], {"STORAGE": "journal:{inputs}/study.db"},
@@ -184,17 +240,33 @@ CASES = {
     # benches
     "bench THREADS 0": ("bench", [], {"THREADS": "0", **DATA}, ["THREADS", "'0'"]),
     "hpo-bench SEARCH_SEEDS huge": ("hpo-bench", [], {"SEARCH_SEEDS": "100000", **DATA}, ["SEARCH_SEEDS", "'100000'"]),
+    "hpo-bench DATASETS with a class that has no folder": ("hpo-bench", [], {"DATASETS": "{inputs}/data:car,truck,dog",
+                                                                              **COUNTS},
+                                                           ["DATASETS", "'{inputs}/data:car,truck,dog'",
+                                                            "class dog has no folder", "its folders: car, cat, truck"]),
 }
 
 
 def files_of(folder: Path, skip: Path) -> dict[str, str]:
-    """Every file under `folder` but those under `skip`, with a digest of its bytes."""
+    """Every file under `folder` but those under `skip`, with a digest of its bytes (of a pipe or a device:
+    its kind and number, as reading one would block or read the device)."""
     found = {}
     for path in sorted(folder.rglob("*")):
         if skip in path.parents or path == skip or path.is_dir():
             continue
-        found[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
+        info = path.lstat()
+        found[str(path.relative_to(folder))] = (hashlib.sha256(path.read_bytes()).hexdigest()
+                                                if stat.S_ISREG(info.st_mode) else f"{info.st_mode:o} {info.st_rdev}")
     return found
+
+
+def make_special_files(folder: Path) -> None:
+    """A named pipe and, where this user may make one, a character device in the case's own inputs (copytree
+    copies neither, and no case may point at a system device). Major 1, minor 3 is what /dev/null is: a
+    write that got through would vanish."""
+    os.mkfifo(folder / "pipe")
+    with contextlib.suppress(PermissionError):
+        os.mknod(folder / "device", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
 
 
 # Each case is its own process, as `python -m study` is: its own environment, working folder and
@@ -239,15 +311,22 @@ for line in sys.stdin:
 """
 
 
-def run_case(server: subprocess.Popen, base: Path, inputs: Path, case_id: str) -> dict:
+def run_case(server: subprocess.Popen, base: Path, inputs: Path, read_only: Path | None, case_id: str) -> dict:
     command, arguments, environment, _ = CASES[case_id]
     parent = base / hashlib.sha256(case_id.encode()).hexdigest()[:10]
     shutil.copytree(inputs, parent / "inputs")
+    make_special_files(parent / "inputs")
     results, streams = parent / "results", base / f"{parent.name}.streams"
     streams.mkdir()
+    case_text = repr(CASES[case_id])
+    if "{readonly}" in case_text and read_only is None:
+        return {"skip": "this machine lets no test mount a read-only file system (root with CAP_SYS_ADMIN can)"}
+    if "{inputs}/device" in case_text and not (parent / "inputs" / "device").exists():
+        return {"skip": "this user may not make a device node (root can)"}
 
     def fill(text: str) -> str:
-        return text.replace("{inputs}", str(parent / "inputs")).replace("{results}", str(results))
+        return (text.replace("{inputs}", str(parent / "inputs")).replace("{results}", str(results))
+                .replace("{readonly}", str(read_only)))
 
     env = subprocess_env(RESULTS=str(results), DEVICE="cpu")
     env.update({name: fill(value) for name, value in environment.items()})
@@ -262,13 +341,13 @@ def run_case(server: subprocess.Popen, base: Path, inputs: Path, case_id: str) -
 
 
 @pytest.fixture(scope="module")
-def outcomes(inputs, tmp_path_factory) -> dict[str, dict]:
+def outcomes(inputs, read_only_folder, tmp_path_factory) -> dict[str, dict]:
     base = tmp_path_factory.mktemp("bad-values")
     server = subprocess.Popen([sys.executable, "-c", FORK_SERVER, str(CASE_SECONDS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, env=subprocess_env(), cwd=base)
     try:
         assert server.stdout.readline().strip() == "ready"
-        return {case_id: run_case(server, base, inputs, case_id) for case_id in CASES}
+        return {case_id: run_case(server, base, inputs, read_only_folder, case_id) for case_id in CASES}
     finally:
         server.stdin.close()
         server.wait(timeout=60)
@@ -277,10 +356,16 @@ def outcomes(inputs, tmp_path_factory) -> dict[str, dict]:
 @pytest.mark.parametrize("case_id", CASES)
 def test_a_bad_value_stops_the_command_with_one_line_naming_it_and_writes_nothing_outside_results(outcomes, case_id):
     outcome = outcomes[case_id]
+    if "skip" in outcome:
+        pytest.skip(outcome["skip"])
     culprits = [outcome["fill"](text) for text in CASES[case_id][3]]
 
     assert_one_line_error((outcome["code"], outcome["out"], outcome["err"]), *culprits)
     assert outcome["after"] == outcome["before"]  # inputs, storage included, byte for byte; no file beside them
+
+
+def test_a_class_order_from_datasets_is_blamed_on_datasets_not_on_classes(outcomes):
+    assert "CLASSES" not in outcomes["hpo-bench DATASETS with a class that has no folder"]["err"]
 
 
 def test_a_bad_value_read_by_the_real_python_m_study_is_one_line(inputs, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -70,6 +71,38 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+def _cut_short(path):
+    save_checkpoint(path, SeedCNN(), TrainConfig(), CLASSES)
+    path.write_bytes(path.read_bytes()[:2000])
+
+
+def _plain_pickle(path):
+    path.write_bytes(pickle.dumps(_Marker(path.parent / "code-ran")))
+
+
+def _pickled_code(path):
+    torch.save({"format": FORMAT, "payload": _Marker(path.parent / "code-ran")}, path)
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda path: path.write_text("hello\n"), "it is not the zip archive torch.save writes (it begins b'hello\\n')"),
+    (lambda path: path.write_bytes(b""), "the file is empty"),
+    (_cut_short, "its zip archive is damaged or cut short"),
+    (_plain_pickle, "it is a plain pickle, not the zip archive torch.save writes; refused without unpickling it"),
+    (_pickled_code, "it holds a Python object (posix.mkdir) that could run code when loaded; refused without loading"),
+], ids=["text", "empty", "cut short", "plain pickle", "pickled code"])
+def test_a_file_that_does_not_load_is_refused_with_why_in_our_words_never_advising_weights_only_false(tmp_path, make,
+                                                                                                     why):
+    path = tmp_path / "model.pt"
+    make(path)
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(path)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: not a loadable checkpoint: {why}")
+    assert "weights_only" not in message and "Re-running" not in message and "\n" not in message
+    assert not (tmp_path / "code-ran").exists()
+
+
 def test_someone_elses_torch_file_is_refused(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save(SeedCNN().state_dict(), path)  # plain weights, no config or classes
@@ -135,15 +168,27 @@ def test_an_ensemble_round_trips_and_predicts_the_mean_softmax_of_its_members(tr
     torch.testing.assert_close(loaded.exp(), mean, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("members", [0, -1, True, "2", 3, 10**9])
-def test_an_ensemble_whose_member_count_does_not_fit_its_weights_is_refused_by_name(trained, tmp_path, members):
+@pytest.mark.parametrize("members", [0, -1, True, "2", 10**9])
+def test_an_ensemble_whose_member_count_is_no_count_is_refused_by_name(trained, tmp_path, members):
     result, _ = trained
     path = save_checkpoint(tmp_path / "model.pt", Ensemble([result.model, result.model]), result.config, CLASSES)
     payload = torch.load(path, weights_only=True)
     payload["members"] = members
     torch.save(payload, path)
-    with pytest.raises(CheckpointError, match=r"model\.pt: (members .* is not a whole number|checkpoint settings "
-                                              r"do not fit this code \(weight|weights do not fit)"):
+    with pytest.raises(CheckpointError, match=r"model\.pt: members .* is not a whole number"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("members, held", [(4, 3), (2, 3), (1, 3)])
+def test_an_ensemble_whose_member_count_was_edited_says_how_many_models_its_weights_hold(trained, tmp_path, members,
+                                                                                         held):
+    result, _ = trained
+    path = save_checkpoint(tmp_path / "model.pt", Ensemble([result.model] * held), result.config, CLASSES)
+    payload = torch.load(path, weights_only=True)
+    payload["members"] = members
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=rf"model\.pt: its 'members' entry says {members} model\(s\), but its "
+                                              rf"weights are those of {held}$"):
         load_checkpoint(path)
 
 
@@ -153,6 +198,6 @@ def test_a_one_model_checkpoint_read_as_an_ensemble_is_refused_by_name(trained, 
     payload = torch.load(path, weights_only=True)
     payload["members"] = 2
     torch.save(payload, path)
-    with pytest.raises(CheckpointError, match=r"model\.pt: checkpoint settings do not fit this code \(weight "
-                                              r"'[^']+' belongs to no member of an ensemble of 2"):
+    with pytest.raises(CheckpointError, match=r"model\.pt: its 'members' entry says 2 model\(s\), but its weights "
+                                              r"are those of 1$"):
         load_checkpoint(path)

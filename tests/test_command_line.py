@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -135,3 +138,89 @@ def test_usage_names_cnn_hpo_when_started_as_cnn_hpo(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["/somewhere/bin/cnn-hpo", "search", "--help"])
     text = help_text("search", capsys)
     assert text.startswith("usage: cnn-hpo search")
+
+
+# --- Makefile variables: the ones --help and the docs name are the ones make passes ----------------
+
+def variables_named_in_help() -> set[str]:
+    """Every environment variable an option's --help names (`(env TRIALS; ...)`), over all commands."""
+    named = set()
+    for command in cli.COMMANDS:
+        parser = cli.Parser(prog="cnn-hpo", formatter_class=cli.HelpFormatter)
+        cli._load(command).add_arguments(parser)
+        for action in parser._actions:
+            named.update(re.findall(r"\benv ([A-Z][A-Z0-9_]*)", action.help or ""))
+    return named
+
+
+def variables_named_in_docs() -> set[str]:
+    """The README's table of variables, and every `make <target> NAME=...` in the README and docs/."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("\n## Variables", 1)[1].split("\n## ", 1)[0]
+    named = {name for row in table.splitlines() if row.startswith("| `")
+             for name in re.findall(r"`([A-Z][A-Z0-9_]*)`", row.split("|")[1])}
+    for page in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))):
+        for command in re.findall(r"make [a-z-]+(?: [A-Z][A-Z0-9_]*=\S*)+", page.read_text()):
+            named.update(re.findall(r" ([A-Z][A-Z0-9_]*)=", command))
+    return named
+
+
+def make_environment(*variables: str) -> subprocess.CompletedProcess:
+    """What a recipe of the Makefile sees in its environment, `env` run as make runs a command."""
+    outside = {k: v for k, v in os.environ.items()
+               if not re.fullmatch(r"[A-Z][A-Z0-9_]*", k) or k in ("PATH", "HOME", "LANG")}
+    return subprocess.run(["make", "-s", "--no-print-directory", "-C", str(ROOT), "--eval", "show-environment: ; @env",
+                           "show-environment", *variables], capture_output=True, text=True, timeout=60, env=outside)
+
+
+def test_every_variable_that_help_or_the_docs_name_is_one_make_passes_to_the_command():
+    shown = make_environment()
+    passed = {line.split("=", 1)[0] for line in shown.stdout.splitlines()}
+
+    named = variables_named_in_help() | variables_named_in_docs()
+    assert {"EVAL_JSON", "PLOTS_OUT", "TRIALS", "FUSED_KS"} <= named  # the scan finds them
+    assert shown.returncode == 0, shown.stderr
+    assert sorted(named - passed) == []
+
+
+def test_a_variable_make_does_not_know_is_refused_in_one_line_not_dropped():
+    """`make plots OUT=...` used to write the report to the default place as if OUT were not there."""
+    refused = make_environment("OUT=/tmp/elsewhere")
+    known = make_environment("PLOTS_OUT=/tmp/elsewhere", "EVAL_JSON=/tmp/eval.json")
+
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1 and "OUT is not a variable" in lines[0], refused.stderr
+    assert "README.md" in lines[0] and refused.stdout == ""
+    assert known.returncode == 0, known.stderr
+    assert {"PLOTS_OUT=/tmp/elsewhere", "EVAL_JSON=/tmp/eval.json"} <= set(known.stdout.splitlines())
+
+
+# --- a write that fails in an output place is one line naming that place ---------------------------
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC])
+def test_a_failed_write_inside_results_is_one_line_naming_results(code, tmp_path):
+    """The one mapping every command's writes fall back on; the table in test_bad_values.py runs real mounts."""
+    results = tmp_path / "results"
+    failed = OSError(code, os.strerror(code), str(results / "final" / "s" / "metrics.json"))
+
+    line = cli.output_failure(argparse.Namespace(results=str(results)), failed)
+
+    assert line == f"RESULTS={str(results)!r}: cannot write {results}/final/s/metrics.json ({os.strerror(code)})"
+
+
+def test_a_failed_write_beside_a_json_target_names_the_option_not_results(tmp_path):
+    """An atomic write fails on its temporary file, beside the target: that is still the --json path's failure."""
+    target = tmp_path / "eval.json"
+    failed = OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".eval.json.k1ll3d.tmp"))
+
+    line = cli.output_failure(argparse.Namespace(results=str(tmp_path / "results"), json=target), failed)
+
+    assert line.startswith(f"EVAL_JSON / --json {str(target)!r}: cannot write ")
+
+
+def test_an_error_outside_every_output_place_is_left_as_it_was(tmp_path):
+    unreadable = OSError(errno.EACCES, "Permission denied", str(tmp_path / "data" / "train" / "car" / "0.jpg"))
+    elsewhere = argparse.Namespace(results=str(tmp_path / "results"))
+
+    assert cli.output_failure(elsewhere, unreadable) is None
+    assert cli.output_failure(elsewhere, ValueError("not a write")) is None

@@ -94,3 +94,46 @@ def test_evaluate_takes_a_seed_ensemble_and_scores_its_mean_softmax(tiny_inputs,
     together = json.loads(out_json.read_text())["evaluation"]
     assert sum(map(sum, together["confusion_matrix"])) == sum(map(sum, alone["confusion_matrix"]))
     assert together["loss"] != pytest.approx(alone["loss"])  # the second member counts
+
+
+@pytest.mark.slow
+def test_eval_json_from_the_environment_is_where_the_evaluation_goes(tiny_inputs, tiny_run, tmp_path, monkeypatch):
+    """`make evaluate EVAL_JSON=...` hands the path over as EVAL_JSON; it was once dropped without a word."""
+    run_dir, _ = tiny_run
+    monkeypatch.setenv("EVAL_JSON", str(tmp_path / "eval.json"))
+    code, out, err = evaluate_cli(tiny_inputs, "--checkpoint", run_dir / "model.pt")
+    assert code == 0, err
+    assert json.loads((tmp_path / "eval.json").read_text())["split"] == "dev"
+    assert f"wrote: {tmp_path / 'eval.json'}" in out
+
+
+@pytest.mark.parametrize("members, tta, line", [
+    (3, "flip_translate", "model:      ensemble of 3 networks (seeds 0, 1, 2), each seeing 10 views (tta flip_translate): "
+                          "30 forwards an image\n"),
+    (1, "none", "model:      one network (seed 7), seeing 1 view (tta none)\n"),
+], ids=["the ensemble make final keeps", "one network"])
+def test_evaluate_says_what_the_model_is_and_shows_no_single_seed_for_an_ensemble(tiny_inputs, tmp_path, members, tta,
+                                                                                  line):
+    """An ensemble's config is its first member's: its seed 0 alone would misdescribe three networks."""
+    from cnnlib.checkpoint import save_checkpoint
+    from cnnlib.ensemble import Ensemble
+    from cnnlib.model import SeedCNN
+    from cnnlib.training import TrainConfig
+
+    networks = [SeedCNN().eval() for _ in range(members)]
+    model = Ensemble(networks) if members > 1 else networks[0]
+    config = TrainConfig(epochs=1, tta=tta, seed=0 if members > 1 else 7)
+    extra = {"seeds": list(range(members))} if members > 1 else {"seed": 7}
+    path = save_checkpoint(tmp_path / "model.pt", model, config, ("car", "truck", "cat"), extra=extra)
+    out_json = tmp_path / "eval.json"
+
+    code, out, err = evaluate_cli(tiny_inputs, "--checkpoint", path, "--split", "test", "--json", out_json)
+
+    assert code == 0, err
+    assert line in out
+    config_line = next(text for text in out.splitlines() if text.startswith("checkpoint: "))
+    assert ("'seed'" in config_line) == (members == 1)
+    report = json.loads(out_json.read_text())
+    assert report["model"] == {"members": members, "seeds": extra.get("seeds", [7]),
+                               "views": 10 if tta == "flip_translate" else 1, "tta": tta}
+    assert ("seed" in report["config"]) == (members == 1)

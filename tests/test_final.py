@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,11 @@ from optuna.trial import TrialState, create_trial
 
 from cnnlib.checkpoint import load_checkpoint
 from cnnlib.ensemble import Ensemble
+from cnnlib.errors import OutputError
 from cnnlib.metrics import Evaluation
 from cnnlib.training import DeviceData, evaluate
 from study import cli, records
+from study.errors import UserError
 from study.final import choice as final_choice
 from study.final import command as final
 from study.final import report as final_report
@@ -367,18 +370,53 @@ def _matrix(accuracy: float):
     return [[right if i == j else (100 - right if j == (i + 1) % 3 else 0) for j in range(3)] for i in range(3)]
 
 
-def test_publish_moves_every_output_into_place_and_drops_files_this_run_did_not_make(tmp_path):
-    out, stage = tmp_path / "final", tmp_path / "final" / ".next"
+def stage_of(out: Path, names) -> Path:
+    stage = out / ".next"
     stage.mkdir(parents=True)
-    for name in ("report.md", "fgsm.csv", "examples_grid.png"):
+    for name in names:
+        (stage / name).write_text("new")
+    return stage
+
+
+def test_publish_moves_every_output_into_place_and_drops_files_this_run_did_not_make(tmp_path):
+    out = tmp_path / "final"
+    stage = stage_of(out, final_report.REQUIRED_OUTPUTS)
+    for name in ("report.md", "fgsm.csv", "model.pt", "examples_grid.png"):
         (out / name).write_text("old")
     (out / "notes.txt").write_text("the user's own file")
-    for name in ("report.md", "fgsm.csv"):
-        (stage / name).write_text("new")
     final_report.publish(stage, out)
-    assert (out / "report.md").read_text() == "new" and (out / "fgsm.csv").read_text() == "new"
-    assert not (out / "examples_grid.png").exists(), "a PNG of the previous model must not outlive it"
+    assert {name: (out / name).read_text() for name in final_report.REQUIRED_OUTPUTS} == dict.fromkeys(
+        final_report.REQUIRED_OUTPUTS, "new")
+    assert not (out / "examples_grid.png").exists(), "a PNG of the replaced model must not outlive it"
     assert (out / "notes.txt").exists() and not stage.exists()
+
+
+@pytest.mark.parametrize("made", [set(), {"report.md", "fgsm.csv"}, final_report.REQUIRED_OUTPUTS - {"model.pt"}],
+                         ids=["emptied stage", "half a stage", "no model"])
+def test_publish_of_an_incomplete_stage_replaces_and_removes_nothing(tmp_path, made):
+    """A stage emptied by another run (or never finished) must not cost the last run's outputs."""
+    out = tmp_path / "final"
+    stage = stage_of(out, made)
+    for name in final_report.OUTPUTS:
+        (out / name).write_text("old")
+
+    with pytest.raises(UserError, match=r"this run's outputs are incomplete \(no .*\); nothing in .* was replaced"):
+        final_report.publish(stage, out)
+
+    assert {p.name: p.read_text() for p in out.iterdir() if p.is_file()} == dict.fromkeys(final_report.OUTPUTS, "old")
+
+
+def test_publish_never_puts_a_file_in_place_of_a_pipe_planted_among_the_outputs(tmp_path):
+    """A rename onto a named pipe (or a device) would replace it with a regular file: refused before anything moves."""
+    out = tmp_path / "final"
+    stage = stage_of(out, final_report.REQUIRED_OUTPUTS)
+    os.mkfifo(out / "fgsm.csv")
+    (out / "model.pt").write_text("old")
+
+    with pytest.raises(OutputError, match="named pipe"):
+        final_report.publish(stage, out)
+
+    assert stat.S_ISFIFO(os.lstat(out / "fgsm.csv").st_mode) and (out / "model.pt").read_text() == "old"
 
 
 def test_figures_are_written_as_html_even_when_no_browser_can_draw_png(tmp_path, monkeypatch):

@@ -145,6 +145,14 @@ def test_report_from_the_cli_finds_the_only_export_under_results(smoke_export, c
     assert "11 of 11 figures" in capsys.readouterr().out
 
 
+def test_plots_out_from_the_environment_is_where_the_report_goes(smoke_export, tmp_path, monkeypatch):
+    """`make plots PLOTS_OUT=...` hands the folder over as PLOTS_OUT; OUT was once dropped without a word."""
+    monkeypatch.setenv("PLOTS_OUT", str(tmp_path / "report"))
+    code = cli.main(["plots", "--csv", str(smoke_export.folder / "trials.csv"), "--no-png"])
+    assert code == 0
+    assert (tmp_path / "report" / "index.html").is_file()
+
+
 @pytest.mark.slow
 def test_pngs_are_written_for_every_figure_where_chromium_exists(smoke_export, tmp_path):
     _, figures, note = make_report(smoke_export.folder / "trials.csv", out=tmp_path, png=True)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,12 +37,15 @@ from optuna.trial import TrialState
 from cnnlib.checkpoint import load_checkpoint
 from conftest import class_image
 from postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
-from study import cli
+from study import cli, output
+from study.errors import UserError
+from study.final import command as final_runner
 from study.final import report as final_module
 from study.search import objective as objective_module
 from study.search import storage as storage_module
 from study.search import trial_claims as claims_module
 from study.search import worker as worker_module
+from test_bad_input import assert_one_line_error
 from test_search import FINISHED, SMOKE, small_data, sqlite_url, subprocess_env, trials_of  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -574,6 +579,170 @@ def test_make_final_killed_leaves_whole_files_and_a_rerun_finishes_the_job(final
     assert load_checkpoint(out / "model.pt")[3]["seeds"] == metrics["model"]["seeds"] == [0, 1]
     assert {float(row["epsilon"]) for row in read_rows(out / "fgsm.csv")} == {0.0, 0.05}
     assert not (out / ".partial").exists() and not (out / ".next").exists()
+
+
+# --- two `make final` on one study: one at a time --------------------------------------------------
+
+def wait_in_training(started: Path, go_on: Path) -> str:
+    return after_each_epoch(
+        "after each epoch, a retrain notes its pid and waits until the test lets it go on.", f"""
+        with open({str(started)!r}, "a") as handle:
+            handle.write(f"{{os.getpid()}}\\n")
+        while not os.path.exists({str(go_on)!r}):
+            time.sleep(0.05)
+        """)
+
+
+@pytest.mark.slow
+def test_two_finals_started_together_on_one_study_run_one_at_a_time_and_keep_the_model(final_inputs, tmp_path):
+    """Both shared .next/ and .partial/: both said "wrote model.pt", and the folder was left without one."""
+    results = tmp_path / "results"
+    out = results / "final" / "smoke"
+    assert cli.main(final_argv(final_inputs, results, "0,0.1")) == 0  # the last run's model, which must survive
+    started, go_on = tmp_path / "training", tmp_path / "go-on"
+    env = subprocess_env(**inject(tmp_path / "inject", wait_in_training(started, go_on)))
+    command = [sys.executable, "-m", "study", *final_argv(final_inputs, results, "0,0.05")]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+            for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 240
+        while all(run.poll() is None for run in runs) and time.monotonic() < deadline:
+            training = set(started.read_text().split()) if started.exists() else set()
+            assert len(training) < 2, "both runs are retraining into one folder at once"
+            time.sleep(0.1)
+        refused = next(run for run in runs if run.poll() is not None)
+    finally:
+        go_on.touch()
+    holder = next(run for run in runs if run is not refused)
+    _, err = refused.communicate()
+    assert_one_line_error((refused.returncode, "", err), f"{out}/ is being written by another make final",
+                          f"(pid {holder.pid})")
+    _, err = holder.communicate(timeout=300)
+
+    assert holder.returncode == 0, err[-3000:]
+    assert_outputs_whole(out)
+    assert json.loads((out / "metrics.json").read_text())["attack"]["epsilons"] == [0.0, 0.05]
+    assert load_checkpoint(out / "model.pt")[3]["seeds"] == [0, 1]
+    assert not (out / ".partial").exists() and not (out / ".next").exists()
+
+
+HOLD_THE_FOLDER = """\
+import sys, time
+from study.output import sole_writer
+with sole_writer(sys.argv[1], sys.argv[2], "make final"):
+    print("holding", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_folder_held_by_a_live_final_is_refused_and_one_killed_holding_it_blocks_nothing(tmp_path):
+    results = tmp_path / "results"
+    folder = results / "final" / "s"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_FOLDER, str(folder), str(results)],
+                              stdout=subprocess.PIPE, text=True, env=subprocess_env(), cwd=tmp_path)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(UserError, match=rf"^{re.escape(str(folder))}/ is being written by another make final "
+                                            rf"\(pid {holder.pid}\); one make final per output folder at a time"):
+            with output.sole_writer(folder, results, "make final"):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no cleanup, the lock file stays
+        holder.wait()
+
+    with output.sole_writer(folder, results, "make final"):
+        assert (results / ".locks" / "final-s.lock").read_text().strip() == str(os.getpid())
+
+
+# --- a damaged resume record costs its own part, never the rerun -------------------------------------
+
+class _Marker:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+@pytest.fixture(scope="module")
+def interrupted_final(final_inputs, tmp_path_factory) -> SimpleNamespace:
+    """RESULTS of a `make final` of two candidates (2 folds, 2 seeds) stopped just before it published:
+    every fold and seed is recorded under .partial/."""
+    base = tmp_path_factory.mktemp("interrupted-final")
+    url = f"sqlite:///{base / 'optuna.db'}"
+    source = optuna.load_study(study_name="smoke", storage=final_inputs.url)
+    study = optuna.create_study(study_name="smoke", storage=url, direction="maximize")
+    first = source.trials[0]
+    for lr in (3e-3, 1e-2):
+        study.add_trial(optuna.trial.create_trial(
+            value=0.6, params={"lr": lr}, distributions=first.distributions,
+            user_attrs={**first.user_attrs, "config": {**first.user_attrs["config"], "lr": lr}}))
+    argv = [*final_argv(SimpleNamespace(url=url, data=final_inputs.data), base / "results", "0,0.1"), "--folds", "2"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(final_runner, "publish", lambda stage, out: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert cli.main(argv) == 130
+    partial = base / "results" / "final" / "smoke" / ".partial"
+    assert len(list(partial.glob("trial-*-folds/fold-*.json"))) == 4
+    return SimpleNamespace(results=base / "results", argv=argv)
+
+
+def cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:40])
+
+
+def without(key: str):
+    def edit(path: Path) -> None:
+        record = json.loads(path.read_text())
+        del record[key]
+        path.write_text(json.dumps(record))
+    return edit
+
+
+DAMAGES = {  # id: (the file under .partial/ ({seeds}: the chosen trial's folder), what is done to it, what is redone)
+    "fold record cut short": ("trial-1-folds/fold-1.json", cut_short, {"trial 1 fold 2"}),
+    "fold record {}": ("trial-0-folds/fold-0.json", lambda path: path.write_text("{}"), {"trial 0 fold 1"}),
+    "fold record without predictions": ("trial-1-folds/fold-0.json", without("predictions"), {"trial 1 fold 1"}),
+    "fold record of another fold": ("trial-0-folds/fold-1.json", lambda path: path.write_text(
+        path.read_text().replace('"fold": 1', '"fold": 0')), {"trial 0 fold 2"}),
+    "fold fingerprint cut short": ("trial-0-folds/fingerprint.json", cut_short, {"trial 0 fold 1", "trial 0 fold 2"}),
+    "seed record cut short": ("{seeds}/seed-0.json", cut_short, {"seed 0"}),
+    "seed record without dev": ("{seeds}/seed-1.json", without("dev"), {"seed 1"}),
+    "seed record of another class count": ("{seeds}/seed-0.json", lambda path: path.write_text(json.dumps(
+        {**json.loads(path.read_text()), "dev": {"confusion_matrix": [[1, 0], [0, 1]]}})), {"seed 0"}),
+    "seeds fingerprint cut short": ("{seeds}/fingerprint.json", cut_short, {"seed 0", "seed 1"}),
+    "seed checkpoint of garbage": ("{seeds}/seed-1.pt", lambda path: path.write_text("garbage\n"), {"seed 1"}),
+    "seed checkpoint that runs code": ("{seeds}/seed-0.pt", lambda path: path.write_bytes(
+        pickle.dumps(_Marker(path.parent.parent.parent / "code-ran"))), {"seed 0"}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_resume_record_is_set_aside_with_a_note_and_only_its_part_is_trained_again(
+        interrupted_final, tmp_path, damage, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(interrupted_final.results, results)
+    out = results / "final" / "smoke"
+    seeds = next(p.name for p in (out / ".partial").glob("trial-*") if not p.name.endswith("-folds"))
+    name, change, redone = DAMAGES[damage]
+    damaged = out / ".partial" / name.format(seeds=seeds)
+    change(damaged)
+    argv = [results if arg == str(interrupted_final.results) else arg for arg in interrupted_final.argv]
+
+    code = cli.main([str(arg) for arg in argv])
+
+    printed, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and notes[0].startswith(f"note: {damaged}"), err
+    assert f"set aside as {damaged.name}.damaged" in notes[0]
+    assert "Traceback" not in err and "weights_only" not in printed + err
+    trained = set(re.findall(r"^((?:trial \d )?(?:fold \d|seed \d))(?:/2)?: (?:held-out|dev) macro", printed, re.M))
+    reused = set(re.findall(r"^((?:trial \d )?(?:fold \d|seed \d))(?:/2)?: reused from an interrupted run", printed,
+                            re.M))
+    assert trained == redone and len(reused) == 6 - len(redone), printed
+    assert_outputs_whole(out)
+    assert not (out / ".partial").exists() and not (tmp_path / "code-ran").exists()
 
 
 # --- a trial left RUNNING that no worker owns, and SIGTERM ---------------------------------------

@@ -13,6 +13,7 @@ import re
 import shlex
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -23,9 +24,13 @@ import optuna
 import pytest
 import torch
 
-from cnnlib.checkpoint import FORMAT
+from cnnlib.atomic import atomic_path, write_json
+from cnnlib.checkpoint import FORMAT, save_checkpoint
 from cnnlib.config import TrainConfig
+from cnnlib.errors import OutputError
+from cnnlib.model import SeedCNN
 from conftest import STUDY_ENV, build_image_tree, class_image, run_cli
+from study.output import write_csv
 from study.search.storage import open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +130,7 @@ def test_evaluate_refuses_a_checkpoint_that_carries_code_and_never_runs_it(tmp_p
 
     assert code == 2 and err.startswith(f"error: {checkpoint}: not a loadable checkpoint")
     assert len(err.strip().splitlines()) == 1
+    assert "weights_only" not in err and "Re-running" not in err  # torch's advice would run the file's code
     assert not marker.exists()
 
 
@@ -146,6 +152,71 @@ def test_no_code_path_loads_files_unsafely_or_runs_a_shell():
             found += [f"{path.relative_to(ROOT)}:{number}: {what}: {line.strip()}"
                       for pattern, what in UNSAFE_LOADS.items() if re.search(pattern, code)]
     assert not found, "\n".join(found)
+
+
+# --- output paths: a write never replaces a device, a named pipe or a folder ---------------------------
+
+def special_file(folder: Path, kind: str) -> Path:
+    """A named pipe, a folder, or a character device made here (major 1, minor 3: what /dev/null is, so a
+    write that got through would vanish); never a system device."""
+    path = folder / kind
+    if kind == "pipe":
+        os.mkfifo(path)
+    elif kind == "device":
+        try:
+            os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+        except PermissionError:
+            pytest.skip("only root may make a device node")
+    else:
+        path.mkdir()
+    return path
+
+
+def identity(path: Path) -> tuple:
+    info = os.lstat(path)
+    return info.st_mode, info.st_ino, info.st_rdev
+
+
+WRITERS = {
+    "write_json": lambda path: write_json(path, {"macro_accuracy": 0.5}),
+    "write_csv": lambda path: write_csv(path, ["epoch"], [[1]]),
+    "save_checkpoint": lambda path: save_checkpoint(path, SeedCNN(), TrainConfig(epochs=1), CLASSES),
+}
+
+
+@pytest.mark.parametrize("kind", ["pipe", "device", "folder"])
+@pytest.mark.parametrize("writer", WRITERS)
+def test_an_output_write_refuses_a_pipe_a_device_or_a_folder_and_leaves_it_as_it_was(tmp_path, kind, writer):
+    """As root, `--json /dev/null` once replaced the system's /dev/null with a regular file."""
+    target = special_file(tmp_path, kind)
+    before = identity(target)
+
+    with pytest.raises(OutputError, match=f"{re.escape(str(target))} is a .*, not a regular file"):
+        WRITERS[writer](target)
+
+    assert identity(target) == before
+    assert [p.name for p in tmp_path.iterdir()] == [kind]  # nor a temporary file left beside it
+
+
+def test_a_pipe_made_while_the_file_is_written_is_not_replaced_either(tmp_path):
+    target = tmp_path / "metrics.json"
+    with pytest.raises(OutputError, match="named pipe"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("{}")
+            os.mkfifo(target)
+    assert stat.S_ISFIFO(os.lstat(target).st_mode) and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_a_link_to_a_device_is_replaced_and_the_device_is_never_written(tmp_path):
+    """The rename replaces the link itself: what it points to is never opened."""
+    device = special_file(tmp_path, "device")
+    before = identity(device)
+    link = tmp_path / "eval.json"
+    link.symlink_to(device)
+
+    write_json(link, {"macro_accuracy": 0.5})
+
+    assert identity(device) == before and link.is_file() and not link.is_symlink()
 
 
 # --- the dashboard -------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import yaml
 
 from cnnlib.config import TrainConfig
 from cnnlib.device import resolve_device
-from cnnlib.sources import parse_classes
+from cnnlib.sources import class_folder_problem, is_image_tree, parse_classes
 
 from ..errors import UserError
 from ..options import MAX_GROUP, PROJECT_ROOT, env
@@ -158,9 +158,13 @@ def parse_datasets(text: str | None, data: str, classes: str | None) -> list[Dat
             raise UserError(f"{where}: {path!r} is not a folder (expected an image tree or a folder of .npz files)")
         if names is not None:
             try:
-                parse_classes(names)
+                order = parse_classes(names)
             except ValueError as error:
                 raise UserError(f"{where}: {error}") from None
+            problem = next(filter(None, (class_folder_problem(Path(path) / split, order) for split in ("train", "test")
+                                         if is_image_tree(Path(path)))), None)
+            if problem:  # the data options would blame CLASSES, which did not set this order
+                raise UserError(f"{where}: {problem}; the classes after {path}: must name its class folders")
         name = Path(path).resolve().name
         if not NAME.fullmatch(name):
             raise UserError(f"{where}: the folder name {name!r} cannot name a data set; rename or link the folder")

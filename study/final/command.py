@@ -15,7 +15,8 @@ select anything.
 Outputs are made in .next/ and renamed into place only when all are done,
 so an interrupted run leaves the last run's files whole, and a rerun replaces
 them one whole file at a time. Finished seeds are kept under .partial/ until
-the run completes: an interrupted run picks up where it stopped.
+the run completes: an interrupted run picks up where it stopped. One run at a
+time holds the folder (output.sole_writer): two would share .next/ and .partial/.
 Epsilons are on the [0, 1] pixel scale (see cnnlib/attacks.py): the user's
 [-1, 1]-scale eps 0.1 is 0.05 here.
 
@@ -48,7 +49,7 @@ from cnnlib.tta import as_evaluated
 from ..data import data_config, load_splits
 from ..errors import UserError
 from ..options import MAX_GROUP, add_common_options, add_data_options, add_study_options, switch, whole_number
-from ..output import study_folder
+from ..output import sole_writer, study_folder
 from ..records import check_recorded_data, trial_config
 from ..search import hints
 from ..search.storage import load_existing_study
@@ -134,6 +135,23 @@ def output_folder(results: Path, study_name: str) -> Path:
 def run(args) -> int:
     device = resolve_device(args.device)  # a device this machine lacks fails before any work
     study = load_existing_study(args.study, args.storage)
+    refuse_several_objectives(study)
+    out = output_folder(args.results, study.study_name)
+    with sole_writer(out, args.results, "make final"):  # two runs on one folder would publish each other's halves
+        return run_holding(args, device, study, out)
+
+
+def refuse_several_objectives(study) -> None:
+    """A study of several objectives has no one value to rank or report its trials by: refused in one line."""
+    if len(study.directions) > 1:
+        names = (study.metric_names or study.user_attrs.get("objectives")
+                 or [f"objective {i}" for i in range(len(study.directions))])
+        raise UserError(f"study {study.study_name!r} has {len(study.directions)} objectives ({', '.join(names)}); "
+                        "make final retrains the trial of a single-objective study only")
+
+
+def run_holding(args, device, study, out: Path) -> int:
+    """The run, once this process alone holds the output folder."""
     trial, selection, candidates, what = pick_candidates(study, args)
     config, _ = trial_config(trial)  # a trial whose config cannot be rebuilt fails before the data loads
     recorded = study.user_attrs.get("classes")
@@ -142,7 +160,6 @@ def run(args) -> int:
     threads = use_cpu_threads(device)
     if threads:
         print(f"cpu: {threads}", flush=True)
-    out = output_folder(args.results, study.study_name)
     announce(study, trial, selection if len(candidates) == 1 else None, what, config, data.classes, recorded,
              args.folds)
 

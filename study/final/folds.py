@@ -18,7 +18,6 @@ A fold model trains on (k-1)/k of train+dev (4219 images at k=4 against
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from cnnlib.tta import as_evaluated
 
 from .. import progress
 from ..errors import UserError
+from ..output import read_record
 from ..records import WARM_START_ATTR, trial_config
 from .choice import choose_by_folds, cv_macro, cv_standard_error, rank_correlation
 from .runs import CandidateRuns, FoldRun
@@ -47,10 +47,13 @@ class CrossValidation(CandidateRuns):
     """One candidate's folds (runs: fold -> FoldRun)."""
 
     def reuse(self, classes) -> None:
-        """Keep the folds an interrupted run of the same trial, data and folds already finished."""
+        """Keep the folds an interrupted run of the same trial, data and folds already finished; a damaged record
+        is set aside with a note and its fold trained again."""
         for record in self.records("fold-*.json"):
-            run = FoldRun.from_dict(json.loads(record.read_text()), classes)
-            self.runs[run.fold] = run
+            run = read_record(record, lambda data: FoldRun.from_dict(data, classes).named(record),
+                              redo="that fold is trained again")
+            if run is not None:
+                self.runs[run.fold] = run
 
     def folds(self) -> list[FoldRun]:
         return [self.runs[f] for f in sorted(self.runs)]

@@ -12,8 +12,10 @@ import math
 import os
 from pathlib import Path
 
+from cnnlib.atomic import check_replaceable
 from cnnlib.metrics import Evaluation
 
+from ..errors import UserError
 from ..output import BUNDLE, write_html, write_pngs
 from .attack import GRID_IMAGES
 
@@ -188,17 +190,27 @@ def _figures_section(metrics: dict, figures: dict) -> list[str]:
 
 OUTPUTS = {"model.pt", "metrics.json", "fgsm.csv", "report.md", BUNDLE,
            *(f"{n}.{e}" for n in FIGURES for e in ("html", "png"))}
+REQUIRED_OUTPUTS = {name for name in OUTPUTS if not name.endswith(".png")}  # PNGs need a Chromium; the rest every run makes
 
 
 def publish(stage: Path, out: Path) -> None:
     """Move a finished run's files into place one rename each, report.md last.
 
-    Outputs of the last run that this one did not make (a PNG it could not
-    redraw) are removed, so no file describes another model than model.pt.
+    A stage that lacks an output every run makes is refused before anything
+    moves, so the last run's files stay whole. An output of the last run that
+    this one did not make (a PNG it could not redraw) is removed only once this
+    run's model.pt has replaced the last one: it describes the replaced model.
     """
-    made = {p.name for p in stage.iterdir()}
+    made = {p.name for p in stage.iterdir()} if stage.is_dir() else set()
+    lacking = REQUIRED_OUTPUTS - made
+    if lacking:
+        raise UserError(f"{stage}: this run's outputs are incomplete (no {', '.join(sorted(lacking))}); nothing in "
+                        f"{out} was replaced")
+    for name in made | (OUTPUTS - made):  # a device or a pipe planted there stays, and nothing moves
+        check_replaceable(out / name)
+    for name in sorted(made - {"report.md"}, key=lambda n: n != "model.pt"):
+        os.replace(stage / name, out / name)
     for name in OUTPUTS - made:
         (out / name).unlink(missing_ok=True)
-    for name in sorted(made, key=lambda n: n == "report.md"):
-        os.replace(stage / name, out / name)
+    os.replace(stage / "report.md", out / "report.md")
     stage.rmdir()

@@ -8,9 +8,9 @@ by dev macro accuracy.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
+import sys
 from pathlib import Path
 
 from cnnlib.atomic import FILE_MODE, write_json
@@ -18,12 +18,14 @@ from cnnlib.checkpoint import load_checkpoint, save_checkpoint
 from cnnlib.config import TrainConfig
 from cnnlib.config import group_configs
 from cnnlib.ensemble import Ensemble
+from cnnlib.errors import CheckpointError
 from cnnlib.losses import make_criterion
 from cnnlib.metrics import Evaluation
 from cnnlib.training import DeviceData, evaluate, train_group
 from cnnlib.tta import as_evaluated
 
 from .. import progress
+from ..output import read_record
 from ..records import epochs_trained, trial_config
 from .choice import choose_retrained, mean_dev
 from .runs import CandidateRuns, SeedRun, eval_splits
@@ -33,12 +35,28 @@ class Retrain(CandidateRuns):
     """One candidate's seeds (runs: seed -> SeedRun)."""
 
     def reuse(self, classes) -> None:
-        """Keep the seeds an interrupted run of the same trial and data already finished."""
+        """Keep the seeds an interrupted run of the same trial and data already finished; a seed whose record or
+        checkpoint is damaged is set aside with a note and trained again."""
         for record in self.records("seed-*.json"):
             checkpoint = record.with_suffix(".pt")
-            if checkpoint.is_file():
-                run = SeedRun.from_dict(json.loads(record.read_text()), classes, checkpoint)
+            if not checkpoint.is_file():
+                continue
+            run = read_record(record, lambda data: SeedRun.from_dict(data, classes, checkpoint).named(record),
+                              redo="that seed is trained again")
+            if run is not None and _loads(checkpoint):
                 self.runs[run.seed] = run
+
+
+def _loads(checkpoint: Path) -> bool:
+    """Whether a resumed seed's checkpoint loads; one that does not is set aside with a note, to be trained again."""
+    try:
+        load_checkpoint(checkpoint)
+        return True
+    except CheckpointError as error:
+        aside = checkpoint.with_name(checkpoint.name + ".damaged")
+        os.replace(checkpoint, aside)
+        print(f"note: {error}; set aside as {aside.name}, that seed is trained again", file=sys.stderr, flush=True)
+        return False
 
 
 def retrain_seeds(retrains: list[Retrain], data: DeviceData, seeds: int) -> None:

@@ -38,7 +38,15 @@ class SeedRun:
     @classmethod
     def from_dict(cls, data: dict, classes, checkpoint: Path) -> "SeedRun":
         evaluations = {name: Evaluation.from_dict(classes, data[name]) for name in ("dev", "test") if name in data}
+        if "dev" not in evaluations:  # the median seed is chosen on dev
+            raise KeyError("dev")
         return cls(data["seed"], evaluations, data["seconds"], data["epochs"], checkpoint)
+
+    def named(self, record: Path) -> "SeedRun":
+        """Itself, when it is the seed its record's name says (seed-<n>.json)."""
+        if type(self.seed) is not int or f"seed-{self.seed}" != record.stem:
+            raise ValueError(f"it records seed {self.seed!r}")
+        return self
 
 
 @dataclass
@@ -62,6 +70,12 @@ class FoldRun:
     def correct(self) -> np.ndarray:
         return self.labels == self.predictions
 
+    def named(self, record: Path) -> "FoldRun":
+        """Itself, when it is the fold its record's name says (fold-<n>.json)."""
+        if type(self.fold) is not int or f"fold-{self.fold}" != record.stem:
+            raise ValueError(f"it records fold {self.fold!r}")
+        return self
+
     def to_dict(self) -> dict:
         return {"fold": self.fold, "seconds": self.seconds, "labels": self.labels.tolist(),
                 "predictions": self.predictions.tolist(), "held_out": self.held_out.to_dict(),
@@ -70,8 +84,13 @@ class FoldRun:
     @classmethod
     def from_dict(cls, data: dict, classes) -> "FoldRun":
         test = Evaluation.from_dict(classes, data["test"]) if data.get("test") else None
-        return cls(data["fold"], np.asarray(data["labels"], dtype=np.int64),
-                   np.asarray(data["predictions"], dtype=np.int64), test, data["seconds"], tuple(classes))
+        labels, predictions = (np.asarray(data[key], dtype=np.int64) for key in ("labels", "predictions"))
+        if labels.ndim != 1 or labels.shape != predictions.shape:
+            raise ValueError(f"labels {labels.shape} and predictions {predictions.shape} are not one per image")
+        if labels.size and not (0 <= min(labels.min(), predictions.min()) and
+                                max(labels.max(), predictions.max()) < len(classes)):
+            raise ValueError(f"a class outside 0..{len(classes) - 1}")
+        return cls(data["fold"], labels, predictions, test, data["seconds"], tuple(classes))
 
 
 @dataclass

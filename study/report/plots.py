@@ -31,7 +31,7 @@ from cnnlib.atomic import write_atomic
 
 from .. import output
 from ..errors import UserError
-from ..output import BUNDLE, study_folder, write_bundle
+from ..output import BUNDLE, output_place, study_folder, write_bundle
 from .figures import (TOP_TRIALS, Unavailable, accuracy_against, best_trial_confusion, class_distribution,
                       learning_curves, optimization_history, optimizer_comparison, recorded_log_scales, top_trials)
 from .optuna_figures import parallel_coordinates, param_importances
@@ -53,7 +53,9 @@ def add_arguments(parser) -> None:
                              "default: RESULTS/<STUDY>/trials.csv, or the only one under RESULTS (env CSV)")
     parser.add_argument("--study", default=os.environ.get("STUDY") or None, help="study whose export to plot (env STUDY)")
     parser.add_argument("--results", default=os.environ.get("RESULTS") or "results", help="where `make export` wrote (env RESULTS)")
-    parser.add_argument("--out", default=None, help="output folder (default: plots/ beside the CSV)")
+    parser.add_argument("--out", type=output_place("PLOTS_OUT / --out", folder=True),
+                        default=os.environ.get("PLOTS_OUT") or None,
+                        help="output folder (env PLOTS_OUT; default: plots/ beside the CSV)")
     parser.add_argument("--no-png", action="store_true", help="skip the PNG copies (they need kaleido and Chromium)")
 
 
