@@ -18,6 +18,7 @@ import threading
 from cnnlib.allocator import keep_freed_memory
 from cnnlib.errors import CnnlibError
 
+from . import interrupt
 from .errors import UserError
 from .lifetime import follow_parent_from_environment
 
@@ -59,21 +60,6 @@ COMMANDS = {
 
 EPILOG = ("Each option can also be set by the Makefile variable (environment variable) named in its help, "
           "e.g. `make search TRIALS=20` is `--trials 20`.")
-
-
-def interrupt_on_sigterm(signum=None, frame=None):
-    """SIGTERM handler: stop the way Ctrl-C does, so running trials are told FAIL and outputs stay whole.
-
-    `make` passes SIGTERM on to the command it runs (as do kill, systemd and
-    docker stop); by default Python would die on the spot and leave its worker
-    processes training. The interrupt's text says which signal it was.
-    Further SIGTERMs are ignored, so that they cannot cut short the telling of
-    trials FAIL: a worker whose search was SIGKILLed gets one parent-death
-    signal per thread of the dead search (the kernel hands it from thread to
-    thread as each dies). SIGKILL still ends a stop that hangs.
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt("SIGTERM")
 
 
 def program_name() -> str:
@@ -163,9 +149,10 @@ def main(argv=None) -> int:
 
         args.storage = default_storage(getattr(args, "results", None) or "results")
     in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
-    previous = signal.signal(signal.SIGTERM, interrupt_on_sigterm) if in_main_thread else None
+    previous = signal.getsignal(signal.SIGTERM) if in_main_thread else None
     try:
         if in_main_thread:
+            interrupt.install()  # SIGTERM stops the command as Ctrl-C does
             follow_parent_from_environment()  # under make: end with make, even when make is SIGKILLed
         check_env_choices(chosen_parser, args)
         check_places(args)
@@ -179,12 +166,13 @@ def main(argv=None) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as interrupt:
-        if str(interrupt) == "SIGTERM":
+    except KeyboardInterrupt as stop:
+        interrupt.stop_begun()
+        if str(stop) == "SIGTERM":
             print("interrupted (SIGTERM)", file=sys.stderr)
             return 128 + signal.SIGTERM
         print("interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     finally:
         if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+            interrupt.restore(previous)

@@ -42,7 +42,7 @@ from cnnlib.splits import require_every_class
 from cnnlib.training import DeviceData, TrainConfig, evaluate, group_configs, make_criterion, train_group
 from cnnlib.tta import as_evaluated
 
-from . import hints, progress
+from . import hints, interrupt, progress
 from .errors import UserError
 from .final_choice import (choose_retrained, choose_trial, epochs_trained, mean_dev, top_trials, trial_config,
                            warm_start_trials)
@@ -189,6 +189,7 @@ def retrain_seeds(retrains: list[Retrain], data: DeviceData, seeds: int) -> None
             members, configs = [pending[i] for i in group], [seeded[i] for i in group]
 
             def report(i, stats, members=members, configs=configs):
+                interrupt.check()
                 progress.epoch(f"{members[i].label}seed {seed}", stats.epoch, configs[i].epochs, stats.dev_macro_accuracy)
 
             # Dev is read at the end only: evaluating it every epoch (ten views with flip_translate) cost a third.

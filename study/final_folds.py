@@ -34,7 +34,7 @@ from cnnlib.splits import Splits
 from cnnlib.training import DeviceData, TrainConfig, evaluate, group_configs, predict_logits, train_group
 from cnnlib.tta import as_evaluated
 
-from . import progress
+from . import interrupt, progress
 from .errors import UserError
 from .final_choice import choose_by_folds, cv_macro, cv_standard_error, rank_correlation, trial_config
 from .output import claim_partial
@@ -131,6 +131,7 @@ def cross_validate(candidates: list[CrossValidation], splits: Splits, device, fo
 def _train_fold(members: list[CrossValidation], configs: list[TrainConfig], data: DeviceData, fold: int,
                 folds: int) -> None:
     def report(i, stats):
+        interrupt.check()
         progress.epoch(f"{members[i].label}fold {fold + 1}/{folds}", stats.epoch, configs[i].epochs,
                        stats.dev_macro_accuracy, metric="held-out macro")
 

@@ -36,7 +36,7 @@ from cnnlib.metrics import Evaluation
 from cnnlib.training import DeviceData, EpochStats, TrainConfig, TrainResult, evaluate, group_configs, train_group
 from cnnlib.tta import as_evaluated
 
-from .. import progress
+from .. import interrupt, progress
 from .artifacts import attach_trial_artifacts
 from .deadline import Deadline
 from .space import ENQUEUED_FIXED_ATTR, WARM_START_ATTR, SearchSpace
@@ -115,6 +115,7 @@ class EpochReporter:
     group_size: int = 1  # trials trained with this one, itself included: they are told together
 
     def __call__(self, stats: EpochStats) -> bool:
+        interrupt.check()  # a SIGTERM whose interrupt a callback swallowed stops the trial here
         self.curves["train_loss"].append(stats.train_loss)
         self.curves["dev_loss"].append(stats.curve_dev.loss)
         self.curves["dev_macro_accuracy"].append(stats.curve_macro_accuracy)
@@ -305,10 +306,11 @@ def run_trials(study: optuna.Study, trials: list[optuna.Trial], space: SearchSpa
                 deadline.told(len(group))
                 for trial in group:
                     queue_again_if_cut(study, trial)
-        except KeyboardInterrupt as interrupt:
+        except KeyboardInterrupt as stop:
+            interrupt.stop_begun()
             for i, trial in enumerate(trials):
                 if i not in told:
-                    trial.set_user_attr("fail_reason", f"interrupted ({str(interrupt) or 'SIGINT'}) during training")
+                    trial.set_user_attr("fail_reason", f"interrupted ({str(stop) or 'SIGINT'}) during training")
                     tell(study, trial, state=TrialState.FAIL)
             raise
     return frozen
