@@ -106,10 +106,7 @@ def array_file(source: Path, split: str) -> Path | None:
 @dataclass
 class SourceListing:
     """What a data folder holds, listed once: an image tree's files per split folder and class, or its array files.
-
-    The cache key is made from this listing and the split is drawn from it, so
-    the folder is walked once however the split is then built.
-    """
+    The cache key is made from it and the split drawn from it, so the folder is walked once."""
 
     root: Path
     tree: dict[str, dict[str, list[Path]]] | None  # {"train": {class: files}, "test": {...}}; None for array files
@@ -143,11 +140,8 @@ def list_source(root: Path, classes: Sequence[str]) -> SourceListing:
 # --- image-folder trees ---------------------------------------------------
 
 def class_folder_problem(split_dir: Path, classes: Sequence[str]) -> str | None:
-    """What does not match between a class order and a split's class folders, naming no option (the caller
-    names the one that set the order); None when every class has its folder and every folder is a class.
-
-    A class without a folder comes first: `car,truck,dog` over car/, cat/, truck/ is about `dog`, not `cat`.
-    """
+    """What does not match between a class order and a split's class folders (None: nothing), naming no option:
+    the caller names the one that set the order. A missing class comes first: `car,truck,dog` is about `dog`."""
     folders = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     missing = [name for name in classes if name not in folders]
     if missing:
@@ -155,10 +149,8 @@ def class_folder_problem(split_dir: Path, classes: Sequence[str]) -> str | None:
         return (f"{split_dir / missing[0]}: class folder missing: {which} no folder in {split_dir} (class order "
                 f"{','.join(classes)}; its folders: {', '.join(folders) or 'none'})")
     unknown = [name for name in folders if name not in classes]
-    if unknown:
-        return (f"{split_dir}: class folder(s) {', '.join(unknown)} not in the configured class order "
-                f"({','.join(classes)})")
-    return None
+    return (f"{split_dir}: class folder(s) {', '.join(unknown)} not in the configured class order "
+            f"({','.join(classes)})") if unknown else None
 
 
 def list_class_folders(split_dir: Path, classes: Sequence[str]) -> dict[str, list[Path]]:

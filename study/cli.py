@@ -18,8 +18,9 @@ import threading
 from cnnlib.allocator import keep_freed_memory
 from cnnlib.errors import CnnlibError, OutputError
 
+from . import interrupt
 from .errors import UserError
-from .lifetime import follow_parent_from_environment, interrupt_on_sigterm, program_name
+from .lifetime import follow_parent_from_environment, program_name
 
 # name -> (where it lives, one line for the command list, what --help says about it). One rule finds the module
 # (_load): study.<where>, entered through its command.py when <where> is a package (search, final, audit, bench).
@@ -189,9 +190,10 @@ def main(argv=None) -> int:
 
         args.storage = default_storage(getattr(args, "results", None) or "results")
     in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
-    previous = signal.signal(signal.SIGTERM, interrupt_on_sigterm) if in_main_thread else None
+    previous = signal.getsignal(signal.SIGTERM) if in_main_thread else None
     try:
         if in_main_thread:
+            interrupt.install()  # SIGTERM stops the command as Ctrl-C does
             follow_parent_from_environment()  # under make: end with make, even when make is SIGKILLed
         check_env_choices(chosen_parser, args)
         check_places(args)
@@ -205,12 +207,13 @@ def main(argv=None) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as interrupt:
-        if str(interrupt) == "SIGTERM":
+    except KeyboardInterrupt as stop:
+        interrupt.stop_begun()
+        if str(stop) == "SIGTERM":
             print("interrupted (SIGTERM)", file=sys.stderr)
             return 128 + signal.SIGTERM
         print("interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     finally:
         if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+            interrupt.restore(previous)

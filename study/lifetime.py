@@ -11,7 +11,7 @@ handles as it does any SIGTERM (its trials are told FAIL); a watchdog thread
 notices the parent gone within a second where prctl is missing, and kills the
 process outright if it has not ended GRACE_SECONDS after that.
 
-SIGTERM stops a command the way Ctrl-C does (interrupt_on_sigterm), in the
+SIGTERM stops a command the way Ctrl-C does (study/interrupt.py), in the
 command line's process and in each search worker. `program_name` is what the
 user typed to start it, so that usage lines and printed commands paste back.
 """
@@ -83,21 +83,6 @@ def _stop(by_kernel: bool) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=kill_if_still_here, name="follow-parent-kill", daemon=True).start()
-
-
-def interrupt_on_sigterm(signum=None, frame=None):
-    """SIGTERM handler: stop the way Ctrl-C does, so running trials are told FAIL and outputs stay whole.
-
-    `make` passes SIGTERM on to the command it runs (as do kill, systemd and
-    docker stop); by default Python would die on the spot and leave its worker
-    processes training. The interrupt's text says which signal it was.
-    Further SIGTERMs are ignored, so that they cannot cut short the telling of
-    trials FAIL: a worker whose search was SIGKILLed gets one parent-death
-    signal per thread of the dead search (the kernel hands it from thread to
-    thread as each dies). SIGKILL still ends a stop that hangs.
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt("SIGTERM")
 
 
 def program_name() -> str:

@@ -20,14 +20,24 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlib.device import resolve_device
+from cnnlib.device import flush_denormals, resolve_device
 from cnnlib.sources import DEFAULT_CLASSES
 from cnnlib.splits import DataConfig, prepare_splits
 
 # The seed CNN's ops are too small to split across threads: on the 2-core machine with
 # other work beside it, 3 epochs on 500 images took 0.4 s with 1 thread and 4.1 s with 2
 # (oversubscribed spin-waits). Tests train many tiny models, so they use one thread.
-torch.set_num_threads(1)
+TEST_THREADS = 1
+
+
+def session_torch_state() -> None:
+    """One thread, and denormals flushed as every command flushes them (before the first parallel op, so
+    the threads torch starts later inherit it)."""
+    torch.set_num_threads(TEST_THREADS)
+    flush_denormals()
+
+
+session_torch_state()
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("TEST_DATA") or ROOT.parent / "shared" / "data" / "cifar10-cars-trucks-cats")
@@ -180,6 +190,20 @@ def read_only_folder(tmp_path_factory):
     yield folder if mounted else None
     if mounted:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture(autouse=True)
+def same_torch_state():
+    """Each test starts, and leaves, with the session's torch state, whatever an earlier test set.
+
+    A command run in-process sets the threads by the machine's load (1 on a busy CPU, 2 or
+    more on a quiet one) and flushes denormals in its own thread only; left behind, a
+    fused-against-separate comparison (tests/test_fused.py) ran its separate runs on another
+    thread count than its fused passes, and failed on a quiet machine only.
+    """
+    session_torch_state()
+    yield
+    session_torch_state()
 
 
 @pytest.fixture

@@ -13,7 +13,9 @@ import subprocess
 import sys
 import time
 from datetime import datetime
+from types import SimpleNamespace
 
+import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -145,6 +147,49 @@ def test_a_warm_start_point_the_deadline_cut_is_queued_again_for_the_next_run(on
     assert again.system_attrs["fixed_params"] == {"lr": 5.0e-3}
 
 
+# Every epoch 4 s longer (slept inside the epoch, so the run measures it), in every process of the test.
+SLOW_EPOCHS = """\
+import time
+import cnnlib.training
+
+_real_train_epoch = cnnlib.training.train_epoch
+
+
+def train_epoch(*args, **kwargs):
+    time.sleep(4)
+    return _real_train_epoch(*args, **kwargs)
+
+
+cnnlib.training.train_epoch = train_epoch
+"""
+
+
+@pytest.mark.slow
+def test_trials_the_deadline_stops_before_the_pruners_warm_up_are_failed_not_pruned(small_data, tmp_path):
+    """4 s epochs, a pruner that waits 3 epochs, 14 s to train: the first group starts before any epoch is measured
+    and is stopped after epoch 1 or 2. A value after 1 epoch of 3 must not enter the sampler's history as PRUNED."""
+    from test_reliability import inject  # noqa: PLC0415
+
+    space = write_space(tmp_path, """\
+        sampler: {name: TPESampler, seed: 0}
+        pruner: {name: MedianPruner, n_startup_trials: 0, n_warmup_steps: 3}
+        params: {optimizer: adam, lr: {type: float, low: 1.0e-3, high: 1.0e-2}, batch_size: 128, epochs: 1000}
+        """, "warm")
+    url = sqlite_url(tmp_path)
+    command = [sys.executable, "-m", "study", "search", "--space", str(space), "--storage", url, "--data",
+               str(small_data), "--results", str(tmp_path), "--device", "cpu", "--timeout", "14", "--fuse", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=SETUP_LIMIT + 60, cwd=tmp_path,
+                          env=subprocess_env(**inject(tmp_path / "inject", SLOW_EPOCHS)))
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trials = trials_of(url, "warm")
+    assert len(trials) == 2 and {t.state for t in trials} == {TrialState.FAIL}, [(t.number, t.state) for t in trials]
+    for trial in trials:
+        assert trial.user_attrs["stopped"] == "deadline" and trial.user_attrs["epochs_run"] in (1, 2)
+        assert "before the 3 epochs the pruner waits for" in trial.user_attrs["fail_reason"]
+    assert "2 stopped by the deadline before the pruner's warm-up (FAIL)" in done.stdout
+
+
 # --- which group starts, which epoch is the last ------------------------------------------------
 
 def test_a_trial_stops_when_another_epoch_and_telling_its_group_would_end_past_the_deadline():
@@ -181,6 +226,52 @@ def test_a_group_starts_only_with_room_for_its_warm_up_epochs_and_its_telling():
     assert not deadline.room_for_group(16, now=1000.0 - 15 * 4 - 15)
     assert deadline.group_that_fits(16, now=1000.0 - 15 * 4 - 10) == 10  # a smaller group still fits
     assert deadline.group_that_fits(16, now=1000.0 - 15 * 4) == 0
+
+
+def test_a_group_whose_warm_up_no_longer_fits_once_asked_is_told_fail_untrained(real_data, tmp_path):
+    """The worker sized its ask to the time left before asking; asking 16 trials takes time. At the start,
+    a group without room left for its warm-up epochs is not trained to be cut after one of them."""
+    from cnnlib.splits import DataConfig, prepare_splits  # noqa: PLC0415
+    from cnnlib.training import DeviceData  # noqa: PLC0415
+    from study.search.deadline import Deadline  # noqa: PLC0415
+    from study.search.objective import run_trials  # noqa: PLC0415
+    from study.search.space import load_space  # noqa: PLC0415
+
+    space = load_space(write_space(tmp_path, """\
+        pruner: {name: MedianPruner, n_warmup_steps: 3}
+        params: {optimizer: adam, lr: {type: float, low: 1.0e-3, high: 1.0e-2}, batch_size: 32, epochs: 20}
+        """, "warm"))
+    data = DeviceData(prepare_splits(DataConfig(real_data, train_counts=(20, 10, 10), dev_counts=(10, 10, 10),
+                                                test_counts=(0, 0, 0)), tmp_path / "cache"), "cpu")
+    study = optuna.create_study(direction="maximize", pruner=space.make_pruner())
+    asked = [study.ask() for _ in range(2)]
+    deadline = Deadline(at=time.time() + 12, warmup_epochs=3, epoch_seconds=4.0, tell_seconds=0.5,
+                        closing_seconds=1.0)  # 3 x 4 s of warm-up and 2 s of telling: 14 s, 12 left
+
+    told = run_trials(study, asked, space, data, deadline=deadline)
+
+    assert [t.state for t in told] == [TrialState.FAIL] * 2
+    assert all(t.user_attrs["fail_reason"].startswith("not trained") and not t.intermediate_values for t in told)
+
+
+def test_epochs_before_the_pruners_warm_up_may_use_the_grace():
+    """A trial of a group started with room for its warm-up reaches it though an epoch ran a little long."""
+    from cnnlib.metrics import Evaluation  # noqa: PLC0415
+    from cnnlib.training import EpochStats  # noqa: PLC0415
+    from study.search.deadline import Deadline  # noqa: PLC0415
+    from study.search.objective import EpochReporter  # noqa: PLC0415
+
+    def after_epoch_1(grace: float) -> EpochReporter:
+        trial = SimpleNamespace(number=0, report=lambda value, step: None, should_prune=lambda: False)
+        deadline = Deadline(at=time.time() + 3, warmup_epochs=3, tell_seconds=1.0, closing_seconds=0.0, grace=grace)
+        reporter = EpochReporter(trial, can_prune=True, epochs=100, deadline=deadline)
+        learning = Evaluation(("a", "b"), np.array([[5, 1], [1, 5]]))
+        reporter(EpochStats(1, 1.0, 1.0, learning, 2.5))  # 3 s left: not for another 2.5 s epoch and 1 s to tell
+        return reporter
+
+    assert after_epoch_1(grace=5.0).pruned_at is None  # its 2 warm-up epochs and telling end within the grace
+    cut = after_epoch_1(grace=0.0)
+    assert cut.pruned_at == 1 and cut.cut_before_warmup  # told FAIL, not PRUNED (finish_trial)
 
 
 def test_the_warm_up_a_group_needs_is_the_pruners_n_warmup_steps(tmp_path):

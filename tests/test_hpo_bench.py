@@ -504,7 +504,8 @@ def test_the_retrain_cache_trains_a_config_once_whatever_its_seed(small_data, mo
     data = DeviceData(prepare_splits(DataConfig(small_data), None), "cpu")
     calls = []
     real_train_group = hpo_bench.train_group
-    monkeypatch.setattr(hpo_bench, "train_group", lambda configs, d: calls.append(configs) or real_train_group(configs, d))
+    monkeypatch.setattr(hpo_bench, "train_group",
+                        lambda configs, d, **options: calls.append(configs) or real_train_group(configs, d, **options))
     cache = hpo_bench.RetrainCache(data)
     config = TrainConfig(batch_size=128, epochs=1)
     first, cached_first = cache.get(config)

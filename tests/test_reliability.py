@@ -848,6 +848,94 @@ def test_sigterm_to_a_single_worker_search_marks_its_trial_failed_and_exits_143(
     assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted (SIGTERM) during training"
 
 
+def swallow_one_sigterm(flag: Path) -> str:
+    return after_each_epoch(
+        "after the first epoch anywhere, a SIGTERM lands while a weakref callback runs (where Python swallows "
+        "the handler's KeyboardInterrupt: 'Exception ignored in ...'); every epoch then takes 2 s.", f"""
+        import weakref
+        if not os.path.exists({str(flag)!r}):
+            open({str(flag)!r}, "w").close()
+            class Node:
+                pass
+            node = Node()
+            ref = weakref.ref(node, lambda _: os.kill(os.getpid(), signal.SIGTERM))
+            del node
+        time.sleep(2)
+        """)
+
+
+SIGTERM_IN_A_CALLBACK_THEN_ANOTHER = """\
+import os, signal, sys, time, weakref
+from study.interrupt import interrupt_on_sigterm
+signal.signal(signal.SIGTERM, interrupt_on_sigterm)
+class Node:
+    pass
+node = Node()
+ref = weakref.ref(node, lambda _: os.kill(os.getpid(), signal.SIGTERM))
+del node  # the first SIGTERM arrives inside the callback, whose KeyboardInterrupt Python swallows
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(10)
+print("still running")
+"""
+
+
+def test_a_second_sigterm_after_one_a_callback_swallowed_still_stops_the_process(tmp_path):
+    script = tmp_path / "swallowed.py"
+    script.write_text(SIGTERM_IN_A_CALLBACK_THEN_ANOTHER)
+
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], env=subprocess_env(PYTHONPATH=str(ROOT)), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+
+    assert done.returncode != 0 and "still running" not in done.stdout, done.stdout + done.stderr
+    assert time.monotonic() - started < 8
+
+
+SIGTERMS_WHILE_STOPPING = """\
+import os, signal, time
+from study import interrupt
+interrupt.install()
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+except KeyboardInterrupt:
+    for _ in range(3):  # the kernel's parent-death signals, one per thread of a dead search
+        os.kill(os.getpid(), signal.SIGTERM)
+    interrupt.stop_begun()
+    for _ in range(3):
+        os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    print("told every trial FAIL")
+"""
+
+
+def test_sigterms_while_the_interrupt_is_handled_do_not_cut_it_short(tmp_path):
+    script = tmp_path / "stopping.py"
+    script.write_text(SIGTERMS_WHILE_STOPPING)
+
+    done = subprocess.run([sys.executable, str(script)], env=subprocess_env(PYTHONPATH=str(ROOT)), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0 and done.stdout == "told every trial FAIL\n", done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_a_search_whose_sigterm_a_callback_swallowed_stops_at_the_next_epoch(small_data, tmp_path):
+    url = sqlite_url(tmp_path)
+    env = subprocess_env(**inject(tmp_path / "inject", swallow_one_sigterm(tmp_path / "sent")))
+
+    started = time.monotonic()
+    done = subprocess.run(search_command(small_data, tmp_path, url, "--trials", "3"), env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+
+    assert (tmp_path / "sent").exists()
+    assert done.returncode == 128 + signal.SIGTERM, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == "interrupted (SIGTERM)"
+    (trial,) = trials_of(url, "smoke")  # no trial after it was asked
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted (SIGTERM) during training"
+    assert time.monotonic() - started < 60
+
+
 # --- a torn journal, a full disk, a read-only database -------------------------------------------
 
 TORN = b'{"op_code": 5, "sta'  # a record cut mid-write (kill -9, a full disk)

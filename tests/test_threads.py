@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -120,3 +122,38 @@ def test_a_fused_steps_activations_reuse_resident_pages():
         step.step(x, y)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
     assert faults < 300, f"{faults:.0f} page faults a step: freed activations went back to the OS"
+
+
+TWO_TESTS_IN_ORDER = '''\
+import torch
+from study.options import use_cpu_threads
+
+
+def test_a_command_run_in_process_on_a_quiet_machine(monkeypatch):
+    monkeypatch.setattr("cnnlib.device.busy_cores", lambda: 0.0)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    use_cpu_threads(torch.device("cpu"))  # what `train`, `final` and `evaluate` do: 2 threads here
+    torch.set_flush_denormal(False)
+
+
+def test_the_next_test_starts_from_the_sessions_state():
+    flushed = (torch.tensor([2.0 ** -127]) * 1.0).item() == 0.0
+    assert torch.get_num_threads() == 1
+    assert flushed or not torch.set_flush_denormal(True)  # denormals flushed, where the CPU can
+'''
+
+
+def test_no_torch_state_a_test_sets_reaches_the_next_test(tmp_path):
+    """Threads and denormal mode are process-wide: a command run in-process chooses them by the machine's
+    load, so whatever test followed it saw a thread count that depended on how busy the CPU was."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    (tmp_path / "test_order.py").write_text(TWO_TESTS_IN_ORDER)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+                          "-p", "conftest", str(tmp_path / "test_order.py")], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "2 passed" in run.stdout

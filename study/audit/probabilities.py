@@ -28,7 +28,7 @@ from cnnlib.sources import LabeledImages
 from cnnlib.splits import Splits
 from cnnlib.training import DeviceData, predict_logits, train
 
-from .. import progress
+from .. import interrupt, progress
 from ..errors import UserError
 
 # training_dynamics averages each image's at-visit softmax over this share of the last epochs.
@@ -106,8 +106,12 @@ def out_of_fold_probabilities(images: LabeledImages, classes: Sequence[str], fol
         fold = Splits(tuple(classes), images.subset(~held_out), images.subset(held_out))
         data = DeviceData(fold, device)
         label = f"fold {k + 1}/{int(fold_of.max()) + 1}"
-        result = train(config, data, device,
-                       on_epoch=lambda stats: progress.epoch(label, stats.epoch, config.epochs, stats.dev_macro_accuracy))
+
+        def on_epoch(stats, label=label) -> None:
+            interrupt.check()
+            progress.epoch(label, stats.epoch, config.epochs, stats.dev_macro_accuracy)
+
+        result = train(config, data, device, on_epoch=on_epoch)
         probs[held_out] = predict_probabilities(result.model, data.dev.x, mirror=config.flip).cpu().numpy()
         dev = result.dev
         stats.append({"fold": k, "train_images": int((~held_out).sum()), "held_out_images": int(held_out.sum()),
@@ -171,6 +175,7 @@ def training_dynamics_probabilities(images: LabeledImages, classes: Sequence[str
     recorder = DynamicsRecorder(data.train.y, len(classes), first)
 
     def on_epoch(stats) -> None:
+        interrupt.check()
         progress.epoch("model", stats.epoch, config.epochs, recorder.epoch_macro_accuracy(), metric="in-sample macro")
 
     result = train(config, data, device, on_epoch=on_epoch, on_batch=recorder)

@@ -7,8 +7,10 @@ its remaining epochs end within the run's grace past the deadline (a trial
 at epoch 98 of 100 finishes); a group
 starts only while there is time left for the epochs a trial needs before the
 pruner judges it (the space's `n_warmup_steps`, at least one), at the
-slowest group epoch this worker has seen in this run. The deadline is a
-`time.time()`, the same in every worker process of the run.
+slowest group epoch this worker has seen in this run, checked again once
+its trials are asked; those epochs may use the grace too. A trial stopped
+before them anyway is told FAIL, not PRUNED (objective.cut_before_warmup).
+The deadline is a `time.time()`, the same in every worker process of the run.
 """
 
 from __future__ import annotations

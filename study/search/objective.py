@@ -38,7 +38,7 @@ from cnnlib.metrics import Evaluation
 from cnnlib.training import DeviceData, EpochStats, TrainResult, evaluate, train_group
 from cnnlib.tta import as_evaluated
 
-from .. import progress
+from .. import interrupt, progress
 from ..records import STOPPED_BY_DEADLINE, STOPPED_BY_PRUNER, STOPPED_COLLAPSED, STOPPED_DIVERGED, WARM_START_ATTR
 from .artifacts import attach_trial_artifacts
 from .deadline import Deadline
@@ -113,6 +113,7 @@ class EpochReporter:
     group_size: int = 1  # trials trained with this one, itself included: they are told together
 
     def __call__(self, stats: EpochStats) -> bool:
+        interrupt.check()  # a SIGTERM whose interrupt a callback swallowed stops the trial here
         self.curves["train_loss"].append(stats.train_loss)
         self.curves["dev_loss"].append(stats.curve_dev.loss)
         self.curves["dev_macro_accuracy"].append(stats.curve_macro_accuracy)
@@ -130,8 +131,12 @@ class EpochReporter:
                 return self._stop(stats.epoch, STOPPED_BY_PRUNER)
         last = self.epochs is not None and stats.epoch >= self.epochs
         # Stopped after the last epoch that ends before the deadline, judged by this epoch's length: the
-        # run then ends near TIMEOUT instead of an epoch past it.
+        # run then ends near TIMEOUT instead of an epoch past it. Epochs the pruner has yet to wait for
+        # may use the grace, as a trial's last epochs do: a group started with room for them reaches them.
         epochs_left = self.epochs - stats.epoch if self.epochs is not None else None
+        if self.before_warmup(stats.epoch):
+            warmup_left = self.deadline.warmup_epochs - stats.epoch
+            epochs_left = warmup_left if epochs_left is None else min(epochs_left, warmup_left)
         if not last and self.deadline.stops_after(stats.seconds, self.group_size, epochs_left=epochs_left):
             return self._stop(stats.epoch, STOPPED_BY_DEADLINE,
                               f"stopped by the run's deadline after epoch {stats.epoch}"
@@ -142,6 +147,15 @@ class EpochReporter:
     def _stop(self, epoch: int, stopped: str, reason: str | None = None) -> bool:
         self.pruned_at, self.stopped, self.pruned_reason = epoch, stopped, reason
         return True
+
+    def before_warmup(self, epoch: int) -> bool:
+        """Whether, stopped after `epoch`, the trial has had fewer epochs than the pruner waits for."""
+        return self.can_prune and epoch < self.deadline.warmup_epochs
+
+    @property
+    def cut_before_warmup(self) -> bool:
+        """The deadline stopped it before the pruner would judge it: its value says too little to learn from."""
+        return self.stopped == STOPPED_BY_DEADLINE and self.before_warmup(self.pruned_at)
 
 
 def record_curves(trial: optuna.Trial, curves: dict) -> None:
@@ -236,6 +250,8 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, d
         if error is None:
             record_result(trial, result, data)
             attach_trial_artifacts(study, trial)  # before tell: a finished trial takes no artifacts; only warns
+            if reporter.cut_before_warmup:
+                return cut_before_warmup(study, trial, reporter)
             if reporter.pruned_at is not None:
                 trial.set_user_attr("stopped", reporter.stopped)
                 trial.set_user_attr("pruned_reason", reporter.pruned_reason or
@@ -269,8 +285,9 @@ def run_trials(study: optuna.Study, trials: list[optuna.Trial], space: SearchSpa
     so the trial lines of a finished group do not wait for the next group.
     `deadline` (the run's TIMEOUT): a trial still training when another epoch
     would end past it stops there and is told PRUNED, `stopped: deadline`,
-    its reported epochs kept; a group with no room left to start is told
-    FAIL untrained, `stopped: deadline`.
+    its reported epochs kept, or FAIL if that is before the pruner's warm-up;
+    a group with no room left for its warm-up is told FAIL untrained,
+    `stopped: deadline`.
     KeyboardInterrupt marks every trial not yet told FAIL, then re-raises.
     """
     on_told = on_told or (lambda told_now: None)
@@ -289,10 +306,10 @@ def run_trials(study: optuna.Study, trials: list[optuna.Trial], space: SearchSpa
                     told.add(i)
                     on_told(frozen[-1:])
             order = list(configs)
-            for number, group in enumerate(group_configs([configs[i] for i in order])):
+            for group in group_configs([configs[i] for i in order]):
                 members = [order[g] for g in group]
-                # The first group was sized to the time left when the trials were asked (worker.worker_loop).
-                if number == 0 or deadline.room_for_group(len(members)):
+                # Checked again for the first group too: the ask (16 trials through the sampler) took time.
+                if deadline.room_for_group(len(members)):
                     group = _train_group(study, [trials[m] for m in members], [configs[m] for m in members], space,
                                          data, deadline)
                 else:
@@ -303,10 +320,11 @@ def run_trials(study: optuna.Study, trials: list[optuna.Trial], space: SearchSpa
                 deadline.told(len(group))
                 for trial in group:
                     queue_again_if_cut(study, trial)
-        except KeyboardInterrupt as interrupt:
+        except KeyboardInterrupt as stop:
+            interrupt.stop_begun()
             for i, trial in enumerate(trials):
                 if i not in told:
-                    trial.set_user_attr("fail_reason", f"interrupted ({str(interrupt) or 'SIGINT'}) during training")
+                    trial.set_user_attr("fail_reason", f"interrupted ({str(stop) or 'SIGINT'}) during training")
                     tell(study, trial, state=TrialState.FAIL)
             raise
     return frozen
@@ -331,6 +349,19 @@ def not_started(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
     """
     trial.set_user_attr("stopped", STOPPED_BY_DEADLINE)
     trial.set_user_attr("fail_reason", "not trained: the run's deadline (TIMEOUT) left no room for its group")
+    return tell(study, trial, state=TrialState.FAIL)
+
+
+def cut_before_warmup(study: optuna.Study, trial: optuna.Trial, reporter: EpochReporter) -> FrozenTrial:
+    """A trial the deadline stopped before the epochs the pruner waits for: FAIL, its epochs kept.
+
+    FAIL, not PRUNED: a value after fewer epochs than the pruner compares trials at would
+    enter the sampler's history as a verdict on its params. Its curves stay as recorded.
+    """
+    trial.set_user_attr("stopped", STOPPED_BY_DEADLINE)
+    trial.set_user_attr("fail_reason", f"stopped by the run's deadline after epoch {reporter.pruned_at}, before the "
+                                       f"{reporter.deadline.warmup_epochs} epochs the pruner waits for: too short to "
+                                       f"compare, so the sampler does not learn from it")
     return tell(study, trial, state=TrialState.FAIL)
 
 

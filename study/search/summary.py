@@ -27,11 +27,16 @@ def print_summary(args, study_name: str, run_id: str) -> None:
 
 
 def describe_deadline_stops(study: optuna.Study, run_id: str) -> str:
-    """', 3 of them stopped by the deadline': this run's trials that TIMEOUT cut short, or did not let start."""
-    stopped = [t.state for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED, TrialState.FAIL))
+    """', 3 of them stopped by the deadline': this run's trials that TIMEOUT cut short, cut before the pruner's
+    warm-up, or did not let start."""
+    stopped = [(t.state, "epochs_run" in t.user_attrs)
+               for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED, TrialState.FAIL))
                if t.user_attrs.get(RUN_ATTR) == run_id and t.user_attrs.get("stopped") == STOPPED_BY_DEADLINE]
-    cut, unstarted = stopped.count(TrialState.PRUNED), stopped.count(TrialState.FAIL)
+    cut = sum(state == TrialState.PRUNED for state, _ in stopped)
+    early = sum(state == TrialState.FAIL and trained for state, trained in stopped)
+    unstarted = sum(state == TrialState.FAIL and not trained for state, trained in stopped)
     text = f", {cut} of them stopped by the deadline (PRUNED)" if cut else ""
+    text += f"; {early} stopped by the deadline before the pruner's warm-up (FAIL)" if early else ""
     return text + (f"; {unstarted} asked but not trained before the deadline (FAIL)" if unstarted else "")
 
 
