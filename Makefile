@@ -42,17 +42,20 @@ SEARCH_SEEDS ?=# hpo-bench: search seeds per method and data set (3)
 METHODS      ?=# hpo-bench: comma list of tpe, random, default, tpe_hyperband, recipe (default: the four that search)
 DATASETS     ?=# hpo-bench: PATH or PATH:CLASSES, separated by spaces or ';' (default: DATA, and ../shared/data/cifar10-deer-dog-horse as deer,dog,horse)
 # The split: class order (empty: DATA/train's folder names, sorted; car,truck,cat for the user's data)
-# and images per class in that order (empty: the user's counts, for three classes).
+# and images per class in that order (empty: the folder as it is, or the user's counts for the shared
+# cars/trucks/cats folder; COUNTS=user|all chooses), DEV_FRACTION: the folder as it is, dev's share of train/.
 CLASSES      ?=
 TRAIN_COUNTS ?=
 DEV_COUNTS   ?=
 TEST_COUNTS  ?=
+COUNTS       ?=
+DEV_FRACTION ?=
 SPLIT_SEED   ?=
 
 VARIABLES := DATA RESULTS DEVICE SPACE STUDY STORAGE TRIALS TIMEOUT WORKERS FUSE PORT HOST TRIAL SEEDS CANDIDATES FOLDS \
        ENSEMBLE EPSILONS ATTACK CSV PLOTS_OUT CHECKPOINT SPLIT TTA EVAL_JSON FUSED_KS TRUST_PICKLE CORRECTIONS FLIP_COUNT \
        SEED AUDIT_METHOD THREADS PYTEST_ARGS BUDGET SEARCH_SEEDS METHODS DATASETS \
-       CLASSES TRAIN_COUNTS DEV_COUNTS TEST_COUNTS SPLIT_SEED
+       CLASSES TRAIN_COUNTS DEV_COUNTS TEST_COUNTS COUNTS DEV_FRACTION SPLIT_SEED
 export $(VARIABLES)
 
 PYTHON ?= python3

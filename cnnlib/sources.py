@@ -92,7 +92,7 @@ SPLIT_FILES = ("train", "dev", "test")  # the array files a folder may hold; tes
 
 
 def is_image_tree(source: Path) -> bool:
-    return (source / "train").is_dir() and (source / "test").is_dir()
+    return (source / "train").is_dir()  # val/ and test/ are optional: the folder as it is slices them from train/
 
 
 def array_file(source: Path, split: str) -> Path | None:
@@ -126,14 +126,15 @@ class SourceListing:
 
 
 def list_source(root: Path, classes: Sequence[str]) -> SourceListing:
-    """The data folder's listing: an image tree (train/ and test/, one folder per class) or array files."""
+    """The data folder's listing: an image tree (train/, and val/ and test/ when there, a folder per class) or array files."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"{root}: data folder not found (set DATA=... to an image tree or a folder with train/dev .npz)")
     if not root.is_dir():
         raise DataError(f"{root}: DATA must be a folder (an image tree with train/ and test/, or one with train.npz and dev.npz)")
     if is_image_tree(root):
-        return SourceListing(root, {split: list_class_folders(root / split, classes) for split in ("train", "test")}, {})
+        return SourceListing(root, {split: list_class_folders(root / split, classes)
+                                    for split in ("train", "val", "test") if (root / split).is_dir()}, {})
     return SourceListing(root, None, {split: array_file(root, split) for split in SPLIT_FILES})
 
 

@@ -1,9 +1,13 @@
-"""The user's imbalanced split, drawn from the balanced shared tree, corrected and cached.
+"""The split every stage trains and is judged on: drawn from a data folder, corrected and cached.
 
-The shared data is balanced CIFAR-10 (5000/1000 per class); the user's problem
-was train 80% car / 12% truck / 8% cat and an imbalanced dev set. We rebuild
-exactly that, deterministically, plus a balanced held-out test set drawn from
-`test/` disjoint from dev, so the final model is judged on data no trial saw.
+Two ways to draw it from an image tree. As the folder is (no counts): every
+image of train/ is used; dev is val/ when the tree has one, else a stratified
+DEV_FRACTION of each class's train/ images; test is test/ when there is one,
+else the same share held out of train/, which no trial sees. By counts (the
+user's problem): the shared data is balanced CIFAR-10 (5000/1000 per class);
+the user's problem was train 80% car / 12% truck / 8% cat and an imbalanced
+dev set, which the counts rebuild deterministically, plus a balanced held-out
+test set drawn from `test/` disjoint from dev.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ USER_TRAIN_COUNTS = (4000, 600, 400)
 USER_DEV_COUNTS = (503, 51, 71)
 USER_TEST_COUNTS = (400, 400, 400)
 SPLIT_NAMES = ("train", "dev", "test")
+COUNT_FIELDS = ("train_counts", "dev_counts", "test_counts")
+# As the folder is: the share of each class's train/ images held out as dev (and as test, without a test/
+# folder). 15 % keeps the user's dev share (625 of 5625 images, 11 %) and leaves a 50-image class 7 or 8.
+DEV_FRACTION = 0.15
+HELD_OUT_FOLDERS = {"dev": "val", "test": "test"}  # the tree folder a held-out split is, when the tree has one
 RECORD_KEYS = ("data_summary", "split_cache_key", "corrections_digest")  # Splits.record(), as a study keeps it
 CACHE_FORMAT = 1
 STALE_TMP_SECONDS = 600  # a cache temporary untouched this long lost its writer (a live one takes about a second)
@@ -42,18 +51,28 @@ class DataConfig:
 
     source: Path
     classes: tuple[str, ...] = DEFAULT_CLASSES
-    train_counts: tuple[int, ...] = USER_TRAIN_COUNTS
-    dev_counts: tuple[int, ...] = USER_DEV_COUNTS
-    test_counts: tuple[int, ...] = USER_TEST_COUNTS
+    train_counts: tuple[int, ...] | None = USER_TRAIN_COUNTS  # all three None: the folder as it is
+    dev_counts: tuple[int, ...] | None = USER_DEV_COUNTS
+    test_counts: tuple[int, ...] | None = USER_TEST_COUNTS
     seed: int = 0
     image_size: int = 32
     trust_pickle: bool = False
     corrections: Path | None = None
+    dev_fraction: float = DEV_FRACTION  # as the folder is: the share of train/ held out as dev (and test)
+
+    @property
+    def as_is(self) -> bool:
+        """The folder as it is: every image, no counts."""
+        return self.train_counts is None
 
     def __post_init__(self):
         self.source = Path(self.source)
         self.classes = tuple(self.classes)
-        for name in ("train_counts", "dev_counts", "test_counts"):
+        if len({getattr(self, name) is None for name in COUNT_FIELDS}) > 1:
+            raise DataError("train, dev and test counts go together: give all three, or none for the folder as it is")
+        if not 0 < self.dev_fraction <= 0.5:
+            raise DataError(f"dev fraction {self.dev_fraction}: expected a share of train/ above 0 and at most 0.5")
+        for name in COUNT_FIELDS if not self.as_is else ():
             counts = tuple(int(c) for c in getattr(self, name))
             if len(counts) != len(self.classes):
                 raise DataError(f"{name} {counts} has {len(counts)} entries for {len(self.classes)} classes ({','.join(self.classes)})")
@@ -87,6 +106,14 @@ class Splits:
             "splits": {name: {c: int(n) for c, n in zip(self.classes, split.counts(len(self.classes)))}
                        for name, split in self.named().items()},
         }
+
+
+def imbalance_line(summary: dict) -> str:
+    """The train split's imbalance: its largest class against its smallest."""
+    train = summary["splits"]["train"]
+    most, least = max(train, key=train.get), min(train, key=train.get)
+    ratio = f"{train[most] / train[least]:.3g}:1" if train[least] else "inf"
+    return f"imbalance: {ratio} in train ({most} {train[most]}, {least} {train[least]})"
 
 
 def format_summary(summary: dict) -> str:
@@ -128,19 +155,49 @@ def prepare_splits(config: DataConfig, cache_dir: Path | None) -> Splits:
 
 
 def _draw_from_tree(config: DataConfig, source: SourceListing) -> Splits:
-    """Per class: train drawn from train/, dev and a disjoint test from test/; only the drawn images are read."""
+    """Per class, the split's files (by counts, or the folder as it is); only the drawn images are read."""
     root = source.root
     rng = np.random.default_rng(config.seed)
     chosen = {name: ([], []) for name in SPLIT_NAMES}
+    draw = _as_is if config.as_is else _by_counts
     for label, name in enumerate(config.classes):
-        (train,) = _take(source.tree["train"][name], [config.train_counts[label]], rng, root / "train" / name)
-        dev, test = _take(source.tree["test"][name], [config.dev_counts[label], config.test_counts[label]], rng,
-                          root / "test" / name)
-        for split, files in zip(SPLIT_NAMES, (train, dev, test)):
+        for split, files in zip(SPLIT_NAMES, draw(config, source, label, rng)):
             chosen[split][0].extend(files)
             chosen[split][1].extend([label] * len(files))
     parts = {s: read_images(paths, labels, root, config.image_size) for s, (paths, labels) in chosen.items()}
     return Splits(config.classes, parts["train"], parts["dev"], parts["test"], str(root))
+
+
+def _by_counts(config: DataConfig, source: SourceListing, label: int, rng) -> tuple[list[Path], ...]:
+    """train drawn from train/, dev and a disjoint test from test/, at the configured counts."""
+    name, root = config.classes[label], source.root
+    if "test" not in source.tree:
+        raise DataError(f"{root / 'test'}: folder not found; the split counts draw dev and test from test/ "
+                        "(leave TRAIN_COUNTS, DEV_COUNTS and TEST_COUNTS unset to use the folder as it is)")
+    (train,) = _take(source.tree["train"][name], [config.train_counts[label]], rng, root / "train" / name)
+    dev, test = _take(source.tree["test"][name], [config.dev_counts[label], config.test_counts[label]], rng,
+                      root / "test" / name)
+    return train, dev, test
+
+
+def _as_is(config: DataConfig, source: SourceListing, label: int, rng) -> tuple[list[Path], ...]:
+    """Every image of the class: dev is val/ (else a stratified share of train/), test is test/ (else the same).
+
+    A class too small to give each split an image is one line naming it, its
+    count and the minimum, before anything is read or written.
+    """
+    name, tree = config.classes[label], source.tree
+    files, where = tree["train"][name], source.root / "train" / name
+    sliced = [split for split in ("dev", "test") if HELD_OUT_FOLDERS[split] not in tree]
+    if len(files) < 1 + len(sliced):
+        uses = ", ".join(["one to train on"] + [f"one for {split}" for split in sliced])
+        raise DataError(f"{where}: {len(files)} image(s), but a class needs at least {1 + len(sliced)} in train/ "
+                        f"({uses}); add images, or leave the class out with CLASSES")
+    held = max(1, min(round(config.dev_fraction * len(files)), (len(files) - 1) // max(1, len(sliced))))
+    *taken, train = _take(files, [held] * len(sliced) + [len(files) - held * len(sliced)], rng, where)
+    drawn = dict(zip(sliced, taken))
+    dev, test = (drawn[s] if s in drawn else tree[HELD_OUT_FOLDERS[s]][name] for s in ("dev", "test"))
+    return train, dev, test
 
 
 def _read_array_files(config: DataConfig, source: SourceListing) -> Splits:
@@ -166,6 +223,8 @@ def _take(files: list[Path], counts: Sequence[int], rng: np.random.Generator, wh
 
 def _cache_key(config: DataConfig, listing, corrections_digest: str | None) -> str:
     settings = asdict(config)
+    if not config.as_is:
+        del settings["dev_fraction"]  # unused by counts: the caches and study records of counted splits keep their key
     settings["source"] = str(Path(config.source).resolve())
     settings["corrections"] = corrections_digest
     settings["trust_pickle"] = None  # how we were allowed to read does not change the content
@@ -215,10 +274,11 @@ def require_every_class(splits: Splits, names: Sequence[str], config: DataConfig
         split = getattr(splits, name)
         missing = [c for c, n in zip(splits.classes, split.counts(len(splits.classes))) if n == 0]
         if missing:
-            if blame is None:
-                counts = ",".join(map(str, getattr(config, f"{name}_counts")))
-                blame = (f"{config.source} (--{name}-counts {counts}):" if is_image_tree(config.source)
-                         else f"{array_file(config.source, name)}:")
+            if blame is None and not is_image_tree(config.source):
+                blame = f"{array_file(config.source, name)}:"
+            elif blame is None:
+                counts = "" if config.as_is else f" (--{name}-counts {','.join(map(str, getattr(config, f'{name}_counts')))})"
+                blame = f"{config.source}{counts}:"
             raise DataError(f"{blame} the {name} split has no {', '.join(map(repr, missing))} image; "
                             "every class needs at least one there")
 

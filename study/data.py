@@ -12,11 +12,12 @@ import argparse
 from pathlib import Path
 
 from cnnlib.sources import infer_classes, parse_classes
-from cnnlib.splits import (DataConfig, Splits, USER_DEV_COUNTS, USER_TEST_COUNTS, USER_TRAIN_COUNTS, format_summary,
-                           prepare_splits, require_every_class, write_summary)
+from cnnlib.splits import (DEV_FRACTION, HELD_OUT_FOLDERS, DataConfig, Splits, USER_DEV_COUNTS, USER_TEST_COUNTS,
+                           USER_TRAIN_COUNTS, format_summary, imbalance_line, prepare_splits, require_every_class,
+                           write_summary)
 
 from .errors import UserError
-from .options import add_common_options, add_data_options
+from .options import add_common_options, add_data_options, is_user_data
 
 
 # --- the split the data options give ---------------------------------------------------
@@ -34,22 +35,43 @@ def describe_classes(args: argparse.Namespace, classes) -> str:
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:
+    """The split the options ask for: by counts when any *_COUNTS is given or COUNTS is user (the default for the
+    shared folder the user's problem is rebuilt from), else the folder as it is."""
     classes = data_classes(args)
     defaults = {"train": USER_TRAIN_COUNTS, "dev": USER_DEV_COUNTS, "test": USER_TEST_COUNTS}
     chosen = {}
+    mode = getattr(args, "counts", None) or ("user" if is_user_data(args.data) else "all")
+    if mode == "all" and all(getattr(args, f"{split}_counts") is None for split in defaults):
+        defaults = dict.fromkeys(defaults)  # the folder as it is
     for split, default in defaults.items():
         given = getattr(args, f"{split}_counts")
-        if given is None and len(classes) != len(default):
+        if given is None and default is not None and len(classes) != len(default):
             raise UserError(f"{len(classes)} classes ({','.join(classes)}): give the images per class with "
                             f"TRAIN_COUNTS, DEV_COUNTS and TEST_COUNTS (--train-counts ...), "
-                            f"e.g. TRAIN_COUNTS={','.join(['100'] * len(classes))}")
+                            f"e.g. TRAIN_COUNTS={','.join(['100'] * len(classes))}, or leave them and COUNTS unset "
+                            "to use the folder as it is")
         chosen[split] = default if given is None else given
     return DataConfig(
         source=Path(args.data), classes=classes,
         train_counts=chosen["train"], dev_counts=chosen["dev"], test_counts=chosen["test"],
         seed=args.split_seed, trust_pickle=args.trust_pickle,
+        dev_fraction=getattr(args, "dev_fraction", None) or DEV_FRACTION,
         corrections=Path(args.corrections) if args.corrections else None,
     )
+
+
+def describe_split(splits: Splits, config: DataConfig) -> str:
+    """Images per class in each split, the train imbalance, and where dev and test came from."""
+    if not config.as_is:
+        origin = "drawn by the split counts (train from train/, dev and test from test/)"
+    else:
+        listed = {p.name for p in config.source.iterdir() if p.is_dir()} if config.source.is_dir() else set()
+        origin = "; ".join(f"{split}: {folder}/" if folder in listed else
+                           f"{split}: {config.dev_fraction:.0%} of each class's train/ (DEV_FRACTION)"
+                           for split, folder in HELD_OUT_FOLDERS.items())
+        origin = f"the folder as it is, every image ({origin})"
+    summary = splits.summary()
+    return f"{format_summary(summary)}\n{imbalance_line(summary)}; split: {origin}"
 
 
 def load_splits(args: argparse.Namespace) -> Splits:
@@ -79,6 +101,6 @@ def run(args) -> int:
     path = Path(args.results) / "data" / "summary.json"
     summary = write_summary(splits, path)
     print(describe_classes(args, splits.classes))
-    print(format_summary(summary))
+    print(describe_split(splits, data_config(args)))
     print(f"source: {splits.source}\ncache:  {splits.cache_path}\nwrote:  {path}")
     return 0

@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from cnnlib.splits import USER_DEV_COUNTS, USER_TEST_COUNTS, USER_TRAIN_COUNTS
+from cnnlib.splits import DEV_FRACTION, USER_DEV_COUNTS, USER_TEST_COUNTS, USER_TRAIN_COUNTS
 
 from .errors import UserError
 from .output import unwritable
@@ -96,6 +96,25 @@ def switch(variable: str):
     return parse
 
 
+def is_user_data(data: str | Path) -> bool:
+    """Whether DATA is the shared balanced folder the user's problem is rebuilt from (by their counts)."""
+    shared = [c for c in (PROJECT_ROOT.parent / SHARED_DATA, Path("..") / SHARED_DATA) if c.is_dir()]
+    return any(Path(data).resolve() == c.resolve() for c in shared)
+
+
+def share(variable: str):
+    """argparse type of a share of a split, above 0 and at most a half."""
+    def parse(text) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not 0 < value <= 0.5:
+            raise argparse.ArgumentTypeError(f"{variable}={text!r}: expected a share above 0 and at most 0.5, e.g. 0.15")
+        return value
+    return parse
+
+
 def counts(variable: str):
     def parse(text) -> tuple[int, ...]:
         try:
@@ -157,6 +176,14 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{split}-counts", type=counts(variable), default=env(variable),
                            help=f"{split} images per class, in class order (env {variable}; default for three "
                                 f"classes: {','.join(map(str, defaults))})")
+    group.add_argument("--counts", choices=("user", "all"), default=env("COUNTS"),
+                       help="without *_COUNTS: 'all' uses the folder as it is (every train/ image; dev is val/, else a "
+                            "stratified DEV_FRACTION of train/; test is test/, else the same share of train/), 'user' "
+                            "rebuilds the user's 80/12/8 split from a three-class folder (env COUNTS; default: user for "
+                            "the shared cars/trucks/cats folder, all for any other)")
+    group.add_argument("--dev-fraction", type=share("DEV_FRACTION"), default=env("DEV_FRACTION", str(DEV_FRACTION)),
+                       help="the folder as it is: the share of each class's train/ images held out as dev when there "
+                            "is no val/, and as test when there is no test/ (env DEV_FRACTION)")
     group.add_argument("--split-seed", type=whole_number("SPLIT_SEED"), default=env("SPLIT_SEED", "0"),
                        help="seed of the split draw (env SPLIT_SEED)")
     group.add_argument("--trust-pickle", action="store_true", default=env_flag("TRUST_PICKLE"),

@@ -54,10 +54,10 @@ def test_the_classes_variable_sets_the_order(other_tree, tmp_path, monkeypatch):
     assert summary["splits"]["train"] == {"ship": 10, "bird": 6, "airplane": 4}
 
 
-def test_four_classes_without_counts_is_one_line_naming_the_count_variables(tmp_path):
+def test_four_classes_asked_at_the_users_counts_is_one_line_naming_the_count_variables(tmp_path):
     four = ("airplane", "bird", "ship", "frog")
     tree = build_image_tree(tmp_path / "four", {c: 4 for c in four}, {c: 4 for c in four})
-    code, _, err = run_cli("data", "--data", tree, "--results", tmp_path / "r")
+    code, _, err = run_cli("data", "--data", tree, "--results", tmp_path / "r", "--counts", "user")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "TRAIN_COUNTS" in err and "4 classes (airplane,bird,frog,ship)" in err
 

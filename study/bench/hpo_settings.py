@@ -71,10 +71,12 @@ class Dataset:
     name: str
     path: str
     classes: str | None
+    counts: str | None = None  # COUNTS for this data set (None: the bench's own)
 
     def options(self, args):
         """The bench's data options with this data set's DATA and CLASSES (the split counts stay the bench's)."""
-        return type(args)(**{**vars(args), "data": self.path, "classes": self.classes})
+        return type(args)(**{**vars(args), "data": self.path, "classes": self.classes,
+                             "counts": getattr(args, "counts", None) or self.counts})
 
 
 # --- the options ------------------------------------------------------------------------------
@@ -161,8 +163,8 @@ def parse_datasets(text: str | None, data: str, classes: str | None) -> list[Dat
                 order = parse_classes(names)
             except ValueError as error:
                 raise UserError(f"{where}: {error}") from None
-            problem = next(filter(None, (class_folder_problem(Path(path) / split, order) for split in ("train", "test")
-                                         if is_image_tree(Path(path)))), None)
+            problem = next(filter(None, (class_folder_problem(Path(path) / split, order) for split in ("train", "val", "test")
+                                         if is_image_tree(Path(path)) and (Path(path) / split).is_dir())), None)
             if problem:  # the data options would blame CLASSES, which did not set this order
                 raise UserError(f"{where}: {problem}; the classes after {path}: must name its class folders")
         name = Path(path).resolve().name
@@ -170,7 +172,9 @@ def parse_datasets(text: str | None, data: str, classes: str | None) -> list[Dat
             raise UserError(f"{where}: the folder name {name!r} cannot name a data set; rename or link the folder")
         if name in (d.name for d in datasets):
             raise UserError(f"{where}: two data sets are named {name!r} (a data set is named by its folder)")
-        datasets.append(Dataset(name, str(path), names or None))
+        # The shared deer/dog/horse folder stands in for the user's problem at their counts, as the first does.
+        second = Path(path).resolve() == shared_second_dataset().resolve()
+        datasets.append(Dataset(name, str(path), names or None, "user" if second else None))
     return datasets
 
 

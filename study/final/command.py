@@ -57,7 +57,7 @@ from ..search.storage_url import redact
 from ..threads import use_cpu_threads
 from .attack import attack_record, draw_figures, run_attack_sweep
 from .choice import choose_trial, top_trials, warm_start_trials
-from .folds import select_by_folds, signal_correlations
+from .folds import folds_for_rarest, select_by_folds, signal_correlations
 from .report import format_report, model_words, publish, write_figures
 from .retrain import retrain_candidates, stage_ensemble, stage_model
 from .runs import eval_splits, median_run, seed_summary
@@ -213,8 +213,9 @@ def choose_and_retrain(study, candidates, what: str, selection: str, data: Devic
     best mean dev over its seeds is kept (one candidate: it is retrained).
     """
     if len(candidates) > 1 and args.folds:
-        trial, why, candidate_summary = select_by_folds(study.study_name, candidates, splits, device, args.folds, out)
-        selection = f"of {what}, cross-validated on {args.folds} folds of train+dev: {why}"
+        args.folds = folds = folds_for_rarest(splits, args.folds)  # the folds used are the ones metrics.json records
+        trial, why, candidate_summary = select_by_folds(study.study_name, candidates, splits, device, folds, out)
+        selection = f"of {what}, cross-validated on {folds} folds of train+dev: {why}"
         print(f"chosen: trial {trial.number} ({selection}); retraining it on train with {args.seeds} seed(s)",
               flush=True)
         print_config(trial_config(trial)[0])

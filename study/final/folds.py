@@ -59,6 +59,21 @@ class CrossValidation(CandidateRuns):
         return [self.runs[f] for f in sorted(self.runs)]
 
 
+def folds_for_rarest(splits: Splits, folds: int) -> int:
+    """FOLDS, or fewer when the rarest class of train+dev has fewer images than that (said in one line): a
+    stratified fold must hold every class, or its held-out macro accuracy averages fewer classes."""
+    counts = dict(zip(splits.classes, (splits.train.counts(len(splits.classes)) + splits.dev.counts(len(splits.classes)))))
+    rarest = min(counts, key=counts.get)
+    if counts[rarest] >= folds:
+        return folds
+    if counts[rarest] < 2:
+        raise UserError(f"FOLDS {folds}: class {rarest} has {counts[rarest]} image in train+dev, and cross-validation "
+                        "needs 2; set FOLDS=0 to choose by dev over seeds")
+    print(f"note: class {rarest} has {counts[rarest]} images in train+dev, fewer than FOLDS {folds}: "
+          f"cross-validating on {counts[rarest]} folds, so that every fold holds every class", flush=True)
+    return counts[rarest]
+
+
 def fold_assignment(splits: Splits, folds: int):
     """(train+dev pooled, fold per pooled image); too many folds for the rarest class is one line."""
     pool = pooled([splits.train, splits.dev])

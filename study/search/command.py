@@ -31,7 +31,7 @@ import torch
 from cnnlib.device import resolve_device
 from cnnlib.step import GROUP_SIZE
 
-from ..data import describe_classes, load_splits
+from ..data import data_config, describe_classes, describe_split, load_splits
 from ..options import MAX_GROUP, add_common_options, add_data_options, add_study_options, env, whole_number
 from .plan import DEFAULT_TIMEOUT, choose_limits, count_states, describe_limits, plan_run
 from .space_file import load_space
@@ -86,7 +86,8 @@ def run(args) -> int:
     print(f"study {study.study_name!r} in {redact(args.storage)}: {finished} finished trials so far; "
           f"this run adds {describe_limits(limits.trials, limits.trials_from, limits.timeout, limits.timeout_from)}; "
           f"{workers} worker(s) on {device}" + (f", {plan.threads} thread(s) each ({why})" if why else ""), flush=True)
-    print(f"space: {space.path}\n{describe_classes(args, splits.classes)}", flush=True)
+    print(f"space: {space.path}\n{describe_classes(args, splits.classes)}\n{describe_split(splits, data_config(args))}",
+          flush=True)
     with storage_failures(args.storage):
         code = worker_loop(args, space, plan) if workers == 1 else run_workers(args, space, plan)
     print_summary(args, study.study_name, plan.run_id)
