@@ -58,7 +58,7 @@ def nearly_done(trial: FrozenTrial) -> bool:
 
 # --- the study: the split it was searched on ---------------------------------------
 
-def _split_text(summary: dict) -> str:
+def split_text(summary: dict) -> str:
     """'train 4000/600/400, dev 503/51/71, test 400/400/400' in the class order."""
     classes = summary.get("classes") or []
     return ", ".join(f"{name} {'/'.join(str(counts.get(c, 0)) for c in classes)}"
@@ -79,9 +79,9 @@ def check_recorded_data(study, splits, corrections: str | None = None,
     summary = attrs.get("data_summary")
     now = splits.summary()
     if isinstance(summary, dict) and (summary.get("classes"), summary.get("splits")) != (now["classes"], now["splits"]):
-        raise UserError(f"study {study.study_name!r} was searched on split {_split_text(summary)} "
+        raise UserError(f"study {study.study_name!r} was searched on split {split_text(summary)} "
                         f"({','.join(summary.get('classes') or [])}), but the data options give "
-                        f"{_split_text(now)} ({','.join(now['classes'])}); {fix}")
+                        f"{split_text(now)} ({','.join(now['classes'])}); {fix}")
     key = attrs.get("split_cache_key")
     if key and key != splits.cache_key:
         raise UserError(f"study {study.study_name!r} was searched on split cache key {key}, but the data options "

@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 
 from ..output import write_atomic, write_pngs
+from ..records import split_text
 
 COLOURS = {"tpe": "#1f77b4", "random": "#ff7f0e", "default": "#2ca02c", "tpe_hyperband": "#9467bd"}
 RECIPE = "recipe"
@@ -94,18 +95,12 @@ def verdicts(part: dict) -> list[str]:
     return lines
 
 
-def _split_text(summary: dict) -> str:
-    classes = summary.get("classes") or []
-    return ", ".join(f"{name} {'/'.join(str(counts.get(c, 0)) for c in classes)}"
-                     for name, counts in (summary.get("splits") or {}).items())
-
-
 def format_table(name: str, part: dict, budget: int) -> str:
     """One data set: a row per method, then its verdict lines."""
     classes = part["classes"]
     head = ["method", "search seeds", "test macro (mean ± sd)", "vs random (paired)", *classes, "best dev (mean ± sd)",
             "trials (mean)", "model-driven asks (min–max)", f"search s (max of {budget})"]
-    lines = [f"### {name} ({', '.join(classes)}: {_split_text(part['split'])})", "",
+    lines = [f"### {name} ({', '.join(classes)}: {split_text(part['split'])})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, entry in part["methods"].items():
         if method == RECIPE or "summary" not in entry:
