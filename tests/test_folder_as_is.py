@@ -104,10 +104,10 @@ def test_a_tree_of_any_class_count_runs_data_search_export_and_final_without_cou
     train = uneven(classes)
     root = build_image_tree(tmp_path / "d", train, dict.fromkeys(train, 2))
     results = tmp_path / "r"
-    common = ("--data", root, "--results", results, "--device", "cpu")
-    for command, *extra in (("data",), ("search", "--space", "smoke", "--trials", "2"), ("export",),
-                            ("final", "--seeds", "1", "--candidates", "1", "--epsilons", "0,0.01", "--no-png")):
-        code, out, err = run_cli(command, *extra, *common)
+    data = ("--data", root, "--device", "cpu")
+    for command, *extra in (("data", *data), ("search", "--space", "smoke", "--trials", "2", *data), ("export",),
+                            ("final", "--seeds", "1", "--candidates", "1", "--epsilons", "0,0.01", "--no-png", *data)):
+        code, out, err = run_cli(command, *extra, "--results", results)
         assert code == 0, f"{command}: {err}"
     metrics = json.loads((results / "final" / "smoke" / "metrics.json").read_text())
     assert metrics["classes"] == sorted(train)
@@ -115,3 +115,17 @@ def test_a_tree_of_any_class_count_runs_data_search_export_and_final_without_cou
     assert metrics["data"]["splits"]["test"] == dict.fromkeys(sorted(train), 2)
     trials = (results / "smoke" / "trials.csv").read_text().splitlines()
     assert len(trials) == 3  # the header and the search's two trials
+
+
+def test_make_finals_folds_fall_to_the_rarest_class_with_a_note(tmp_path, capsys):
+    from study.final.folds import fold_assignment, folds_for_rarest
+
+    root = build_image_tree(tmp_path / "d", {"a": 40, "rare": 3}, {"a": 2, "rare": 2})
+    splits = prepare_splits(as_is(root, ("a", "rare")), None)  # rare: 2 train + 1 dev
+    assert folds_for_rarest(splits, 4) == 3
+    assert "note: class rare has 3 images in train+dev, fewer than FOLDS 4: cross-validating on 3 folds" in \
+        capsys.readouterr().out
+    _, fold_of = fold_assignment(splits, 3)
+    pool_labels = np.concatenate([splits.train.labels, splits.dev.labels])
+    assert all(set(pool_labels[fold_of == k]) == {0, 1} for k in range(3))  # every fold holds every class
+    assert folds_for_rarest(splits, 3) == 3 and capsys.readouterr().out == ""

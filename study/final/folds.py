@@ -64,11 +64,8 @@ def folds_for_rarest(splits: Splits, folds: int) -> int:
     stratified fold must hold every class, or its held-out macro accuracy averages fewer classes."""
     counts = dict(zip(splits.classes, (splits.train.counts(len(splits.classes)) + splits.dev.counts(len(splits.classes)))))
     rarest = min(counts, key=counts.get)
-    if counts[rarest] >= folds:
+    if counts[rarest] >= folds or counts[rarest] < 2:  # fewer than 2 cannot be cross-validated: fold_assignment says so
         return folds
-    if counts[rarest] < 2:
-        raise UserError(f"FOLDS {folds}: class {rarest} has {counts[rarest]} image in train+dev, and cross-validation "
-                        "needs 2; set FOLDS=0 to choose by dev over seeds")
     print(f"note: class {rarest} has {counts[rarest]} images in train+dev, fewer than FOLDS {folds}: "
           f"cross-validating on {counts[rarest]} folds, so that every fold holds every class", flush=True)
     return counts[rarest]
