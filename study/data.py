@@ -99,7 +99,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     splits = load_splits(args)
     path = Path(args.results) / "data" / "summary.json"
-    summary = write_summary(splits, path)
+    write_summary(splits, path)
     print(describe_classes(args, splits.classes))
     print(describe_split(splits, data_config(args)))
     print(f"source: {splits.source}\ncache:  {splits.cache_path}\nwrote:  {path}")
