@@ -328,7 +328,8 @@ def test_datasets_are_folders_with_an_optional_class_order(small_data, small_dee
     assert [(d.name, d.path, d.classes) for d in found] == [
         (small_data.name, str(small_data), None), (small_deer.name, str(small_deer), "deer,dog,horse")]
     args = SimpleNamespace(data="x", classes="a,b", train_counts=None)
-    assert vars(found[1].options(args)) == {"data": str(small_deer), "classes": "deer,dog,horse", "train_counts": None}
+    assert vars(found[1].options(args)) == {"data": str(small_deer), "classes": "deer,dog,horse", "train_counts": None,
+                                            "counts": None}
 
 
 def test_without_datasets_the_bench_runs_data_and_the_shared_deer_set(small_data):
@@ -336,6 +337,9 @@ def test_without_datasets_the_bench_runs_data_and_the_shared_deer_set(small_data
     assert [(d.path, d.classes) for d in found] == [(str(small_data), "car,truck,cat"),
                                                     (str(hpo_settings.shared_second_dataset()), "deer,dog,horse")]
     assert Path(found[1].path).resolve() == DEER_DATA.resolve()
+    # deer/dog/horse stands in for the user's problem at their counts; COUNTS set for the bench wins
+    assert [d.counts for d in found] == [None, "user"]
+    assert found[1].options(SimpleNamespace(data="x", classes=None, counts="all")).counts == "all"
 
 
 @pytest.mark.parametrize("extra, culprit", [
