@@ -126,7 +126,7 @@ def test_a_fused_steps_activations_reuse_resident_pages():
 
 TWO_TESTS_IN_ORDER = '''\
 import torch
-from study.options import use_cpu_threads
+from study.threads import use_cpu_threads
 
 
 def test_a_command_run_in_process_on_a_quiet_machine(monkeypatch):
