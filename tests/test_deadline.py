@@ -238,7 +238,7 @@ def test_a_group_whose_warm_up_no_longer_fits_once_asked_is_told_fail_untrained(
     from cnnlib.training import DeviceData  # noqa: PLC0415
     from study.search.deadline import Deadline  # noqa: PLC0415
     from study.search.objective import run_trials  # noqa: PLC0415
-    from study.search.space import load_space  # noqa: PLC0415
+    from study.search.space_file import load_space  # noqa: PLC0415
 
     space = load_space(write_space(tmp_path, """\
         pruner: {name: MedianPruner, n_warmup_steps: 3}
