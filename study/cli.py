@@ -19,7 +19,7 @@ import threading
 from cnnlib.allocator import keep_freed_memory
 from cnnlib.errors import CnnlibError, OutputError
 
-from . import interrupt
+from . import lifetime
 from .errors import UserError
 from .lifetime import follow_parent_from_environment, program_name
 
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     previous = signal.getsignal(signal.SIGTERM) if in_main_thread else None
     try:
         if in_main_thread:
-            interrupt.install()  # SIGTERM stops the command as Ctrl-C does
+            lifetime.install_sigterm()  # SIGTERM stops the command as Ctrl-C does
             follow_parent_from_environment()  # under make: end with make, even when make is SIGKILLed
         check_env_choices(chosen_parser, args)
         check_places(args)
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
-        interrupt.stop_begun()
+        lifetime.stop_begun()
         if str(stop) == "SIGTERM":
             print("interrupted (SIGTERM)", file=sys.stderr)
             return 128 + signal.SIGTERM
@@ -217,4 +217,4 @@ def main(argv=None) -> int:
         return 128 + signal.SIGINT
     finally:
         if in_main_thread:
-            interrupt.restore(previous)
+            lifetime.restore_sigterm(previous)

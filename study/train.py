@@ -24,7 +24,7 @@ from cnnlib.metrics import majority_baseline
 from cnnlib.training import DeviceData, EpochStats, evaluate, train_group
 from cnnlib.tta import as_evaluated
 
-from . import interrupt
+from . import lifetime
 from .data import load_splits
 from .errors import UserError
 from .options import MAX_GROUP, add_common_options, add_data_options, whole_number
@@ -96,7 +96,7 @@ def _progress(total_epochs: int, seeds: list[int]):
     width = len(str(total_epochs))
 
     def on_epoch(member: int, stats: EpochStats) -> None:
-        interrupt.check()
+        lifetime.check_interrupt()
         per = " ".join(f"{c} {a:5.1%}" for c, a in stats.dev.per_class.items())
         label = f"seed {seeds[member]}  " if len(seeds) > 1 else ""
         print(f"{label}epoch {stats.epoch:>{width}}/{total_epochs}  train loss {stats.train_loss:.4f}  "

@@ -866,7 +866,7 @@ def swallow_one_sigterm(flag: Path) -> str:
 
 SIGTERM_IN_A_CALLBACK_THEN_ANOTHER = """\
 import os, signal, sys, time, weakref
-from study.interrupt import interrupt_on_sigterm
+from study.lifetime import interrupt_on_sigterm
 signal.signal(signal.SIGTERM, interrupt_on_sigterm)
 class Node:
     pass
@@ -893,15 +893,15 @@ def test_a_second_sigterm_after_one_a_callback_swallowed_still_stops_the_process
 
 SIGTERMS_WHILE_STOPPING = """\
 import os, signal, time
-from study import interrupt
-interrupt.install()
+from study import lifetime
+lifetime.install_sigterm()
 try:
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(10)
 except KeyboardInterrupt:
     for _ in range(3):  # the kernel's parent-death signals, one per thread of a dead search
         os.kill(os.getpid(), signal.SIGTERM)
-    interrupt.stop_begun()
+    lifetime.stop_begun()
     for _ in range(3):
         os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.2)

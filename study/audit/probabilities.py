@@ -28,7 +28,7 @@ from cnnlib.sources import LabeledImages
 from cnnlib.splits import Splits
 from cnnlib.training import DeviceData, predict_logits, train
 
-from .. import interrupt, progress
+from .. import lifetime, progress
 from ..errors import UserError
 
 # training_dynamics averages each image's at-visit softmax over this share of the last epochs.
@@ -108,7 +108,7 @@ def out_of_fold_probabilities(images: LabeledImages, classes: Sequence[str], fol
         label = f"fold {k + 1}/{int(fold_of.max()) + 1}"
 
         def on_epoch(stats, label=label) -> None:
-            interrupt.check()
+            lifetime.check_interrupt()
             progress.epoch(label, stats.epoch, config.epochs, stats.dev_macro_accuracy)
 
         result = train(config, data, device, on_epoch=on_epoch)
@@ -175,7 +175,7 @@ def training_dynamics_probabilities(images: LabeledImages, classes: Sequence[str
     recorder = DynamicsRecorder(data.train.y, len(classes), first)
 
     def on_epoch(stats) -> None:
-        interrupt.check()
+        lifetime.check_interrupt()
         progress.epoch("model", stats.epoch, config.epochs, recorder.epoch_macro_accuracy(), metric="in-sample macro")
 
     result = train(config, data, device, on_epoch=on_epoch, on_batch=recorder)

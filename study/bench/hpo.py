@@ -42,7 +42,7 @@ from cnnlib.config import TrainConfig
 from cnnlib.training import DeviceData, evaluate, train_group
 from cnnlib.tta import as_evaluated
 
-from .. import interrupt
+from .. import lifetime
 from ..data import load_splits
 from ..errors import UserError
 from ..options import add_common_options, add_data_options, sqlite_url
@@ -82,7 +82,7 @@ def retrain(config: TrainConfig, data: DeviceData, seeds=RETRAIN_SEEDS) -> dict:
     configs = [TrainConfig.from_dict({**config.to_dict(), "seed": seed}) for seed in seeds]
     use_cpu_threads(data.device)  # chosen again by the load now: a search before it set its own
     started = time.perf_counter()
-    results = train_group(configs, data, on_epoch=lambda member, stats: interrupt.check())
+    results = train_group(configs, data, on_epoch=lambda member, stats: lifetime.check_interrupt())
     rows = []
     for seed, result in zip(seeds, results):
         if result.error is not None:
@@ -305,7 +305,7 @@ def run(args) -> int:
             part["retrains"] = cache.records()
             save()
         for seed, method in search_order(methods, seeds):
-            interrupt.check()  # a search that a swallowed SIGTERM ended early is the last one
+            lifetime.check_interrupt()  # a search that a swallowed SIGTERM ended early is the last one
             done += 1
             print(f"\nhpo-bench: [{done}/{total}] {dataset.name}: {method} search, search seed {seed}, budget "
                   f"{budget} s (bench {(time.perf_counter() - bench_started) / 60:.1f} min elapsed)", flush=True)

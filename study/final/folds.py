@@ -33,7 +33,7 @@ from cnnlib.splits import Splits
 from cnnlib.training import DeviceData, evaluate, predict_logits, train_group
 from cnnlib.tta import as_evaluated
 
-from .. import interrupt, progress
+from .. import lifetime, progress
 from ..errors import UserError
 from ..output import read_record
 from ..records import WARM_START_ATTR, trial_config
@@ -105,7 +105,7 @@ def cross_validate(candidates: list[CrossValidation], splits: Splits, device, fo
 def _train_fold(members: list[CrossValidation], configs: list[TrainConfig], data: DeviceData, fold: int,
                 folds: int) -> None:
     def report(i, stats):
-        interrupt.check()
+        lifetime.check_interrupt()
         progress.epoch(f"{members[i].label}fold {fold + 1}/{folds}", stats.epoch, configs[i].epochs,
                        stats.dev_macro_accuracy, metric="held-out macro")
 

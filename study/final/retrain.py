@@ -24,7 +24,7 @@ from cnnlib.metrics import Evaluation
 from cnnlib.training import DeviceData, evaluate, train_group
 from cnnlib.tta import as_evaluated
 
-from .. import interrupt, progress
+from .. import lifetime, progress
 from ..output import read_record
 from ..records import epochs_trained, trial_config
 from .choice import choose_retrained, mean_dev
@@ -82,7 +82,7 @@ def retrain_seeds(retrains: list[Retrain], data: DeviceData, seeds: int) -> None
             members, configs = [pending[i] for i in group], [seeded[i] for i in group]
 
             def report(i, stats, members=members, configs=configs):
-                interrupt.check()
+                lifetime.check_interrupt()
                 progress.epoch(f"{members[i].label}seed {seed}", stats.epoch, configs[i].epochs, stats.dev_macro_accuracy)
 
             # Dev is read at the end only: evaluating it every epoch (ten views with flip_translate) cost a third.

@@ -38,7 +38,7 @@ from cnnlib.metrics import Evaluation
 from cnnlib.training import DeviceData, EpochStats, TrainResult, evaluate, train_group
 from cnnlib.tta import as_evaluated
 
-from .. import interrupt, progress
+from .. import lifetime, progress
 from ..records import STOPPED_BY_DEADLINE, STOPPED_BY_PRUNER, STOPPED_COLLAPSED, STOPPED_DIVERGED, WARM_START_ATTR
 from .artifacts import attach_trial_artifacts
 from .deadline import Deadline
@@ -113,7 +113,7 @@ class EpochReporter:
     group_size: int = 1  # trials trained with this one, itself included: they are told together
 
     def __call__(self, stats: EpochStats) -> bool:
-        interrupt.check()  # a SIGTERM whose interrupt a callback swallowed stops the trial here
+        lifetime.check_interrupt()  # a SIGTERM whose interrupt a callback swallowed stops the trial here
         self.curves["train_loss"].append(stats.train_loss)
         self.curves["dev_loss"].append(stats.curve_dev.loss)
         self.curves["dev_macro_accuracy"].append(stats.curve_macro_accuracy)
@@ -321,7 +321,7 @@ def run_trials(study: optuna.Study, trials: list[optuna.Trial], space: SearchSpa
                 for trial in group:
                     queue_again_if_cut(study, trial)
         except KeyboardInterrupt as stop:
-            interrupt.stop_begun()
+            lifetime.stop_begun()
             for i, trial in enumerate(trials):
                 if i not in told:
                     trial.set_user_attr("fail_reason", f"interrupted ({str(stop) or 'SIGINT'}) during training")

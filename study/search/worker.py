@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from cnnlib.device import resolve_device
 from cnnlib.training import DeviceData
 
-from .. import interrupt, progress
+from .. import lifetime, progress
 from ..data import load_splits
 from ..records import FINISHED, STOPPED_BY_DEADLINE
 from .artifacts import note_outcome
@@ -88,7 +88,7 @@ def worker_loop(args, space: SearchSpace, plan: RunPlan, worker: str = "") -> in
     failures = 0
     run_total = None if target == float("inf") else int(target)
     while True:
-        interrupt.check()  # a SIGTERM swallowed while waiting or telling: no new trial is asked
+        lifetime.check_interrupt()  # a SIGTERM swallowed while waiting or telling: no new trial is asked
         with file_lock(lock):
             # Under the lock: two local workers never both fail, and both re-queue, one dead worker's trial.
             optuna.storages.fail_stale_trials(study)

@@ -23,7 +23,7 @@ from cnnlib.allocator import keep_freed_memory
 from cnnlib.device import flush_denormals
 from cnnlib.errors import CnnlibError
 
-from .. import interrupt, progress
+from .. import lifetime, progress
 from ..errors import UserError
 from ..lifetime import follow_parent
 from .plan import RunPlan, count_states
@@ -89,7 +89,7 @@ def available_memory() -> float | None:
 
 def _worker_process(args, index: int, plan: RunPlan) -> None:
     """Entry point of one worker process; threads split the cores so workers do not oversubscribe them."""
-    interrupt.install()  # run_workers passes SIGTERM on: stop as on Ctrl-C
+    lifetime.install_sigterm()  # run_workers passes SIGTERM on: stop as on Ctrl-C
     follow_parent(multiprocessing.parent_process().pid)  # a search killed with SIGKILL takes its workers along
     keep_freed_memory()  # a spawned process starts with the C library's defaults
     flush_denormals()  # and with the CPU's: before its first parallel op
@@ -100,7 +100,7 @@ def _worker_process(args, index: int, plan: RunPlan) -> None:
         with storage_failures(args.storage):
             sys.exit(worker_loop(args, space, plan, worker=f"[w{index}] "))
     except KeyboardInterrupt:
-        interrupt.stop_begun()  # more parent-death signals must not cut the exit short
+        lifetime.stop_begun()  # more parent-death signals must not cut the exit short
         sys.exit(130)
     except (UserError, CnnlibError) as error:
         print(f"[w{index}] error: {error}", file=sys.stderr, flush=True)
@@ -124,7 +124,7 @@ def run_workers(args, space: SearchSpace, plan: RunPlan) -> int:
     name = args.study or space.name
     try:
         while procs:
-            interrupt.check()
+            lifetime.check_interrupt()
             # Woken as soon as a worker ends: the run ends with its last worker, not up to a poll later.
             multiprocessing.connection.wait([proc.sentinel for proc in procs.values()], timeout=POLL_SECONDS)
             for i, proc in list(procs.items()):
@@ -147,7 +147,7 @@ def run_workers(args, space: SearchSpace, plan: RunPlan) -> int:
                 elif proc.exitcode and not code:  # 3: it gave up on failing trials; 1: it crashed
                     code = proc.exitcode
     except KeyboardInterrupt as stop:
-        interrupt.stop_begun()
+        lifetime.stop_begun()
         stop_workers(list(procs.values()), workers_interrupted=str(stop) != "SIGTERM")
         raise
     return code
