@@ -864,6 +864,14 @@ def swallow_one_sigterm(flag: Path) -> str:
         """)
 
 
+def run_script(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
+    """A Python script of the project's, run in a process of its own (signals reach only it)."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    return subprocess.run([sys.executable, str(script)], env=subprocess_env(PYTHONPATH=str(ROOT)), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+
+
 SIGTERM_IN_A_CALLBACK_THEN_ANOTHER = """\
 import os, signal, sys, time, weakref
 from study.lifetime import interrupt_on_sigterm
@@ -880,12 +888,8 @@ print("still running")
 
 
 def test_a_second_sigterm_after_one_a_callback_swallowed_still_stops_the_process(tmp_path):
-    script = tmp_path / "swallowed.py"
-    script.write_text(SIGTERM_IN_A_CALLBACK_THEN_ANOTHER)
-
     started = time.monotonic()
-    done = subprocess.run([sys.executable, str(script)], env=subprocess_env(PYTHONPATH=str(ROOT)), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    done = run_script(tmp_path, SIGTERM_IN_A_CALLBACK_THEN_ANOTHER)
 
     assert done.returncode != 0 and "still running" not in done.stdout, done.stdout + done.stderr
     assert time.monotonic() - started < 8
@@ -910,11 +914,7 @@ except KeyboardInterrupt:
 
 
 def test_sigterms_while_the_interrupt_is_handled_do_not_cut_it_short(tmp_path):
-    script = tmp_path / "stopping.py"
-    script.write_text(SIGTERMS_WHILE_STOPPING)
-
-    done = subprocess.run([sys.executable, str(script)], env=subprocess_env(PYTHONPATH=str(ROOT)), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    done = run_script(tmp_path, SIGTERMS_WHILE_STOPPING)
 
     assert done.returncode == 0 and done.stdout == "told every trial FAIL\n", done.stdout + done.stderr
 
